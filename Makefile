@@ -1,0 +1,43 @@
+# coco-shim: every target installs what it needs first (scripts/setup-env.sh, cached).
+SHELL := /bin/bash
+COCO_CACHE ?= /var/cache/coco-shim
+export COCO_CACHE
+VENV := $(COCO_CACHE)/venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench clean
+
+env:
+	@bash scripts/setup-env.sh
+
+protos: env
+	$(PY) scripts/gen-protos.py
+
+protos-check: env
+	$(PY) scripts/gen-protos.py --check
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+typecheck: env
+	$(VENV)/bin/mypy
+
+# The README's test command: installs, then lint + types + generated-code freshness + all tests.
+test: env
+	$(PY) scripts/gen-protos.py --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+unit: env
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+integration: env
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+demo: env
+	@bash scripts/demo.sh
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
