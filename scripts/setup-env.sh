@@ -135,7 +135,11 @@ venv() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then echo "    venv up to date ($v)"; return; fi
     [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
     "$v/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    "$v/bin/pip" install -q -e "$REPO[dev]" 2>&1 | { grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true; } >&2
+    if ! "$v/bin/pip" install -q -e "$REPO[dev]" >"$CACHE/pip-install.log" 2>&1; then
+        cat "$CACHE/pip-install.log" >&2
+        echo "setup-env: pip install failed (log above, also in $CACHE/pip-install.log)" >&2
+        exit 1
+    fi
     echo "$key" >"$stamp"
     echo "    installed coco-shim (editable, from $REPO) into $v"
 }

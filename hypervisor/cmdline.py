@@ -1,0 +1,526 @@
+"""Typed QEMU command line: each option group is a small dataclass rendering its own argv.
+
+Nothing here decides *which* options a VM gets (that is :mod:`hypervisor.profile`); these
+classes only know how to spell one option group correctly, including QEMU's comma escaping.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class Arch(enum.Enum):
+    X86_64 = "x86_64"
+    S390X = "s390x"
+    PPC64 = "ppc64"
+
+    @property
+    def machine_type(self) -> str:
+        return {"x86_64": "q35", "s390x": "s390-ccw-virtio", "ppc64": "pseries"}[self.value]
+
+    @property
+    def binary(self) -> str:
+        return f"qemu-system-{self.value}"
+
+    @property
+    def virtio_transport(self) -> str:
+        """Suffix of virtio device models: ``virtio-blk-pci`` or ``virtio-blk-ccw``."""
+        return "ccw" if self is Arch.S390X else "pci"
+
+
+class QemuArgs(Protocol):
+    """Anything that renders a fragment of the QEMU command line."""
+
+    def to_argv(self) -> list[str]: ...
+
+
+OptValue = str | int | bool | Path | None
+
+
+def escape(value: str) -> str:
+    """QEMU option values double a literal comma."""
+    return value.replace(",", ",,")
+
+
+def render_value(value: str | int | bool | Path) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return escape(str(value))
+
+
+def opts(head: str, *pairs: tuple[str, OptValue]) -> str:
+    """``head,key=value,...``, leaving out keys whose value is None."""
+    parts = [head] + [f"{k}={render_value(v)}" for k, v in pairs if v is not None]
+    return ",".join(parts)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# --- machine, accelerator, CPU, memory -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    type: str
+    confidential_guest_support: str | None = None
+    kernel_irqchip: str | None = None  # "on", "off", "split"
+    smm: bool | None = None
+    pic: bool | None = None
+    memory_backend: str | None = None
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-machine",
+            opts(
+                self.type,
+                ("confidential-guest-support", self.confidential_guest_support),
+                ("kernel-irqchip", self.kernel_irqchip),
+                ("smm", self.smm),
+                ("pic", self.pic),
+                ("memory-backend", self.memory_backend),
+            ),
+        ]
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" or "tcg"
+
+    def to_argv(self) -> list[str]:
+        return ["-accel", self.name]
+
+
+@dataclass(frozen=True)
+class Cpu:
+    model: str
+
+    def to_argv(self) -> list[str]:
+        return ["-cpu", self.model]
+
+
+@dataclass(frozen=True)
+class Smp:
+    cpus: int
+    maxcpus: int | None = None
+
+    def to_argv(self) -> list[str]:
+        return ["-smp", opts(str(self.cpus), ("maxcpus", self.maxcpus))]
+
+
+@dataclass(frozen=True)
+class Memory:
+    size_mib: int
+    slots: int | None = None
+    max_mib: int | None = None
+
+    def to_argv(self) -> list[str]:
+        maxmem = None if self.max_mib is None else f"{self.max_mib}M"
+        return ["-m", opts(f"{self.size_mib}M", ("slots", self.slots), ("maxmem", maxmem))]
+
+
+@dataclass(frozen=True)
+class MemfdBackend:
+    """Shared guest RAM: what vhost-user backends (hybrid vsock, virtio-fs) need."""
+
+    id: str
+    size_mib: int
+    share: bool = True
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-object",
+            opts(
+                "memory-backend-memfd",
+                ("id", self.id),
+                ("size", f"{self.size_mib}M"),
+                ("share", self.share),
+            ),
+        ]
+
+
+# --- firmware and boot -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bios:
+    """Firmware loaded into memory (``-bios``); the only form SNP and TDX accept."""
+
+    path: Path
+
+    def to_argv(self) -> list[str]:
+        return ["-bios", str(self.path)]
+
+
+@dataclass(frozen=True)
+class Pflash:
+    """Firmware on flash: read-only code plus an optional per-VM variable store."""
+
+    code: Path
+    vars: Path | None = None
+
+    def to_argv(self) -> list[str]:
+        argv = [
+            "-drive",
+            opts("if=pflash", ("format", "raw"), ("unit", 0), ("file", self.code),
+                 ("readonly", True)),
+        ]
+        if self.vars is not None:
+            argv += ["-drive", opts("if=pflash", ("format", "raw"), ("unit", 1),
+                                    ("file", self.vars))]
+        return argv
+
+
+Firmware = Bios | Pflash
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    kernel: Path
+    initrd: Path | None = None
+    append: str = ""
+
+    def to_argv(self) -> list[str]:
+        argv = ["-kernel", str(self.kernel)]
+        if self.initrd is not None:
+            argv += ["-initrd", str(self.initrd)]
+        if self.append:
+            argv += ["-append", self.append]
+        return argv
+
+
+# --- confidential-guest objects --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SevGuest:
+    """``sev-guest`` (SEV and SEV-ES; policy bit 0x4 selects ES)."""
+
+    id: str
+    cbitpos: int
+    reduced_phys_bits: int
+    policy: int
+    kernel_hashes: bool
+    legacy_vm_type: bool
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-object",
+            opts(
+                "sev-guest",
+                ("id", self.id),
+                ("cbitpos", self.cbitpos),
+                ("reduced-phys-bits", self.reduced_phys_bits),
+                ("policy", hex(self.policy)),
+                ("kernel-hashes", self.kernel_hashes),
+                ("legacy-vm-type", self.legacy_vm_type),
+            ),
+        ]
+
+
+@dataclass(frozen=True)
+class SnpGuest:
+    """``sev-snp-guest`` (QEMU >= 9.1)."""
+
+    id: str
+    cbitpos: int
+    reduced_phys_bits: int
+    policy: int
+    kernel_hashes: bool
+    host_data: bytes | None = None
+    id_block: bytes | None = None
+    id_auth: bytes | None = None
+    author_key_enabled: bool | None = None
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-object",
+            opts(
+                "sev-snp-guest",
+                ("id", self.id),
+                ("cbitpos", self.cbitpos),
+                ("reduced-phys-bits", self.reduced_phys_bits),
+                ("policy", hex(self.policy)),
+                ("kernel-hashes", self.kernel_hashes),
+                ("host-data", None if self.host_data is None else b64(self.host_data)),
+                ("id-block", None if self.id_block is None else b64(self.id_block)),
+                ("id-auth", None if self.id_auth is None else b64(self.id_auth)),
+                ("author-key-enabled", self.author_key_enabled),
+            ),
+        ]
+
+
+@dataclass(frozen=True)
+class UnixSocketAddress:
+    path: Path
+
+    def to_qapi(self) -> dict[str, str]:
+        return {"type": "unix", "path": str(self.path)}
+
+
+@dataclass(frozen=True)
+class VsockSocketAddress:
+    cid: int
+    port: int
+
+    def to_qapi(self) -> dict[str, str]:
+        # QAPI VsockSocketAddress carries cid and port as strings.
+        return {"type": "vsock", "cid": str(self.cid), "port": str(self.port)}
+
+
+@dataclass(frozen=True)
+class TdxGuest:
+    """``tdx-guest`` (QEMU >= 10.1), rendered as JSON: a SocketAddress has no dotted form."""
+
+    id: str
+    sept_ve_disable: bool = True
+    mrconfigid: bytes | None = None
+    mrowner: bytes | None = None
+    mrownerconfig: bytes | None = None
+    quote_generation_socket: UnixSocketAddress | VsockSocketAddress | None = None
+    attributes: int | None = None
+
+    def to_argv(self) -> list[str]:
+        obj: dict[str, object] = {"qom-type": "tdx-guest", "id": self.id,
+                                  "sept-ve-disable": self.sept_ve_disable}
+        for key, blob in (("mrconfigid", self.mrconfigid), ("mrowner", self.mrowner),
+                          ("mrownerconfig", self.mrownerconfig)):
+            if blob is not None:
+                obj[key] = b64(blob)
+        if self.quote_generation_socket is not None:
+            obj["quote-generation-socket"] = self.quote_generation_socket.to_qapi()
+        if self.attributes is not None:
+            obj["attributes"] = self.attributes
+        return ["-object", json.dumps(obj, separators=(",", ":"))]
+
+
+@dataclass(frozen=True)
+class S390PvGuest:
+    id: str
+
+    def to_argv(self) -> list[str]:
+        return ["-object", opts("s390-pv-guest", ("id", self.id))]
+
+
+@dataclass(frozen=True)
+class PefGuest:
+    id: str
+
+    def to_argv(self) -> list[str]:
+        return ["-object", opts("pef-guest", ("id", self.id))]
+
+
+ConfidentialGuest = SevGuest | SnpGuest | TdxGuest | S390PvGuest | PefGuest
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VirtioBlk:
+    id: str
+    path: Path
+    readonly: bool = False
+    format: str = "raw"
+    transport: str = "pci"
+    iommu_platform: bool = False
+
+    def to_argv(self) -> list[str]:
+        drive = f"drive-{self.id}"
+        return [
+            "-drive",
+            opts("if=none", ("id", drive), ("file", self.path), ("format", self.format),
+                 ("readonly", self.readonly or None), ("cache", "none"), ("aio", "threads")),
+            "-device",
+            opts(f"virtio-blk-{self.transport}", ("id", self.id), ("drive", drive),
+                 ("iommu_platform", self.iommu_platform or None)),
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioNetTap:
+    """virtio-net on a tap fd the caller opened (and passes to QEMU, not closing it)."""
+
+    id: str
+    tap_fd: int
+    mac: str
+    vhost_fd: int | None = None
+    transport: str = "pci"
+    iommu_platform: bool = False
+
+    def to_argv(self) -> list[str]:
+        netdev = f"netdev-{self.id}"
+        return [
+            "-netdev",
+            opts("tap", ("id", netdev), ("fd", self.tap_fd),
+                 ("vhost", True if self.vhost_fd is not None else None),
+                 ("vhostfd", self.vhost_fd)),
+            "-device",
+            opts(f"virtio-net-{self.transport}", ("id", self.id), ("netdev", netdev),
+                 ("mac", self.mac), ("iommu_platform", self.iommu_platform or None)),
+        ]
+
+
+@dataclass(frozen=True)
+class VhostVsock:
+    """Kernel vhost-vsock: QEMU gets an fd whose guest CID is already set."""
+
+    id: str
+    guest_cid: int
+    vhost_fd: int
+    transport: str = "pci"
+    iommu_platform: bool = False
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-device",
+            opts(f"vhost-vsock-{self.transport}", ("id", self.id),
+                 ("guest-cid", self.guest_cid), ("vhostfd", self.vhost_fd),
+                 ("iommu_platform", self.iommu_platform or None)),
+        ]
+
+
+@dataclass(frozen=True)
+class VhostUserVsock:
+    """Hybrid vsock: virtio-vsock served by a vhost-user backend (vhost-device-vsock)."""
+
+    id: str
+    socket: Path
+    transport: str = "pci"
+
+    def to_argv(self) -> list[str]:
+        chardev = f"char-{self.id}"
+        return [
+            "-chardev", opts("socket", ("id", chardev), ("path", self.socket)),
+            "-device", opts(f"vhost-user-vsock-{self.transport}", ("id", self.id),
+                            ("chardev", chardev)),
+        ]
+
+
+@dataclass(frozen=True)
+class SerialConsole:
+    """The guest console, written to a file the host can read."""
+
+    path: Path
+    arch: Arch = Arch.X86_64
+    id: str = "console0"
+
+    def to_argv(self) -> list[str]:
+        model = {Arch.X86_64: "isa-serial", Arch.PPC64: "spapr-vty",
+                 Arch.S390X: "sclpconsole"}[self.arch]
+        return [
+            "-chardev", opts("file", ("id", self.id), ("path", self.path)),
+            "-device", opts(model, ("chardev", self.id)),
+        ]
+
+
+@dataclass(frozen=True)
+class NinePShare:
+    """virtio-9p: exposes a host directory; never for confidential guests."""
+
+    id: str
+    tag: str
+    path: Path
+    transport: str = "pci"
+
+    def to_argv(self) -> list[str]:
+        fsdev = f"fsdev-{self.id}"
+        return [
+            "-fsdev", opts("local", ("id", fsdev), ("path", self.path),
+                           ("security_model", "none")),
+            "-device", opts(f"virtio-9p-{self.transport}", ("id", self.id), ("fsdev", fsdev),
+                            ("mount_tag", self.tag)),
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioFsShare:
+    """virtio-fs through a virtiofsd vhost-user socket; needs shared guest memory."""
+
+    id: str
+    tag: str
+    socket: Path
+    transport: str = "pci"
+
+    def to_argv(self) -> list[str]:
+        chardev = f"char-{self.id}"
+        return [
+            "-chardev", opts("socket", ("id", chardev), ("path", self.socket)),
+            "-device", opts(f"vhost-user-fs-{self.transport}", ("id", self.id),
+                            ("chardev", chardev), ("tag", self.tag)),
+        ]
+
+
+Share = NinePShare | VirtioFsShare
+Vsock = VhostVsock | VhostUserVsock
+
+
+@dataclass(frozen=True)
+class QmpSocket:
+    """Private QMP server socket; QEMU creates it, the monitor connects."""
+
+    path: Path
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-chardev", opts("socket", ("id", "qmp"), ("path", self.path), ("server", True),
+                             ("wait", False)),
+            "-mon", "chardev=qmp,mode=control",
+        ]
+
+
+# --- the whole command line ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QemuCommandLine:
+    binary: Path
+    name: str
+    machine: Machine
+    accel: Accel
+    cpu: Cpu | None
+    smp: Smp
+    memory: Memory
+    memory_backend: MemfdBackend | None = None
+    firmware: Firmware | None = None
+    boot: DirectBoot | None = None
+    confidential_guest: ConfidentialGuest | None = None
+    devices: Sequence[QemuArgs] = field(default_factory=tuple)
+    serial: SerialConsole | None = None
+    qmp: QmpSocket | None = None
+    no_reboot: bool = True
+    start_paused: bool = True
+
+    def to_argv(self) -> list[str]:
+        argv = [str(self.binary), "-name", opts(escape(self.name))]
+        argv += ["-no-user-config", "-nodefaults", "-display", "none"]
+        argv += self.machine.to_argv() + self.accel.to_argv()
+        if self.cpu is not None:
+            argv += self.cpu.to_argv()
+        argv += self.smp.to_argv() + self.memory.to_argv()
+        if self.memory_backend is not None:
+            argv += self.memory_backend.to_argv()
+        if self.confidential_guest is not None:
+            argv += self.confidential_guest.to_argv()
+        if self.firmware is not None:
+            argv += self.firmware.to_argv()
+        if self.boot is not None:
+            argv += self.boot.to_argv()
+        if self.serial is not None:
+            argv += self.serial.to_argv()
+        for device in self.devices:
+            argv += device.to_argv()
+        if self.qmp is not None:
+            argv += self.qmp.to_argv()
+        if self.no_reboot:
+            argv.append("-no-reboot")
+        if self.start_paused:
+            argv.append("-S")
+        return argv
