@@ -1,0 +1,59 @@
+"""``containerd-shim-coco-v2``: the binary containerd runs (``start``, ``delete``) and the daemon.
+
+Only ``serve`` imports the heavy parts (grpc, protobuf, the task service); ``start`` and
+``delete`` stay on the cheap modules (``shim.contract``, ``shim.manager``, ``shim.wire``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from shim import contract
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        flags = contract.parse_flags(args)
+    except contract.UsageError as err:
+        print(f"{err}\n{contract.USAGE}", file=sys.stderr, end="")
+        return 2
+    if flags.help:
+        print(contract.USAGE, end="")
+        return 0
+    if flags.version:
+        from importlib.metadata import version
+
+        print(f"containerd-shim-coco-v2 {version('coco-shim')}")
+        return 0
+    from shim import manager
+
+    try:
+        if flags.action == "start":
+            print(manager.start(flags, _read_stdin()), flush=True)
+            return 0
+        if flags.action == "delete":
+            sys.stdout.buffer.write(manager.delete(flags))
+            sys.stdout.buffer.flush()
+            return 0
+        if flags.action == "serve":
+            import shim.daemon as daemon
+
+            return daemon.main(flags)
+    except (contract.UsageError, manager.StartError, OSError) as err:
+        print(f"containerd-shim-coco-v2 {flags.action}: {err}", file=sys.stderr)
+        return 1
+    print(f"unknown action {flags.action!r}\n{contract.USAGE}", file=sys.stderr, end="")
+    return 2
+
+
+def _read_stdin() -> bytes:
+    """The runtime options containerd writes to start's stdin (nothing when it is a terminal)."""
+    if sys.stdin is None or os.isatty(0):
+        return b""
+    return sys.stdin.buffer.read()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

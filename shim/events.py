@@ -1,0 +1,300 @@
+"""Task events: what the domain reports, and how they reach containerd.
+
+The domain publishes small dataclasses in the order things happened. ``EventForwarder`` keeps
+that order: one bounded queue, one forwarder task, each event retried in place a bounded number
+of times (the Go shim: 5 s per try, 5 tries) before it is dropped and logged, so a slow or absent
+containerd delays events but never reorders them and never blocks the shim forever.
+
+Two senders: ttrpc ``containerd.services.events.ttrpc.v1.Events/Forward`` at ``TTRPC_ADDRESS``
+(what the Go shims use) and gRPC ``containerd.services.events.v1.Events/Publish`` at
+``GRPC_ADDRESS`` (namespace in the ``containerd-namespace`` metadata).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from protocols.api.containerd.events import task_pb2
+from shim.timeouts import TIMEOUTS, Timeouts
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 128
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    """A Timestamp from nanoseconds since the epoch (0 → the empty Timestamp)."""
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+# --- domain events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskIO:
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class TaskCreate:
+    topic: ClassVar[str] = "/tasks/create"
+    container_id: str
+    bundle: str
+    pid: int
+    io: TaskIO = field(default_factory=TaskIO)
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskCreate(
+            container_id=self.container_id, bundle=self.bundle, pid=self.pid,
+            io=task_pb2.TaskIO(stdin=self.io.stdin, stdout=self.io.stdout,
+                               stderr=self.io.stderr, terminal=self.io.terminal))
+
+
+@dataclass(frozen=True)
+class TaskStart:
+    topic: ClassVar[str] = "/tasks/start"
+    container_id: str
+    pid: int
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskStart(container_id=self.container_id, pid=self.pid)
+
+
+@dataclass(frozen=True)
+class TaskExit:
+    topic: ClassVar[str] = "/tasks/exit"
+    container_id: str
+    id: str  # the container id for init, the exec id otherwise (CRI matches on it)
+    pid: int
+    exit_status: int
+    exited_at: int  # ns since the epoch
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskExit(container_id=self.container_id, id=self.id, pid=self.pid,
+                                 exit_status=self.exit_status,
+                                 exited_at=timestamp(self.exited_at))
+
+
+@dataclass(frozen=True)
+class TaskDelete:
+    topic: ClassVar[str] = "/tasks/delete"
+    container_id: str
+    pid: int
+    exit_status: int
+    exited_at: int
+    id: str = ""
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskDelete(container_id=self.container_id, pid=self.pid,
+                                   exit_status=self.exit_status,
+                                   exited_at=timestamp(self.exited_at), id=self.id)
+
+
+@dataclass(frozen=True)
+class TaskExecAdded:
+    topic: ClassVar[str] = "/tasks/exec-added"
+    container_id: str
+    exec_id: str
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskExecAdded(container_id=self.container_id, exec_id=self.exec_id)
+
+
+@dataclass(frozen=True)
+class TaskExecStarted:
+    topic: ClassVar[str] = "/tasks/exec-started"
+    container_id: str
+    exec_id: str
+    pid: int
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskExecStarted(container_id=self.container_id, exec_id=self.exec_id,
+                                        pid=self.pid)
+
+
+@dataclass(frozen=True)
+class TaskPaused:
+    topic: ClassVar[str] = "/tasks/paused"
+    container_id: str
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskPaused(container_id=self.container_id)
+
+
+@dataclass(frozen=True)
+class TaskResumed:
+    topic: ClassVar[str] = "/tasks/resumed"
+    container_id: str
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskResumed(container_id=self.container_id)
+
+
+@dataclass(frozen=True)
+class TaskOOM:
+    topic: ClassVar[str] = "/tasks/oom"
+    container_id: str
+
+    def to_proto(self) -> Message:
+        return task_pb2.TaskOOM(container_id=self.container_id)
+
+
+Event = (TaskCreate | TaskStart | TaskExit | TaskDelete | TaskExecAdded | TaskExecStarted
+         | TaskPaused | TaskResumed | TaskOOM)
+
+
+class Publisher(Protocol):
+    """Where the domain sends its events (in order)."""
+
+    async def publish(self, event: Event) -> None: ...
+
+
+# --- the wire -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """containerd.types.Envelope, before encoding."""
+
+    timestamp: int  # ns
+    namespace: str
+    topic: str
+    event: any_pb2.Any
+
+
+def envelope(event: Event, namespace: str, now_ns: int | None = None) -> Envelope:
+    message = event.to_proto()
+    # containerd's typeurl registers events under their bare full name.
+    packed = any_pb2.Any(type_url=message.DESCRIPTOR.full_name,
+                         value=message.SerializeToString())
+    return Envelope(time.time_ns() if now_ns is None else now_ns, namespace, event.topic, packed)
+
+
+class EventSender(Protocol):
+    """One delivery attempt of one envelope; raises on failure. ``aclose`` drops connections."""
+
+    async def send(self, envelope: Envelope, timeout: float) -> None: ...  # noqa: ASYNC109
+
+    async def aclose(self) -> None: ...
+
+
+class TtrpcEventSender:
+    """``Events/Forward`` over ttrpc at TTRPC_ADDRESS; reconnects after a failed attempt."""
+
+    SERVICE = "containerd.services.events.ttrpc.v1.Events"
+
+    def __init__(self, address: str) -> None:
+        self._address = address.removeprefix("unix://")
+        self._client: object | None = None
+
+    async def send(self, envelope: Envelope, timeout: float) -> None:  # noqa: ASYNC109
+        from google.protobuf import empty_pb2
+
+        from protocols.api.containerd.services.events.ttrpc.v1 import events_pb2
+        from protocols.api.containerd.types import event_pb2
+        from protocols.ttrpc import Client
+
+        request = events_pb2.ForwardRequest(envelope=event_pb2.Envelope(
+            timestamp=timestamp(envelope.timestamp), namespace=envelope.namespace,
+            topic=envelope.topic, event=envelope.event))
+        try:
+            if not isinstance(self._client, Client) or self._client.closed:
+                self._client = await Client.connect_unix(self._address, timeout=timeout)
+            client = self._client
+            await client.call(self.SERVICE, "Forward", request, empty_pb2.Empty, timeout=timeout)
+        except Exception:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        from protocols.ttrpc import Client
+
+        client, self._client = self._client, None
+        if isinstance(client, Client):
+            await client.close()
+
+
+class GrpcEventSender:
+    """``Events/Publish`` over gRPC at GRPC_ADDRESS, namespace in ``containerd-namespace``."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address.removeprefix("unix://")
+        self._channel: object | None = None
+
+    async def send(self, envelope: Envelope, timeout: float) -> None:  # noqa: ASYNC109
+        import grpc
+
+        from protocols.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(f"unix:{self._address}")
+        stub = events_pb2_grpc.EventsStub(self._channel)
+        await stub.Publish(events_pb2.PublishRequest(topic=envelope.topic, event=envelope.event),
+                           timeout=timeout,
+                           metadata=(("containerd-namespace", envelope.namespace),))
+
+    async def aclose(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()  # type: ignore[attr-defined]
+
+
+class EventForwarder:
+    """The one ordered, bounded path from the domain to containerd.
+
+    ``publish`` waits for room in the queue (back-pressure on the domain, never unbounded
+    memory); ``run`` is the single forwarder loop, owned by the daemon's TaskGroup.
+    """
+
+    def __init__(self, sender: EventSender, namespace: str,
+                 timeouts: Timeouts = TIMEOUTS,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._sender = sender
+        self._namespace = namespace
+        self._timeouts = timeouts
+        self._sleep = sleep
+        self._queue: asyncio.Queue[Envelope] = asyncio.Queue(QUEUE_SIZE)
+        self.dropped = 0
+
+    async def publish(self, event: Event) -> None:
+        await self._queue.put(envelope(event, self._namespace))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                try:
+                    await self._deliver(item)
+                finally:
+                    self._queue.task_done()
+        finally:
+            await self._sender.aclose()
+
+    async def drain(self) -> None:
+        """Wait until every queued event was delivered or dropped (caller bounds it)."""
+        await self._queue.join()
+
+    async def _deliver(self, item: Envelope) -> None:
+        attempts = self._timeouts.event_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._sender.send(item, self._timeouts.event_attempt)
+                return
+            except Exception as err:  # retried, then dropped: containerd may be restarting
+                log.warning("publish %s: attempt %d/%d failed: %s", item.topic, attempt,
+                            attempts, err)
+            if attempt < attempts:
+                await self._sleep(self._timeouts.event_retry_pause)
+        self.dropped += 1
+        log.error("publish %s: dropped after %d attempts", item.topic, attempts)

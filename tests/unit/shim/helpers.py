@@ -1,0 +1,98 @@
+"""Test plumbing: a task owner (what the daemon's TaskGroup is), FIFO ends for containerd's side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shim.stdio import _wait_fd
+from shim.timeouts import Timeouts
+
+FAST = Timeouts(create_sandbox=2.0, create_container=1.0, start_container=0.3,
+                exec_process=1.0, signal_process=1.0, remove_container=1.0, pause_resume=0.3,
+                update_container=1.0, stats_container=1.0, tty_win_resize=1.0,
+                close_stdin=1.0, shutdown_sandbox=1.0, execs_after_init=1.0,
+                event_attempt=0.5, event_attempts=3, event_retry_pause=0.01, event_drain=1.0,
+                server_grace=0.1)
+
+
+class Owner:
+    """Owns background tasks like the daemon's TaskGroup; a crashed task fails ``aclose``."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.crashed: list[BaseException] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.crashed.append(task.exception())  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        pending = list(self.tasks)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert not self.crashed, self.crashed
+
+
+@dataclass
+class Fifos:
+    stdin: Path
+    stdout: Path
+    stderr: Path
+
+
+def make_fifos(directory: Path, name: str = "io") -> Fifos:
+    fifos = Fifos(directory / f"{name}-stdin", directory / f"{name}-stdout",
+                  directory / f"{name}-stderr")
+    for path in (fifos.stdin, fifos.stdout, fifos.stderr):
+        os.mkfifo(path)
+    return fifos
+
+
+async def read_to_eof(path: Path) -> bytes:
+    """containerd's side of an output FIFO: everything until the shim closes it.
+
+    Open it (start this task) before the shim does, as containerd does.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            # Wait first: a FIFO that never had a writer reads as end of file, but only polls
+            # as hung up after a writer came and went.
+            await _wait_fd(fd, write=False)
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+    finally:
+        os.close(fd)
+
+
+async def write_fifo(path: Path, data: bytes) -> None:
+    """containerd's side of the stdin FIFO (the shim already holds it open)."""
+    from shim.stdio import write_all
+
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        await write_all(fd, data)
+    finally:
+        os.close(fd)

@@ -1,0 +1,160 @@
+"""The stdio relay with real FIFOs: byte-exact, ordered, back-pressured, EOF-correct."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from shim.sandbox import ContainerConfig
+from shim.stdio import ProcessIO
+from tests.unit.shim.fakes import FakeSandbox
+from tests.unit.shim.helpers import Owner, make_fifos, read_to_eof, write_fifo
+
+
+async def _sandbox_with(cid: str) -> FakeSandbox:
+    sandbox = FakeSandbox()
+    await sandbox.create_container(ContainerConfig(cid, Path("/"), {}))
+    return sandbox
+
+
+async def test_8_mib_stream_is_copied_byte_exact_and_in_order(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    process = sandbox.process("c")
+    process.stdout.max_buffer = 256 * 1024  # the guest blocks when nobody reads: back-pressure
+    fifos = make_fifos(tmp_path)
+    payload = os.urandom(8 * 1024 * 1024)
+    err_payload = b"".join(b"line %d\n" % i for i in range(20000))
+    out_reader = asyncio.create_task(read_to_eof(fifos.stdout))
+    err_reader = asyncio.create_task(read_to_eof(fifos.stderr))
+    owner = Owner()
+    io = ProcessIO(sandbox, "c", "", stdout=str(fifos.stdout), stderr=str(fifos.stderr))
+    io.open()
+    io.start(owner.spawn)
+
+    async def guest() -> None:
+        for offset in range(0, len(payload), 100_003):  # odd chunk size on purpose
+            await process.stdout.feed(payload[offset : offset + 100_003])
+        await process.stderr.feed(err_payload)
+        await sandbox.finish("c")
+
+    await asyncio.gather(guest(), io.output_done())
+    out, err = await asyncio.gather(out_reader, err_reader)
+    assert hashlib.sha256(out).hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert out == payload
+    assert err == err_payload
+    await io.aclose()
+    await owner.aclose()
+
+
+async def test_output_done_waits_for_a_slow_reader(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    fifos = make_fifos(tmp_path)
+    owner = Owner()
+    fd = os.open(fifos.stdout, os.O_RDONLY | os.O_NONBLOCK)  # containerd's reader, idle
+    io = ProcessIO(sandbox, "c", "", stdout=str(fifos.stdout))
+    io.open()
+    io.start(owner.spawn)
+    payload = b"x" * (512 * 1024)  # more than a pipe holds
+    await sandbox.process("c").stdout.feed(payload)
+    await sandbox.finish("c")
+    done = asyncio.create_task(io.output_done())
+    await asyncio.sleep(0.1)
+    assert not done.done()  # the relay is blocked on the full pipe
+    received = bytearray()
+    while len(received) < len(payload):
+        try:
+            received += os.read(fd, 1 << 16)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(done, 5)
+    assert bytes(received) == payload
+    os.close(fd)
+    await io.aclose()
+    await owner.aclose()
+
+
+async def test_stdin_is_relayed_then_closed_on_close_io(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    sandbox.process("c").echo = True
+    fifos = make_fifos(tmp_path)
+    owner = Owner()
+    out_reader = asyncio.create_task(read_to_eof(fifos.stdout))
+    io = ProcessIO(sandbox, "c", "", stdin=str(fifos.stdin), stdout=str(fifos.stdout))
+    io.open()
+    io.start(owner.spawn)
+    data = os.urandom(300_000)
+    await write_fifo(fifos.stdin, data)
+    await io.close_stdin()  # CloseIO: everything written before it still arrives
+    assert sandbox.process("c").stdin_closed
+    assert bytes(sandbox.process("c").stdin) == data
+    await io.output_done()
+    assert await out_reader == data
+    await io.aclose()
+    await owner.aclose()
+
+
+async def test_streams_nobody_asked_for_are_drained(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    owner = Owner()
+    io = ProcessIO(sandbox, "c", "")
+    io.open()
+    io.start(owner.spawn)
+    await sandbox.process("c").stdout.feed(b"ignored" * 1000)
+    await sandbox.finish("c")
+    await asyncio.wait_for(io.output_done(), 2)
+    await io.aclose()
+    await owner.aclose()
+
+
+async def test_terminal_has_no_stderr_relay(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    fifos = make_fifos(tmp_path)
+    owner = Owner()
+    io = ProcessIO(sandbox, "c", "", stdout=str(fifos.stdout), stderr=str(fifos.stderr),
+                   terminal=True)
+    io.open()
+    io.start(owner.spawn)
+    await sandbox.process("c").stdout.close()  # stderr never ends: it must not be awaited
+    await asyncio.wait_for(io.output_done(), 2)
+    await io.aclose()
+    await owner.aclose()
+
+
+
+async def test_close_io_before_start_is_honoured(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    sandbox.process("c").echo = True
+    fifos = make_fifos(tmp_path)
+    owner = Owner()
+    out_reader = asyncio.create_task(read_to_eof(fifos.stdout))
+    io = ProcessIO(sandbox, "c", "", stdin=str(fifos.stdin), stdout=str(fifos.stdout))
+    io.open()
+    await write_fifo(fifos.stdin, b"short input\n")
+    await io.close_stdin()  # `ctr run`: stdin hit EOF before the task was even started
+    io.start(owner.spawn)
+    await asyncio.wait_for(io.output_done(), 5)
+    assert sandbox.process("c").stdin_closed
+    assert await out_reader == b"short input\n"
+    await io.aclose()
+    await owner.aclose()
+
+
+async def test_stdin_ends_when_containerd_closes_its_writer(tmp_path: Path) -> None:
+    sandbox = await _sandbox_with("c")
+    sandbox.process("c").echo = True
+    fifos = make_fifos(tmp_path)
+    owner = Owner()
+    out_reader = asyncio.create_task(read_to_eof(fifos.stdout))
+    io = ProcessIO(sandbox, "c", "", stdin=str(fifos.stdin), stdout=str(fifos.stdout))
+    io.open()
+    io.start(owner.spawn)
+    await asyncio.sleep(0.1)  # no writer yet: that is not the end of stdin
+    assert not sandbox.process("c").stdin_closed
+    await write_fifo(fifos.stdin, b"piped into `ctr run`\n")  # writes, then closes
+    await asyncio.wait_for(io.output_done(), 5)
+    assert sandbox.process("c").stdin_closed
+    assert await out_reader == b"piped into `ctr run`\n"
+    await io.aclose()
+    await owner.aclose()
