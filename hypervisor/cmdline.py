@@ -71,7 +71,6 @@ def b64(data: bytes) -> str:
 class Machine:
     type: str
     confidential_guest_support: str | None = None
-    kernel_irqchip: str | None = None  # "on", "off", "split"
     smm: bool | None = None
     pic: bool | None = None
     memory_backend: str | None = None
@@ -82,7 +81,6 @@ class Machine:
             opts(
                 self.type,
                 ("confidential-guest-support", self.confidential_guest_support),
-                ("kernel-irqchip", self.kernel_irqchip),
                 ("smm", self.smm),
                 ("pic", self.pic),
                 ("memory-backend", self.memory_backend),
@@ -93,9 +91,10 @@ class Machine:
 @dataclass(frozen=True)
 class Accel:
     name: str  # "kvm" or "tcg"
+    kernel_irqchip: str | None = None  # "on", "off", "split" (a kvm-accel property)
 
     def to_argv(self) -> list[str]:
-        return ["-accel", self.name]
+        return ["-accel", opts(self.name, ("kernel-irqchip", self.kernel_irqchip))]
 
 
 @dataclass(frozen=True)
@@ -469,11 +468,10 @@ class QmpSocket:
     path: Path
 
     def to_argv(self) -> list[str]:
-        return [
-            "-chardev", opts("socket", ("id", "qmp"), ("path", self.path), ("server", True),
-                             ("wait", False)),
-            "-mon", "chardev=qmp,mode=control",
-        ]
+        # -qmp rather than -chardev + -mon: -mon is deprecated in QEMU 11 and the
+        # monitor-qmp object does not exist in QEMU 7.
+        return ["-qmp", opts(f"unix:{escape(str(self.path))}", ("server", True),
+                             ("wait", False))]
 
 
 # --- the whole command line ------------------------------------------------------------------

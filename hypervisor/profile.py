@@ -1,0 +1,514 @@
+"""TEE profiles: named, documented combinations of QEMU options, with their invariants.
+
+A :class:`RuntimeProfile` (usually loaded from ``firmware-configs/*.toml``) says what kind of VM
+to build; a :class:`VmInstance` carries what is specific to one VM (run directory, vsock, disks,
+NICs). :func:`build_command_line` checks every invariant first and raises
+:class:`~hypervisor.errors.InvariantError` naming the conflict, so an impossible combination
+never becomes a silently wrong VM.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from hypervisor.cmdline import (
+    Accel,
+    Arch,
+    Bios,
+    ConfidentialGuest,
+    Cpu,
+    DirectBoot,
+    Firmware,
+    Machine,
+    MemfdBackend,
+    Memory,
+    NinePShare,
+    PefGuest,
+    Pflash,
+    QemuArgs,
+    QemuCommandLine,
+    QmpSocket,
+    S390PvGuest,
+    SerialConsole,
+    SevGuest,
+    Share,
+    Smp,
+    SnpGuest,
+    TdxGuest,
+    UnixSocketAddress,
+    VhostUserVsock,
+    VhostVsock,
+    VirtioBlk,
+    VirtioFsShare,
+    VirtioNetTap,
+    VsockSocketAddress,
+)
+from hypervisor.errors import InvariantError
+
+SEV_POLICY_ES = 0x4
+SNP_POLICY_RESERVED_ONE = 0x20000  # bit 17 must be 1 (SNP ABI)
+SNP_POLICY_DEFAULT = 0x30000  # bit 17 + SMT allowed
+SNP_HOST_DATA_LEN = 32
+SNP_ID_BLOCK_LEN = 96
+SNP_ID_AUTH_MAX = 4096
+TDX_MR_LEN = 48
+
+
+class TeeKind(enum.Enum):
+    """Which trusted execution environment a VM runs in."""
+
+    NONE = "none"  # development: no TEE, any accelerator
+    SEV = "sev"  # AMD SEV: memory encryption (sev-guest, policy without ES bit)
+    SEV_ES = "sev-es"  # AMD SEV-ES: + encrypted register state (policy bit 0x4)
+    SNP = "snp"  # AMD SEV-SNP: + integrity, attestation reports (sev-snp-guest)
+    TDX = "tdx"  # Intel TDX (tdx-guest)
+    S390_PV = "s390-pv"  # IBM Secure Execution (s390-pv-guest)
+    PEF = "pef"  # IBM Power Protected Execution Facility (pef-guest)
+
+    @property
+    def confidential(self) -> bool:
+        return self is not TeeKind.NONE
+
+    @property
+    def arch(self) -> Arch | None:
+        """The only architecture this TEE exists on (None: any)."""
+        return {
+            TeeKind.NONE: None,
+            TeeKind.SEV: Arch.X86_64,
+            TeeKind.SEV_ES: Arch.X86_64,
+            TeeKind.SNP: Arch.X86_64,
+            TeeKind.TDX: Arch.X86_64,
+            TeeKind.S390_PV: Arch.S390X,
+            TeeKind.PEF: Arch.PPC64,
+        }[self]
+
+    @property
+    def qom_type(self) -> str | None:
+        return {
+            TeeKind.NONE: None,
+            TeeKind.SEV: "sev-guest",
+            TeeKind.SEV_ES: "sev-guest",
+            TeeKind.SNP: "sev-snp-guest",
+            TeeKind.TDX: "tdx-guest",
+            TeeKind.S390_PV: "s390-pv-guest",
+            TeeKind.PEF: "pef-guest",
+        }[self]
+
+    @property
+    def firmware_feature(self) -> str | None:
+        """Feature name in QEMU firmware descriptors (docs/interop/firmware.json)."""
+        return {
+            TeeKind.SEV: "amd-sev",
+            TeeKind.SEV_ES: "amd-sev-es",
+            TeeKind.SNP: "amd-sev-snp",
+            TeeKind.TDX: "intel-tdx",
+        }.get(self)
+
+
+@dataclass(frozen=True)
+class SevParams:
+    """sev / sev-es. ``cbitpos``/``reduced_phys_bits`` None: ask ``query-sev-capabilities``."""
+
+    policy: int | None = None  # default 0x1 (sev) / 0x5 (sev-es)
+    cbitpos: int | None = None
+    reduced_phys_bits: int | None = None
+    kernel_hashes: bool | None = None  # default: on for direct kernel boot
+    # Pinned, because KVM_SEV_INIT vs KVM_SEV_INIT2 changes the launch measurement.
+    legacy_vm_type: bool = False
+
+
+@dataclass(frozen=True)
+class SnpParams:
+    policy: int = SNP_POLICY_DEFAULT
+    cbitpos: int | None = None
+    reduced_phys_bits: int | None = None
+    kernel_hashes: bool | None = None
+    host_data: bytes | None = None
+    id_block: bytes | None = None
+    id_auth: bytes | None = None
+    author_key_enabled: bool | None = None
+
+
+@dataclass(frozen=True)
+class TdxParams:
+    sept_ve_disable: bool = True
+    mrconfigid: bytes | None = None
+    mrowner: bytes | None = None
+    mrownerconfig: bytes | None = None
+    quote_generation_socket: UnixSocketAddress | VsockSocketAddress | None = None
+    attributes: int | None = None
+
+
+TeeParams = SevParams | SnpParams | TdxParams | None
+
+
+def params_class(tee: TeeKind) -> type[SevParams] | type[SnpParams] | type[TdxParams] | None:
+    return {
+        TeeKind.SEV: SevParams,
+        TeeKind.SEV_ES: SevParams,
+        TeeKind.SNP: SnpParams,
+        TeeKind.TDX: TdxParams,
+    }.get(tee)
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    """Everything a runtime profile TOML says, resolved and typed."""
+
+    name: str
+    tee: TeeKind
+    qemu: Path
+    kernel: Path | None
+    arch: Arch = Arch.X86_64
+    initrd: Path | None = None
+    image: Path | None = None  # read-only root disk (guest image)
+    kernel_params: str = ""
+    machine_type: str | None = None
+    cpu_model: str | None = None
+    accel: str = "kvm"  # "kvm" | "tcg" | "auto" (decided by a probe before launch)
+    vcpus: int = 1
+    max_vcpus: int | None = None
+    memory_mib: int = 2048
+    memory_slots: int | None = None
+    max_memory_mib: int | None = None
+    firmware: Firmware | None = None
+    tee_params: TeeParams = None
+    dial_timeout: float = 30.0
+    enable_annotations: tuple[str, ...] = ()
+    vsock: str = "auto"  # "kernel" | "hybrid" | "auto" | "none"
+    source: str = "<code>"
+    qemu_root: Path = Path("/")  # filesystem root QEMU sees (chroot); paths are inside it
+
+
+@dataclass(frozen=True)
+class KernelVsock:
+    """A /dev/vhost-vsock fd with its guest CID set (see hypervisor.vsock)."""
+
+    guest_cid: int
+    vhost_fd: int
+
+
+@dataclass(frozen=True)
+class HybridVsock:
+    """A vhost-user socket served by vhost-device-vsock (see hypervisor.vsock)."""
+
+    vhost_user_socket: Path
+
+
+@dataclass(frozen=True)
+class VmInstance:
+    """What differs between two VMs of the same profile."""
+
+    run_dir: Path
+    name: str = "coco"
+    vsock: KernelVsock | HybridVsock | None = None
+    disks: Sequence[VirtioBlk] = ()
+    nics: Sequence[VirtioNetTap] = ()
+    shares: Sequence[Share] = ()
+    extra_kernel_params: str = ""
+    accel: str | None = None  # overrides profile.accel ("auto" must be decided by now)
+    sev_cbitpos: int | None = None  # from query-sev-capabilities when the profile has none
+    sev_reduced_phys_bits: int | None = None
+    start_paused: bool = True
+    log_dir: Path | None = None  # console log here instead of the run directory
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return (self.log_dir or self.run_dir) / "console.log"
+
+
+@dataclass
+class _Checker:
+    tee: TeeKind
+    conflicts: list[str] = field(default_factory=list)
+
+    def require(self, ok: bool, conflict: str) -> None:
+        if not ok:
+            self.conflicts.append(conflict)
+
+    def raise_if_any(self) -> None:
+        if self.conflicts:
+            raise InvariantError(self.tee.value, "; ".join(self.conflicts))
+
+
+def _accel(profile: RuntimeProfile, vm: VmInstance) -> str:
+    return vm.accel if vm.accel is not None else profile.accel
+
+
+def _check_len(chk: _Checker, name: str, blob: bytes | None, exact: int) -> None:
+    if blob is not None:
+        chk.require(len(blob) == exact, f"{name} must be exactly {exact} bytes, got {len(blob)}")
+
+
+def check_invariants(profile: RuntimeProfile, vm: VmInstance) -> None:
+    """Raise InvariantError listing every conflict in this profile/VM combination."""
+    tee = profile.tee
+    chk = _Checker(tee)
+    accel = _accel(profile, vm)
+    machine = profile.machine_type or profile.arch.machine_type
+    chk.require(accel in ("kvm", "tcg"), f"accelerator must be kvm or tcg at launch, got {accel!r}")
+    chk.require(profile.vcpus >= 1, f"vcpus must be >= 1, got {profile.vcpus}")
+    chk.require(profile.memory_mib >= 64, f"memory must be >= 64 MiB, got {profile.memory_mib}")
+    if tee.arch is not None:
+        chk.require(profile.arch is tee.arch,
+                    f"{tee.value} exists only on {tee.arch.value}, not {profile.arch.value}")
+    chk.require(machine.startswith(profile.arch.machine_type),
+                f"machine {machine!r} is not a {profile.arch.machine_type} machine "
+                f"({profile.arch.value})")
+    expected = params_class(tee)
+    if expected is None:
+        chk.require(profile.tee_params is None,
+                    f"{tee.value} takes no TEE parameters, got {type(profile.tee_params).__name__}")
+    else:
+        chk.require(isinstance(profile.tee_params, expected),
+                    f"{tee.value} needs {expected.__name__}, got "
+                    f"{type(profile.tee_params).__name__}")
+    if isinstance(vm.vsock, HybridVsock):
+        chk.require(profile.arch is Arch.X86_64, "hybrid vsock is only wired for x86_64")
+    if tee.confidential:
+        _check_confidential(chk, profile, vm, accel)
+    params = profile.tee_params
+    if tee in (TeeKind.SEV, TeeKind.SEV_ES) and isinstance(params, SevParams):
+        _check_sev(chk, profile, params)
+    if tee is TeeKind.SNP and isinstance(params, SnpParams):
+        _check_snp(chk, profile, params)
+    if tee is TeeKind.TDX and isinstance(params, TdxParams):
+        _check_tdx(chk, profile, params)
+    if tee is TeeKind.S390_PV:
+        chk.require(profile.cpu_model in (None, "host"),
+                    f"s390-pv needs -cpu host (unpack facility), got {profile.cpu_model!r}")
+        chk.require(profile.initrd is None,
+                    "s390-pv boots one genprotimg image: initrd must be inside it, not separate")
+        chk.require(not (profile.kernel_params or vm.extra_kernel_params),
+                    "s390-pv boots one genprotimg image: kernel parameters must be inside it")
+        chk.require(profile.firmware is None, "s390-pv takes no -bios/pflash firmware")
+    chk.raise_if_any()
+
+
+def _check_confidential(chk: _Checker, profile: RuntimeProfile, vm: VmInstance,
+                        accel: str) -> None:
+    chk.require(accel == "kvm", f"confidential guests need accelerator kvm, got {accel!r}")
+    chk.require(profile.memory_slots is None and profile.max_memory_mib is None,
+                "memory hotplug (memory_slots/max_memory) is not possible in a confidential "
+                "guest")
+    chk.require(profile.max_vcpus in (None, profile.vcpus),
+                f"CPU hotplug (max_vcpus={profile.max_vcpus} > vcpus={profile.vcpus}) is not "
+                "possible in a confidential guest")
+    chk.require(not vm.shares,
+                "shared filesystems (9p/virtio-fs) would expose guest data to the host")
+    chk.require(not isinstance(vm.vsock, HybridVsock),
+                "hybrid vsock needs shared guest memory (vhost-user); confidential guests use "
+                "kernel vhost-vsock only")
+    chk.require(profile.vsock != "hybrid",
+                "vsock = \"hybrid\" needs shared guest memory; use \"kernel\"")
+
+
+def _check_sev(chk: _Checker, profile: RuntimeProfile, params: SevParams) -> None:
+    tee = profile.tee
+    if params.policy is not None:
+        has_es = bool(params.policy & SEV_POLICY_ES)
+        if tee is TeeKind.SEV:
+            chk.require(not has_es, f"policy {params.policy:#x} sets the SEV-ES bit 0x4: use "
+                        "profile sev-es")
+        else:
+            chk.require(has_es, f"policy {params.policy:#x} lacks the SEV-ES bit 0x4")
+    chk.require(profile.firmware is not None, f"{tee.value} needs OVMF firmware with AMD SEV "
+                "support (firmware or firmware_feature)")
+    if params.kernel_hashes:
+        chk.require(profile.kernel is not None, "kernel_hashes needs direct kernel boot (kernel)")
+
+
+def _check_snp(chk: _Checker, profile: RuntimeProfile, params: SnpParams) -> None:
+    chk.require(bool(params.policy & SNP_POLICY_RESERVED_ONE),
+                f"SNP policy {params.policy:#x} must set reserved bit 17 (0x20000)")
+    chk.require(params.policy < 2**64, "SNP policy must fit in 64 bits")
+    chk.require(isinstance(profile.firmware, Bios),
+                "SNP needs firmware loaded with -bios (pflash does not work with SNP), got "
+                f"{type(profile.firmware).__name__ if profile.firmware else 'none'}")
+    _check_len(chk, "host_data", params.host_data, SNP_HOST_DATA_LEN)
+    _check_len(chk, "id_block", params.id_block, SNP_ID_BLOCK_LEN)
+    if params.id_auth is not None:
+        chk.require(len(params.id_auth) <= SNP_ID_AUTH_MAX,
+                    f"id_auth must be at most {SNP_ID_AUTH_MAX} bytes, got {len(params.id_auth)}")
+    chk.require((params.id_block is None) == (params.id_auth is None),
+                "id_block and id_auth come as a pair")
+    if params.kernel_hashes:
+        chk.require(profile.kernel is not None, "kernel_hashes needs direct kernel boot (kernel)")
+
+
+def _check_tdx(chk: _Checker, profile: RuntimeProfile, params: TdxParams) -> None:
+    chk.require(profile.cpu_model in (None, "host"),
+                f"TDX needs -cpu host (named CPU models are refused), got {profile.cpu_model!r}")
+    chk.require(isinstance(profile.firmware, Bios),
+                "TDX needs TDVF loaded with -bios (no pflash), got "
+                f"{type(profile.firmware).__name__ if profile.firmware else 'none'}")
+    _check_len(chk, "mrconfigid", params.mrconfigid, TDX_MR_LEN)
+    _check_len(chk, "mrowner", params.mrowner, TDX_MR_LEN)
+    _check_len(chk, "mrownerconfig", params.mrownerconfig, TDX_MR_LEN)
+
+
+# --- composition -----------------------------------------------------------------------------
+
+_GUEST_ID = {
+    TeeKind.SEV: "sev0",
+    TeeKind.SEV_ES: "sev0",
+    TeeKind.SNP: "snp0",
+    TeeKind.TDX: "tdx0",
+    TeeKind.S390_PV: "pv0",
+    TeeKind.PEF: "pef0",
+}
+
+
+def _sev_geometry(profile: RuntimeProfile, vm: VmInstance, cbitpos: int | None,
+                  rpb: int | None) -> tuple[int, int]:
+    cbit = cbitpos if cbitpos is not None else vm.sev_cbitpos
+    bits = rpb if rpb is not None else vm.sev_reduced_phys_bits
+    if cbit is None or bits is None:
+        raise InvariantError(profile.tee.value, "cbitpos and reduced_phys_bits are unknown: set "
+                             "them in the profile or probe query-sev-capabilities first")
+    return cbit, bits
+
+
+def confidential_object(profile: RuntimeProfile, vm: VmInstance) -> ConfidentialGuest | None:
+    tee = profile.tee
+    params = profile.tee_params
+    direct_boot = profile.kernel is not None
+    if tee is TeeKind.NONE:
+        return None
+    gid = _GUEST_ID[tee]
+    if isinstance(params, SevParams):
+        cbit, bits = _sev_geometry(profile, vm, params.cbitpos, params.reduced_phys_bits)
+        default_policy = 0x5 if tee is TeeKind.SEV_ES else 0x1
+        return SevGuest(
+            id=gid, cbitpos=cbit, reduced_phys_bits=bits,
+            policy=params.policy if params.policy is not None else default_policy,
+            kernel_hashes=direct_boot if params.kernel_hashes is None else params.kernel_hashes,
+            legacy_vm_type=params.legacy_vm_type,
+        )
+    if isinstance(params, SnpParams):
+        cbit, bits = _sev_geometry(profile, vm, params.cbitpos, params.reduced_phys_bits)
+        return SnpGuest(
+            id=gid, cbitpos=cbit, reduced_phys_bits=bits, policy=params.policy,
+            kernel_hashes=direct_boot if params.kernel_hashes is None else params.kernel_hashes,
+            host_data=params.host_data, id_block=params.id_block, id_auth=params.id_auth,
+            author_key_enabled=params.author_key_enabled,
+        )
+    if isinstance(params, TdxParams):
+        return TdxGuest(
+            id=gid, sept_ve_disable=params.sept_ve_disable, mrconfigid=params.mrconfigid,
+            mrowner=params.mrowner, mrownerconfig=params.mrownerconfig,
+            quote_generation_socket=params.quote_generation_socket,
+            attributes=params.attributes,
+        )
+    if tee is TeeKind.S390_PV:
+        return S390PvGuest(id=gid)
+    return PefGuest(id=gid)
+
+
+def _machine(profile: RuntimeProfile, backend: MemfdBackend | None) -> Machine:
+    tee = profile.tee
+    mtype = profile.machine_type or profile.arch.machine_type
+    x86_tee = tee.confidential and profile.arch is Arch.X86_64
+    return Machine(
+        type=mtype,
+        confidential_guest_support=_GUEST_ID.get(tee),
+        smm=False if x86_tee else None,
+        pic=False if tee is TeeKind.TDX else None,
+        memory_backend=None if backend is None else backend.id,
+    )
+
+
+def _default_cpu(profile: RuntimeProfile, accel: str) -> str | None:
+    if profile.cpu_model is not None:
+        return profile.cpu_model
+    if profile.tee in (TeeKind.TDX, TeeKind.S390_PV):
+        return "host"
+    if profile.tee in (TeeKind.SNP, TeeKind.SEV, TeeKind.SEV_ES):
+        return "EPYC-v4"
+    if profile.arch is Arch.X86_64:
+        return "host" if accel == "kvm" else "max"
+    return None
+
+
+def _with_transport(device: QemuArgs, transport: str, iommu: bool) -> QemuArgs:
+    """Re-render a device for the architecture's virtio transport and the TEE's DMA rules."""
+    if isinstance(device, VirtioBlk | VirtioNetTap | VhostVsock):
+        return replace(device, transport=transport, iommu_platform=iommu or device.iommu_platform)
+    if isinstance(device, VhostUserVsock | NinePShare | VirtioFsShare):
+        return replace(device, transport=transport)
+    return device
+
+
+def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLine:
+    """Compose the QEMU command line for one VM of this profile (invariants checked first)."""
+    check_invariants(profile, vm)
+    accel = _accel(profile, vm)
+    transport = profile.arch.virtio_transport
+    # Confidential guests refuse virtio devices without VIRTIO_F_ACCESS_PLATFORM (bounce
+    # buffers through shared pages); s390 Secure Execution requires it outright.
+    iommu = profile.tee.confidential
+    needs_shared_ram = isinstance(vm.vsock, HybridVsock) or any(
+        isinstance(s, VirtioFsShare) for s in vm.shares)
+    backend = MemfdBackend("mem", profile.memory_mib) if needs_shared_ram else None
+
+    devices: list[QemuArgs] = []
+    if profile.image is not None:
+        devices.append(VirtioBlk("image0", profile.image, readonly=True))
+    devices += list(vm.disks) + list(vm.nics)
+    if isinstance(vm.vsock, KernelVsock):
+        devices.append(VhostVsock("vsock0", vm.vsock.guest_cid, vm.vsock.vhost_fd))
+    elif isinstance(vm.vsock, HybridVsock):
+        devices.append(VhostUserVsock("vsock0", vm.vsock.vhost_user_socket))
+    devices += list(vm.shares)
+    devices = [_with_transport(d, transport, iommu) for d in devices]
+
+    append = " ".join(p for p in (profile.kernel_params, vm.extra_kernel_params) if p)
+    boot = None
+    if profile.kernel is not None:
+        boot = DirectBoot(profile.kernel, profile.initrd, append)
+    cpu_model = _default_cpu(profile, accel)
+    return QemuCommandLine(
+        binary=profile.qemu,
+        name=vm.name,
+        machine=_machine(profile, backend),
+        # SNP and TDX keep the IOAPIC in QEMU (split irqchip): the in-kernel one cannot
+        # inject interrupts into a guest whose state the host cannot read.
+        accel=Accel(accel, "split" if profile.tee in (TeeKind.SNP, TeeKind.TDX) else None),
+        cpu=None if cpu_model is None else Cpu(cpu_model),
+        smp=Smp(profile.vcpus, profile.max_vcpus),
+        memory=Memory(profile.memory_mib, profile.memory_slots, profile.max_memory_mib),
+        memory_backend=backend,
+        firmware=profile.firmware,
+        boot=boot,
+        confidential_guest=confidential_object(profile, vm),
+        devices=tuple(devices),
+        serial=SerialConsole(vm.console_log, profile.arch),
+        qmp=QmpSocket(vm.qmp_socket),
+        no_reboot=True,
+        start_paused=vm.start_paused,
+    )
+
+
+__all__ = [
+    "Bios",
+    "HybridVsock",
+    "KernelVsock",
+    "NinePShare",
+    "Pflash",
+    "RuntimeProfile",
+    "SevParams",
+    "SnpParams",
+    "TdxParams",
+    "TeeKind",
+    "VirtioFsShare",
+    "VmInstance",
+    "build_command_line",
+    "check_invariants",
+]
