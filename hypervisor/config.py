@@ -94,7 +94,8 @@ _TEE_SECTIONS = {
 }
 # Direct boot with measured kernel hashes needs the memory-mapped (AmdSev / TDVF) builds.
 _MEMORY_FIRMWARE = (TeeKind.SEV, TeeKind.SEV_ES, TeeKind.SNP, TeeKind.TDX)
-_SECTIONS = ("hypervisor", "runtime", "sev", "snp", "tdx")
+# [shim] belongs to the shim (transport, bootstrap version); it validates that table itself.
+_SECTIONS = ("hypervisor", "runtime", "sev", "snp", "tdx", "shim")
 
 
 class _Reader:

@@ -89,6 +89,9 @@ class QemuVm:
         self.pass_fds = tuple(pass_fds)
         self.monitor = QmpMonitor(name=run_dir.name)
         self.channel: AgentChannel | None = None
+        # Helper processes started for this VM (vhost-device-vsock…), for callers that must be
+        # able to reap them after a crash of their own (the shim's delete).
+        self.helper_pids: list[int] = []
         self._cleanup = cleanup or AsyncExitStack()
         self._proc: asyncio.subprocess.Process | None = None
         self._state = VmState.CREATED
@@ -412,6 +415,8 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
                     pass_fds=pass_fds, cleanup=stack.pop_all())
         vm.channel = channel
+        if kind == "hybrid" and backend.pid is not None:
+            vm.helper_pids.append(backend.pid)
     await vm.start()  # on failure, start() releases what the stack held
     return vm
 

@@ -245,8 +245,11 @@ def load_shim_config(options: RuntimeOptions) -> ShimConfig:
     version = table.get("bootstrap_version", "auto")
     if version not in ("auto", 2, 3):
         raise UsageError(f"[shim] bootstrap_version must be 2, 3 or \"auto\", not {version!r}")
-    extra = {k: v for k, v in table.items() if k not in ("protocol", "bootstrap_version")}
-    return ShimConfig(protocol=protocol, bootstrap_version=version, extra=extra)
+    unknown = sorted(set(table) - {"protocol", "bootstrap_version"})
+    if unknown:
+        raise UsageError(f"[shim] unknown key {unknown[0]!r} (known: protocol, "
+                         "bootstrap_version)")
+    return ShimConfig(protocol=protocol, bootstrap_version=version)
 
 
 # --- paths --------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ Spawned by ``start`` in its own session with stdio on /dev/null. It logs to the 
 FIFO in logrus text format (what containerd copies into its own log), publishes events through
 one ``EventForwarder``, and owns every background task in one TaskGroup.
 
-Seams for what is not wired yet: the pod VM comes from a ``SandboxFactory`` named by
-``COCO_SHIM_SANDBOX_FACTORY=module:attribute`` (a class or a zero-argument callable); without it
-``UnwiredSandboxFactory`` answers Create with Unavailable.
+The pod VM comes from ``shim.vm_sandbox.VmSandboxFactory`` (QEMU + guest agent); tests may name
+another ``SandboxFactory`` with ``COCO_SHIM_SANDBOX_FACTORY=module:attribute`` (a class or a
+zero-argument callable).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Final
 from shim.contract import Flags
 from shim.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
 from shim.manager import ShimState
-from shim.sandbox import SandboxFactory, UnwiredSandboxFactory
+from shim.sandbox import SandboxFactory
 from shim.timeouts import TIMEOUTS
 
 log = logging.getLogger("shim")
@@ -102,7 +102,9 @@ def setup_logging(bundle: Path, debug: bool, task_id: str) -> None:
 def load_factory() -> SandboxFactory:
     target = os.environ.get(SANDBOX_FACTORY_ENV)
     if not target:
-        return UnwiredSandboxFactory()
+        from shim.vm_sandbox import VmSandboxFactory
+
+        return VmSandboxFactory()
     module, _, attribute = target.partition(":")
     factory: SandboxFactory = getattr(importlib.import_module(module), attribute)()
     return factory

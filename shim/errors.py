@@ -90,3 +90,12 @@ def status_code(exc: BaseException) -> StatusCode:
         if code is not None:
             return code
     return StatusCode.UNKNOWN
+
+
+def from_status_code(code: int, message: str) -> ShimError:
+    """The reverse of STATUS_CODES, for errors that come back from the guest agent: the typed
+    error for ``code``, or a plain :class:`ShimError` (UNKNOWN) when none is typed."""
+    for cls, mapped in STATUS_CODES.items():
+        if mapped == code and issubclass(cls, ShimError):
+            return cls(message)
+    return ShimError(message)

@@ -116,6 +116,17 @@ class ShimState:
         with (self.path / "mounts").open("a") as f:
             f.write(f"{target}\n")
 
+    def add_dir(self, path: Path) -> None:
+        """Record a run directory (the pod VM's) for delete to remove after the unmounts."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with (self.path / "dirs").open("a") as f:
+            f.write(f"{path}\n")
+
+    def dirs(self) -> list[Path]:
+        with contextlib.suppress(OSError):
+            return [Path(p) for p in (self.path / "dirs").read_text().splitlines() if p]
+        return []
+
     def pids(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         with contextlib.suppress(OSError):
@@ -358,6 +369,8 @@ def delete(flags: Flags) -> bytes:
     _wait_gone(killed, KILL_WAIT)
     for target in reversed(state.mounts()):
         _unmount(target)
+    for directory in state.dirs():
+        shutil.rmtree(directory, ignore_errors=True)
     if isinstance(sock, str) and sock:
         with contextlib.suppress(OSError):
             os.unlink(sock)

@@ -98,3 +98,15 @@ def test_pod_transitions() -> None:
 
 def test_grpc_status_names() -> None:
     assert grpc_status(StatusCode.FAILED_PRECONDITION) is grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("code", list(StatusCode))
+def test_from_status_code_round_trips_through_the_table(code: StatusCode) -> None:
+    err = errors.from_status_code(int(code), "from the agent")
+    assert str(err) == "from the agent"
+    typed = {c for c in errors.STATUS_CODES.values()}
+    if code in typed and code not in (StatusCode.OK,):
+        assert status_code(err) == code
+    else:
+        assert type(err) is errors.ShimError
+        assert status_code(err) == StatusCode.UNKNOWN
