@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -370,6 +371,10 @@ def delete(flags: Flags) -> bytes:
     for target in reversed(state.mounts()):
         _unmount(target)
     for directory in state.dirs():
+        # The pod's rootfs shares are mounted inside its run directory: detach them first, so
+        # rmtree never descends into a container's filesystem.
+        for target in mounts_under(directory):
+            _unmount(target)
         shutil.rmtree(directory, ignore_errors=True)
     if isinstance(sock, str) and sock:
         with contextlib.suppress(OSError):
@@ -394,6 +399,21 @@ def _wait_gone(processes: list[tuple[int, int]], timeout: float) -> None:
                   + ", ".join(str(pid) for pid, _ in processes), file=sys.stderr)
             return
         time.sleep(0.01)
+
+
+def mounts_under(directory: Path) -> list[Path]:
+    """Mount points at or below ``directory``, deepest first (from /proc/self/mountinfo)."""
+    prefix = os.fsencode(directory.resolve())
+    found: list[bytes] = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", "rb") as info:
+        for line in info:
+            fields = line.split()
+            if len(fields) > 4:
+                # mountinfo escapes space, tab, newline and backslash as octal (\040 …).
+                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+                if point == prefix or point.startswith(prefix + b"/"):
+                    found.append(point)
+    return [Path(os.fsdecode(p)) for p in sorted(found, key=len, reverse=True)]
 
 
 def _unmount(target: Path) -> None:

@@ -117,3 +117,14 @@ def test_auto_protocol() -> None:
     assert contract.protocol_for("auto", 3) == "ttrpc"  # containerd 2.x (its gRPC watcher)
     assert contract.protocol_for("grpc", 3) == "grpc"
     assert contract.protocol_for("ttrpc", 2) == "ttrpc"
+
+
+def test_mounts_under_lists_nested_mount_points_deepest_first() -> None:
+    from shim.manager import mounts_under
+
+    found = mounts_under(Path("/sys"))
+    assert Path("/sys") in found
+    assert found[-1] == Path("/sys")  # the directory itself comes last
+    depths = [len(p.parts) for p in found]
+    assert depths == sorted(depths, reverse=True)
+    assert mounts_under(Path("/nonexistent-coco-dir")) == []

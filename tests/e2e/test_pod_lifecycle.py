@@ -1,0 +1,154 @@
+"""Pods through ctr: sharing one VM, event order, and what happens when things die."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import RUNTIME, CocoContainerd, coco_processes
+from tests.e2e.test_ctr import wait_stopped
+from tests.support.images import BUSYBOX_REF
+
+pytestmark = pytest.mark.e2e
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def qemu_pids(coco: CocoContainerd, pod: str) -> list[int]:
+    """QEMU processes whose run directory belongs to pod ``pod``."""
+    marker = str(coco.run_dir / "default" / pod).encode()
+    pids = []
+    for pid in coco_processes(coco.base):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.split(b"\0")[0].endswith(b"qemu-system-x86_64") and marker in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def shim_pid(coco: CocoContainerd, cid: str) -> int:
+    for pid in coco_processes(coco.base):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # The daemon is `<venv python> -m shim ... -id <cid> ... serve`.
+        if argv[1:3] == [b"-m", b"shim"] and cid.encode() in argv and b"serve" in argv:
+            return pid
+    raise AssertionError(f"no shim daemon for {cid}")
+
+
+def cleanup(coco: CocoContainerd, *cids: str) -> None:
+    for cid in cids:
+        coco.ctr("task", "rm", "-f", cid, check=False)
+        coco.ctr("container", "rm", cid, check=False)
+
+
+def wait_for(predicate: object, what: str, timeout: float = 30) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_two_containers_of_one_pod_share_one_vm(coco: CocoContainerd) -> None:
+    pod, second = name("pod"), name("side")
+    coco.run(pod, "sleep", "600", flags=("-d",))
+    try:
+        coco.run(second, "sh", "-c", "echo side > /tmp/x; sleep 600",
+                 flags=("-d", "--annotation", f"{SANDBOX_ID}={pod}"))
+        assert len(qemu_pids(coco, pod)) == 1
+        assert not qemu_pids(coco, second)
+        # Both run in the same guest kernel: the second sees the pod's uptime clock too.
+        out = coco.ctr("task", "exec", "--exec-id", "u", second, "uname", "-r")
+        assert out.stdout.decode().startswith("6.1.")
+        cleanup(coco, second)
+        assert len(qemu_pids(coco, pod)) == 1  # the pod VM stays while a task lives
+    finally:
+        cleanup(coco, second, pod)
+    wait_for(lambda: not qemu_pids(coco, pod), "the pod VM to stop after its last task")
+
+
+def test_events_arrive_in_order(coco: CocoContainerd) -> None:
+    cid = name("ev")
+    events = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address", str(coco.cd.address),
+                               "events"], stdout=subprocess.PIPE, env=coco.cd.env())
+    try:
+        time.sleep(0.5)
+        coco.run(cid, "sh", "-c", "exit 2", flags=("--rm",), check=False)
+        time.sleep(1.0)
+    finally:
+        events.terminate()
+        out, _ = events.communicate(timeout=10)
+    # `ctr events` lines: <date> <time> <zone> UTC <namespace> <topic> <json>
+    topics = [line.split()[5] for line in out.decode().splitlines()
+              if cid in line and len(line.split()) > 5 and line.split()[5].startswith("/tasks/")]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
+    exit_line = next(line for line in out.decode().splitlines() if "/tasks/exit" in line
+                     and cid in line)
+    assert '"exit_status":2' in exit_line.replace(" ", ""), exit_line
+
+
+def test_qemu_killed_mid_run_ends_the_task(coco: CocoContainerd) -> None:
+    cid = name("vmdie")
+    coco.run(cid, "sleep", "600", flags=("-d",))
+    try:
+        [qemu] = qemu_pids(coco, cid)
+        os.kill(qemu, signal.SIGKILL)
+        wait_stopped(coco, cid)
+        status = coco.ctr("task", "ls").stdout.decode()
+        assert cid in status
+    finally:
+        cleanup(coco, cid)
+    wait_for(lambda: not any(cid.encode() in Path(f"/proc/{p}/cmdline").read_bytes()
+                             for p in coco_processes(coco.base)
+                             if Path(f"/proc/{p}").exists()),
+             "the shim and helpers of the dead VM to go")
+    assert not (coco.run_dir / "default" / cid).exists()
+
+
+def test_shim_killed_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
+    cid = name("shimdie")
+    coco.run(cid, "sleep", "600", flags=("-d",))
+    try:
+        daemon = shim_pid(coco, cid)
+        assert qemu_pids(coco, cid)
+        os.kill(daemon, signal.SIGKILL)
+        # containerd notices the lost shim and runs `containerd-shim-coco-v2 delete`.
+        wait_for(lambda: not qemu_pids(coco, cid), "delete to reap the orphaned QEMU", 60)
+        wait_for(lambda: not (coco.run_dir / "default" / cid).exists(),
+                 "delete to remove the pod's run directory", 30)
+    finally:
+        cleanup(coco, cid)
+    assert not [p for p in coco_processes(coco.base)
+                if cid.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_missing_firmware_is_a_clear_error(coco: CocoContainerd, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    text = coco.profile.read_text().replace('vsock = "hybrid"',
+                                            'vsock = "hybrid"\nfirmware = "/nonexistent/OVMF.fd"')
+    bad.write_text(text)
+    cid = name("nofw")
+    out = coco.ctr("run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", str(bad),
+                   BUSYBOX_REF, cid, "true", check=False)
+    try:
+        assert out.returncode != 0
+        assert b"/nonexistent/OVMF.fd" in out.stderr, out.stderr
+        assert not qemu_pids(coco, cid)
+        assert not (coco.run_dir / "default" / cid).exists()
+    finally:
+        cleanup(coco, cid)
