@@ -37,7 +37,13 @@ integration: env
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
 demo: env
-	@bash scripts/demo.sh
+	@$(PY) scripts/demo.py
+
+guest-image: env
+	@$(PY) -m guest.image
+
+bench: env
+	@$(PY) bench/run.py
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

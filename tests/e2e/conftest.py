@@ -3,7 +3,6 @@ agent → runc in the guest. Nothing here is faked."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,51 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from guest.image.__main__ import default_mirror
-from guest.image.build import BuildResult, Recipe, build
+from guest.image.build import BuildResult
 from tests import envinfo
 from tests.support.containerd import Containerd, private_containerd
+from tests.support.guest import dev_profile_text
+from tests.support.guest import guest_image as build_guest_image
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
 
-REPO = Path(__file__).resolve().parents[2]
 RUNTIME = "io.containerd.coco.v2"
 VERSIONS = ["2.1.9", "1.7.24"]
 
 
-def guest_recipe() -> Recipe:
-    env = envinfo.load()
-    spec = importlib.util.find_spec("google.protobuf")
-    assert spec is not None and spec.origin is not None
-    return Recipe(recipe_dir=REPO / "packaging/guest-image", repo=REPO,
-                  modules_dir=env.modules_dir,
-                  site_packages=Path(spec.origin).resolve().parents[2],
-                  mirror=default_mirror())
-
-
 @pytest.fixture(scope="session")
 def guest_image() -> BuildResult:
-    return build(guest_recipe(), envinfo.load().cache)
-
-
-def profile_text(kernel: Path, initrd: Path, *, extra_hypervisor: str = "",
-                 enable_annotations: tuple[str, ...] = ()) -> str:
-    allowed = ", ".join(f'"{a}"' for a in enable_annotations)
-    return f"""# e2e profile: the development profile pointed at the test guest image
-[hypervisor]
-tee = "none"
-qemu_path = "/usr/bin/qemu-system-x86_64"
-kernel = "{kernel}"
-initrd = "{initrd}"
-kernel_params = "console=ttyS0 panic=-1 quiet"
-accelerator = "tcg"
-vcpus = 1
-memory_mib = 1024
-vsock = "hybrid"
-{extra_hypervisor}
-[runtime]
-dial_timeout = 120
-enable_annotations = [{allowed}]
-"""
+    return build_guest_image()
 
 
 @dataclass
@@ -98,7 +66,7 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
     env = envinfo.load()
     base = Path(tempfile.mkdtemp(prefix="coco-e2e-", dir="/tmp"))
     profile = base / "profile.toml"
-    profile.write_text(profile_text(env.kernel, guest_image.image,
+    profile.write_text(dev_profile_text(env.kernel, guest_image.image,
                                     enable_annotations=(
                                         "io.katacontainers.config.hypervisor.kernel_params",)))
     extra_path = [Path(sys.executable).parent, env.vhost_device_vsock.parent]

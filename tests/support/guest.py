@@ -1,0 +1,49 @@
+"""The reference guest image and a development runtime profile pointing at it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from guest.image.__main__ import default_mirror
+from guest.image.build import BuildResult, Recipe, build
+from tests import envinfo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def guest_recipe() -> Recipe:
+    env = envinfo.load()
+    spec = importlib.util.find_spec("google.protobuf")
+    assert spec is not None and spec.origin is not None
+    return Recipe(recipe_dir=REPO / "packaging/guest-image", repo=REPO,
+                  modules_dir=env.modules_dir,
+                  site_packages=Path(spec.origin).resolve().parents[2],
+                  mirror=default_mirror())
+
+
+def guest_image() -> BuildResult:
+    """Build the image (or take it from the cache, keyed by its inputs)."""
+    return build(guest_recipe(), envinfo.load().cache)
+
+
+def dev_profile_text(kernel: Path, initrd: Path, *,
+                     enable_annotations: tuple[str, ...] = ()) -> str:
+    """firmware-configs/qemu-none.toml pinned to this machine: TCG, hybrid vsock."""
+    allowed = ", ".join(f'"{a}"' for a in enable_annotations)
+    return f"""# development profile pointed at the reference guest image (TCG, hybrid vsock)
+[hypervisor]
+tee = "none"
+qemu_path = "/usr/bin/qemu-system-x86_64"
+kernel = "{kernel}"
+initrd = "{initrd}"
+kernel_params = "console=ttyS0 panic=-1 quiet"
+accelerator = "tcg"
+vcpus = 1
+memory_mib = 1024
+vsock = "hybrid"
+
+[runtime]
+dial_timeout = 120
+enable_annotations = [{allowed}]
+"""
