@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""`make bench`: the shim's performance figures, medians of N runs, with the commands used.
+
+(a) `ctr run --rm … true` through containerd + our shim, against the same VM (same kernel,
+    initrd, QEMU options) booted directly by hypervisor/ up to the agent's Health.Check —
+    the ratio is what the shim, containerd and the container add on top of the boot;
+(b) `containerd-shim-coco-v2 start` latency (the subcommand containerd runs per container);
+(c) shim daemon RSS and PSS per running pod;
+(d) stdout throughput: a container writing 64 MiB, read by `ctr run`.
+Results are printed as a table and written to bench/results.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+
+from hypervisor.config import load_profile
+from hypervisor.vm import LaunchOptions, launch_vm
+from shim.agent import AgentClient
+from tests import envinfo
+from tests.support.containerd import Containerd, private_containerd
+from tests.support.guest import dev_profile_text, guest_image
+from tests.support.images import BUSYBOX_REF, busybox_oci_archive
+
+RUNTIME = "io.containerd.coco.v2"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+async def direct_boot(profile_path: Path, run_root: Path, vhost: Path) -> float:
+    """Launch the profile's VM and dial its agent until Check answers; seconds."""
+    profile = load_profile(profile_path)
+    start = time.monotonic()
+    vm = await launch_vm(profile, LaunchOptions(run_root=run_root, name="bench", accel="tcg",
+                                                vhost_device_vsock=vhost))
+    try:
+        assert vm.channel is not None
+        agent = await AgentClient.dial(hybrid_socket=vm.channel.hybrid_socket,
+                                       guest_cid=vm.channel.guest_cid, dial_timeout=120)
+        elapsed = time.monotonic() - start
+        await agent.close()
+        return elapsed
+    finally:
+        await vm.aclose()
+
+
+def ctr_run(cd: Containerd, name: str, *command: str) -> float:
+    start = time.monotonic()
+    cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, name, *command, timeout=300)
+    return time.monotonic() - start
+
+
+def shim_daemons(base: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd[1:3] == ["-m", "shim"] and "serve" in cmd and \
+                str(base) in (proc.info["environ"] or {}).get("COCO_SHIM_RUN_DIR", ""):
+            found.append(proc)
+    return found
+
+
+def start_latency(base: Path, runs: int) -> list[float]:
+    """Time `containerd-shim-coco-v2 start` against a bundle whose shim already runs (the
+    grouping path containerd takes for every later container of a pod is the same process
+    start-up + bootstrap print), and a cold one that spawns a daemon."""
+    binary = Path(sys.executable).parent / "containerd-shim-coco-v2"
+    samples = []
+    for i in range(runs):
+        bundle = base / f"bundle-{i}"
+        bundle.mkdir()
+        (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+        env = {**os.environ, "COCO_SHIM_SOCKET_DIR": str(base / "s"),
+               "COCO_SHIM_STATE_DIR": str(base / "state"), "COCO_SHIM_RUN_DIR": str(base / "r"),
+               "TTRPC_ADDRESS": str(base / "none.ttrpc")}
+        t0 = time.monotonic()
+        out = subprocess.run([str(binary), "-namespace", "bench", "-address",
+                              str(base / "none.sock"), "-id", f"b{i}", "start"],
+                             cwd=bundle, env=env, capture_output=True, text=True, timeout=30,
+                             input="")
+        samples.append(time.monotonic() - t0)
+        if out.returncode != 0:
+            raise RuntimeError(f"start failed: {out.stdout} {out.stderr}")
+        # Stop the daemon it spawned.
+        subprocess.run([str(binary), "-namespace", "bench", "-address", str(base / "none.sock"),
+                        "-id", f"b{i}", "-bundle", str(bundle), "delete"], env=env,
+                       capture_output=True, timeout=30, check=False)
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if cmd[1:3] == ["-m", "shim"] and f"b{i}" in cmd:
+                proc.kill()
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--containerd", default="2.1.9")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    args = parser.parse_args()
+    env = envinfo.load()
+    base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
+    results: dict[str, object] = {"runs": args.runs, "containerd": args.containerd,
+                                  "command": " ".join([sys.executable, *sys.argv])}
+    try:
+        image = guest_image()
+        profile = base / "profile.toml"
+        profile.write_text(dev_profile_text(env.kernel, image.image))
+
+        boots = [asyncio.run(direct_boot(profile, base / "direct", env.vhost_device_vsock))
+                 for _ in range(args.runs)]
+        results["direct_boot_to_check_s"] = boots
+
+        shim_env = {"COCO_SHIM_CONFIG": str(profile), "COCO_SHIM_RUN_DIR": str(base / "run"),
+                    "COCO_SHIM_SOCKET_DIR": str(base / "s"),
+                    "COCO_SHIM_STATE_DIR": str(base / "state")}
+        with private_containerd(args.containerd, env=shim_env,
+                                extra_path=[Path(sys.executable).parent,
+                                            env.vhost_device_vsock.parent]) as cd:
+            cd.ctr("images", "import", "--platform", "linux/amd64",
+                   str(busybox_oci_archive(base / "busybox.tar")))
+            runs = [ctr_run(cd, f"true-{i}", "true") for i in range(args.runs)]
+            results["ctr_run_true_s"] = runs
+
+            # (c) memory of one running pod's shim daemon
+            cd.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_REF, "mem", "sleep", "600")
+            time.sleep(2)
+            daemons = shim_daemons(base)
+            assert len(daemons) == 1, daemons
+            info = daemons[0].memory_full_info()
+            results["daemon_rss_mib"] = info.rss / 2**20
+            results["daemon_pss_mib"] = info.pss / 2**20
+            cd.ctr("task", "kill", "-s", "SIGKILL", "mem")
+            time.sleep(1)
+            cd.ctr("task", "rm", "-f", "mem", check=False)
+            cd.ctr("container", "rm", "mem", check=False)
+
+            # (d) 64 MiB through stdout
+            size = 64 << 20
+            throughput = []
+            for i in range(args.runs):
+                t0 = time.monotonic()
+                out = cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, f"flood-{i}",
+                             "sh", "-c", f"head -c {size} /dev/zero", timeout=600)
+                elapsed = time.monotonic() - t0
+                assert len(out.stdout) == size, len(out.stdout)
+                throughput.append(elapsed)
+            results["stdout_64mib_run_s"] = throughput
+
+        results["start_latency_s"] = start_latency(base / "start", args.runs * 2) if (
+            (base / "start").mkdir() is None) else []
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
+                       check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+    boot, run = median(boots), median(runs)  # type: ignore[possibly-undefined]
+    start = median(results["start_latency_s"])  # type: ignore[arg-type]
+    flood = median(results["stdout_64mib_run_s"])  # type: ignore[arg-type]
+    rows = [
+        ("(a) direct VM boot to agent Check OK (median)", f"{boot:.2f} s", ""),
+        ("(a) ctr run --rm true through the shim (median)", f"{run:.2f} s", ""),
+        ("(a) ratio", f"{run / boot:.2f}x", "target <= 1.15x"),
+        ("(b) containerd-shim-coco-v2 start (median)", f"{start * 1000:.0f} ms",
+         "target <= 60 ms"),
+        ("(c) shim daemon RSS / PSS, one pod",
+         f"{results['daemon_rss_mib']:.1f} / {results['daemon_pss_mib']:.1f} MiB",
+         "target RSS <= 40 MiB"),
+        ("(d) 64 MiB stdout, whole ctr run (median)",
+         f"{flood:.2f} s ({64 / max(flood - run, 0.001):.1f} MiB/s beyond a `true` run)", ""),
+    ]
+    print(f"\ncoco-shim benchmark, {args.runs} runs each, containerd {args.containerd}, QEMU TCG")
+    for label, value, target in rows:
+        print(f"  {label:<50} {value:<40} {target}")
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nraw samples: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
