@@ -1,0 +1,285 @@
+"""The agent's domain root: one sandbox (the pod this VM runs) and its containers.
+
+Every AgentService RPC except networking, time and policy lands on one method here. Methods
+take plain values (the edge translated the protobuf request) and raise typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import shutil
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guest.agent.containers import Container, Process, validate_id
+from guest.agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    from_os_error,
+)
+from guest.agent.reaper import Reaper
+from guest.agent.runc import Runc
+from guest.agent.storage import StorageManager, StorageSpec
+
+log = logging.getLogger(__name__)
+
+OOM_POLL_INTERVAL = 0.5
+AGENT_VERSION = "0.1.0"
+
+
+class SandboxState(enum.Enum):
+    EMPTY = "empty"  # before CreateSandbox (containers may still be created, as with Kata)
+    READY = "ready"
+    DESTROYED = "destroyed"
+
+
+@dataclass(frozen=True)
+class AgentPaths:
+    state_dir: Path  # bundles and runc's root
+    shared_root: Path  # CopyFile may only write below it (Kata: /run/kata-containers)
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    cgroup_parent: str = "/coco"  # containers' cgroups are <parent>/<container id>
+
+    @property
+    def bundles(self) -> Path:
+        return self.state_dir / "containers"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.state_dir / "runc"
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    path: str
+    file_size: int
+    file_mode: int
+    dir_mode: int
+    uid: int
+    gid: int
+    offset: int
+    data: bytes
+
+
+class Sandbox:
+    def __init__(
+        self, reaper: Reaper, paths: AgentPaths, *, runc_binary: str = "runc", manage_system: bool
+    ) -> None:
+        self.reaper = reaper
+        self.paths = paths
+        self.runc = Runc(reaper, binary=runc_binary, root=paths.runc_root)
+        self.storage = StorageManager()
+        self.manage_system = manage_system  # set hostname/DNS: only inside the guest VM
+        self.state = SandboxState.EMPTY
+        self.sandbox_id = ""
+        self.containers: dict[str, Container] = {}
+        self._sandbox_storages: list[str] = []
+        self._creating: set[str] = set()
+        self.shutdown = asyncio.Event()
+        for directory in (paths.bundles, paths.runc_root):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # -- sandbox ---------------------------------------------------------------------------
+
+    def _require_alive(self, action: str) -> None:
+        if self.state is SandboxState.DESTROYED:
+            raise FailedPrecondition(f"cannot {action}: the sandbox is destroyed")
+
+    async def create_sandbox(
+        self, sandbox_id: str, hostname: str, dns: list[str], storages: list[StorageSpec]
+    ) -> None:
+        if self.state is not SandboxState.EMPTY:
+            raise FailedPrecondition(f"cannot create sandbox in state {self.state.value}")
+        mounted = self.storage.add_all(storages)
+        try:
+            if self.manage_system:
+                if hostname:
+                    socket.sethostname(hostname)
+                if dns:
+                    self.paths.resolv_conf.write_text("".join(f"{line}\n" for line in dns))
+        except OSError as err:
+            self.storage.release_all(mounted)
+            raise from_os_error(err, "configure the sandbox") from err
+        self._sandbox_storages = mounted
+        self.sandbox_id = sandbox_id
+        self.state = SandboxState.READY
+
+    async def destroy_sandbox(self) -> None:
+        if self.state is SandboxState.DESTROYED:
+            return
+        for container_id in list(self.containers):
+            try:
+                await self.remove_container(container_id, timeout=None)
+            except Exception:
+                log.exception("destroy sandbox: removing container %s failed", container_id)
+        self.storage.release_all(self._sandbox_storages)
+        self._sandbox_storages = []
+        self.state = SandboxState.DESTROYED
+
+    # -- containers ------------------------------------------------------------------------
+
+    def container(self, container_id: str) -> Container:
+        found = self.containers.get(container_id)
+        if found is None:
+            raise NotFound(f"container {container_id} not found")
+        return found
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        return self.container(container_id).process(exec_id)
+
+    async def create_container(
+        self,
+        container_id: str,
+        spec: dict[str, Any],
+        storages: list[StorageSpec],
+        *,
+        init_exec_id: str = "",
+    ) -> None:
+        validate_id("container", container_id)
+        self._require_alive("create a container")
+        if container_id in self.containers or container_id in self._creating:
+            raise AlreadyExists(f"container {container_id} already exists")
+        self._creating.add(container_id)
+        bundle = self.paths.bundles / container_id
+        try:
+            async with contextlib.AsyncExitStack() as undo:
+                mounted = self.storage.add_all(storages)
+                undo.callback(self.storage.release_all, mounted)
+                root = Path(spec.get("root", {}).get("path", "") or "rootfs")
+                rootfs = root if root.is_absolute() else bundle / root
+                undo.callback(shutil.rmtree, bundle, True)
+                undo.push_async_callback(self._forget_runc_state, container_id)
+                container = await Container.create(
+                    container_id,
+                    spec,
+                    bundle=bundle,
+                    rootfs=rootfs,
+                    storages=mounted,
+                    runc=self.runc,
+                    reaper=self.reaper,
+                    cgroup_parent=self.paths.cgroup_parent,
+                )
+                undo.pop_all()
+            container.init_exec_id = init_exec_id
+            self.containers[container_id] = container
+        finally:
+            self._creating.discard(container_id)
+
+    async def _forget_runc_state(self, container_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.runc.delete(container_id, force=True)
+
+    async def start_container(self, container_id: str) -> None:
+        await self.container(container_id).start()
+
+    async def remove_container(
+        self,
+        container_id: str,
+        timeout: float | None,  # noqa: ASYNC109 - RemoveContainerRequest.timeout
+    ) -> None:
+        container = self.container(container_id)
+        del self.containers[container_id]
+        try:
+            await container.destroy(timeout)
+        finally:
+            self.storage.release_all(container.storages)
+
+    async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> None:
+        await self.container(container_id).exec(exec_id, process)
+
+    def signal_process(self, container_id: str, exec_id: str, signum: int) -> None:
+        if not 0 < signum < 65:
+            raise InvalidArgument(f"invalid signal {signum}")
+        self.process(container_id, exec_id).signal(signum)
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        return await self.process(container_id, exec_id).wait()
+
+    async def read_stream(self, container_id: str, exec_id: str, stream: str, size: int) -> bytes:
+        return await self.process(container_id, exec_id).read(stream, size)
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        return await self.process(container_id, exec_id).write_stdin(data)
+
+    def close_stdin(self, container_id: str, exec_id: str) -> None:
+        self.process(container_id, exec_id).close_stdin()
+
+    def resize_tty(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
+        self.process(container_id, exec_id).resize(rows, columns)
+
+    async def pause_container(self, container_id: str) -> None:
+        await self.container(container_id).pause()
+
+    async def resume_container(self, container_id: str) -> None:
+        await self.container(container_id).resume()
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        await self.container(container_id).update(resources)
+
+    async def stats_container(self, container_id: str) -> dict[str, Any]:
+        return await self.container(container_id).stats()
+
+    async def next_oom_event(self) -> str:
+        """Wait until some container's cgroup records a new OOM kill; return its id."""
+        while True:
+            for container in list(self.containers.values()):
+                count = container.oom_kills()
+                if count > container.oom_kills_seen:
+                    container.oom_kills_seen = count
+                    return container.id
+            await asyncio.sleep(OOM_POLL_INTERVAL)
+
+    # -- files and time --------------------------------------------------------------------
+
+    def copy_file(self, request: FileCopy) -> None:
+        target = Path(os.path.normpath(request.path))
+        root = self.paths.shared_root
+        if not target.is_absolute() or not target.is_relative_to(root) or target == root:
+            raise PermissionDenied(f"CopyFile may only write below {root}: {request.path}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True, mode=request.dir_mode or 0o755)
+            kind = stat.S_IFMT(request.file_mode)
+            if kind == stat.S_IFDIR:
+                target.mkdir(exist_ok=True, mode=stat.S_IMODE(request.file_mode) or 0o755)
+            elif kind == stat.S_IFLNK:
+                if target.is_symlink() or target.exists():
+                    target.unlink()
+                target.symlink_to(request.data.decode())
+                return
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if request.offset == 0 else 0)
+                fd = os.open(target, flags, stat.S_IMODE(request.file_mode) or 0o644)
+                try:
+                    os.pwrite(fd, request.data, request.offset)
+                finally:
+                    os.close(fd)
+            os.chmod(target, stat.S_IMODE(request.file_mode) or 0o644)
+            if request.uid >= 0 and request.gid >= 0:
+                os.chown(target, request.uid, request.gid)
+        except OSError as err:
+            raise from_os_error(err, f"copy file {request.path}") from err
+
+    @staticmethod
+    def set_time(seconds: int, microseconds: int) -> None:
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, seconds + microseconds / 1e6)
+        except OSError as err:
+            raise from_os_error(err, "set guest time") from err
+
+    @staticmethod
+    def memory_block_size(sys_root: Path = Path("/sys")) -> int:
+        try:
+            return int((sys_root / "devices/system/memory/block_size_bytes").read_text(), 16)
+        except (OSError, ValueError):
+            return 0

@@ -1,0 +1,455 @@
+"""Build the reference guest initramfs from Debian packages, cached under a key of its inputs.
+
+Inputs (all part of the cache key): the recipe in ``packaging/guest-image/`` (package list,
+module list, strip list, init), this builder's own source, the Debian suite and mirror, the
+kernel version and the bytes of every module copied, the protobuf runtime taken from the host
+venv, the project's ``protocols/`` and ``guest/`` packages, and SOURCE_DATE_EPOCH.
+
+Same inputs give the same image bytes (see :mod:`guest.image.cpio`). The Debian package set is
+unpacked once per (suite, mirror, package list) into ``<cache>/guest/base-<key>/`` and reused, so
+a rebuild after a code change does not touch the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guest.image.cpio import DeviceNode, write_initramfs
+from guest.image.kmod import ModuleTree
+
+IMAGE_NAME = "coco-guest.initrd"
+DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z; override with SOURCE_DATE_EPOCH
+PAYLOAD_DIR = "opt/coco-guest"  # PYTHONPATH of the agent inside the image
+DEVICES = (
+    DeviceNode("dev/console", stat.S_IFCHR | 0o600, 5, 1),
+    DeviceNode("dev/null", stat.S_IFCHR | 0o666, 1, 3),
+)
+# Directories of the project copied into the image (with only what the agent imports).
+PROJECT_PACKAGES = ("guest", "protocols")
+EXCLUDED_PROJECT_DIRS = {"guest/image"}
+PROTOBUF_DIRS = ("google/protobuf", "google/_upb")
+
+
+def _lines(path: Path) -> list[str]:
+    return [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What goes into the image; every field is an input of the cache key."""
+
+    recipe_dir: Path
+    repo: Path
+    modules_dir: Path
+    site_packages: Path
+    mirror: str
+    suite: str = "bookworm"
+    epoch: int = DEFAULT_EPOCH
+
+    @property
+    def packages(self) -> list[str]:
+        return _lines(self.recipe_dir / "packages.txt")
+
+    @property
+    def modules(self) -> list[str]:
+        return _lines(self.recipe_dir / "modules.txt")
+
+    @property
+    def strip(self) -> list[str]:
+        return _lines(self.recipe_dir / "strip.txt")
+
+    @property
+    def init(self) -> Path:
+        return self.recipe_dir / "init"
+
+    @property
+    def kernel_version(self) -> str:
+        return self.modules_dir.name
+
+    def project_files(self) -> list[tuple[str, Path]]:
+        """(path inside the payload, source) for the project's packages, sorted."""
+        out: list[tuple[str, Path]] = []
+        for package in PROJECT_PACKAGES:
+            for path in sorted((self.repo / package).rglob("*")):
+                rel = path.relative_to(self.repo).as_posix()
+                if any(rel == d or rel.startswith(d + "/") for d in EXCLUDED_PROJECT_DIRS):
+                    continue
+                wanted = path.suffix == ".py" or path.name == "py.typed"
+                if path.is_file() and wanted and "__pycache__" not in path.parts:
+                    out.append((rel, path))
+        return out
+
+    def protobuf_files(self) -> list[tuple[str, Path]]:
+        out: list[tuple[str, Path]] = []
+        for sub in PROTOBUF_DIRS:
+            for path in sorted((self.site_packages / sub).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyi":
+                    out.append((path.relative_to(self.site_packages).as_posix(), path))
+        if not out:
+            raise FileNotFoundError(f"no protobuf runtime under {self.site_packages}")
+        return out
+
+    def builder_files(self) -> list[tuple[str, Path]]:
+        here = Path(__file__).resolve().parent
+        return [(f"builder/{p.name}", p) for p in sorted(here.glob("*.py"))]
+
+    def base_key(self) -> str:
+        doc = json.dumps([self.suite, self.mirror, sorted(self.packages)]).encode()
+        return hashlib.sha256(doc).hexdigest()[:16]
+
+    def key(self, module_files: Iterable[Path]) -> str:
+        digest = hashlib.sha256()
+
+        def feed(label: str, data: bytes) -> None:
+            digest.update(f"{label}\0{len(data)}\0".encode())
+            digest.update(data)
+
+        feed("base", self.base_key().encode())
+        feed("epoch", str(self.epoch).encode())
+        feed("kernel", self.kernel_version.encode())
+        for name in ("packages.txt", "modules.txt", "strip.txt", "init"):
+            feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
+        for label, path in [*self.builder_files(), *self.project_files(), *self.protobuf_files()]:
+            feed(label, path.read_bytes())
+        for path in module_files:
+            feed(f"module/{path.name}", path.read_bytes())
+        return digest.hexdigest()[:24]
+
+
+@dataclass
+class Progress:
+    """Numbered steps with timings on stderr; a live counter when stderr is a terminal."""
+
+    total: int
+    stream: object = field(default_factory=lambda: sys.stderr)
+    step_no: int = 0
+    _t0: float = field(default_factory=time.monotonic)
+
+    def _write(self, text: str) -> None:
+        stream = self.stream
+        stream.write(text)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[Callable[[str], None]]:
+        self.step_no += 1
+        start = time.monotonic()
+        prefix = f"[{self.step_no}/{self.total}] {title}"
+        self._write(prefix + " ...\n")
+        live = bool(getattr(self.stream, "isatty", lambda: False)())
+
+        def update(detail: str) -> None:
+            if live:
+                self._write(f"\r    {detail}\x1b[K")
+
+        yield update
+        if live:
+            self._write("\r\x1b[K")
+        self._write(f"    done in {time.monotonic() - start:.1f} s\n")
+
+    def total_seconds(self) -> float:
+        return time.monotonic() - self._t0
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image: Path
+    sha256: str
+    size: int
+    key: str
+    cached: bool
+    manifest: Path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack_base(recipe: Recipe, dest: Path) -> None:
+    """mmdebstrap the package set (extract only) into dest/root, once."""
+    if (dest / ".done").exists():
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    root = dest / "root"
+    argv = [
+        "mmdebstrap",
+        "--quiet",
+        "--variant=extract",
+        f"--include={','.join(recipe.packages)}",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        recipe.suite,
+        str(root),
+        recipe.mirror,
+    ]
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(recipe.epoch)}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    (dest / ".done").write_text(" ".join(argv) + "\n")
+
+
+def strip_tree(root: Path, patterns: list[str]) -> int:
+    removed = 0
+    for pattern in patterns:
+        for path in sorted(root.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed += 1
+    for cache in sorted(root.rglob("__pycache__"), reverse=True):
+        shutil.rmtree(cache)
+        removed += 1
+    return removed
+
+
+def busybox_applets(root: Path) -> list[str]:
+    """The applet paths the guest's own busybox reports (run in a chroot of the image)."""
+    result = subprocess.run(
+        [_chroot(), str(root), "/bin/busybox", "--list-full"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sorted(line.strip() for line in result.stdout.splitlines() if line.strip())
+
+
+def install_busybox_links(root: Path) -> int:
+    count = 0
+    for applet in busybox_applets(root):
+        link = root / applet
+        if link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+        count += 1
+    return count
+
+
+# Run inside the image (chroot): import what the agent imports, then byte-compile exactly those
+# files with unchecked-hash pycs (no timestamps, so reproducible; the image is immutable).
+_PRECOMPILE = """
+import py_compile, sys
+import guest.agent.__main__, guest.agent.service
+files = sorted({m.__file__ for m in list(sys.modules.values())
+                if getattr(m, "__file__", None) and m.__file__.endswith(".py")})
+for path in files:
+    py_compile.compile(path, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+print(len(files))
+"""
+
+
+def _chroot() -> str:
+    found = shutil.which("chroot") or shutil.which("chroot", path="/usr/sbin:/sbin")
+    if found is None:
+        raise FileNotFoundError("chroot (coreutils) not found")
+    return found
+
+
+def precompile(root: Path) -> int:
+    """Byte-compile the modules the agent imports, with the image's own interpreter."""
+    result = subprocess.run(
+        [_chroot(), str(root), "/usr/bin/python3.11", "-s", "-c", _PRECOMPILE],
+        env={"PYTHONPATH": f"/{PAYLOAD_DIR}", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"precompiling the agent in the image failed:\n{result.stderr}")
+    return int(result.stdout.strip() or 0)
+
+
+def _copy(files: Iterable[tuple[str, Path]], dest: Path) -> int:
+    count = 0
+    for rel, src in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+        target.chmod(0o644)
+        count += 1
+    return count
+
+
+def _skip_dev(base_root: Path) -> Callable[[str, list[str]], list[str]]:
+    """The base's /dev holds real device nodes; the image gets its own (DEVICES, devtmpfs)."""
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        return names if Path(directory) == base_root / "dev" else []
+
+    return ignore
+
+
+def _copy_regular(src: str, dst: str) -> str:
+    """copy2 for regular files only: reading a device node (/dev/zero...) would never end."""
+    if not stat.S_ISREG(os.lstat(src).st_mode):
+        raise ValueError(f"{src}: not a regular file")
+    return str(shutil.copy2(src, dst))
+
+
+def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> dict[str, object]:
+    """Fill stage with the image tree; return facts for the manifest."""
+    shutil.copytree(
+        base_root, stage, symlinks=True, ignore=_skip_dev(base_root), copy_function=_copy_regular
+    )
+    removed = strip_tree(stage, recipe.strip)
+    links = install_busybox_links(stage)
+    payload = stage / PAYLOAD_DIR
+    payload.mkdir(parents=True, exist_ok=True)
+    copied = _copy(recipe.project_files(), payload)
+    copied += _copy(recipe.protobuf_files(), payload)
+    order = tree.load_order(recipe.modules)
+    mod_dir = stage / "lib/modules/coco"
+    mod_dir.mkdir(parents=True, exist_ok=True)
+    for module in order:
+        (mod_dir / f"{module.name}.ko").write_bytes(module.load_bytes())
+    etc = stage / "etc/coco"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "modules.order").write_text("".join(f"{m.name}\n" for m in order))
+    # modules.dep for busybox modprobe, which loads the whole list in one process.
+    kver_dir = stage / "lib/modules" / recipe.kernel_version
+    kver_dir.mkdir(parents=True, exist_ok=True)
+    (kver_dir / "coco").symlink_to("../coco")
+    lines = []
+    for m in order:
+        deps = "".join(f" coco/{d}.ko" for d in m.depends if d not in tree.builtin)
+        lines.append(f"coco/{m.name}.ko:{deps}\n")
+    (kver_dir / "modules.dep").write_text("".join(lines))
+    (stage / "init").write_bytes(recipe.init.read_bytes())
+    (stage / "init").chmod(0o755)
+    for sub in ("dev", "proc", "sys", "run", "tmp", "mnt", "root", "var/run"):
+        (stage / sub).mkdir(parents=True, exist_ok=True)
+    (stage / "tmp").chmod(0o1777)
+    (stage / "etc/hostname").write_text("coco-guest\n")
+    (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (stage / "etc/group").write_text("root:x:0:\ntty:x:5:\n")
+    compiled = precompile(stage)
+    return {
+        "precompiled_modules": compiled,
+        "modules": [m.name for m in order],
+        "stripped_paths": removed,
+        "busybox_links": links,
+        "payload_files": copied,
+    }
+
+
+def tree_size(root: Path) -> int:
+    return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+KEEP_IMAGES = 6  # older keys are pruned (each code change makes a new key)
+
+
+@contextlib.contextmanager
+def _locked(guest_cache: Path) -> Iterator[None]:
+    """One builder at a time per cache (test sessions may run side by side)."""
+    with (guest_cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prune(guest_cache: Path, keep: Path) -> None:
+    """Drop leftovers of interrupted builds and all but the newest images."""
+    for stale in guest_cache.glob("stage-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    images = sorted(
+        (d for d in guest_cache.iterdir() if (d / IMAGE_NAME).exists() and d != keep),
+        key=lambda d: (d / IMAGE_NAME).stat().st_mtime,
+        reverse=True,
+    )
+    for old in images[KEEP_IMAGES - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build(recipe: Recipe, cache: Path, *, force: bool = False) -> BuildResult:
+    guest_cache = cache / "guest"
+    guest_cache.mkdir(parents=True, exist_ok=True)
+    with _locked(guest_cache):
+        return _build(recipe, guest_cache, force=force)
+
+
+def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
+    progress = Progress(total=5)
+    tree = ModuleTree(recipe.modules_dir)
+
+    with progress.step("computing the cache key of the inputs"):
+        order = tree.load_order(recipe.modules)
+        key = recipe.key(m.path for m in order)
+    out_dir = guest_cache / key
+    image = out_dir / IMAGE_NAME
+    manifest_path = out_dir / "manifest.json"
+    if image.exists() and manifest_path.exists() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        sys.stderr.write(f"    cached image {image} (key {key})\n")
+        return BuildResult(
+            image, manifest["sha256"], image.stat().st_size, key, True, manifest_path
+        )
+
+    base = guest_cache / f"base-{recipe.base_key()}"
+    with progress.step(f"unpacking Debian {recipe.suite}: {' '.join(recipe.packages)}"):
+        unpack_base(recipe, base)
+
+    stage = guest_cache / f"stage-{key}-{os.getpid()}"
+    _prune(guest_cache, keep=out_dir)
+    try:
+        with progress.step("assembling the tree (strip, busybox, agent, protobuf, modules)"):
+            facts = assemble(recipe, base / "root", stage, tree)
+            facts["tree_bytes"] = tree_size(stage)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp_image = out_dir / f".{IMAGE_NAME}.{os.getpid()}"
+        with progress.step("writing the sorted cpio, gzip -n") as update:
+            entries = write_initramfs(
+                stage,
+                tmp_image,
+                mtime=recipe.epoch,
+                devices=DEVICES,
+                progress=lambda n: update(f"{n} entries") if n % 250 == 0 else None,
+            )
+        with progress.step("hashing and recording the manifest"):
+            sha = _sha256(tmp_image)
+            size = tmp_image.stat().st_size
+            manifest = {
+                "key": key,
+                "sha256": sha,
+                "size": size,
+                "entries": entries,
+                "kernel_version": recipe.kernel_version,
+                "suite": recipe.suite,
+                "mirror": recipe.mirror,
+                "packages": recipe.packages,
+                "source_date_epoch": recipe.epoch,
+                **facts,
+            }
+            os.replace(tmp_image, image)
+            manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    sys.stderr.write(f"    built in {progress.total_seconds():.1f} s\n")
+    return BuildResult(image, sha, size, key, False, manifest_path)

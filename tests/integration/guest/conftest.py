@@ -1,0 +1,85 @@
+"""Fixtures for the guest tests: the built image, a busybox rootfs, a running agent."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from guest.image.__main__ import default_mirror
+from guest.image.build import BuildResult, Recipe, build
+from protocols.ttrpc import Client
+from tests import envinfo
+from tests.integration.guest.agentproc import AgentProcess
+from tests.integration.guest.support import AgentClient, make_busybox_rootfs
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def guest_recipe() -> Recipe:
+    env = envinfo.load()
+    spec = importlib.util.find_spec("google.protobuf")
+    assert spec is not None and spec.origin is not None
+    return Recipe(
+        recipe_dir=REPO / "packaging/guest-image",
+        repo=REPO,
+        modules_dir=env.modules_dir,
+        site_packages=Path(spec.origin).resolve().parents[2],
+        mirror=default_mirror(),
+    )
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> BuildResult:
+    """The reference guest image (built once, then taken from the cache)."""
+    return build(guest_recipe(), envinfo.load().cache)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="coco-guest-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def rootfs(workdir: Path) -> Path:
+    return make_busybox_rootfs(workdir / "rootfs")
+
+
+@pytest.fixture
+async def agent_process(workdir: Path) -> AsyncIterator[AgentProcess]:
+    process = AgentProcess(workdir / "agent")
+    process.workdir.mkdir()
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(process.output()[-4000:])
+        remove_cgroup_parent(process.cgroup_parent)
+
+
+def remove_cgroup_parent(name: str) -> None:
+    """runc leaves the (empty) parent cgroup the agent places containers under."""
+    leaf = name.strip("/")
+    for parent in [*Path("/sys/fs/cgroup").glob(leaf), *Path("/sys/fs/cgroup").glob(f"*/{leaf}")]:
+        if parent.is_dir():
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+@pytest.fixture
+async def agent(agent_process: AgentProcess) -> AsyncIterator[AgentClient]:
+    client = await Client.connect_unix(agent_process.socket, timeout=10)
+    try:
+        yield AgentClient(client)
+    finally:
+        await client.close()

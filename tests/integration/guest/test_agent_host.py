@@ -1,0 +1,449 @@
+"""The agent as a real process on a unix socket, driven by the project's ttrpc client.
+
+Containers run with the host's runc (1.1.5) from a busybox rootfs; the agent lives in its own
+UTS, network and mount namespaces so nothing it does touches the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
+from protocols.ttrpc import Code, TtrpcError
+from tests.integration.guest.agentproc import AgentProcess
+from tests.integration.guest.support import AgentClient, process, spec
+
+pytestmark = pytest.mark.integration
+
+
+async def create(
+    agent: AgentClient, cid: str, rootfs: Path, args: list[str], *, terminal: bool = False
+) -> None:
+    await agent.call(
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(
+            container_id=cid, OCI=spec(str(rootfs), args, terminal=terminal)
+        ),
+    )
+
+
+async def start(agent: AgentClient, cid: str) -> None:
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+
+
+async def remove(agent: AgentClient, cid: str) -> None:
+    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id=cid))
+
+
+async def expect_code(code: Code, agent: AgentClient, method: str, request: object) -> str:
+    with pytest.raises(TtrpcError) as info:
+        await agent.call(method, request)  # type: ignore[arg-type]
+    assert info.value.code == code, info.value
+    return info.value.message
+
+
+async def test_health_check_and_version(agent: AgentClient) -> None:
+    assert await agent.check() == health_pb2.HealthCheckResponse.SERVING
+    version = await agent.call(
+        "Version", health_pb2.CheckRequest(), health_pb2.VersionCheckResponse
+    )
+    assert isinstance(version, health_pb2.VersionCheckResponse)
+    assert version.agent_version and version.grpc_version
+
+
+async def test_guest_details(agent: AgentClient) -> None:
+    reply = await agent.call(
+        "GetGuestDetails",
+        agent_pb2.GuestDetailsRequest(mem_block_size=True),
+        agent_pb2.GuestDetailsResponse,
+    )
+    assert isinstance(reply, agent_pb2.GuestDetailsResponse)
+    assert "9p" in reply.agent_details.storage_handlers
+    assert reply.mem_block_size_bytes > 0
+
+
+async def test_unlisted_rpc_is_unimplemented(agent: AgentClient) -> None:
+    await expect_code(Code.UNIMPLEMENTED, agent, "GetMetrics", agent_pb2.GetMetricsRequest())
+    assert await agent.check() == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("status", [0, 3])
+async def test_container_output_and_exit_code(
+    agent: AgentClient, rootfs: Path, status: int
+) -> None:
+    await agent.call(
+        "CreateSandbox", agent_pb2.CreateSandboxRequest(hostname="pod", sandbox_id="s")
+    )
+    await create(agent, "c1", rootfs, ["sh", "-c", f"echo out-$$; echo err >&2; exit {status}"])
+    await start(agent, "c1")
+    out, err, code = await asyncio.gather(
+        agent.read_all("c1"), agent.read_all("c1", stream="ReadStderr"), agent.wait("c1")
+    )
+    assert out == b"out-1\n"  # the container's own pid namespace
+    assert err == b"err\n"
+    assert code == status
+    await remove(agent, "c1")
+    await expect_code(
+        Code.NOT_FOUND, agent, "StartContainer", agent_pb2.StartContainerRequest(container_id="c1")
+    )
+
+
+async def test_exec_stdin_round_trip_and_sigterm(agent: AgentClient, rootfs: Path) -> None:
+    await create(agent, "c1", rootfs, ["sleep", "300"])
+    await start(agent, "c1")
+    await agent.call(
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(container_id="c1", exec_id="e1", process=process(["cat"])),
+    )
+    written = await agent.call(
+        "WriteStdin",
+        agent_pb2.WriteStreamRequest(container_id="c1", exec_id="e1", data=b"ping\n"),
+        agent_pb2.WriteStreamResponse,
+    )
+    assert isinstance(written, agent_pb2.WriteStreamResponse) and written.len == 5
+    await agent.call("CloseStdin", agent_pb2.CloseStdinRequest(container_id="c1", exec_id="e1"))
+    assert await agent.read_all("c1", "e1") == b"ping\n"
+    assert await agent.wait("c1", "e1") == 0
+
+    await agent.call(
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(
+            container_id="c1", exec_id="sleeper", process=process(["sleep", "300"])
+        ),
+    )
+    await agent.call(
+        "SignalProcess",
+        agent_pb2.SignalProcessRequest(container_id="c1", exec_id="sleeper", signal=signal.SIGTERM),
+    )
+    assert await agent.wait("c1", "sleeper") == 128 + signal.SIGTERM
+    await agent.call(
+        "SignalProcess", agent_pb2.SignalProcessRequest(container_id="c1", signal=signal.SIGKILL)
+    )
+    assert await agent.wait("c1") == 128 + signal.SIGKILL
+    await remove(agent, "c1")
+
+
+async def test_terminal_exec_and_resize(agent: AgentClient, rootfs: Path) -> None:
+    await create(agent, "c1", rootfs, ["sleep", "300"])
+    await start(agent, "c1")
+    await agent.call(
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(
+            container_id="c1",
+            exec_id="tty",
+            process=process(["sh", "-c", "read line; echo got-$line"], terminal=True),
+        ),
+    )
+    await agent.call(
+        "TtyWinResize",
+        agent_pb2.TtyWinResizeRequest(container_id="c1", exec_id="tty", row=40, column=100),
+    )
+    await agent.call(
+        "WriteStdin", agent_pb2.WriteStreamRequest(container_id="c1", exec_id="tty", data=b"x\n")
+    )
+    output = await agent.read_all("c1", "tty")
+    assert b"got-x" in output
+    assert await agent.wait("c1", "tty") == 0
+    assert await agent.read_all("c1", "tty", stream="ReadStderr") == b""
+    # A process without a terminal cannot be resized.
+    await expect_code(
+        Code.FAILED_PRECONDITION,
+        agent,
+        "TtyWinResize",
+        agent_pb2.TtyWinResizeRequest(container_id="c1", row=1, column=1),
+    )
+    await remove(agent, "c1")
+
+
+async def test_pause_resume_stats_update(agent: AgentClient, rootfs: Path) -> None:
+    await create(agent, "c1", rootfs, ["sleep", "300"])
+    await start(agent, "c1")
+    await agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id="c1"))
+    await expect_code(
+        Code.FAILED_PRECONDITION,
+        agent,
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(container_id="c1", exec_id="e", process=process(["true"])),
+    )
+    await agent.call("ResumeContainer", agent_pb2.ResumeContainerRequest(container_id="c1"))
+    stats = await agent.call(
+        "StatsContainer",
+        agent_pb2.StatsContainerRequest(container_id="c1"),
+        agent_pb2.StatsContainerResponse,
+    )
+    assert isinstance(stats, agent_pb2.StatsContainerResponse)
+    assert stats.cgroup_stats.pids_stats.current >= 1
+    await agent.call(
+        "UpdateContainer",
+        agent_pb2.UpdateContainerRequest(
+            container_id="c1", resources=oci_pb2.LinuxResources(Pids=oci_pb2.LinuxPids(Limit=50))
+        ),
+    )
+    await remove(agent, "c1")
+
+
+async def test_bad_input_gets_status_codes(agent: AgentClient, rootfs: Path, workdir: Path) -> None:
+    message = await expect_code(
+        Code.NOT_FOUND,
+        agent,
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(
+            container_id="nofs", OCI=spec(str(workdir / "missing"), ["true"])
+        ),
+    )
+    assert "rootfs" in message
+    await expect_code(
+        Code.NOT_FOUND,
+        agent,
+        "StartContainer",
+        agent_pb2.StartContainerRequest(container_id="nope"),
+    )
+    await expect_code(
+        Code.NOT_FOUND, agent, "WaitProcess", agent_pb2.WaitProcessRequest(container_id="nope")
+    )
+    await expect_code(
+        Code.INVALID_ARGUMENT,
+        agent,
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(container_id="../evil", OCI=spec(str(rootfs), ["true"])),
+    )
+    await expect_code(
+        Code.INVALID_ARGUMENT,
+        agent,
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(container_id="nospec"),
+    )
+    await create(agent, "c1", rootfs, ["true"])
+    await expect_code(
+        Code.ALREADY_EXISTS,
+        agent,
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(container_id="c1", OCI=spec(str(rootfs), ["true"])),
+    )
+    await start(agent, "c1")
+    await expect_code(
+        Code.FAILED_PRECONDITION,
+        agent,
+        "StartContainer",
+        agent_pb2.StartContainerRequest(container_id="c1"),
+    )
+    assert await agent.wait("c1") == 0
+    await expect_code(
+        Code.FAILED_PRECONDITION,
+        agent,
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(container_id="c1", exec_id="late", process=process(["true"])),
+    )
+    await expect_code(
+        Code.NOT_FOUND,
+        agent,
+        "SignalProcess",
+        agent_pb2.SignalProcessRequest(container_id="c1", signal=signal.SIGTERM),
+    )
+    await expect_code(
+        Code.NOT_FOUND,
+        agent,
+        "ReadStdout",
+        agent_pb2.ReadStreamRequest(container_id="c1", exec_id="nope", len=10),
+    )
+    await remove(agent, "c1")
+    # Unknown storage drivers and a 9p share that is not there are refused, nothing leaks.
+    await expect_code(
+        Code.INVALID_ARGUMENT,
+        agent,
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(
+            container_id="c2",
+            OCI=spec(str(rootfs), ["true"]),
+            storages=[agent_pb2.Storage(driver="floppy", source="x", mount_point="/run/x")],
+        ),
+    )
+    assert await agent.check() == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_output_flood_is_bounded(
+    agent: AgentClient, agent_process: AgentProcess, rootfs: Path
+) -> None:
+    assert agent_process.proc is not None
+    status_file = Path(f"/proc/{agent_process.proc.pid}/status")
+
+    def rss_kib() -> int:
+        for line in status_file.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    await create(agent, "flood", rootfs, ["cat", "/dev/zero"])
+    await start(agent, "flood")
+    before = rss_kib()
+    await asyncio.sleep(3)  # nobody reads: the buffer fills, then the writer blocks
+    grown = rss_kib() - before
+    assert grown < 16 * 1024, f"agent RSS grew by {grown} KiB while nobody read"
+    chunk = await agent.call(
+        "ReadStdout",
+        agent_pb2.ReadStreamRequest(container_id="flood", len=4 << 20),
+        agent_pb2.ReadStreamResponse,
+    )
+    assert isinstance(chunk, agent_pb2.ReadStreamResponse)
+    assert 0 < len(chunk.data) <= 1 << 20 and set(chunk.data) == {0}
+    await remove(agent, "flood")
+
+
+async def test_policy_denies_an_rpc(agent: AgentClient, rootfs: Path) -> None:
+    policy = '{"default": "allow", "rules": {"ExecProcess": "deny"}}'
+    await agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy=policy))
+    await create(agent, "c1", rootfs, ["sleep", "300"])
+    await start(agent, "c1")
+    await expect_code(
+        Code.PERMISSION_DENIED,
+        agent,
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(container_id="c1", exec_id="e", process=process(["true"])),
+    )
+    await expect_code(
+        Code.INVALID_ARGUMENT, agent, "SetPolicy", agent_pb2.SetPolicyRequest(policy="{nonsense")
+    )
+    rego = (
+        "package agent_policy\n"
+        "default SetPolicyRequest := true\n"
+        "default ExecProcessRequest := true\n"
+    )
+    await agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy=rego))
+    # Rego subset: everything not defaulted to true is denied now.
+    await expect_code(
+        Code.PERMISSION_DENIED,
+        agent,
+        "RemoveContainer",
+        agent_pb2.RemoveContainerRequest(container_id="c1"),
+    )
+    await agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy='{"default": "allow"}'))
+    await remove(agent, "c1")
+
+
+async def test_copy_file(agent: AgentClient, agent_process: AgentProcess) -> None:
+    shared = agent_process.workdir / "shared"
+    target = shared / "sandbox/etc/hostname"
+    await agent.call(
+        "CopyFile",
+        agent_pb2.CopyFileRequest(
+            path=str(target), file_size=4, file_mode=0o100644, dir_mode=0o755, data=b"pod\n"
+        ),
+    )
+    assert target.read_bytes() == b"pod\n"
+    await expect_code(
+        Code.PERMISSION_DENIED,
+        agent,
+        "CopyFile",
+        agent_pb2.CopyFileRequest(path="/etc/evil", file_mode=0o100644, data=b"x"),
+    )
+
+
+async def test_network_rpcs_in_the_agents_namespace(
+    agent: AgentClient, agent_process: AgentProcess
+) -> None:
+    assert agent_process.proc is not None
+    pid = agent_process.proc.pid
+    await asyncio.to_thread(
+        subprocess.run,
+        ["nsenter", "-t", str(pid), "-n", "ip", "link", "add", "eth7", "address",
+         "02:00:00:00:00:07", "type", "veth", "peer", "name", "peer7"],
+        check=True,
+    )  # fmt: skip
+    iface = types_pb2.Interface(
+        name="eth0",
+        hwAddr="02:00:00:00:00:07",
+        mtu=1400,
+        IPAddresses=[types_pb2.IPAddress(family=types_pb2.v4, address="198.18.0.2", mask="24")],
+    )
+    updated = await agent.call(
+        "UpdateInterface", agent_pb2.UpdateInterfaceRequest(interface=iface), types_pb2.Interface
+    )
+    assert isinstance(updated, types_pb2.Interface)
+    assert updated.name == "eth0" and updated.mtu == 1400
+    assert [a.address for a in updated.IPAddresses] == ["198.18.0.2"]
+    routes = agent_pb2.Routes(
+        Routes=[
+            types_pb2.Route(dest="198.18.0.0/24", device="eth0", scope=253),
+            types_pb2.Route(dest="198.19.0.0/16", gateway="198.18.0.1", device="eth0"),
+        ]
+    )
+    result = await agent.call(
+        "UpdateRoutes", agent_pb2.UpdateRoutesRequest(routes=routes), agent_pb2.Routes
+    )
+    assert isinstance(result, agent_pb2.Routes)
+    assert {(r.dest, r.gateway) for r in result.Routes} >= {
+        ("198.18.0.0/24", ""),
+        ("198.19.0.0/16", "198.18.0.1"),
+    }
+    await agent.call(
+        "AddARPNeighbors",
+        agent_pb2.AddARPNeighborsRequest(
+            neighbors=agent_pb2.ARPNeighbors(
+                ARPNeighbors=[
+                    types_pb2.ARPNeighbor(
+                        toIPAddress=types_pb2.IPAddress(address="198.18.0.1"),
+                        device="eth0",
+                        lladdr="02:00:00:00:00:01",
+                    )
+                ]
+            )
+        ),
+    )
+    neigh = await asyncio.to_thread(
+        subprocess.run,
+        ["nsenter", "-t", str(pid), "-n", "ip", "neigh", "show", "dev", "eth0"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "198.18.0.1 lladdr 02:00:00:00:00:01 PERMANENT" in neigh.stdout
+    listed = await agent.call(
+        "ListInterfaces", agent_pb2.ListInterfacesRequest(), agent_pb2.Interfaces
+    )
+    assert isinstance(listed, agent_pb2.Interfaces)
+    assert "eth0" in {i.name for i in listed.Interfaces}
+    await expect_code(
+        Code.NOT_FOUND,
+        agent,
+        "UpdateInterface",
+        agent_pb2.UpdateInterfaceRequest(interface=types_pb2.Interface(hwAddr="02:00:00:00:00:99")),
+    )
+
+
+async def test_destroy_sandbox_ends_the_agent(
+    agent: AgentClient, agent_process: AgentProcess, rootfs: Path
+) -> None:
+    await agent.call(
+        "CreateSandbox", agent_pb2.CreateSandboxRequest(hostname="pod", sandbox_id="s")
+    )
+    await create(agent, "left-running", rootfs, ["sleep", "300"])
+    await start(agent, "left-running")
+    await agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest())
+    assert agent_process.proc is not None
+    code = await asyncio.to_thread(agent_process.proc.wait, 30)
+    assert code == 0
+    assert not any((agent_process.workdir / "state/containers").iterdir())
+    assert not agent_process.socket.exists()
+
+
+async def test_init_process_is_also_named_by_its_exec_id(agent: AgentClient, rootfs: Path) -> None:
+    """Kata's runtime creates a container with exec_id = container id and uses that id later."""
+    await agent.call(
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(
+            container_id="c1", exec_id="c1", OCI=spec(str(rootfs), ["sh", "-c", "echo init"])
+        ),
+    )
+    await start(agent, "c1")
+    assert await agent.read_all("c1", "c1") == b"init\n"
+    assert await agent.wait("c1", "c1") == 0
+    await expect_code(
+        Code.NOT_FOUND,
+        agent,
+        "WaitProcess",
+        agent_pb2.WaitProcessRequest(container_id="c1", exec_id="other"),
+    )
+    await remove(agent, "c1")

@@ -1,0 +1,122 @@
+"""Container state machine, with a fake runc (the real one is driven by the integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guest.agent.containers import (
+    CONTAINER_ACTIONS,
+    Container,
+    ContainerState,
+    validate_id,
+)
+from guest.agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RuntimeFailure,
+)
+from guest.agent.reaper import Reaper
+from guest.agent.runc import Runc, error_for, last_log_error
+
+
+class FakeRunc(Runc):
+    def __init__(self) -> None:
+        super().__init__(Reaper(), root=Path("/nonexistent"))
+        self.calls: list[str] = []
+
+    async def start(self, container_id: str) -> None:
+        self.calls.append("start")
+
+    async def pause(self, container_id: str) -> None:
+        self.calls.append("pause")
+
+    async def resume(self, container_id: str) -> None:
+        self.calls.append("resume")
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        self.calls.append("update")
+
+
+def container() -> Container:
+    runc = FakeRunc()
+    c = Container("c1", Path("/nonexistent"), runc, runc._reaper, [])
+    return c
+
+
+def state_of(c: Container) -> ContainerState:
+    return c.state  # a call, so the checker does not narrow the state across awaits
+
+
+class FakeInit:
+    def __init__(self) -> None:
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+
+async def test_lifecycle_transitions() -> None:
+    c = container()
+    c.init = FakeInit()  # type: ignore[assignment]
+    assert c.state is ContainerState.CREATED
+    await c.start()
+    assert state_of(c) is ContainerState.RUNNING
+    with pytest.raises(FailedPrecondition, match="cannot start container c1 in state running"):
+        await c.start()
+    await c.pause()
+    assert state_of(c) is ContainerState.PAUSED
+    with pytest.raises(FailedPrecondition, match="cannot exec container c1 in state paused"):
+        await c.exec("e1", {"args": ["true"]})
+    await c.resume()
+    assert state_of(c) is ContainerState.RUNNING
+    with pytest.raises(FailedPrecondition):
+        await c.resume()
+
+
+def test_allowed_states_table() -> None:
+    assert CONTAINER_ACTIONS["start"] == {ContainerState.CREATED}
+    assert CONTAINER_ACTIONS["exec"] == {ContainerState.RUNNING}
+    for allowed in CONTAINER_ACTIONS.values():
+        assert ContainerState.STOPPED not in allowed
+
+
+@pytest.mark.parametrize("state", list(ContainerState))
+def test_require_names_action_and_state(state: ContainerState) -> None:
+    c = container()
+    c.state = state
+    for action, allowed in CONTAINER_ACTIONS.items():
+        if state in allowed:
+            c.require(action)
+        else:
+            with pytest.raises(
+                FailedPrecondition, match=f"cannot {action} .* in state {state.value}"
+            ):
+                c.require(action)
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-lead", "x" * 200, "sp ace"])
+def test_invalid_ids(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        validate_id("container", bad)
+
+
+def test_runc_messages_become_typed_errors(tmp_path: Path) -> None:
+    assert isinstance(error_for("start", 'container "x" does not exist'), NotFound)
+    assert isinstance(
+        error_for("create", "container with id exists: x already exists"), AlreadyExists
+    )
+    assert isinstance(
+        error_for("start", "cannot start a container that has stopped"), FailedPrecondition
+    )
+    assert isinstance(error_for("create", "something odd"), RuntimeFailure)
+    log = tmp_path / "runc.log"
+    log.write_text(
+        '{"level":"info","msg":"x"}\n'
+        '{"level":"error","msg":"exec: \\"nope\\": executable file not found"}\n'
+        "not json\n"
+    )
+    assert last_log_error(log) == 'exec: "nope": executable file not found'
+    assert last_log_error(tmp_path / "missing") == ""
