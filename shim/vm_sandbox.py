@@ -35,6 +35,7 @@ from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from protocols.api.kata import agent_pb2, oci_pb2
 from protocols.ocispec import SpecError, from_json, to_json
+from shim import metrics
 from shim.agent import AgentClient
 from shim.contract import RuntimeOptions
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
@@ -462,9 +463,8 @@ class VmSandbox:
     async def stats_container(self, container_id: str) -> ContainerStats:
         reply = await self.agent.call("StatsContainer", agent_pb2.StatsContainerRequest(
             container_id=container_id), agent_pb2.StatsContainerResponse)
-        # The agent's own cgroup statistics; containerd's cgroups Metrics encoding comes later.
-        return ContainerStats(type_url="grpc.StatsContainerResponse",
-                              value=reply.SerializeToString())
+        return ContainerStats(type_url=metrics.TYPE_URL,
+                              value=metrics.to_cgroup2_metrics(reply).SerializeToString())
 
     async def update_container(self, container_id: str,
                                resources: Mapping[str, object]) -> None:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.support.images import BUSYBOX_REF, busybox_oci_archive
 
 RUNTIME = "io.containerd.coco.v2"
 VERSIONS = ["2.1.9", "1.7.24"]
+SHIM_EXIT_GRACE = 30.0
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +78,12 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
             archive = busybox_oci_archive(base / "busybox.tar")
             cd.ctr("images", "import", "--platform", "linux/amd64", str(archive))
             yield CocoContainerd(cd, base, profile)
-        # containerd is stopped now: anything still carrying this base is a leak.
-        leftovers = coco_processes(base)
-        assert not leftovers, f"processes left behind: {leftovers}"
+        # containerd is stopped now. Shims finish their Shutdown (VM power-off) on their own
+        # after the last Delete; whatever still carries this base after that is a leak.
+        deadline = time.monotonic() + SHIM_EXIT_GRACE
+        while (leftovers := coco_processes(base)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not leftovers, f"processes left behind: {describe(leftovers)}"
         run_dir = base / "run" / "default"
         assert not run_dir.exists() or not any(run_dir.iterdir()), list(run_dir.iterdir())
     finally:
@@ -87,6 +92,17 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
         subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
                        check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes()
+                       .replace(b"\0", b" ").decode(errors="replace")[:200])
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
 
 
 def coco_processes(base: Path) -> list[int]:

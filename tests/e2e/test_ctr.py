@@ -77,6 +77,12 @@ class TestRunningTask:
             ps = coco.ctr("task", "ps", cid).stdout.decode()
             assert "PID" in ps and len(ps.splitlines()) >= 2, ps
 
+            metrics = coco.ctr("task", "metrics", cid).stdout.decode()
+            assert "memory.usage" in metrics and "pids.current" in metrics, metrics
+            usage = next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("memory.usage "))
+            assert int(usage) > 0, metrics
+
             coco.ctr("task", "pause", cid)
             assert "PAUSED" in coco.ctr("task", "ls").stdout.decode()
             coco.ctr("task", "resume", cid)

@@ -1,0 +1,59 @@
+"""Agent statistics → the cgroup v2 ``Metrics`` containerd decodes (``ctr task metrics``, CRI).
+
+The Kata agent answers StatsContainer with runc's view (``grpc.CgroupStats``: CPU times in
+nanoseconds, memory usage/limit records, blkio entries). containerd wants
+``io.containerd.cgroups.v2.Metrics`` (microseconds, flat memory fields, per-device I/O), so the
+conversion lives here, pure and tested.
+"""
+
+from __future__ import annotations
+
+from protocols.api.containerd.cgroups.v2 import metrics_pb2 as v2
+from protocols.api.kata import agent_pb2
+
+TYPE_URL = "io.containerd.cgroups.v2.Metrics"
+_MEMORY_FIELDS = frozenset(f.name for f in v2.MemoryStat.DESCRIPTOR.fields)
+
+
+def to_cgroup2_metrics(stats: agent_pb2.StatsContainerResponse) -> v2.Metrics:
+    cgroup = stats.cgroup_stats
+    cpu, throttling = cgroup.cpu_stats.cpu_usage, cgroup.cpu_stats.throttling_data
+    memory = cgroup.memory_stats
+    out = v2.Metrics(
+        pids=v2.PidsStat(current=cgroup.pids_stats.current, limit=cgroup.pids_stats.limit),
+        cpu=v2.CPUStat(usage_usec=cpu.total_usage // 1000,
+                       user_usec=cpu.usage_in_usermode // 1000,
+                       system_usec=cpu.usage_in_kernelmode // 1000,
+                       nr_periods=throttling.periods,
+                       nr_throttled=throttling.throttled_periods,
+                       throttled_usec=throttling.throttled_time // 1000),
+    )
+    mem = out.memory
+    # memory.stat keys with the same name in v2 (anon, file, pgfault…) carry over as they are.
+    for key, value in memory.stats.items():
+        if key in _MEMORY_FIELDS:
+            setattr(mem, key, value)
+    mem.usage = memory.usage.usage
+    mem.usage_limit = memory.usage.limit
+    mem.max_usage = memory.usage.max_usage
+    mem.swap_usage = memory.swap_usage.usage
+    mem.swap_limit = memory.swap_usage.limit
+    devices: dict[tuple[int, int], v2.IOEntry] = {}
+
+    def entry(major: int, minor: int) -> v2.IOEntry:
+        if (major, minor) not in devices:
+            devices[(major, minor)] = v2.IOEntry(major=major, minor=minor)
+        return devices[(major, minor)]
+
+    for e in cgroup.blkio_stats.io_service_bytes_recursive:
+        if e.op.lower() == "read":
+            entry(e.major, e.minor).rbytes += e.value
+        elif e.op.lower() == "write":
+            entry(e.major, e.minor).wbytes += e.value
+    for e in cgroup.blkio_stats.io_serviced_recursive:
+        if e.op.lower() == "read":
+            entry(e.major, e.minor).rios += e.value
+        elif e.op.lower() == "write":
+            entry(e.major, e.minor).wios += e.value
+    out.io.usage.extend(devices[k] for k in sorted(devices))
+    return out

@@ -1,0 +1,41 @@
+"""Agent CgroupStats → containerd's cgroup v2 Metrics."""
+
+from __future__ import annotations
+
+from protocols.api.kata import agent_pb2 as a
+from shim.metrics import to_cgroup2_metrics
+
+
+def test_units_and_fields_are_converted() -> None:
+    stats = a.StatsContainerResponse(cgroup_stats=a.CgroupStats(
+        cpu_stats=a.CpuStats(
+            cpu_usage=a.CpuUsage(total_usage=5_000_000, usage_in_usermode=3_000_000,
+                                 usage_in_kernelmode=2_000_000),
+            throttling_data=a.ThrottlingData(periods=7, throttled_periods=2,
+                                             throttled_time=9_000)),
+        memory_stats=a.MemoryStats(
+            usage=a.MemoryData(usage=4096, limit=1 << 30, max_usage=8192),
+            swap_usage=a.MemoryData(usage=1, limit=2),
+            stats={"anon": 100, "file": 200, "pgfault": 3, "not_a_v2_key": 9}),
+        pids_stats=a.PidsStats(current=4, limit=64),
+        blkio_stats=a.BlkioStats(
+            io_service_bytes_recursive=[
+                a.BlkioStatsEntry(major=254, minor=0, op="Read", value=10),
+                a.BlkioStatsEntry(major=254, minor=0, op="Write", value=20),
+                a.BlkioStatsEntry(major=254, minor=0, op="Total", value=30)],
+            io_serviced_recursive=[a.BlkioStatsEntry(major=254, minor=0, op="Read", value=1)]),
+    ))
+    m = to_cgroup2_metrics(stats)
+    assert (m.pids.current, m.pids.limit) == (4, 64)
+    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (5000, 3000, 2000)
+    assert (m.cpu.nr_periods, m.cpu.nr_throttled, m.cpu.throttled_usec) == (7, 2, 9)
+    assert (m.memory.usage, m.memory.usage_limit, m.memory.max_usage) == (4096, 1 << 30, 8192)
+    assert (m.memory.swap_usage, m.memory.swap_limit) == (1, 2)
+    assert (m.memory.anon, m.memory.file, m.memory.pgfault) == (100, 200, 3)
+    [io] = m.io.usage
+    assert (io.major, io.minor, io.rbytes, io.wbytes, io.rios, io.wios) == (254, 0, 10, 20, 1, 0)
+
+
+def test_empty_stats_give_empty_metrics() -> None:
+    m = to_cgroup2_metrics(a.StatsContainerResponse())
+    assert m.memory.usage == 0 and not m.io.usage
