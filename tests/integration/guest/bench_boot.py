@@ -21,9 +21,9 @@ from guest.image.build import build
 from protocols.api.kata import agent_pb2
 from protocols.ttrpc import Client
 from tests import envinfo
-from tests.integration.guest.conftest import guest_recipe
 from tests.integration.guest.support import AgentClient, make_busybox_rootfs, spec
 from tests.integration.guest.vm import AGENT_PORT, GuestVM, Share9p
+from tests.support.guest import guest_recipe
 
 RSS_SCRIPT = (
     "for p in /proc/[0-9]*; do "

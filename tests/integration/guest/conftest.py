@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -11,27 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from guest.image.__main__ import default_mirror
-from guest.image.build import BuildResult, Recipe, build
+from guest.image.build import BuildResult, build
 from protocols.ttrpc import Client
 from tests import envinfo
 from tests.integration.guest.agentproc import AgentProcess
 from tests.integration.guest.support import AgentClient, make_busybox_rootfs
+from tests.support.guest import guest_recipe
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def guest_recipe() -> Recipe:
-    env = envinfo.load()
-    spec = importlib.util.find_spec("google.protobuf")
-    assert spec is not None and spec.origin is not None
-    return Recipe(
-        recipe_dir=REPO / "packaging/guest-image",
-        repo=REPO,
-        modules_dir=env.modules_dir,
-        site_packages=Path(spec.origin).resolve().parents[2],
-        mirror=default_mirror(),
-    )
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import pytest
 
 from guest.image.build import BuildResult, build
 from tests import envinfo
-from tests.integration.guest.conftest import REPO, guest_recipe
+from tests.integration.guest.conftest import REPO
+from tests.support.guest import guest_recipe
 
 pytestmark = pytest.mark.integration
 
