@@ -10,31 +10,13 @@ This module imports nothing heavy: ``start`` may use it.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import Final
 
+from protocols.status import Code
 
-class StatusCode(enum.IntEnum):
-    """The google.rpc / gRPC status codes, as both gRPC and ttrpc carry them."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
+# The google.rpc / gRPC status codes, as both gRPC and ttrpc carry them.
+StatusCode = Code
 
 
 class ShimError(Exception):
