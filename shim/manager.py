@@ -137,6 +137,22 @@ class ShimState:
                     out.append((int(parts[0]), int(parts[1])))
         return out
 
+    def add_network(self, record: str) -> None:
+        """Record the pod's wired network (PodNetwork JSON) for delete to unwire."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path / "network.json.tmp"
+        tmp.write_text(record)
+        tmp.rename(self.path / "network.json")
+
+    def clear_network(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / "network.json").unlink()
+
+    def network(self) -> str | None:
+        with contextlib.suppress(OSError):
+            return (self.path / "network.json").read_text()
+        return None
+
     def mounts(self) -> list[Path]:
         with contextlib.suppress(OSError):
             return [Path(p) for p in (self.path / "mounts").read_text().splitlines() if p]
@@ -368,6 +384,15 @@ def delete(flags: Flags) -> bytes:
         if kill_if_same(helper, helper_start):
             killed.append((helper, helper_start))
     _wait_gone(killed, KILL_WAIT)
+    network = state.network()
+    if network is not None:  # QEMU is gone (and its taps): the veths' redirects remain
+        from shim.errors import ShimError
+        from shim.netns_helper import teardown_recorded
+
+        try:
+            teardown_recorded(network)
+        except (ShimError, OSError, ValueError) as err:
+            print(f"delete: pod network: {err}", file=sys.stderr)
     for target in reversed(state.mounts()):
         _unmount(target)
     for directory in state.dirs():

@@ -23,6 +23,7 @@ class Timeouts:
     tty_win_resize: float = 5.0
     close_stdin: float = 10.0
     shutdown_sandbox: float = 30.0
+    network_helper: float = 30.0  # one run of the netns helper (wire or unwire a pod netns)
     # After the init process exits the agent kills the container's other processes; how long
     # their exits get before init's own exit is reported anyway.
     execs_after_init: float = 10.0

@@ -1,9 +1,10 @@
 """The real pod sandbox: one QEMU VM per pod (hypervisor/) and its guest agent (Kata protocol).
 
 Start is an ordered script inside an AsyncExitStack (STYLE habit 8): profile → annotation
-check → run dir + shared dir → launch QEMU → dial the agent (Health.Check) → SetPolicy →
-CreateSandbox; a failure at any step undoes the earlier ones, so a failed Create leaves no QEMU,
-helper, socket, mount or directory behind.
+check → run dir + shared dir → wire the pod netns (taps, :mod:`shim.network`) → launch QEMU
+with the tap fds → dial the agent (Health.Check) → SetPolicy → interfaces, routes and ARP
+neighbours to the guest → CreateSandbox; a failure at any step undoes the earlier ones, so a
+failed Create leaves no QEMU, helper, socket, mount, directory, tap, qdisc or filter behind.
 
 Rootfs strategy (pluggable, :class:`RootfsShare`): the development profile exports one host
 directory per pod over virtio-9p (tag ``kataShared``); each container's rootfs (the snapshot
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hypervisor.cmdline import NinePShare
+from hypervisor.cmdline import NinePShare, VirtioNetTap
 from hypervisor.config import load_profile, parse_profile
 from hypervisor.errors import ConfigError, ExitReason, InvariantError, QemuError
 from hypervisor.probe import probe_kvm, which_vhost_device_vsock
@@ -39,7 +41,8 @@ from shim import metrics
 from shim.agent import AgentClient
 from shim.contract import RuntimeOptions
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
-from shim.manager import ShimState
+from shim.manager import ShimState, mounts_under
+from shim.network import PodNetworking, WiredNetwork, dns_of, guest_requests, netns_of
 from shim.sandbox import ContainerConfig, ContainerStats, ExecConfig, Mount, SandboxConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,17 @@ READ_CHUNK = 1 << 20  # kata: max data chunk 1 MiB
 
 def run_root() -> Path:
     return Path(os.environ.get(RUN_ROOT_ENV) or DEFAULT_RUN_ROOT)
+
+
+def pod_key(namespace: str, sandbox_id: str) -> str:
+    """A short name for a pod: CRI sandbox ids are 64 characters, and the vsock/QMP sockets
+    under the pod's run directory must fit a unix socket path (107 bytes)."""
+    return hashlib.sha256(f"{namespace}/{sandbox_id}".encode()).hexdigest()[:16]
+
+
+def pod_run_dir(namespace: str, sandbox_id: str) -> Path:
+    """The pod VM's run directory."""
+    return run_root() / pod_key(namespace, sandbox_id)
 
 
 def load_pod_profile(options: RuntimeOptions) -> RuntimeProfile:
@@ -142,7 +156,9 @@ async def mount(mnt: Mount, target: Path) -> None:
 
 
 def _is_mount(target: Path) -> bool:
-    return os.path.ismount(target)
+    # os.path.ismount() misses a file bind-mounted from the same filesystem (same st_dev, as
+    # CRI's resolv.conf/hostname/hosts usually are): mountinfo knows every mount point.
+    return os.path.ismount(target) or target.resolve() in mounts_under(target)
 
 
 def _bind_target(container_id: str, source: Path, host: Path) -> None:
@@ -257,20 +273,41 @@ def guest_spec(spec: Mapping[str, Any], root_path: str) -> oci_pb2.Spec:
     return converted
 
 
+def default_networking() -> PodNetworking:
+    from shim.netns_helper import HelperNetworking
+
+    return HelperNetworking()
+
+
+async def configure_guest_network(agent: AgentClient, wired: WiredNetwork) -> None:
+    """Interfaces (found by MAC in the guest), then routes, then permanent neighbours."""
+    requests = guest_requests(wired.network)
+    for request in requests.interfaces:
+        await agent.call("UpdateInterface", request, limit=30)
+    if requests.routes is not None:
+        await agent.call("UpdateRoutes", requests.routes, limit=30)
+    if requests.neighbors is not None:
+        await agent.call("AddARPNeighbors", requests.neighbors, limit=30)
+
+
 class VmSandboxFactory:
     """``SandboxFactory`` for real pods: boots the VM and brings its agent to CreateSandbox."""
+
+    def __init__(self, networking: PodNetworking | None = None) -> None:
+        self.networking = networking or default_networking()
 
     async def create_sandbox(self, config: SandboxConfig) -> VmSandbox:
         profile = load_pod_profile(config.options)
         annotations = annotations_of(config.spec)
         check_annotations(annotations, profile)
+        netns = netns_of(config.spec, config.sandbox_id)
         if profile.tee.confidential:
             raise FailedPrecondition(
                 f"runtime profile {profile.source} is confidential ({profile.tee.value}): it "
                 "refuses host filesystem sharing, and guest image pull is not implemented yet")
         accel = await decide_accelerator(profile)
         vhost = which_vhost_device_vsock()
-        pod_dir = run_root() / config.namespace / config.sandbox_id
+        pod_dir = pod_run_dir(config.namespace, config.sandbox_id)
         try:
             pod_dir.mkdir(parents=True, mode=0o700)
         except FileExistsError as err:
@@ -283,16 +320,29 @@ class VmSandboxFactory:
             stack.push_async_callback(share.close)
             extra = annotations.get(KERNEL_PARAMS_ANNOTATION, "") if (
                 KERNEL_PARAMS_ANNOTATION in profile.enable_annotations) else ""
+            # If this daemon dies, `delete` reaps what it started.
+            state = ShimState.of(config.namespace, config.sandbox_id)
+            wired: WiredNetwork | None = None
+            if netns is not None:
+                wired = await self.networking.setup(netns)
+                stack.push_async_callback(self._unwire, wired, state)
+                state.add_network(wired.network.to_json())
+            nics = tuple(VirtioNetTap(id=f"net{index}", tap_fd=fd, mac=endpoint.mac)
+                         for index, (endpoint, fd) in enumerate(zip(
+                             wired.network.endpoints, wired.tap_fds, strict=True))
+                         ) if wired is not None else ()
             try:
                 vm = await launch_vm(profile, LaunchOptions(
                     run_root=pod_dir, name="vm", accel=accel, vhost_device_vsock=vhost,
-                    log_dir=pod_dir / "logs", shares=(share.device(),),
+                    log_dir=pod_dir / "logs", shares=(share.device(),), nics=nics,
                     extra_kernel_params=extra))
             except (QemuError, InvariantError, ConfigError, OSError) as err:
                 raise Unavailable(f"pod {config.sandbox_id}: VM did not start: {err}") from err
+            finally:
+                if wired is not None:
+                    # QEMU holds the taps now (or failed): they live exactly as long as it does.
+                    wired.close_fds()
             stack.push_async_callback(vm.aclose)
-            # If this daemon dies, `delete` reaps what it started.
-            state = ShimState.of(config.namespace, config.sandbox_id)
             state.add_dir(pod_dir)
             for pid in (vm.pid, *vm.helper_pids):
                 if pid:
@@ -304,14 +354,21 @@ class VmSandboxFactory:
             if policy is not None:
                 await sandbox.agent.call("SetPolicy", agent_pb2.SetPolicyRequest(
                     policy=base64.b64decode(policy).decode()), limit=30)
+            if wired is not None:
+                await configure_guest_network(sandbox.agent, wired)
             hostname = config.spec.get("hostname")
             await sandbox.agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
                 hostname=str(hostname) if isinstance(hostname, str) else "",
-                sandbox_id=config.sandbox_id, storages=[share.sandbox_storage()]),
+                dns=dns_of(config.spec), sandbox_id=config.sandbox_id,
+                storages=[share.sandbox_storage()]),
                 limit=60)
             sandbox.adopt(stack.pop_all())
             return sandbox
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _unwire(self, wired: WiredNetwork, state: ShimState) -> None:
+        await self.networking.teardown(wired)
+        state.clear_network()
 
 
 class VmSandbox:

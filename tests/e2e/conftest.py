@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from guest.image.build import BuildResult
+from shim.vm_sandbox import pod_key
 from tests import envinfo
 from tests.support.containerd import Containerd, private_containerd
 from tests.support.guest import dev_profile_text
@@ -53,14 +54,24 @@ class CocoContainerd:
     def run_dir(self) -> Path:
         return self.base / "run"
 
+    def pod_dir(self, pod: str, namespace: str = "default") -> Path:
+        """Where the shim keeps pod ``pod``'s VM (run dir, sockets, shares)."""
+        return self.run_dir / pod_key(namespace, pod)
+
     @property
     def socket_dir(self) -> Path:
         return self.base / "s"
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def shim_env(base: Path, profile: Path) -> dict[str, str]:
+    # PYTHONPATH: the shim containerd starts runs this checkout's code, whichever checkout the
+    # venv's editable install points at.
     return {"COCO_SHIM_CONFIG": str(profile), "COCO_SHIM_RUN_DIR": str(base / "run"),
-            "COCO_SHIM_SOCKET_DIR": str(base / "s"), "COCO_SHIM_STATE_DIR": str(base / "state")}
+            "COCO_SHIM_SOCKET_DIR": str(base / "s"), "COCO_SHIM_STATE_DIR": str(base / "state"),
+            "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -84,8 +95,9 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
         while (leftovers := coco_processes(base)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not leftovers, f"processes left behind: {describe(leftovers)}"
-        run_dir = base / "run" / "default"
-        assert not run_dir.exists() or not any(run_dir.iterdir()), list(run_dir.iterdir())
+        run_dir = base / "run"
+        pods = [p for p in run_dir.iterdir() if p.is_dir()] if run_dir.exists() else []
+        assert not pods, f"pod run directories left behind: {pods}"
     finally:
         for pid in coco_processes(base):
             os.kill(pid, 9)

@@ -25,7 +25,7 @@ def name(prefix: str) -> str:
 
 def qemu_pids(coco: CocoContainerd, pod: str) -> list[int]:
     """QEMU processes whose run directory belongs to pod ``pod``."""
-    marker = str(coco.run_dir / "default" / pod).encode()
+    marker = str(coco.pod_dir(pod)).encode()
     pids = []
     for pid in coco_processes(coco.base):
         try:
@@ -117,7 +117,7 @@ def test_qemu_killed_mid_run_ends_the_task(coco: CocoContainerd) -> None:
                              for p in coco_processes(coco.base)
                              if Path(f"/proc/{p}").exists()),
              "the shim and helpers of the dead VM to go")
-    assert not (coco.run_dir / "default" / cid).exists()
+    assert not coco.pod_dir(cid).exists()
 
 
 def test_shim_killed_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
@@ -129,7 +129,7 @@ def test_shim_killed_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
         os.kill(daemon, signal.SIGKILL)
         # containerd notices the lost shim and runs `containerd-shim-coco-v2 delete`.
         wait_for(lambda: not qemu_pids(coco, cid), "delete to reap the orphaned QEMU", 60)
-        wait_for(lambda: not (coco.run_dir / "default" / cid).exists(),
+        wait_for(lambda: not coco.pod_dir(cid).exists(),
                  "delete to remove the pod's run directory", 30)
     finally:
         cleanup(coco, cid)
@@ -149,6 +149,6 @@ def test_missing_firmware_is_a_clear_error(coco: CocoContainerd, tmp_path: Path)
         assert out.returncode != 0
         assert b"/nonexistent/OVMF.fd" in out.stderr, out.stderr
         assert not qemu_pids(coco, cid)
-        assert not (coco.run_dir / "default" / cid).exists()
+        assert not coco.pod_dir(cid).exists()
     finally:
         cleanup(coco, cid)

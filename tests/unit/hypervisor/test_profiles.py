@@ -15,6 +15,7 @@ from hypervisor.cmdline import (
     UnixSocketAddress,
     VirtioBlk,
     VirtioFsShare,
+    VirtioNetTap,
     VsockSocketAddress,
 )
 from hypervisor.errors import InvariantError
@@ -282,3 +283,16 @@ def test_all_conflicts_are_reported_together() -> None:
     with pytest.raises(InvariantError) as info:
         build_command_line(bad, instance("snp"))
     assert "accelerator kvm" in str(info.value) and "CPU hotplug" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_pod_nic_is_a_tap_fd_virtio_net_on_every_profile(name: str) -> None:
+    """Pod networking is the same for TEEs: the tap fd's virtio-net, on the profile's
+    transport, with VIRTIO_F_ACCESS_PLATFORM when the guest is confidential."""
+    nic = VirtioNetTap("net0", 11, "02:42:c6:12:00:02")
+    argv = build_command_line(PROFILES[name], instance(name, nics=(nic,))).to_argv()
+    transport = "ccw" if name == "s390-pv" else "pci"
+    device = (f"virtio-net-{transport},id=net0,netdev=netdev-net0,mac=02:42:c6:12:00:02"
+              + (",iommu_platform=on" if PROFILES[name].tee.confidential else ""))
+    assert ["-netdev", "tap,id=netdev-net0,fd=11", "-device", device] == argv[
+        argv.index("-netdev"):argv.index("-netdev") + 4]
