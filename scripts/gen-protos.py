@@ -23,6 +23,7 @@ GRPC_PROTOS = {
     "protocols/api/containerd/task/v3/shim.proto",
     "protocols/api/containerd/services/events/v1/events.proto",
     "protocols/api/containerd/runtime/sandbox/v1/sandbox.proto",
+    "protocols/api/cri/api.proto",
 }
 
 

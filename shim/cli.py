@@ -2,7 +2,8 @@
 
 Subcommands are argparse subparsers, each registered by one ``_add_<name>`` function, so more
 can be added without touching the others. ``check`` and ``vm`` import only the hypervisor
-package and the standard library (no grpc/protobuf), and do it lazily.
+package and the standard library (no grpc/protobuf), ``install`` only ``shim.install`` (standard
+library), and each does it lazily.
 """
 
 from __future__ import annotations
@@ -258,6 +259,37 @@ async def _boot(args: argparse.Namespace, profile: Any, kvm_device: bool) -> int
     return 0 if reason.clean else 1
 
 
+# --- install ---------------------------------------------------------------------------------
+
+
+def _add_install(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("install", help="register the runtime with containerd: drop-in config, "
+                       "runtime profiles, RuntimeClass manifests")
+    p.add_argument("--prefix", type=Path, default=Path("/"),
+                   help="install under this root (default: /); the drop-in points at the "
+                   "profiles under it")
+    p.add_argument("--containerd-version", choices=("2", "1.7"), default="2",
+                   help="containerd the drop-in is for: 2 (config version 3, default) or 1.7 "
+                   "(version 2)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print a unified diff of what would change and write nothing")
+    p.add_argument("--source", type=Path, default=None,
+                   help="directory holding the qemu-*.toml profiles (default: the "
+                   "firmware-configs/ shipped beside the package)")
+    p.set_defaults(func=_run_install)
+
+
+def _run_install(args: argparse.Namespace) -> int:
+    from shim.install import InstallError, install
+
+    try:
+        install(args.prefix, args.containerd_version, dry_run=args.dry_run, source=args.source)
+    except InstallError as err:
+        print(f"coco-shim install: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -267,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_check(sub)
     _add_vm(sub)
+    _add_install(sub)
     return parser
 
 

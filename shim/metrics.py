@@ -36,7 +36,9 @@ def to_cgroup2_metrics(stats: agent_pb2.StatsContainerResponse) -> v2.Metrics:
     mem.usage = memory.usage.usage
     mem.usage_limit = memory.usage.limit
     mem.max_usage = memory.usage.max_usage
-    mem.swap_usage = memory.swap_usage.usage
+    # runc reports cgroup v2 swap the cgroup v1 way (memory + swap, "memsw"); v2 Metrics
+    # carries swap alone.
+    mem.swap_usage = max(memory.swap_usage.usage - memory.usage.usage, 0)
     mem.swap_limit = memory.swap_usage.limit
     devices: dict[tuple[int, int], v2.IOEntry] = {}
 

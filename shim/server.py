@@ -1,4 +1,5 @@
-"""The two transports for ``TaskService``: gRPC (grpc.aio) and ttrpc, one error table for both.
+"""The two transports for ``TaskService`` (and the sandbox API's ``SandboxService`` on the same
+socket): gRPC (grpc.aio) and ttrpc, one error table for both.
 
 containerd 2.x with a version-3 bootstrap and containerd 1.7 with version 2 + "grpc" call
 ``containerd.task.v3.Task`` over gRPC; ttrpc serves both ``containerd.task.v2.Task`` and
@@ -10,17 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2, sandbox_pb2_grpc
 from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.api.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from protocols.ttrpc import Code, Server, TtrpcError
+from shim import sandbox_service
 from shim.errors import ShimError, StatusCode, status_code
+from shim.sandbox_service import SandboxService
 from shim.service import METHODS, TaskService
 from shim.task import TaskManager
 
@@ -35,10 +39,11 @@ def _log_unexpected(method: str, err: Exception) -> None:
 
 
 class GrpcTaskServicer:
-    """grpc.aio servicer: every RPC of TaskService, errors aborted with their table code."""
+    """grpc.aio servicer: every RPC of a service edge (TaskService by default), errors aborted
+    with their table code."""
 
-    def __init__(self, service: TaskService) -> None:
-        for method in METHODS:
+    def __init__(self, service: Any, methods: Sequence[str] = METHODS) -> None:
+        for method in methods:
             setattr(self, method, self._wrap(method, getattr(service, method)))
 
     @staticmethod
@@ -57,10 +62,11 @@ class GrpcTaskServicer:
 
 
 class TtrpcTaskService:
-    """ttrpc handlers: every RPC of TaskService, errors raised as TtrpcError(table code)."""
+    """ttrpc handlers: every RPC of a service edge (TaskService by default), errors raised as
+    TtrpcError(table code)."""
 
-    def __init__(self, service: TaskService) -> None:
-        for method in METHODS:
+    def __init__(self, service: Any, methods: Sequence[str] = METHODS) -> None:
+        for method in methods:
             setattr(self, method, self._wrap(method, getattr(service, method)))
 
     @staticmethod
@@ -92,6 +98,8 @@ async def serve_grpc(tasks: TaskManager, path: Path) -> grpc.aio.Server:
     server = grpc.aio.server()
     task_v3_grpc.add_TaskServicer_to_server(
         GrpcTaskServicer(TaskService(tasks, task_v3)), server)
+    sandbox_pb2_grpc.add_SandboxServicer_to_server(
+        GrpcTaskServicer(SandboxService(tasks), sandbox_service.METHODS), server)
     staging = path.with_name(f".{path.name}.grpc")
     staging.unlink(missing_ok=True)
     server.add_insecure_port(f"unix:{staging}")
@@ -107,5 +115,7 @@ async def serve_ttrpc(tasks: TaskManager, sock: socket.socket) -> Server:
     for pb in (task_v2, task_v3):
         server.register_service(pb.DESCRIPTOR.services_by_name["Task"],
                                 TtrpcTaskService(TaskService(tasks, pb)))
+    server.register_service(sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"],
+                            TtrpcTaskService(SandboxService(tasks), sandbox_service.METHODS))
     await server.serve_socket(sock)
     return server

@@ -112,6 +112,28 @@ def check(transition: ProcessTransition | PodTransition,
         raise FailedPrecondition(f"cannot {transition.verb} in state {state.value}")
 
 
+@dataclass
+class PodRecord:
+    """A pod made through the sandbox API: its VM lives from StartSandbox to StopSandbox."""
+
+    sandbox_id: str
+    bundle: Path
+    spec: dict[str, object]  # what the pod VM is made from: annotations, hostname
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    pid: int = 0
+    created_at: int = 0  # ns; 0 until started
+    exited_at: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def live(self) -> bool:
+        return not self.exited.is_set()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.created_at) and self.live
+
+
 # --- processes ----------------------------------------------------------------------------------
 
 
@@ -216,6 +238,7 @@ class TaskManager:
         self._on_created = on_created
         self._clock_ns = clock_ns
         self._sandbox: PodSandbox | None = None
+        self._pod_record: PodRecord | None = None
         self._pod_state = PodState.EMPTY
         self._pod_lock = asyncio.Lock()
         self._containers: dict[str, Container] = {}
@@ -272,8 +295,9 @@ class TaskManager:
         if request.id in self._containers:
             raise AlreadyExists(f"container {request.id} already exists")
         bundle = Path(request.bundle)
-        spec = _read_spec(bundle)
-        sandbox = await self._ensure_sandbox(request, bundle, spec)
+        spec = without_network_sysctls(_read_spec(bundle))
+        sandbox = await self._ensure_sandbox(_sandbox_id(spec, request.id), bundle, spec,
+                                             request.options)
         io = ProcessIO(sandbox, request.id, "", stdin=request.stdio.stdin,
                        stdout=request.stdio.stdout, stderr=request.stdio.stderr,
                        terminal=request.stdio.terminal, timeouts=self._timeouts)
@@ -307,16 +331,15 @@ class TaskManager:
                              request.stdio.terminal)))
         return init.pid
 
-    async def _ensure_sandbox(self, request: CreateTask, bundle: Path,
-                              spec: Mapping[str, object]) -> PodSandbox:
+    async def _ensure_sandbox(self, sandbox_id: str, bundle: Path, spec: Mapping[str, object],
+                              options: RuntimeOptions) -> PodSandbox:
         async with self._pod_lock:
             if self._pod_state is PodState.READY and self._sandbox is not None:
                 return self._sandbox
             self._pod(PodTransition.BOOT)
             try:
-                config = SandboxConfig(sandbox_id=_sandbox_id(spec, request.id),
-                                       namespace=self._namespace, bundle=bundle, spec=spec,
-                                       options=request.options)
+                config = SandboxConfig(sandbox_id=sandbox_id, namespace=self._namespace,
+                                       bundle=bundle, spec=spec, options=options)
                 async with asyncio.timeout(self._timeouts.create_sandbox):
                     self._sandbox = await self._factory.create_sandbox(config)
             except TimeoutError as err:
@@ -560,11 +583,65 @@ class TaskManager:
         return os.getpid(), container.init.pid if container is not None else 0
 
     async def shutdown(self, now: bool) -> bool:
-        """Shutdown: honoured only once the pod has no containers left (or ``now``)."""
-        if self._containers and not now:
+        """Shutdown: honoured only once the pod has no containers left and no pod-level
+        sandbox is running (or ``now``)."""
+        pod_live = self._pod_record is not None and self._pod_record.live
+        if (self._containers or pod_live) and not now:
             return False
         self.shutdown_requested.set()
         return True
+
+    # -- pod-level sandbox (containerd.runtime.sandbox.v1, CRI ``sandboxer = "shim"``) --
+
+    async def create_pod(self, pod: PodRecord) -> None:
+        """CreateSandbox: remember the pod; its VM boots at StartSandbox (after CNI ran)."""
+        if self._pod_record is not None:
+            raise AlreadyExists(f"sandbox {self._pod_record.sandbox_id} already exists")
+        self._pod_record = pod
+
+    def _pod_of(self, sandbox_id: str) -> PodRecord:
+        if self._pod_record is None or self._pod_record.sandbox_id != sandbox_id:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        return self._pod_record
+
+    async def start_pod(self, sandbox_id: str) -> PodRecord:
+        """StartSandbox: boot the pod VM; containers created later share it."""
+        pod = self._pod_of(sandbox_id)
+        if pod.created_at:
+            raise FailedPrecondition(f"sandbox {sandbox_id} already started")
+        sandbox = await self._ensure_sandbox(sandbox_id, pod.bundle, pod.spec, pod.options)
+        pod.pid, pod.created_at = sandbox.pid, self._clock_ns()
+        return pod
+
+    async def stop_pod(self, sandbox_id: str) -> None:
+        """StopSandbox: stop the pod VM (every process in it is gone). Idempotent."""
+        pod = self._pod_of(sandbox_id)
+        async with self._pod_lock:
+            sandbox, self._sandbox = self._sandbox, None
+            self._pod(PodTransition.SHUT_DOWN)
+        if sandbox is not None:
+            try:
+                async with asyncio.timeout(self._timeouts.shutdown_sandbox):
+                    await sandbox.shutdown()
+            except Exception as err:  # the pod is stopped either way; delete reaps the rest
+                log.error("pod VM shutdown failed: %s", err)
+        if not pod.exited_at:
+            pod.exited_at = self._clock_ns()
+        pod.exited.set()
+
+    async def wait_pod(self, sandbox_id: str) -> PodRecord:
+        """WaitSandbox: until the pod is stopped (long poll, no timeout)."""
+        pod = self._pod_of(sandbox_id)
+        await pod.exited.wait()
+        return pod
+
+    def pod_status(self, sandbox_id: str) -> PodRecord:
+        return self._pod_of(sandbox_id)
+
+    async def shutdown_pod(self, sandbox_id: str) -> None:
+        """ShutdownSandbox: stop the VM if still running, then this daemon."""
+        await self.stop_pod(sandbox_id)
+        self.shutdown_requested.set()
 
     async def aclose(self) -> None:
         """Teardown: stop every relay and the pod VM. Idempotent."""
@@ -593,6 +670,26 @@ def _read_spec(bundle: Path) -> dict[str, object]:
     if not isinstance(spec, dict):
         raise InvalidArgument(f"{bundle / 'config.json'} is not a JSON object")
     return spec
+
+
+def without_network_sysctls(spec: dict[str, object]) -> dict[str, object]:
+    """``spec`` minus its ``net.*`` sysctls.
+
+    In a pod VM every container shares the guest's network (the VM is the pod's network
+    boundary), so the network namespace entry is dropped on the way to the guest, and runc there
+    refuses network sysctls outside a network namespace of their own. CRI adds
+    ``net.ipv4.ip_unprivileged_port_start`` and ``net.ipv4.ping_group_range`` to every pod.
+    """
+    linux = spec.get("linux")
+    if not isinstance(linux, dict) or not isinstance(linux.get("sysctl"), dict):
+        return spec
+    sysctl: dict[str, object] = linux["sysctl"]
+    dropped = sorted(key for key in sysctl if key.startswith("net."))
+    if not dropped:
+        return spec
+    log.info("network sysctls dropped (the pod VM's network is shared): %s", ", ".join(dropped))
+    kept = {key: value for key, value in sysctl.items() if not key.startswith("net.")}
+    return {**spec, "linux": {**linux, "sysctl": kept}}
 
 
 def _sandbox_id(spec: Mapping[str, object], container_id: str) -> str:

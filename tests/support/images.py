@@ -45,8 +45,15 @@ def _layer() -> bytes:
     return raw.getvalue()
 
 
-def busybox_oci_archive(dest: Path, ref: str = BUSYBOX_REF) -> Path:
-    """Write an OCI image-layout tar with one busybox layer, named ``ref``."""
+def busybox_oci_archive(dest: Path, ref: str = BUSYBOX_REF, *,
+                        entrypoint: list[str] | None = None) -> Path:
+    """Write an OCI image-layout tar with one busybox layer, named ``ref``.
+
+    ``entrypoint`` makes a different image from the same layer (e.g. a pause image).
+    """
+    image_config: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}
+    if entrypoint is not None:
+        image_config["Entrypoint"], image_config["Cmd"] = entrypoint, []
     layer_tar = _layer()
     layer = gzip.compress(layer_tar, mtime=0)
     blobs: dict[str, bytes] = {}
@@ -58,7 +65,7 @@ def busybox_oci_archive(dest: Path, ref: str = BUSYBOX_REF) -> Path:
 
     config = json.dumps({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": image_config,
         "rootfs": {"type": "layers",
                    "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
     }, sort_keys=True).encode()

@@ -15,7 +15,7 @@ def test_units_and_fields_are_converted() -> None:
                                              throttled_time=9_000)),
         memory_stats=a.MemoryStats(
             usage=a.MemoryData(usage=4096, limit=1 << 30, max_usage=8192),
-            swap_usage=a.MemoryData(usage=1, limit=2),
+            swap_usage=a.MemoryData(usage=4096 + 1, limit=2),
             stats={"anon": 100, "file": 200, "pgfault": 3, "not_a_v2_key": 9}),
         pids_stats=a.PidsStats(current=4, limit=64),
         blkio_stats=a.BlkioStats(

@@ -1,0 +1,198 @@
+"""CRI end to end: a Python CRI client (as the kubelet) → containerd's CRI plugin → runtime
+handler ``coco`` → our shim → one QEMU VM per pod. Three ways: containerd 2.1.9 and 1.7.24 in
+``podsandbox`` mode (a pause container boots the VM through the task API), and 2.1.9 with
+``sandboxer = "shim"`` (the sandbox API boots it at pod level, no pause container).
+
+In podsandbox mode the runtime profile reaches the shim only through the handler's
+``options.ConfigPath``: ``$COCO_SHIM_CONFIG`` points at a file that does not exist. CNI
+(Debian's bridge + host-local, a private conf dir, 198.18.200.0/24) sets up the pod's network
+namespace on the host; the pause image is the local busybox layer with a sleeping entrypoint,
+pinned as the sandbox image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+
+import pytest
+
+from guest.image.build import BuildResult
+from protocols.api.cri import api_pb2 as cri
+from shim.manager import mounts_under
+from tests import envinfo
+from tests.e2e.conftest import SHIM_EXIT_GRACE, coco_processes, describe, shim_env
+from tests.support.containerd import Containerd, private_containerd
+from tests.support.cri import (
+    CRI_NAMESPACE,
+    PAUSE_ENTRYPOINT,
+    PAUSE_REF,
+    CniNetwork,
+    CriClient,
+    container_config,
+    cri_config,
+    pod_config,
+)
+from tests.support.guest import dev_profile_text
+from tests.support.images import BUSYBOX_REF, busybox_oci_archive
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; echo started; while :; do sleep 1; done"]
+STATS_WAIT = 20.0
+POD_SUBNET = "198.18.200.0/24"  # benchmarking range: never routed anywhere
+
+
+@dataclass
+class CriContainerd:
+    cd: Containerd
+    base: Path
+    client: CriClient
+    sandboxer: str
+    run_dir: Path  # the shim's COCO_SHIM_RUN_DIR
+
+    def containers(self) -> list[str]:
+        """containerd's own containers in the CRI namespace (pause containers included)."""
+        listing = self.cd.ctr("containers", "list", "--quiet", namespace=CRI_NAMESPACE)
+        return listing.stdout.decode().split()
+
+    def qemus(self) -> list[int]:
+        return [pid for pid in coco_processes(self.base)
+                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.fixture(scope="module", params=[("2.1.9", "podsandbox"), ("1.7.24", "podsandbox"),
+                                        ("2.1.9", "shim")], ids=lambda p: "-".join(p))
+def crictd(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[CriContainerd]:
+    version, sandboxer = request.param
+    env = envinfo.load()
+    base = Path(tempfile.mkdtemp(prefix="coco-cri-", dir="/tmp"))
+    profile = base / "profile.toml"
+    profile.write_text(dev_profile_text(env.kernel, guest_image.image))
+    tag = uuid.uuid4().hex[:6]
+    network = CniNetwork(name=f"coco-cri-{tag}", bridge=f"cococri{tag}",
+                         subnet=POD_SUBNET, data_dir=base / "cni-ipam")
+    network.write(base / "cni")
+    run_dir = base / "run"
+    # sandboxer "shim": containerd 2.1.9 fails every container of a pod whose handler has
+    # non-runc options ("can't unmarshal type runtimeoptions.v1.Options to output
+    # containerd.runc.v1.Options", containerd PR 12986), so there the profile comes from
+    # $COCO_SHIM_CONFIG; in podsandbox mode only from the handler's ConfigPath.
+    shim_mode = sandboxer == "shim"
+    config_env = profile if shim_mode else base / "no-such.toml"
+    shim_vars = {**shim_env(base, profile), "COCO_SHIM_CONFIG": str(config_env),
+                 "COCO_SHIM_RUN_DIR": str(run_dir),
+                 # The shim (spawned by containerd) runs this working tree's code, whatever
+                 # checkout the virtualenv's editable install points at.
+                 "PYTHONPATH": str(REPO)}
+    extra_path = [Path(sys.executable).parent, env.vhost_device_vsock.parent]
+    config = cri_config(version, profile=None if shim_mode else profile,
+                        cni_conf_dir=base / "cni", sandboxer=sandboxer)
+    try:
+        with private_containerd(version, extra_config=config, extra_path=extra_path,
+                                env=shim_vars) as cd:
+            for ref, archive, entrypoint in (
+                    (BUSYBOX_REF, base / "busybox.tar", None),
+                    (PAUSE_REF, base / "pause.tar", PAUSE_ENTRYPOINT)):
+                busybox_oci_archive(archive, ref, entrypoint=entrypoint)
+                cd.ctr("images", "import", "--platform", "linux/amd64", str(archive),
+                       namespace=CRI_NAMESPACE)
+            with CriClient(cd.address) as client:
+                yield CriContainerd(cd, base, client, sandboxer, run_dir)
+        deadline = time.monotonic() + SHIM_EXIT_GRACE
+        while (leftovers := coco_processes(base)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not leftovers, f"processes left behind: {describe(leftovers)}"
+    finally:
+        for pid in coco_processes(base):
+            os.kill(pid, 9)
+        network.remove_bridge()
+        for target in mounts_under(run_dir):  # after a failure: whatever the shim left mounted
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_cri_sees_the_runtime_and_images(crictd: CriContainerd) -> None:
+    version = crictd.client.version()
+    assert version.runtime_name == "containerd"
+    assert version.runtime_api_version == "v1"
+    for ref in (BUSYBOX_REF, PAUSE_REF):
+        assert crictd.client.image_status(ref) is not None, ref
+
+
+def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
+    client, log_dir = crictd.client, crictd.base / "pod-logs"
+    log_dir.mkdir()
+    pod = pod_config("cri-pod", uuid.uuid4().hex, log_dir)
+    pod_id = client.run_pod(pod)
+    try:
+        sandbox = client.pod_status(pod_id)
+        assert sandbox.state == cri.SANDBOX_READY
+        # CNI ran in the pod's network namespace on the host (bridge + host-local).
+        assert ip_address(sandbox.network.ip) in ip_network(POD_SUBNET), sandbox
+        assert len(crictd.qemus()) == 1, crictd.cd.log_tail()
+        # podsandbox: a pause container booted the VM; shim: the sandbox API did, no container.
+        assert (pod_id in crictd.containers()) == (crictd.sandboxer == "podsandbox")
+
+        ids = [client.create_container(pod_id, container_config(name, BUSYBOX_REF, SLEEPER),
+                                       pod)
+               for name in ("first", "second")]
+        for cid in ids:
+            client.start_container(cid)
+        for cid in ids:
+            status = client.container_status(cid)
+            assert status.state == cri.CONTAINER_RUNNING, status
+        # Both containers (and the pause container, in podsandbox mode) live in the pod's VM.
+        assert len(crictd.qemus()) == 1, describe(crictd.qemus())
+
+        # ExecSync: output and exit status come back; the answers come from the guest.
+        hostname = client.exec_sync(ids[0], ["uname", "-n"])
+        assert (hostname.exit_code, hostname.stdout, hostname.stderr) == (0, b"cri-pod\n", b"")
+        kernel = client.exec_sync(ids[1], ["cat", "/proc/version"])
+        assert kernel.exit_code == 0
+        assert kernel.stdout.split()[2] != Path("/proc/version").read_bytes().split()[2]
+        failed = client.exec_sync(ids[0], ["sh", "-c", "echo oops >&2; exit 3"])
+        assert (failed.exit_code, failed.stdout, failed.stderr) == (3, b"", b"oops\n")
+        # ContainerStats decodes the shim's cgroup v2 Metrics (containerd 2.1.9's first answer
+        # may still be all zeros; the next ones carry the guest cgroup's numbers).
+        deadline = time.monotonic() + STATS_WAIT
+        while True:
+            stats = client.container_stats(ids[0])
+            assert stats.attributes.id == ids[0] and stats.cpu.timestamp > 0
+            if stats.cpu.usage_core_nano_seconds.value > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert stats.cpu.usage_core_nano_seconds.value > 0, stats
+        assert stats.memory.usage_bytes.value > 0, stats
+
+        for cid in ids:
+            client.stop_container(cid, timeout=10)
+            status = client.container_status(cid)
+            assert status.state == cri.CONTAINER_EXITED, status
+            assert status.exit_code == 0, status
+            client.remove_container(cid)
+        assert client.list_containers(pod_id) == []
+        log = (log_dir / "first.log").read_text()
+        assert "started" in log, log
+    finally:
+        client.stop_pod(pod_id)
+        client.remove_pod(pod_id)
+    assert [p.id for p in client.list_pods()] == []
+    deadline = time.monotonic() + SHIM_EXIT_GRACE
+    while crictd.qemus() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert crictd.qemus() == []
+    # The pod's run directory goes with it, and nothing stays mounted (CRI bind-mounts files:
+    # hostname, hosts, resolv.conf).
+    assert mounts_under(crictd.run_dir) == [crictd.run_dir] or mounts_under(crictd.run_dir) == []
+    assert [p for p in crictd.run_dir.iterdir() if p.is_dir()] == []

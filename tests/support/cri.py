@@ -1,0 +1,201 @@
+"""Driving containerd's CRI plugin the way the kubelet does, for tests.
+
+A gRPC client over our own ``runtime.v1`` protos (protocols/api/cri), the CRI part of a private
+containerd's config (runtime handler, pinned pause image, private CNI config) for 2.x and 1.7,
+and the CNI network those pods get (bridge + host-local in 198.18.0.0/15, nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+from protocols.api.cri import api_pb2 as cri
+from protocols.api.cri import api_pb2_grpc as cri_grpc
+
+CRI_NAMESPACE: Final = "k8s.io"
+HANDLER: Final = "coco"
+RUNTIME_TYPE: Final = "io.containerd.coco.v2"
+PAUSE_REF: Final = "docker.io/library/coco-pause:test"
+# The pause container: sleeps until it is told to stop (SIGTERM ends it at once).
+PAUSE_ENTRYPOINT: Final = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
+CNI_BIN_DIR: Final = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+RPC_TIMEOUT: Final = 240.0  # RunPodSandbox boots a TCG VM (~8 s); leave room on a busy host
+
+
+@dataclass(frozen=True)
+class CniNetwork:
+    """A bridge network private to one test: its own bridge name, subnet and IPAM state."""
+
+    name: str
+    bridge: str  # at most 15 characters (IFNAMSIZ)
+    subnet: str  # inside 198.18.0.0/15
+    data_dir: Path
+
+    def conflist(self) -> str:
+        return json.dumps({
+            "cniVersion": "1.0.0",
+            "name": self.name,
+            "plugins": [{
+                "type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
+                         "dataDir": str(self.data_dir)},
+            }],
+        }, indent=2)
+
+    def write(self, conf_dir: Path) -> Path:
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        path = conf_dir / f"10-{self.name}.conflist"
+        path.write_text(self.conflist())
+        return path
+
+    def remove_bridge(self) -> None:
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+
+
+def cri_config(version: str, *, profile: Path | None, cni_conf_dir: Path,
+               pause_ref: str = PAUSE_REF, handler: str = HANDLER,
+               sandboxer: str = "podsandbox") -> str:
+    """The CRI part of a private containerd config: runtime handler, pause image, CNI.
+
+    2.x (config version 3) splits CRI into ``io.containerd.cri.v1.images`` and
+    ``io.containerd.cri.v1.runtime``; 1.7 (version 2) keeps it all under
+    ``io.containerd.grpc.v1.cri`` with ``sandbox_image``. ``profile`` None leaves out the
+    handler's ``options`` table (the shim then reads ``$COCO_SHIM_CONFIG``).
+    """
+    if version.startswith("1."):
+        cri_plugin = '[plugins."io.containerd.grpc.v1.cri"]'
+        runtime = f'{cri_plugin[:-1]}.containerd.runtimes.{handler}]'
+        # 1.7 replaces its runtimes table by ours: keep runc, its default_runtime_name.
+        runc = f'{cri_plugin[:-1]}.containerd.runtimes.runc]'
+        return (f'{cri_plugin}\n  sandbox_image = "{pause_ref}"\n'
+                f'{cri_plugin[:-1]}.cni]\n  bin_dir = "{CNI_BIN_DIR}"\n'
+                f'  conf_dir = "{cni_conf_dir}"\n'
+                f'{runc}\n  runtime_type = "io.containerd.runc.v2"\n'
+                f'{runtime}\n  runtime_type = "{RUNTIME_TYPE}"\n'
+                + (f'{runtime[:-1]}.options]\n  ConfigPath = "{profile}"\n' if profile else ""))
+    images = "[plugins.'io.containerd.cri.v1.images'.pinned_images]"
+    runtime_plugin = "plugins.'io.containerd.cri.v1.runtime'"
+    runtime = f"[{runtime_plugin}.containerd.runtimes.{handler}]"
+    return (f"{images}\n  sandbox = '{pause_ref}'\n"
+            f"[{runtime_plugin}.cni]\n  bin_dirs = ['{CNI_BIN_DIR}']\n"
+            f"  conf_dir = '{cni_conf_dir}'\n"
+            f"{runtime}\n  runtime_type = '{RUNTIME_TYPE}'\n  sandboxer = '{sandboxer}'\n"
+            + (f"{runtime[:-1]}.options]\n  ConfigPath = '{profile}'\n" if profile else ""))
+
+
+def pod_config(name: str, uid: str, log_dir: Path, *,
+               annotations: Mapping[str, str] | None = None) -> cri.PodSandboxConfig:
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
+        hostname=name, log_directory=str(log_dir), annotations=dict(annotations or {}),
+        linux=cri.LinuxPodSandboxConfig())
+
+
+def container_config(name: str, image: str, command: Sequence[str]) -> cri.ContainerConfig:
+    return cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name=name, attempt=0),
+        image=cri.ImageSpec(image=image), command=list(command),
+        log_path=f"{name}.log", linux=cri.LinuxContainerConfig())
+
+
+class CriClient:
+    """RuntimeService + ImageService over containerd's gRPC socket (one channel)."""
+
+    def __init__(self, address: Path, timeout: float = RPC_TIMEOUT) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{address}")
+        self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
+        self.images = cri_grpc.ImageServiceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CriClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def version(self) -> cri.VersionResponse:
+        response: cri.VersionResponse = self.runtime.Version(
+            cri.VersionRequest(version="v1"), timeout=self.timeout)
+        return response
+
+    def image_status(self, ref: str) -> cri.Image | None:
+        response: cri.ImageStatusResponse = self.images.ImageStatus(
+            cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=self.timeout)
+        return response.image if response.HasField("image") else None
+
+    def run_pod(self, config: cri.PodSandboxConfig, handler: str = HANDLER) -> str:
+        response: cri.RunPodSandboxResponse = self.runtime.RunPodSandbox(
+            cri.RunPodSandboxRequest(config=config, runtime_handler=handler),
+            timeout=self.timeout)
+        return response.pod_sandbox_id
+
+    def pod_status(self, pod_id: str) -> cri.PodSandboxStatus:
+        response: cri.PodSandboxStatusResponse = self.runtime.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=self.timeout)
+        return response.status
+
+    def stop_pod(self, pod_id: str) -> None:
+        self.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id),
+                                    timeout=self.timeout)
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
+                                      timeout=self.timeout)
+
+    def list_pods(self) -> list[cri.PodSandbox]:
+        response: cri.ListPodSandboxResponse = self.runtime.ListPodSandbox(
+            cri.ListPodSandboxRequest(), timeout=self.timeout)
+        return list(response.items)
+
+    def create_container(self, pod_id: str, config: cri.ContainerConfig,
+                         pod: cri.PodSandboxConfig) -> str:
+        response: cri.CreateContainerResponse = self.runtime.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config,
+                                       sandbox_config=pod), timeout=self.timeout)
+        return response.container_id
+
+    def start_container(self, container_id: str) -> None:
+        self.runtime.StartContainer(cri.StartContainerRequest(container_id=container_id),
+                                    timeout=self.timeout)
+
+    def container_status(self, container_id: str) -> cri.ContainerStatus:
+        response: cri.ContainerStatusResponse = self.runtime.ContainerStatus(
+            cri.ContainerStatusRequest(container_id=container_id), timeout=self.timeout)
+        return response.status
+
+    def exec_sync(self, container_id: str, cmd: Sequence[str],
+                  timeout: int = 60) -> cri.ExecSyncResponse:
+        response: cri.ExecSyncResponse = self.runtime.ExecSync(
+            cri.ExecSyncRequest(container_id=container_id, cmd=list(cmd), timeout=timeout),
+            timeout=self.timeout)
+        return response
+
+    def container_stats(self, container_id: str) -> cri.ContainerStats:
+        response: cri.ContainerStatsResponse = self.runtime.ContainerStats(
+            cri.ContainerStatsRequest(container_id=container_id), timeout=self.timeout)
+        return response.stats
+
+    def stop_container(self, container_id: str, timeout: int = 10) -> None:
+        self.runtime.StopContainer(
+            cri.StopContainerRequest(container_id=container_id, timeout=timeout),
+            timeout=self.timeout)
+
+    def remove_container(self, container_id: str) -> None:
+        self.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id),
+                                     timeout=self.timeout)
+
+    def list_containers(self, pod_id: str = "") -> list[cri.Container]:
+        response: cri.ListContainersResponse = self.runtime.ListContainers(
+            cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)),
+            timeout=self.timeout)
+        return list(response.containers)
