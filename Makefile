@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-guest clean
+	bench-guest bench-cri clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -45,6 +45,10 @@ guest-image: env
 
 bench: env
 	@$(PY) bench/run.py
+
+# CRI pods with networking: RunPodSandbox+CreateContainer+StartContainer, shim memory.
+bench-cri: env
+	@$(PY) bench/cri.py
 
 # Reference guest alone: image size, VM boot to agent Check OK (median of 5), agent RSS.
 bench-guest: env

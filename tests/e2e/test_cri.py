@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,3 +197,73 @@ def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
     # hostname, hosts, resolv.conf).
     assert mounts_under(crictd.run_dir) == [crictd.run_dir] or mounts_under(crictd.run_dir) == []
     assert [p for p in crictd.run_dir.iterdir() if p.is_dir()] == []
+
+
+HTTPD = ["/bin/sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html"
+         " && exec httpd -f -p 8080 -h /www"]
+
+
+def test_pods_reach_each_other_and_the_host_over_the_pod_network(crictd: CriContainerd) -> None:
+    """CNI's veth in each pod netns is mirrored into the pod VM: the container sees the pod IP
+    on eth0, two pods on the bridge talk HTTP both ways, and the host (the bridge's gateway
+    address, inside the test's own 198.18.200.0/24) reaches a server in a container."""
+    client, log_dir = crictd.client, crictd.base / "net-logs"
+    log_dir.mkdir()
+    pods: dict[str, tuple[str, str, cri.PodSandboxConfig]] = {}
+    try:
+        for name in ("web-a", "web-b"):
+            config = pod_config(name, uuid.uuid4().hex, log_dir)
+            pod_id = client.run_pod(config)
+            cid = client.create_container(pod_id, container_config(f"{name}-httpd", BUSYBOX_REF,
+                                                                   HTTPD), config)
+            client.start_container(cid)
+            pods[name] = (pod_id, cid, config)
+        ips = {name: client.pod_status(pod_id).network.ip for name, (pod_id, _, _) in
+               pods.items()}
+        assert len(crictd.qemus()) == 2
+        for name, (_, cid, _) in pods.items():
+            eth0 = client.exec_sync(cid, ["ip", "-4", "-o", "addr", "show", "eth0"])
+            assert eth0.exit_code == 0 and f" {ips[name]}/" in eth0.stdout.decode(), eth0
+        # Pod B fetches from pod A and back: VM → tap → veth → bridge → veth → tap → VM.
+        for src, dst in (("web-b", "web-a"), ("web-a", "web-b")):
+            got = wait_exec(client, pods[src][1],
+                            # No wget -T: busybox 1.35's static wget crashes on it.
+                            ["timeout", "10", "wget", "-q", "-O", "-",
+                             f"http://{ips[dst]}:8080/"])
+            assert got.stdout.decode().strip() == f"hello from {dst}", got
+        # The host side of the pod network (the bridge gateway) reaches the server in pod A.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{ips['web-a']}:8080/", timeout=5) as reply:
+                    body = reply.read().decode().strip()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert body == "hello from web-a"
+    finally:
+        for pod_id, cid, _ in pods.values():
+            client.stop_container(cid, timeout=5)
+            client.remove_container(cid)
+            client.stop_pod(pod_id)
+            client.remove_pod(pod_id)
+    deadline = time.monotonic() + SHIM_EXIT_GRACE
+    while crictd.qemus() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert crictd.qemus() == []
+    # No tap is left in the (deleted) pod netns, and no netns of ours stays behind.
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(pod_id[:8] in netns for pod_id, _, _ in pods.values()), netns
+
+
+def wait_exec(client: CriClient, cid: str, cmd: list[str],
+              timeout: float = 30) -> cri.ExecSyncResponse:
+    """ExecSync until it exits 0 (the server in the other pod may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = client.exec_sync(cid, cmd)
+        if result.exit_code == 0 or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""`make bench-cri`: pods through containerd's CRI plugin with networking on.
+
+Reports the median of N runs of RunPodSandbox + CreateContainer + StartContainer (what the
+kubelet waits for before a pod is running; handler `coco`, CNI bridge + host-local in
+198.18.201.0/24, podsandbox mode) and the shim daemon's RSS/PSS for a running pod with its
+network wired. Needs `make env`; leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+
+from tests import envinfo
+from tests.support.containerd import private_containerd
+from tests.support.cri import (
+    CRI_NAMESPACE,
+    PAUSE_ENTRYPOINT,
+    PAUSE_REF,
+    CniNetwork,
+    CriClient,
+    container_config,
+    cri_config,
+    pod_config,
+)
+from tests.support.guest import dev_profile_text, guest_image
+from tests.support.images import BUSYBOX_REF, busybox_oci_archive
+
+REPO = Path(__file__).resolve().parent.parent
+SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
+
+
+def shim_daemons(base: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd[1:3] == ["-m", "shim"] and "serve" in cmd and \
+                str(base) in (proc.info["environ"] or {}).get("COCO_SHIM_RUN_DIR", ""):
+            found.append(proc)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--containerd", default="2.1.9")
+    args = parser.parse_args()
+    env = envinfo.load()
+    base = Path(tempfile.mkdtemp(prefix="coco-bcri-", dir="/tmp"))
+    tag = uuid.uuid4().hex[:6]
+    network = CniNetwork(name=f"coco-bench-{tag}", bridge=f"cocobch{tag}",
+                         subnet="198.18.201.0/24", data_dir=base / "cni-ipam")
+    samples: list[float] = []
+    rss = pss = 0.0
+    try:
+        image = guest_image()
+        profile = base / "profile.toml"
+        profile.write_text(dev_profile_text(env.kernel, image.image))
+        network.write(base / "cni")
+        shim_env = {"COCO_SHIM_RUN_DIR": str(base / "run"), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
+                    "COCO_SHIM_STATE_DIR": str(base / "state"), "PYTHONPATH": str(REPO)}
+        config = cri_config(args.containerd, profile=profile, cni_conf_dir=base / "cni")
+        with private_containerd(args.containerd, extra_config=config, env=shim_env,
+                                extra_path=[Path(sys.executable).parent,
+                                            env.vhost_device_vsock.parent]) as cd:
+            for ref, archive, entrypoint in ((BUSYBOX_REF, base / "busybox.tar", None),
+                                             (PAUSE_REF, base / "pause.tar", PAUSE_ENTRYPOINT)):
+                busybox_oci_archive(archive, ref, entrypoint=entrypoint)
+                cd.ctr("images", "import", "--platform", "linux/amd64", str(archive),
+                       namespace=CRI_NAMESPACE)
+            with CriClient(cd.address) as client:
+                for i in range(args.runs):
+                    pod = pod_config(f"bench-{i}", uuid.uuid4().hex, base)
+                    t0 = time.monotonic()
+                    pod_id = client.run_pod(pod)
+                    cid = client.create_container(pod_id, container_config(
+                        "c", BUSYBOX_REF, SLEEPER), pod)
+                    client.start_container(cid)
+                    samples.append(time.monotonic() - t0)
+                    if i == 0:
+                        time.sleep(2)
+                        [daemon] = shim_daemons(base)
+                        info = daemon.memory_full_info()
+                        rss, pss = info.rss / 2**20, info.pss / 2**20
+                    client.stop_container(cid, timeout=5)
+                    client.remove_container(cid)
+                    client.stop_pod(pod_id)
+                    client.remove_pod(pod_id)
+    finally:
+        network.remove_bridge()
+        subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
+                       check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"\nCRI pods, containerd {args.containerd}, podsandbox mode, networking on, "
+          f"QEMU TCG, {args.runs} runs")
+    print(f"  RunPodSandbox+CreateContainer+StartContainer (median)  "
+          f"{statistics.median(samples):.2f} s   samples {[round(s, 2) for s in samples]}")
+    print(f"  shim daemon of a running pod, RSS / PSS               {rss:.1f} / {pss:.1f} MiB")
+    print(json.dumps({"cri_start_s": samples, "rss_mib": rss, "pss_mib": pss}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
