@@ -59,3 +59,26 @@ def to_cgroup2_metrics(stats: agent_pb2.StatsContainerResponse) -> v2.Metrics:
             entry(e.major, e.minor).wios += e.value
     out.io.usage.extend(devices[k] for k in sorted(devices))
     return out
+
+
+def vm_host_metrics(pid: int) -> v2.Metrics:
+    """The pod VM's footprint on the host, as cgroup v2 Metrics: CPU time and resident memory
+    of the hypervisor process and its helpers (vhost-device-vsock…), the process count."""
+    import psutil  # only the sandbox API's SandboxMetrics needs it
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    user = system = 0.0
+    rss = 0
+    for proc in procs:
+        try:
+            times, memory = proc.cpu_times(), proc.memory_info()
+        except psutil.NoSuchProcess:
+            continue
+        user, system, rss = user + times.user, system + times.system, rss + memory.rss
+    return v2.Metrics(
+        pids=v2.PidsStat(current=len(procs)),
+        cpu=v2.CPUStat(usage_usec=int((user + system) * 1e6), user_usec=int(user * 1e6),
+                       system_usec=int(system * 1e6)),
+        memory=v2.MemoryStat(usage=rss),
+    )

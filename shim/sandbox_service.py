@@ -12,12 +12,16 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+import psutil
+from google.protobuf import any_pb2, timestamp_pb2
 
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
+from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
 from protocols.api.cri import api_pb2 as cri
+from shim import metrics
 from shim.contract import SANDBOX_ID_ANNOTATION
+from shim.errors import FailedPrecondition
 from shim.service import runtime_options
 from shim.task import PodRecord, TaskManager
 
@@ -94,5 +98,16 @@ class SandboxService:
         return pb.ShutdownSandboxResponse()
 
     async def SandboxMetrics(self, request: Any, context: object) -> Any:
-        self._tasks.pod_status(request.sandbox_id)
-        return pb.SandboxMetricsResponse()
+        """The pod VM's host footprint (hypervisor + helpers) as cgroup v2 Metrics."""
+        pod = self._tasks.pod_status(request.sandbox_id)
+        if not pod.ready or not pod.pid:
+            raise FailedPrecondition(f"pod {request.sandbox_id}: VM is not running")
+        try:
+            data = metrics.vm_host_metrics(pod.pid)
+        except psutil.NoSuchProcess as err:
+            raise FailedPrecondition(f"pod {request.sandbox_id}: VM process is gone") from err
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        return pb.SandboxMetricsResponse(metrics=metric_pb2.Metric(
+            timestamp=now, id=request.sandbox_id,
+            data=any_pb2.Any(type_url=metrics.TYPE_URL, value=data.SerializeToString())))

@@ -97,3 +97,22 @@ def test_pod_spec_without_cri_options() -> None:
     assert spec == {"annotations": {"x": "y", "io.kubernetes.cri.sandbox-id": "p"}}
     spec = pod_spec(pb.CreateSandboxRequest(sandbox_id="p", netns_path="/n"))
     assert spec["linux"] == {"namespaces": [{"type": "network", "path": "/n"}]}
+
+
+async def test_sandbox_metrics_report_the_vm_process_footprint(pod: Pod) -> None:
+    import os
+
+    from protocols.api.containerd.cgroups.v2 import metrics_pb2 as v2
+
+    service = SandboxService(pod.tasks)
+    await pod.tasks.create_pod(record(pod))
+    with pytest.raises(errors.FailedPrecondition):  # no VM before StartSandbox
+        await service.SandboxMetrics(pb.SandboxMetricsRequest(sandbox_id="pod1"), None)
+    await pod.tasks.start_pod("pod1")
+    # The fake sandbox's "VM" pid is 4242; stand this test process in for it.
+    pod.tasks.pod_status("pod1").pid = os.getpid()
+    reply = await service.SandboxMetrics(pb.SandboxMetricsRequest(sandbox_id="pod1"), None)
+    assert reply.metrics.id == "pod1" and reply.metrics.timestamp.seconds > 0
+    assert reply.metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"
+    data = v2.Metrics.FromString(reply.metrics.data.value)
+    assert data.memory.usage > 1 << 20 and data.cpu.usage_usec > 0 and data.pids.current >= 1
