@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil
 
 from tests import envinfo
-from tests.support.containerd import private_containerd
+from tests.support.containerd import private_containerd, shim_daemons
 from tests.support.cri import (
     CRI_NAMESPACE,
     PAUSE_ENTRYPOINT,
@@ -41,16 +40,6 @@ from tests.support.images import BUSYBOX_REF, busybox_oci_archive
 
 REPO = Path(__file__).resolve().parent.parent
 SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
-
-
-def shim_daemons(base: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        cmd = proc.info["cmdline"] or []
-        if cmd[1:3] == ["-m", "shim"] and "serve" in cmd and \
-                str(base) in (proc.info["environ"] or {}).get("COCO_SHIM_RUN_DIR", ""):
-            found.append(proc)
-    return found
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, launch_vm
 from shim.agent import AgentClient
 from tests import envinfo
-from tests.support.containerd import Containerd, private_containerd
+from tests.support.containerd import Containerd, private_containerd, shim_daemons
 from tests.support.guest import dev_profile_text, guest_image
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
 
@@ -64,16 +64,6 @@ def ctr_run(cd: Containerd, name: str, *command: str) -> float:
     start = time.monotonic()
     cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, name, *command, timeout=300)
     return time.monotonic() - start
-
-
-def shim_daemons(base: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        cmd = proc.info["cmdline"] or []
-        if cmd[1:3] == ["-m", "shim"] and "serve" in cmd and \
-                str(base) in (proc.info["environ"] or {}).get("COCO_SHIM_RUN_DIR", ""):
-            found.append(proc)
-    return found
 
 
 def start_latency(base: Path, runs: int) -> list[float]:

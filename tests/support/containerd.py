@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from tests import envinfo
 
 START_TIMEOUT = 20.0
@@ -128,3 +130,16 @@ def private_containerd(version: str, *, extra_config: str = "",
         subprocess.run(["umount", "-R", "-l", str(base / "state")], capture_output=True,
                        check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def shim_daemons(run_dir_marker: Path) -> list[psutil.Process]:
+    """Our shim daemons (`python -m shim … serve`) whose COCO_SHIM_RUN_DIR lies under
+    ``run_dir_marker``: the processes to measure for one private containerd."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        cmd = proc.info["cmdline"] or []
+        environ = proc.info["environ"] or {}
+        if cmd[1:3] == ["-m", "shim"] and "serve" in cmd and \
+                str(run_dir_marker) in environ.get("COCO_SHIM_RUN_DIR", ""):
+            found.append(proc)
+    return found
