@@ -68,8 +68,14 @@ class CriContainerd:
         return listing.stdout.decode().split()
 
     def qemus(self) -> list[int]:
-        return [pid for pid in coco_processes(self.base)
-                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        found = []
+        for pid in coco_processes(self.base):
+            try:
+                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:  # exited meanwhile
+                continue
+        return found
 
 
 @pytest.fixture(scope="module", params=[("2.1.9", "podsandbox"), ("1.7.24", "podsandbox"),
