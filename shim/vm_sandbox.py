@@ -36,7 +36,7 @@ from hypervisor.probe import probe_kvm, which_vhost_device_vsock
 from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from protocols.api.kata import agent_pb2, oci_pb2
-from protocols.ocispec import SpecError, from_json, to_json
+from protocols.ocispec import SpecError, from_json
 from shim import metrics
 from shim.agent import AgentClient
 from shim.contract import RuntimeOptions
@@ -559,4 +559,4 @@ class VmSandbox:
             await self._cleanup.aclose()
 
 
-__all__ = ["VmSandbox", "VmSandboxFactory", "guest_spec", "to_json"]
+__all__ = ["VmSandbox", "VmSandboxFactory", "guest_spec"]
