@@ -128,7 +128,6 @@ def _notify(fd: int, message: str) -> None:
 
 
 async def run(flags: Flags) -> int:
-    from shim.server import serve_grpc, serve_ttrpc
     from shim.task import TaskManager
 
     path = Path(flags.socket)
@@ -161,8 +160,12 @@ async def run(flags: Flags) -> int:
             if flags.protocol == "ttrpc":
                 if listener is None:
                     raise RuntimeError("ttrpc needs the listening socket from start")
+                from shim.server import serve_ttrpc
+
                 server: Any = await serve_ttrpc(tasks, listener)
             else:
+                from shim.grpc_server import serve_grpc
+
                 server = await serve_grpc(tasks, path)
                 if listener is not None:
                     listener.close()  # replaced by gRPC's socket before anyone learnt the path

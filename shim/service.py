@@ -1,7 +1,8 @@
 """The task service edge: protobuf request in, one domain call, protobuf response out.
 
-Transport-agnostic: the same ``TaskService`` object serves gRPC (``shim.server``) and ttrpc, and
-task v2 and v3 (the messages are identical; only the generated module differs, passed as ``pb``).
+Transport-agnostic: the same ``TaskService`` object serves gRPC (``shim.grpc_server``) and ttrpc
+(``shim.server``), and task v2 and v3 (the messages are identical; only the generated module
+differs, passed as ``pb``).
 Errors are raised as ``shim.errors`` types and turned into status codes by the transport, from
 the one table in ``shim.errors``.
 """

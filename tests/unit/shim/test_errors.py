@@ -8,7 +8,7 @@ import pytest
 from protocols.ttrpc import Code
 from shim import errors
 from shim.errors import StatusCode, status_code
-from shim.server import grpc_status
+from shim.grpc_server import grpc_status
 from shim.task import (
     PodState,
     PodTransition,

@@ -23,7 +23,8 @@ from protocols.api.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from protocols.api.containerd.types.task import task_pb2 as task_types
 from protocols.api.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from protocols.ttrpc import Client, TtrpcError
-from shim.server import serve_grpc, serve_ttrpc
+from shim.grpc_server import serve_grpc
+from shim.server import serve_ttrpc
 from tests.unit.shim.conftest import Pod, make_pod
 from tests.unit.shim.helpers import make_fifos, read_to_eof
 
