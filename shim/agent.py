@@ -78,8 +78,12 @@ class AgentClient:
     async def _call(self, service: str, method: str, request: Message, response: type[R],
                     limit: float | None = None) -> R:
         """One RPC; ``limit`` (seconds) travels as the ttrpc deadline too."""
+        started = time.monotonic()
         try:
-            return await self._client.call(service, method, request, response, timeout=limit)
+            reply = await self._client.call(service, method, request, response, timeout=limit)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("agent %s: %.3f s", method, time.monotonic() - started)
+            return reply
         except TtrpcError as err:
             raise from_status_code(int(err.code), f"agent {method}: {err.message}") from err
         except ConnectionClosed as err:

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal as signals
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path, PurePosixPath
@@ -331,6 +332,7 @@ class VmSandboxFactory:
                          for index, (endpoint, fd) in enumerate(zip(
                              wired.network.endpoints, wired.tap_fds, strict=True))
                          ) if wired is not None else ()
+            started = time.monotonic()
             try:
                 vm = await launch_vm(profile, LaunchOptions(
                     run_root=pod_dir, name="vm", accel=accel, vhost_device_vsock=vhost,
@@ -347,8 +349,12 @@ class VmSandboxFactory:
             for pid in (vm.pid, *vm.helper_pids):
                 if pid:
                     state.add_pid(pid)
+            log.info("pod %s: QEMU %d running (%s) after %.3f s", config.sandbox_id, vm.pid or 0,
+                     accel, time.monotonic() - started)
             sandbox = VmSandbox(config.sandbox_id, vm, share, pod_dir, state)
             await sandbox.connect(profile.dial_timeout)
+            log.info("pod %s: agent answered after %.3f s", config.sandbox_id,
+                     time.monotonic() - started)
             stack.push_async_callback(sandbox.close_agent)
             policy = annotations.get(POLICY_ANNOTATION)
             if policy is not None:
@@ -362,6 +368,8 @@ class VmSandboxFactory:
                 dns=dns_of(config.spec), sandbox_id=config.sandbox_id,
                 storages=[share.sandbox_storage()]),
                 limit=60)
+            log.info("pod %s: sandbox created after %.3f s", config.sandbox_id,
+                     time.monotonic() - started)
             sandbox.adopt(stack.pop_all())
             return sandbox
         raise AssertionError("unreachable")  # pragma: no cover
@@ -548,15 +556,21 @@ class VmSandbox:
     async def shutdown(self) -> None:
         """DestroySandbox, then stop the VM (graceful, then forceful). Idempotent."""
         async with self._shutdown_lock:
+            started = time.monotonic()
             if not self._vm_gone() and self._agent is not None:
                 with contextlib.suppress(ShimError):
                     await self._agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(),
                                            limit=10)
+            destroyed = time.monotonic()
             with contextlib.suppress(QemuError):
                 await self.vm.stop()
             if self._watcher is not None:
                 await self._watcher
+            stopped = time.monotonic()
             await self._cleanup.aclose()
+            log.info("pod %s: down (DestroySandbox %.3f s, VM stop %.3f s, cleanup %.3f s)",
+                     self.sandbox_id, destroyed - started, stopped - destroyed,
+                     time.monotonic() - stopped)
 
 
 __all__ = ["VmSandbox", "VmSandboxFactory", "guest_spec"]
