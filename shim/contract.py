@@ -76,6 +76,10 @@ class Flags:
     protocol: Protocol = "grpc"
     bootstrap_version: int = 3
     group: str = ""
+    # serve only: boot the pod VM at once (from the bundle and ``start``'s runtime options,
+    # hex-encoded) instead of when containerd's Create arrives.
+    early_boot: bool = False
+    runtime_options: str = ""
 
 
 _STRING_FLAGS: Final = {
@@ -87,11 +91,12 @@ _STRING_FLAGS: Final = {
     "socket": "socket",
     "group": "group",
     "protocol": "protocol",
+    "runtime-options": "runtime_options",
 }
 _INT_FLAGS: Final = {"listen-fd": "listen_fd", "ready-fd": "ready_fd",
                      "bootstrap-version": "bootstrap_version"}
 _BOOL_FLAGS: Final = {"debug": "debug", "v": "version", "version": "version", "h": "help",
-                      "help": "help"}
+                      "help": "help", "early-boot": "early_boot"}
 
 
 def parse_flags(argv: list[str]) -> Flags:
@@ -152,6 +157,8 @@ def to_argv(flags: Flags) -> list[str]:
             argv += [f"-{name}", str(value)]
     if flags.debug:
         argv.append("-debug")
+    if flags.early_boot:
+        argv.append("-early-boot")
     if flags.action:
         argv.append(flags.action)
     return argv
@@ -215,10 +222,15 @@ class ShimConfig:
     from the wrong initial state (a new client is IDLE, it waits for a change from READY), so it
     declares the shim disconnected right after connecting, runs ``delete`` and reports the task
     exited (measured here with ``ctr run``). ``"grpc"`` forces gRPC anyway.
+
+    ``early_boot`` (default true) lets the daemon boot the pod VM as soon as it runs, from the
+    bundle ``start`` was given, so that the boot overlaps the daemon's start-up and containerd's
+    round trips; false boots it when Create (or StartSandbox) arrives.
     """
 
     protocol: Protocol | Literal["auto"] = "auto"
     bootstrap_version: int | Literal["auto"] = "auto"
+    early_boot: bool = True
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -245,11 +257,14 @@ def load_shim_config(options: RuntimeOptions) -> ShimConfig:
     version = table.get("bootstrap_version", "auto")
     if version not in ("auto", 2, 3):
         raise UsageError(f"[shim] bootstrap_version must be 2, 3 or \"auto\", not {version!r}")
-    unknown = sorted(set(table) - {"protocol", "bootstrap_version"})
+    early_boot = table.get("early_boot", True)
+    if not isinstance(early_boot, bool):
+        raise UsageError(f"[shim] early_boot must be true or false, not {early_boot!r}")
+    unknown = sorted(set(table) - {"protocol", "bootstrap_version", "early_boot"})
     if unknown:
         raise UsageError(f"[shim] unknown key {unknown[0]!r} (known: protocol, "
-                         "bootstrap_version)")
-    return ShimConfig(protocol=protocol, bootstrap_version=version)
+                         "bootstrap_version, early_boot)")
+    return ShimConfig(protocol=protocol, bootstrap_version=version, early_boot=early_boot)
 
 
 # --- paths --------------------------------------------------------------------------------------

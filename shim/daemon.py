@@ -152,6 +152,11 @@ async def run(flags: Flags) -> int:
 
         tasks = TaskManager(load_factory(), forwarder, namespace=flags.namespace, spawn=spawn,
                             on_created=record_init_pid)
+        if flags.early_boot:
+            from shim.contract import decode_runtime_options
+
+            tasks.boot_early(flags.group or flags.id, Path(flags.bundle or os.getcwd()),
+                             decode_runtime_options(bytes.fromhex(flags.runtime_options)))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, tasks.shutdown_requested.set)

@@ -259,13 +259,15 @@ def start(flags: Flags, stdin: bytes) -> str:
     if not flags.namespace or not flags.id:
         raise UsageError("start needs -namespace and -id")
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
-    config = contract.load_shim_config(contract.decode_runtime_options(stdin))
+    options = contract.decode_runtime_options(stdin)
+    config = contract.load_shim_config(options)
     if config.bootstrap_version == "auto":
         version = contract.bootstrap_version_for(containerd_major(flags.publish_binary))
     else:
         version = config.bootstrap_version
     protocol = contract.protocol_for(config.protocol, version)
-    group = contract.group_id(contract.read_bundle_spec(bundle), flags.id)
+    spec = contract.read_bundle_spec(bundle)
+    group = contract.group_id(spec, flags.id)
     path = contract.socket_path(flags.address, flags.namespace, group)
     bootstrap = contract.bootstrap_json(version, protocol, path)
 
@@ -285,9 +287,12 @@ def start(flags: Flags, stdin: bytes) -> str:
         raise StartError(f"socket {path} is in use but does not accept connections")
 
     with listener:
+        # The pod's first container (its id is the pod's) may boot the VM at once.
+        early = config.early_boot and bool(spec) and group == flags.id
         serve = replace(flags, action="serve", bundle=str(bundle), socket=str(path),
                         protocol=protocol, bootstrap_version=version, group=group,
-                        listen_fd=listener.fileno())
+                        listen_fd=listener.fileno(), early_boot=early,
+                        runtime_options=stdin.hex() if early else "")
         try:
             _spawn_daemon(serve, listener, ShimState.of(flags.namespace, flags.id))
         except BaseException:

@@ -97,6 +97,7 @@ class PodTransition(enum.Enum):
     BOOT = ("boot", frozenset({PodState.EMPTY}), PodState.BOOTING)
     BOOTED = ("finish booting", frozenset({PodState.BOOTING}), PodState.READY)
     BOOT_FAILED = ("fail booting", frozenset({PodState.BOOTING}), PodState.EMPTY)
+    DISCARD = ("discard an early boot", frozenset({PodState.READY}), PodState.EMPTY)
     SHUT_DOWN = ("shut down", frozenset({PodState.EMPTY, PodState.BOOTING, PodState.READY,
                                          PodState.SHUT_DOWN}), PodState.SHUT_DOWN)
 
@@ -110,6 +111,17 @@ def check(transition: ProcessTransition | PodTransition,
           state: ProcessState | PodState) -> None:
     if state not in transition.sources:
         raise FailedPrecondition(f"cannot {transition.verb} in state {state.value}")
+
+
+@dataclass
+class EarlyBoot:
+    """A pod VM booting before containerd's Create arrives (see ``TaskManager.boot_early``)."""
+
+    sandbox_id: str
+    bundle: Path
+    options: RuntimeOptions
+    task: asyncio.Task[None] | None = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -242,6 +254,7 @@ class TaskManager:
         self._pod_state = PodState.EMPTY
         self._pod_lock = asyncio.Lock()
         self._containers: dict[str, Container] = {}
+        self._early: EarlyBoot | None = None
         self.shutdown_requested = asyncio.Event()
 
     @property
@@ -296,8 +309,9 @@ class TaskManager:
             raise AlreadyExists(f"container {request.id} already exists")
         bundle = Path(request.bundle)
         spec = without_network_sysctls(_read_spec(bundle))
-        sandbox = await self._ensure_sandbox(_sandbox_id(spec, request.id), bundle, spec,
-                                             request.options)
+        sandbox_id = _sandbox_id(spec, request.id)
+        await self._adopt_early_boot(sandbox_id, bundle, request.options)
+        sandbox = await self._ensure_sandbox(sandbox_id, bundle, spec, request.options)
         io = ProcessIO(sandbox, request.id, "", stdin=request.stdio.stdin,
                        stdout=request.stdio.stdout, stderr=request.stdio.stderr,
                        terminal=request.stdio.terminal, timeouts=self._timeouts)
@@ -352,6 +366,70 @@ class TaskManager:
             self._pod(PodTransition.BOOTED)
             self._spawn(self._watch_oom(self._sandbox))
             return self._sandbox
+
+    # -- early boot --
+
+    def boot_early(self, sandbox_id: str, bundle: Path, options: RuntimeOptions) -> None:
+        """Start booting the pod VM now, from the bundle ``start`` was given, instead of when
+        containerd's Create arrives: the daemon's own start-up and containerd's round trips then
+        overlap the boot, which is most of a Create.
+
+        The first Create adopts it when it names the same pod and runtime options (a boot
+        failure is then that Create's error); otherwise the VM is discarded and Create boots
+        its own. A sandbox API CreateSandbox (whose VM must wait for CNI) or teardown cancels
+        it. Nothing here raises: a bundle that cannot be read is left for Create to report.
+        """
+        try:
+            spec = without_network_sysctls(_read_spec(bundle))
+        except ShimError as err:
+            log.info("no early boot: %s", err)
+            return
+        early = EarlyBoot(sandbox_id, bundle, options)
+
+        async def boot() -> None:
+            try:
+                await self._ensure_sandbox(sandbox_id, bundle, spec, options)
+            except Exception as err:  # reported by the Create that adopts it
+                early.error = err
+                log.info("early boot of pod %s failed: %s", sandbox_id, err)
+
+        early.task = self._spawn(boot())
+        self._early = early
+
+    async def _adopt_early_boot(self, sandbox_id: str, bundle: Path,
+                                options: RuntimeOptions) -> None:
+        early, self._early = self._early, None
+        if early is None or early.task is None:
+            return
+        if (early.sandbox_id, early.bundle, early.options) != (sandbox_id, bundle, options):
+            log.info("early boot of pod %s (bundle %s) does not match Create: discarded",
+                     early.sandbox_id, early.bundle)
+            await self._discard_early_boot(early)
+            return
+        await asyncio.wait({early.task})  # the boot goes on if this Create is cancelled
+        if early.error is not None:
+            raise early.error
+
+    async def _cancel_early_boot(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:
+            await self._discard_early_boot(early)
+
+    async def _discard_early_boot(self, early: EarlyBoot) -> None:
+        """Cancel a boot in progress (its start script undoes itself) or stop a booted VM."""
+        assert early.task is not None
+        early.task.cancel()
+        await asyncio.wait({early.task})
+        async with self._pod_lock:
+            if self._pod_state is not PodState.READY or self._sandbox is None:
+                return
+            sandbox, self._sandbox = self._sandbox, None
+            self._pod(PodTransition.DISCARD)
+        try:
+            async with asyncio.timeout(self._timeouts.shutdown_sandbox):
+                await sandbox.shutdown()
+        except Exception as err:  # delete reaps what is left
+            log.error("discarded pod VM shutdown failed: %s", err)
 
     async def _watch_oom(self, sandbox: PodSandbox) -> None:
         """GetOOMEvent long poll → /tasks/oom, for the life of the pod VM."""
@@ -597,6 +675,7 @@ class TaskManager:
         """CreateSandbox: remember the pod; its VM boots at StartSandbox (after CNI ran)."""
         if self._pod_record is not None:
             raise AlreadyExists(f"sandbox {self._pod_record.sandbox_id} already exists")
+        await self._cancel_early_boot()  # this pod's VM boots at StartSandbox, after CNI
         self._pod_record = pod
 
     def _pod_of(self, sandbox_id: str) -> PodRecord:
@@ -645,6 +724,7 @@ class TaskManager:
 
     async def aclose(self) -> None:
         """Teardown: stop every relay and the pod VM. Idempotent."""
+        await self._cancel_early_boot()
         for container in list(self._containers.values()):
             for process in [container.init, *container.execs.values()]:
                 await process.io.aclose()

@@ -220,6 +220,10 @@ def test_start_ttrpc_groups_a_pod_and_runs_a_task(env: Env) -> None:
     assert boot == {"version": 2, "address": f"unix://{path}", "protocol": "ttrpc"}
     assert _listening(path)
     pid = env.daemon_pid("pod")
+    # The pod's first container: the daemon boots the VM at once, from start's options.
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-early-boot" in argv
+    assert argv[argv.index(b"-runtime-options") + 1] == _options(TTRPC_PROFILE).hex().encode()
     # A container of the same pod: start prints the running shim's address, spawns nothing.
     app = env.bundle("app", sandbox_id="pod")
     assert env.start("app", app, _options(TTRPC_PROFILE)) == boot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ def test_daemon_flags_round_trip() -> None:
                   socket="/s", group="g", listen_fd=3, ready_fd=5, protocol="ttrpc",
                   bootstrap_version=2, debug=True)
     assert contract.parse_flags(contract.to_argv(flags)) == flags
+    early = replace(flags, early_boot=True, runtime_options=b"\x0a\x01x".hex())
+    assert contract.parse_flags(contract.to_argv(early)) == early
 
 
 def _any(options: api_pb2.Options, type_url: str = "runtimeoptions.v1.Options") -> bytes:
@@ -66,6 +69,11 @@ def test_shim_config(tmp_path: Path) -> None:
         contract.load_shim_config(RuntimeOptions(config_body=b'[shim]\nprotocol = "http"\n'))
     with pytest.raises(UsageError, match="bootstrap_version"):
         contract.load_shim_config(RuntimeOptions(config_body=b"[shim]\nbootstrap_version = 4\n"))
+    assert config.early_boot
+    late = contract.load_shim_config(RuntimeOptions(config_body=b"[shim]\nearly_boot = false\n"))
+    assert not late.early_boot
+    with pytest.raises(UsageError, match="early_boot must be true or false"):
+        contract.load_shim_config(RuntimeOptions(config_body=b'[shim]\nearly_boot = "yes"\n'))
 
 
 def test_socket_path_follows_containerd(monkeypatch: pytest.MonkeyPatch) -> None:
