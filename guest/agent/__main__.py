@@ -38,7 +38,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-root", type=Path, default=Path("/run/kata-containers"))
     p.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
     p.add_argument("--cgroup-parent", default="/coco", help="cgroup of the containers' cgroups")
-    p.add_argument("--runc", default="runc")
+    p.add_argument(
+        "--runtime",
+        "--runc",
+        dest="runtime",
+        default="runc",
+        help="the OCI runtime CLI containers run with: runc or crun",
+    )
     p.add_argument("--ip", default="ip")
     p.add_argument("--policy", type=Path, default=None, help="initial policy document")
     p.add_argument(
@@ -67,7 +73,7 @@ async def serve(args: argparse.Namespace) -> int:
         cgroup_parent=args.cgroup_parent,
     )
     manage_system = args.vsock if args.manage_system is None else args.manage_system
-    sandbox = Sandbox(reaper, paths, runc_binary=args.runc, manage_system=manage_system)
+    sandbox = Sandbox(reaper, paths, runc_binary=args.runtime, manage_system=manage_system)
     policy = Policy.parse(args.policy.read_text()) if args.policy else None
     agent = AgentService(sandbox, Network(reaper, ip=args.ip), policy)
 

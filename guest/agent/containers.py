@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guest.agent import cgroups
 from guest.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -73,19 +74,33 @@ CONTAINER_ACTIONS: dict[str, frozenset[ContainerState]] = {
 }
 
 
+OCI_VERSION_CEILING = (1, 1, 0)
+
+
+def oci_version(version: str) -> str:
+    """``version``, or 1.1.0 when it is newer than that, empty or unparsable."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if match is None:
+        return ".".join(map(str, OCI_VERSION_CEILING))
+    parsed = tuple(int(part) for part in match.groups())
+    return version if parsed <= OCI_VERSION_CEILING else ".".join(map(str, OCI_VERSION_CEILING))
+
+
 def prepare_spec(
     spec: dict[str, Any], container_id: str, rootfs: Path, cgroup_parent: str = CGROUP_PARENT
 ) -> dict[str, Any]:
-    """The spec runc gets inside the guest.
+    """The spec the OCI runtime (crun, runc) gets inside the guest.
 
     The container shares the guest's network (the VM is the pod's network boundary), so a
     network namespace entry is dropped; namespace paths name host files and are dropped; hooks
     would run host binaries and are dropped; AppArmor/SELinux labels are dropped (no LSM in the
     guest); cgroup-v1-only kernel memory limits are dropped; the cgroup is /coco/<id>.
+    ``ociVersion`` says at most 1.1.0: crun 1.8 refuses newer versions outright ("unknown
+    version specified", a prefix check), although nothing the agent passes on needs them.
     """
     out = copy.deepcopy(spec)
     out.pop("hooks", None)
-    out.setdefault("ociVersion", "1.0.2")
+    out["ociVersion"] = oci_version(str(out.get("ociVersion") or ""))
     out["root"] = {**out.get("root", {}), "path": str(rootfs)}
     process = out.setdefault("process", {})
     for lsm in ("apparmorProfile", "selinuxLabel"):  # the guest runs no LSM; runc would refuse
@@ -387,10 +402,13 @@ class Container:
 
     async def update(self, resources: dict[str, Any]) -> None:
         self.require("update")
-        await self.runc.update(self.id, resources)
+        await self.runc.update(self.id, resources, self.bundle / "update.json")
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, cgroup_root: Path = cgroups.CGROUP_ROOT) -> dict[str, Any]:
+        """Read from the cgroup v2 files (any runtime), else ``runc events --stats``."""
         self.require("stats")
+        if cgroups.is_cgroup2(cgroup_root):
+            return cgroups.stats(cgroup_root / self.cgroup_parent.lstrip("/") / self.id)
         return await self.runc.stats(self.id)
 
     def oom_kills(self, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

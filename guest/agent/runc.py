@@ -1,4 +1,11 @@
-"""A thin typed wrapper over the runc command line (runc 1.1, cgroup v2)."""
+"""A thin typed wrapper over an OCI runtime's command line: runc (1.1) or crun (1.8).
+
+Only what both accept is used: ``--root``, ``--log`` with ``--log-format json``, ``create``/
+``exec --detach`` with ``--pid-file`` and ``--console-socket``, ``start``, ``kill [--all]``,
+``delete --force``, ``pause``, ``resume``, ``update --resources FILE`` and ``state``. crun has
+no ``events``: on cgroup v2 the agent reads stats from the cgroup files
+(:mod:`guest.agent.cgroups`).
+"""
 
 from __future__ import annotations
 
@@ -197,11 +204,15 @@ class Runc:
     async def resume(self, container_id: str) -> None:
         await self._call(f"resume {container_id}", "resume", container_id)
 
-    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
-        data = json.dumps(resources).encode()
-        await self._call(
-            f"update {container_id}", "update", "--resources", "-", container_id, input=data
-        )
+    async def update(self, container_id: str, resources: dict[str, Any], scratch: Path) -> None:
+        """``scratch``: where the resources file is written (crun cannot read it from stdin)."""
+        _write(scratch, json.dumps(resources))
+        try:
+            await self._call(
+                f"update {container_id}", "update", "--resources", str(scratch), container_id
+            )
+        finally:
+            _unlink(scratch)
 
     async def state(self, container_id: str) -> dict[str, Any]:
         out = await self._call(f"state {container_id}", "state", container_id)
@@ -238,6 +249,10 @@ def _receive_fd(listener: socket.socket) -> int:
     for extra in fds[1:]:
         os.close(extra)
     return fds[0]
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def _unlink(path: Path) -> None:

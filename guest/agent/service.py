@@ -163,7 +163,8 @@ def _u64(value: Any) -> int:
 def stats_to_proto(
     stats: dict[str, Any], network: list[dict[str, Any]]
 ) -> agent_pb2.StatsContainerResponse:
-    """runc's `events --stats` data as Kata's CgroupStats (the parts runc reports)."""
+    """`runc events --stats` data (or :func:`guest.agent.cgroups.stats`, same shape) as Kata's
+    CgroupStats."""
     cpu = stats.get("cpu", {})
     usage = cpu.get("usage", {})
     throttling = cpu.get("throttling", {})
@@ -201,8 +202,8 @@ def stats_to_proto(
             ),
             throttling_data=agent_pb2.ThrottlingData(
                 periods=_u64(throttling.get("periods")),
-                throttled_periods=_u64(throttling.get("throttled_periods")),
-                throttled_time=_u64(throttling.get("throttled_time")),
+                throttled_periods=_u64(throttling.get("throttledPeriods")),
+                throttled_time=_u64(throttling.get("throttledTime")),
             ),
         ),
         memory_stats=agent_pb2.MemoryStats(

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[3]
 @dataclass
 class AgentProcess:
     workdir: Path
-    runc: str = "/usr/sbin/runc"
+    runtime: str = "/usr/sbin/runc"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +45,7 @@ class AgentProcess:
             "--resolv-conf", str(self.workdir / "resolv.conf"),
             "--manage-system",
             "--cgroup-parent", self.cgroup_parent,
-            "--runc", self.runc,
+            "--runtime", self.runtime,
             "--debug",
             *extra,
         ]  # fmt: skip

@@ -42,6 +42,8 @@ def rootfs(workdir: Path) -> Path:
 
 @pytest.fixture
 async def agent_process(workdir: Path) -> AsyncIterator[AgentProcess]:
+    # runc: this host's cgroups are v1 + v2 hybrid, which crun refuses (the guest runs crun
+    # on a pure cgroup2 hierarchy: tests/integration/guest/test_guest_vm.py).
     process = AgentProcess(workdir / "agent")
     process.workdir.mkdir()
     process.start()
@@ -54,7 +56,7 @@ async def agent_process(workdir: Path) -> AsyncIterator[AgentProcess]:
 
 
 def remove_cgroup_parent(name: str) -> None:
-    """runc leaves the (empty) parent cgroup the agent places containers under."""
+    """The OCI runtime leaves the (empty) parent cgroup the agent places containers under."""
     leaf = name.strip("/")
     for parent in [*Path("/sys/fs/cgroup").glob(leaf), *Path("/sys/fs/cgroup").glob(f"*/{leaf}")]:
         if parent.is_dir():

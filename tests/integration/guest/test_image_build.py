@@ -28,7 +28,7 @@ def test_image_holds_what_the_guest_needs(guest_image: BuildResult) -> None:
     for required in (
         "init",
         "bin/busybox",
-        "usr/sbin/runc",
+        "usr/bin/crun",
         "usr/bin/python3.11",
         "dev/console",
         "etc/coco/modules.order",

@@ -39,8 +39,12 @@ class FakeRunc(Runc):
     async def resume(self, container_id: str) -> None:
         self.calls.append("resume")
 
-    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+    async def update(self, container_id: str, resources: dict[str, Any], scratch: Path) -> None:
         self.calls.append("update")
+
+    async def stats(self, container_id: str) -> dict[str, Any]:
+        self.calls.append("events --stats")
+        return {"pids": {"current": 7}}
 
 
 def container() -> Container:
@@ -120,3 +124,20 @@ def test_runc_messages_become_typed_errors(tmp_path: Path) -> None:
     )
     assert last_log_error(log) == 'exec: "nope": executable file not found'
     assert last_log_error(tmp_path / "missing") == ""
+
+
+async def test_stats_read_the_cgroup2_files_else_ask_the_runtime(tmp_path: Path) -> None:
+    c = container()
+    c.init = FakeInit()  # type: ignore[assignment]
+    runc = c.runc
+    assert isinstance(runc, FakeRunc)
+    # Not a cgroup2 mount (v1 or hybrid host): the runtime's `events --stats`.
+    assert (await c.stats(cgroup_root=tmp_path))["pids"]["current"] == 7
+    assert runc.calls == ["events --stats"]
+    # A cgroup2 mount: the container's own cgroup files, whatever the runtime.
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    leaf = tmp_path / c.cgroup_parent.lstrip("/") / c.id
+    leaf.mkdir(parents=True)
+    (leaf / "pids.current").write_text("3\n")
+    assert (await c.stats(cgroup_root=tmp_path))["pids"]["current"] == 3
+    assert runc.calls == ["events --stats"]

@@ -113,7 +113,7 @@ def test_prepare_spec_drops_what_the_guest_cannot_apply() -> None:
 def test_prepare_spec_defaults_and_refusals() -> None:
     prepared = prepare_spec({"process": {"args": ["true"]}}, "c", Path("/r"))
     assert prepared["process"]["cwd"] == "/"
-    assert prepared["ociVersion"]
+    assert prepared["ociVersion"] == "1.1.0"
     with pytest.raises(InvalidArgument):
         prepare_spec({"process": {}}, "c", Path("/r"))
 
@@ -137,3 +137,20 @@ def test_process_and_resources() -> None:
 )
 def test_json_name(go: str, json: str) -> None:
     assert json_name(go) == json
+
+
+@pytest.mark.parametrize(
+    ("given", "written"),
+    [
+        ("1.0.2", "1.0.2"),
+        ("1.1.0", "1.1.0"),
+        ("1.1.0-rc.1", "1.1.0-rc.1"),
+        ("1.2.1", "1.1.0"),  # containerd 2.x: crun 1.8 would refuse it
+        ("2.0.0", "1.1.0"),
+        ("", "1.1.0"),
+        ("banana", "1.1.0"),
+    ],
+)
+def test_oci_version_capped_at_what_crun_accepts(given: str, written: str) -> None:
+    prepared = prepare_spec({"ociVersion": given, "process": {"args": ["true"]}}, "c", Path("/r"))
+    assert prepared["ociVersion"] == written
