@@ -64,7 +64,7 @@ def main() -> int:
                     "COCO_SHIM_STATE_DIR": str(base / "state"), "PYTHONPATH": str(REPO)}
         config = cri_config(args.containerd, profile=profile, cni_conf_dir=base / "cni")
         with private_containerd(args.containerd, extra_config=config, env=shim_env,
-                                extra_path=[Path(sys.executable).parent,
+                                log_level="info", extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
             for ref, archive, entrypoint in ((BUSYBOX_REF, base / "busybox.tar", None),
                                              (PAUSE_REF, base / "pause.tar", PAUSE_ENTRYPOINT)):

@@ -60,6 +60,22 @@ async def direct_boot(profile_path: Path, run_root: Path, vhost: Path) -> float:
         await vm.aclose()
 
 
+def settle(base: Path, timeout: float = 60) -> None:
+    """Wait until the previous sample's pod is fully gone: the shim tears a pod down after
+    `ctr run --rm` returns, and a QEMU still stopping would slow the next sample down."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = shim_daemons(base)
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if ("qemu-system" in cmd or "vhost-device-vsock" in cmd) and str(base) in cmd:
+                busy.append(proc)
+        if not busy:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the previous sample's pod did not go away in {timeout:g} s")
+
+
 def ctr_run(cd: Containerd, name: str, *command: str) -> float:
     start = time.monotonic()
     cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, name, *command, timeout=300)
@@ -117,7 +133,7 @@ def main() -> int:
         shim_env = {"COCO_SHIM_CONFIG": str(profile), "COCO_SHIM_RUN_DIR": str(base / "run"),
                     "COCO_SHIM_SOCKET_DIR": str(base / "s"),
                     "COCO_SHIM_STATE_DIR": str(base / "state")}
-        with private_containerd(args.containerd, env=shim_env,
+        with private_containerd(args.containerd, env=shim_env, log_level="info",
                                 extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
             cd.ctr("images", "import", "--platform", "linux/amd64",
@@ -127,13 +143,16 @@ def main() -> int:
             boots: list[float] = []
             runs: list[float] = []
             for i in range(args.runs):
+                settle(base)
                 boots.append(asyncio.run(direct_boot(profile, base / "direct",
                                                      env.vhost_device_vsock)))
+                settle(base)
                 runs.append(ctr_run(cd, f"true-{i}", "true"))
             results["direct_boot_to_check_s"] = boots
             results["ctr_run_true_s"] = runs
 
             # (c) memory of one running pod's shim daemon
+            settle(base)
             cd.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_REF, "mem", "sleep", "600")
             time.sleep(2)
             daemons = shim_daemons(base)
@@ -150,6 +169,7 @@ def main() -> int:
             size = 64 << 20
             throughput = []
             for i in range(args.runs):
+                settle(base)
                 t0 = time.monotonic()
                 out = cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, f"flood-{i}",
                              "sh", "-c", f"head -c {size} /dev/zero", timeout=600)

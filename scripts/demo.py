@@ -53,7 +53,7 @@ def main() -> int:
         with phase(f"private containerd {CONTAINERD}"), \
                 private_containerd(CONTAINERD, extra_path=[Path(sys.executable).parent,
                                                            env.vhost_device_vsock.parent],
-                                   env=shim_env) as cd:
+                                   env=shim_env, log_level="info") as cd:
             print(f"    {cd.address}")
             with phase("import a locally built busybox image"):
                 cd.ctr("images", "import", "--platform", "linux/amd64",

@@ -137,6 +137,11 @@ class PodSandbox(Protocol):
     async def remove_container(self, container_id: str) -> None:  # RemoveContainer
         ...
 
+    async def release_container(self, container_id: str) -> None:
+        """The host side of RemoveContainer only (the rootfs share): for the pod's last
+        container when the pod ends with it, which DestroySandbox takes down in the guest."""
+        ...
+
     async def get_oom_event(self) -> str:
         """GetOOMEvent: blocks until a container of the pod hits its memory limit; its id."""
         ...

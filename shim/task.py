@@ -255,6 +255,7 @@ class TaskManager:
         self._pod_lock = asyncio.Lock()
         self._containers: dict[str, Container] = {}
         self._early: EarlyBoot | None = None
+        self._pod_id = ""  # the sandbox id of the pod VM, once booted
         self.shutdown_requested = asyncio.Event()
 
     @property
@@ -356,6 +357,7 @@ class TaskManager:
                                        bundle=bundle, spec=spec, options=options)
                 async with asyncio.timeout(self._timeouts.create_sandbox):
                     self._sandbox = await self._factory.create_sandbox(config)
+                self._pod_id = sandbox_id
             except TimeoutError as err:
                 self._pod(PodTransition.BOOT_FAILED)
                 raise DeadlineExceeded(
@@ -556,8 +558,11 @@ class TaskManager:
                     raise FailedPrecondition(
                         f"cannot delete container {container_id} with running execs {live}")
                 sandbox = self._ready_sandbox()
-                await self._agent("RemoveContainer", self._timeouts.remove_container,
-                                  sandbox.remove_container(container_id))
+                if self._pod_ends_with(container_id):
+                    await sandbox.release_container(container_id)
+                else:
+                    await self._agent("RemoveContainer", self._timeouts.remove_container,
+                                      sandbox.remove_container(container_id))
             never_ran = process.state is ProcessState.CREATED
             process.apply(ProcessTransition.DELETE)
             if never_ran:
@@ -574,6 +579,13 @@ class TaskManager:
                     exit_status=process.exit_status, exited_at=process.exited_at,
                     id=container_id))
             return Exit(process.pid, process.exit_status, process.exited_at)
+
+    def _pod_ends_with(self, container_id: str) -> bool:
+        """A lone `ctr run` container, or a CRI pod's sandbox container deleted last: the pod
+        is that container, and containerd's Shutdown follows its Delete. RemoveContainer in the
+        guest would be wasted work (≈0.1 s under TCG) just before DestroySandbox."""
+        return (self._pod_record is None and container_id == self._pod_id
+                and list(self._containers) == [container_id])
 
     async def exec(self, request: ExecTask) -> None:
         container = self._container(request.container_id)

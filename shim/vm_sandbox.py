@@ -548,6 +548,9 @@ class VmSandbox:
         finally:
             await self.share.remove(container_id)
 
+    async def release_container(self, container_id: str) -> None:
+        await self.share.remove(container_id)
+
     async def get_oom_event(self) -> str:
         reply = await self.agent.call("GetOOMEvent", agent_pb2.GetOOMEventRequest(),
                                       agent_pb2.OOMEvent)

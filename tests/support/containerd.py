@@ -86,8 +86,12 @@ def bin_dir_for(version: str) -> Path:
 @contextmanager
 def private_containerd(version: str, *, extra_config: str = "",
                        extra_path: list[Path] | None = None,
-                       env: Mapping[str, str] | None = None) -> Iterator[Containerd]:
-    """Start containerd `version` on private sockets; stop it and remove everything after."""
+                       env: Mapping[str, str] | None = None,
+                       log_level: str = "debug") -> Iterator[Containerd]:
+    """Start containerd `version` on private sockets; stop it and remove everything after.
+
+    Tests keep containerd's (and so the shim's, which follows it) debug log; benchmarks run at
+    ``info``, as a node does."""
     bin_dir = bin_dir_for(version)
     binary = bin_dir / "containerd"
     if not binary.exists():
@@ -101,7 +105,7 @@ def private_containerd(version: str, *, extra_config: str = "",
     cd_env = {**os.environ, **(env or {})}
     cd_env["PATH"] = os.pathsep.join([*(str(p) for p in extra_path or []), str(bin_dir),
                                       cd_env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
-    proc = subprocess.Popen([str(binary), "--config", str(cfg), "--log-level", "debug"],
+    proc = subprocess.Popen([str(binary), "--config", str(cfg), "--log-level", log_level],
                             stdout=log, stderr=subprocess.STDOUT, env=cd_env,
                             start_new_session=True)
     cd = Containerd(version, bin_dir, base, proc, log_path, list(extra_path or []))

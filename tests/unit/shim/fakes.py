@@ -165,6 +165,10 @@ class FakeSandbox:
         self.calls.append(("RemoveContainer", container_id, ""))
         self.containers.pop(container_id, None)
 
+    async def release_container(self, container_id: str) -> None:
+        self.calls.append(("release", container_id, ""))
+        self.containers.pop(container_id, None)
+
     async def get_oom_event(self) -> str:
         return await self.oom_events.get()
 

@@ -279,3 +279,29 @@ async def test_cancelled_boot_rolls_back_and_propagates(tmp_path: Path) -> None:
     await create(pod)  # the next Create boots again
     await pod.tasks.aclose()
     await pod.owner.aclose()
+
+
+async def test_the_pods_last_container_skips_the_guest_remove(pod: Pod) -> None:
+    """RemoveContainer runs in the guest unless the pod ends with the container: a lone
+    container (its id is the pod's) deleted last is taken down by DestroySandbox instead."""
+    await create(pod, "pod1")
+    await pod.tasks.create(CreateTask(id="app", bundle=str(pod.bundle(
+        "app", {"io.kubernetes.cri.sandbox-id": "pod1"}))))
+    for cid in ("app", "pod1"):
+        await pod.tasks.start(cid)
+        await pod.sandbox.finish(cid)
+        await pod.tasks.wait(cid)
+    await pod.tasks.delete("app")  # another container of the pod: removed in the guest
+    await pod.tasks.delete("pod1")  # the pod's own, last: only its host side is released
+    removals = [(name, cid) for name, cid, _ in pod.sandbox.calls
+                if name in ("RemoveContainer", "release")]
+    assert removals == [("RemoveContainer", "app"), ("release", "pod1")]
+    assert await pod.tasks.shutdown(now=False)
+
+
+async def test_the_pods_own_container_is_removed_while_others_remain(pod: Pod) -> None:
+    await create(pod, "pod1")
+    await pod.tasks.create(CreateTask(id="app", bundle=str(pod.bundle(
+        "app", {"io.kubernetes.cri.sandbox-id": "pod1"}))))
+    await pod.tasks.delete("pod1")  # never started; the app container still runs
+    assert ("RemoveContainer", "pod1", "") in pod.sandbox.calls
