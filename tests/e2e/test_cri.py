@@ -148,6 +148,9 @@ def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
         # CNI ran in the pod's network namespace on the host (bridge + host-local).
         assert ip_address(sandbox.network.ip) in ip_network(POD_SUBNET), sandbox
         assert len(crictd.qemus()) == 1, crictd.cd.log_tail()
+        # One boot: the daemon's early boot is adopted by the pause container's Create
+        # (podsandbox), or cancelled by CreateSandbox before it launched anything (shim).
+        assert boots_of(crictd.cd, pod_id) == 1, crictd.cd.log_tail()
         # podsandbox: a pause container booted the VM; shim: the sandbox API did, no container.
         assert (pod_id in crictd.containers()) == (crictd.sandboxer == "podsandbox")
 
@@ -204,6 +207,12 @@ def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
     assert crictd.qemus() == []
     assert pod_dirs(crictd) == []
     assert mounts_under(crictd.run_dir) == [crictd.run_dir] or mounts_under(crictd.run_dir) == []
+
+
+def boots_of(cd: Containerd, pod_id: str) -> int:
+    """How many times the shim launched a QEMU for the pod (its log, through containerd's)."""
+    return sum(f"pod {pod_id}: QEMU " in line
+               for line in cd.log_path.read_text(errors="replace").splitlines())
 
 
 def pod_dirs(crictd: CriContainerd) -> list[Path]:

@@ -20,12 +20,17 @@ def name(prefix: str) -> str:
 
 
 def test_run_prints_output_from_the_guest_kernel(coco: CocoContainerd) -> None:
-    out = coco.run(name("hello"), "sh", "-c", "echo hello; uname -r", flags=("--rm",))
+    cid = name("hello")
+    out = coco.run(cid, "sh", "-c", "echo hello; uname -r", flags=("--rm",))
     lines = out.stdout.decode().split()
     assert lines[0] == "hello"
     assert lines[1].startswith(GUEST_KERNEL_PREFIX), lines
     assert lines[1] != subprocess.run(["uname", "-r"], capture_output=True,
                                       text=True).stdout.strip()
+    # The VM booted once, early (from start's bundle), and Create adopted it.
+    log = coco.cd.log_path.read_text(errors="replace")
+    assert log.count(f"pod {cid}: QEMU ") == 1, coco.cd.log_tail()
+    assert "does not match Create" not in log
 
 
 def test_run_returns_the_exit_code(coco: CocoContainerd) -> None:
