@@ -45,7 +45,6 @@ def parser() -> argparse.ArgumentParser:
         default="runc",
         help="the OCI runtime CLI containers run with: runc or crun",
     )
-    p.add_argument("--ip", default="ip")
     p.add_argument("--policy", type=Path, default=None, help="initial policy document")
     p.add_argument(
         "--manage-system",
@@ -75,7 +74,7 @@ async def serve(args: argparse.Namespace) -> int:
     manage_system = args.vsock if args.manage_system is None else args.manage_system
     sandbox = Sandbox(reaper, paths, runc_binary=args.runtime, manage_system=manage_system)
     policy = Policy.parse(args.policy.read_text()) if args.policy else None
-    agent = AgentService(sandbox, Network(reaper, ip=args.ip), policy)
+    agent = AgentService(sandbox, Network(), policy)
 
     server = Server()
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())

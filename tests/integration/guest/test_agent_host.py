@@ -380,6 +380,17 @@ async def test_network_rpcs_in_the_agents_namespace(
         ("198.18.0.0/24", ""),
         ("198.19.0.0/16", "198.18.0.1"),
     }
+    listed_routes = await agent.call("ListRoutes", agent_pb2.ListRoutesRequest(), agent_pb2.Routes)
+    assert isinstance(listed_routes, agent_pb2.Routes)
+    by_dest = {r.dest: r for r in listed_routes.Routes if r.family == types_pb2.v4}
+    assert by_dest["198.18.0.0/24"].device == "eth0" and by_dest["198.18.0.0/24"].scope == 253
+    assert by_dest["198.19.0.0/16"].gateway == "198.18.0.1"
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        ["nsenter", "-t", str(pid), "-n", "ip", "-4", "route", "show"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "198.19.0.0/16 via 198.18.0.1 dev eth0" in shown.stdout, shown.stdout
     await agent.call(
         "AddARPNeighbors",
         agent_pb2.AddARPNeighborsRequest(

@@ -11,7 +11,6 @@ import pytest
 from guest.agent.errors import FailedPrecondition, NotFound
 from guest.agent.network import Network
 from guest.agent.policy import Policy
-from guest.agent.reaper import Reaper
 from guest.agent.sandbox import Sandbox
 from guest.agent.service import AgentService, HealthService
 from protocols.api.kata import agent_pb2, health_pb2
@@ -35,7 +34,7 @@ class FakeSandbox:
 
 
 def edge(sandbox: FakeSandbox, policy: Policy | None = None) -> AgentService:
-    network = Network(Reaper())
+    network = Network()
     return AgentService(cast(Sandbox, sandbox), network, policy)
 
 
