@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,6 +125,8 @@ async def _reap(proc: asyncio.subprocess.Process) -> bytes:
 def _work_dir(qemu_root: Path) -> tuple[Path, Path]:
     """A private directory reachable by QEMU (inside its root) and by us."""
     base = qemu_root / "tmp" if qemu_root != Path("/") else None
+    import tempfile  # only the KVM boot probe needs it; the shim daemon imports this module
+
     host = Path(tempfile.mkdtemp(prefix="coco-probe-", dir=base))
     inside = Path("/") / host.relative_to(qemu_root) if base is not None else host
     return host, inside

@@ -8,17 +8,15 @@ translates the request and makes one ``TaskManager`` call.
 
 from __future__ import annotations
 
-import platform
+import os
 from pathlib import Path
 from typing import Any
 
-import psutil
 from google.protobuf import any_pb2, timestamp_pb2
 
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
-from protocols.api.cri import api_pb2 as cri
 from shim import metrics
 from shim.contract import SANDBOX_ID_ANNOTATION
 from shim.errors import FailedPrecondition
@@ -45,6 +43,8 @@ def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
     annotations = dict(request.annotations)
     spec: dict[str, object] = {}
     if request.options.type_url.rsplit("/", 1)[-1] == POD_CONFIG_TYPE:
+        from protocols.api.cri import api_pb2 as cri  # only CRI's CreateSandbox carries one
+
         config = cri.PodSandboxConfig.FromString(request.options.value)
         annotations.update(config.annotations)
         if config.hostname:
@@ -71,7 +71,7 @@ class SandboxService:
         return pb.StartSandboxResponse(pid=pod.pid, created_at=_timestamp(pod.created_at))
 
     async def Platform(self, request: Any, context: object) -> Any:
-        machine = platform.machine()
+        machine = os.uname().machine
         return pb.PlatformResponse(platform=platform_pb2.Platform(
             os="linux", architecture=_ARCH.get(machine, machine)))
 
@@ -102,6 +102,8 @@ class SandboxService:
         pod = self._tasks.pod_status(request.sandbox_id)
         if not pod.ready or not pod.pid:
             raise FailedPrecondition(f"pod {request.sandbox_id}: VM is not running")
+        import psutil  # a daemon that is never asked for metrics does not load it
+
         try:
             data = metrics.vm_host_metrics(pod.pid)
         except psutil.NoSuchProcess as err:
