@@ -32,6 +32,7 @@ import psutil
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, launch_vm
 from shim.agent import AgentClient
+from shim.vm_sandbox import RootfsShare
 from tests import envinfo
 from tests.support.containerd import Containerd, private_containerd, shim_daemons
 from tests.support.guest import dev_profile_text, guest_image
@@ -45,11 +46,15 @@ def median(values: list[float]) -> float:
 
 
 async def direct_boot(profile_path: Path, run_root: Path, vhost: Path) -> float:
-    """Launch the profile's VM and dial its agent until Check answers; seconds."""
+    """Launch the profile's VM, with the devices the shim gives a pod VM (the 9p rootfs share,
+    console and stderr logs kept), and dial its agent until Check answers; seconds."""
     profile = load_profile(profile_path)
+    share = run_root / "shared"
+    share.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    vm = await launch_vm(profile, LaunchOptions(run_root=run_root, name="bench", accel="tcg",
-                                                vhost_device_vsock=vhost))
+    vm = await launch_vm(profile, LaunchOptions(
+        run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=vhost,
+        log_dir=run_root / "logs", shares=(RootfsShare(share).device(),)))
     try:
         assert vm.channel is not None
         agent = await AgentClient.dial(hybrid_socket=vm.channel.hybrid_socket,
