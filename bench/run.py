@@ -34,7 +34,12 @@ from hypervisor.vm import LaunchOptions, launch_vm
 from shim.agent import AgentClient
 from shim.vm_sandbox import RootfsShare
 from tests import envinfo
-from tests.support.containerd import Containerd, private_containerd, shim_daemons
+from tests.support.containerd import (
+    Containerd,
+    coco_processes,
+    private_containerd,
+    shim_daemons,
+)
 from tests.support.guest import dev_profile_text, guest_image
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
 
@@ -66,17 +71,12 @@ async def direct_boot(profile_path: Path, run_root: Path, vhost: Path) -> float:
         await vm.aclose()
 
 
-def settle(base: Path, timeout: float = 60) -> None:
+def settle(cd: Containerd, base: Path, timeout: float = 60) -> None:
     """Wait until the previous sample's pod is fully gone: the shim tears a pod down after
     `ctr run --rm` returns, and a QEMU still stopping would slow the next sample down."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = shim_daemons(base)
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if ("qemu-system" in cmd or "vhost-device-vsock" in cmd) and str(base) in cmd:
-                busy.append(proc)
-        if not busy:
+        if not [pid for pid in coco_processes(base) if pid != cd.process.pid]:
             return
         time.sleep(0.1)
     raise RuntimeError(f"the previous sample's pod did not go away in {timeout:g} s")
@@ -84,7 +84,7 @@ def settle(base: Path, timeout: float = 60) -> None:
 
 def pod_memory(cd: Containerd, base: Path) -> dict[str, Any]:
     """RSS and PSS of the shim daemon of one running pod (`sleep`), and its transport."""
-    settle(base)
+    settle(cd, base)
     cd.ctr("run", "-d", "--runtime", RUNTIME, BUSYBOX_REF, "mem", "sleep", "600")
     try:
         time.sleep(2)
@@ -169,10 +169,10 @@ def main() -> int:
             boots: list[float] = []
             runs: list[float] = []
             for i in range(args.runs):
-                settle(base)
+                settle(cd, base)
                 boots.append(asyncio.run(direct_boot(profile, base / "direct",
                                                      env.vhost_device_vsock)))
-                settle(base)
+                settle(cd, base)
                 runs.append(ctr_run(cd, f"true-{i}", "true"))
             results["direct_boot_to_check_s"] = boots
             results["ctr_run_true_s"] = runs
@@ -184,7 +184,7 @@ def main() -> int:
             size = 64 << 20
             throughput = []
             for i in range(args.runs):
-                settle(base)
+                settle(cd, base)
                 t0 = time.monotonic()
                 out = cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, f"flood-{i}",
                              "sh", "-c", f"head -c {size} /dev/zero", timeout=600)

@@ -18,7 +18,7 @@ import pytest
 from guest.image.build import BuildResult
 from shim.vm_sandbox import pod_key
 from tests import envinfo
-from tests.support.containerd import Containerd, private_containerd
+from tests.support.containerd import Containerd, coco_processes, private_containerd
 from tests.support.guest import dev_profile_text
 from tests.support.guest import guest_image as build_guest_image
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
@@ -117,17 +117,7 @@ def describe(pids: list[int]) -> list[str]:
     return out
 
 
-def coco_processes(base: Path) -> list[int]:
-    """Shim daemons, QEMUs and vhost-device-vsock helpers started for this test base."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if str(base).encode() in cmdline or str(base).encode() in environ:
-            found.append(int(entry.name))
-    return found
+def pod_boots(cd: Containerd, pod_id: str) -> int:
+    """How many times the shim launched a QEMU for the pod (its log, through containerd's)."""
+    return sum(f"pod {pod_id}: QEMU " in line
+               for line in cd.log_path.read_text(errors="replace").splitlines())

@@ -31,8 +31,8 @@ from guest.image.build import BuildResult
 from protocols.api.cri import api_pb2 as cri
 from shim.manager import mounts_under
 from tests import envinfo
-from tests.e2e.conftest import SHIM_EXIT_GRACE, coco_processes, describe, shim_env
-from tests.support.containerd import Containerd, private_containerd
+from tests.e2e.conftest import SHIM_EXIT_GRACE, describe, pod_boots, shim_env
+from tests.support.containerd import Containerd, coco_processes, private_containerd
 from tests.support.cri import (
     CRI_NAMESPACE,
     PAUSE_ENTRYPOINT,
@@ -150,7 +150,7 @@ def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
         assert len(crictd.qemus()) == 1, crictd.cd.log_tail()
         # One boot: the daemon's early boot is adopted by the pause container's Create
         # (podsandbox), or cancelled by CreateSandbox before it launched anything (shim).
-        assert boots_of(crictd.cd, pod_id) == 1, crictd.cd.log_tail()
+        assert pod_boots(crictd.cd, pod_id) == 1, crictd.cd.log_tail()
         # podsandbox: a pause container booted the VM; shim: the sandbox API did, no container.
         assert (pod_id in crictd.containers()) == (crictd.sandboxer == "podsandbox")
 
@@ -207,12 +207,6 @@ def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
     assert crictd.qemus() == []
     assert pod_dirs(crictd) == []
     assert mounts_under(crictd.run_dir) == [crictd.run_dir] or mounts_under(crictd.run_dir) == []
-
-
-def boots_of(cd: Containerd, pod_id: str) -> int:
-    """How many times the shim launched a QEMU for the pod (its log, through containerd's)."""
-    return sum(f"pod {pod_id}: QEMU " in line
-               for line in cd.log_path.read_text(errors="replace").splitlines())
 
 
 def pod_dirs(crictd: CriContainerd) -> list[Path]:

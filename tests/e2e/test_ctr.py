@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.e2e.conftest import RUNTIME, CocoContainerd
+from tests.e2e.conftest import RUNTIME, CocoContainerd, pod_boots
 from tests.support.images import BUSYBOX_REF
 
 pytestmark = pytest.mark.e2e
@@ -28,9 +28,8 @@ def test_run_prints_output_from_the_guest_kernel(coco: CocoContainerd) -> None:
     assert lines[1] != subprocess.run(["uname", "-r"], capture_output=True,
                                       text=True).stdout.strip()
     # The VM booted once, early (from start's bundle), and Create adopted it.
-    log = coco.cd.log_path.read_text(errors="replace")
-    assert log.count(f"pod {cid}: QEMU ") == 1, coco.cd.log_tail()
-    assert "does not match Create" not in log
+    assert pod_boots(coco.cd, cid) == 1, coco.cd.log_tail()
+    assert "does not match Create" not in coco.cd.log_path.read_text(errors="replace")
 
 
 def test_run_returns_the_exit_code(coco: CocoContainerd) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import RUNTIME, CocoContainerd, coco_processes, describe
+from tests.e2e.conftest import RUNTIME, CocoContainerd, describe
+from tests.support.containerd import coco_processes
 from tests.support.images import BUSYBOX_REF
 from tests.support.netns import VethPair, netns_exists, sh, veth_pair
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import RUNTIME, CocoContainerd, coco_processes
+from tests.e2e.conftest import RUNTIME, CocoContainerd
 from tests.e2e.test_ctr import wait_stopped
+from tests.support.containerd import coco_processes
 from tests.support.images import BUSYBOX_REF
 
 pytestmark = pytest.mark.e2e

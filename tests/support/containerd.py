@@ -147,3 +147,20 @@ def shim_daemons(run_dir_marker: Path) -> list[psutil.Process]:
                 str(run_dir_marker) in environ.get("COCO_SHIM_RUN_DIR", ""):
             found.append(proc)
     return found
+
+
+def coco_processes(base: Path) -> list[int]:
+    """Processes started for this test base: shim daemons, QEMUs and vhost-device-vsock helpers
+    (base in their command line or environment), and containerd itself while it runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(base).encode() in cmdline or str(base).encode() in environ:
+            found.append(int(entry.name))
+    return found
