@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Final
 
-from shim.contract import Flags
+from shim.contract import Flags, decode_runtime_options
 from shim.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
 from shim.manager import ShimState
 from shim.sandbox import SandboxFactory
@@ -153,8 +153,6 @@ async def run(flags: Flags) -> int:
         tasks = TaskManager(load_factory(), forwarder, namespace=flags.namespace, spawn=spawn,
                             on_created=record_init_pid)
         if flags.early_boot:
-            from shim.contract import decode_runtime_options
-
             tasks.boot_early(flags.group or flags.id, Path(flags.bundle or os.getcwd()),
                              decode_runtime_options(bytes.fromhex(flags.runtime_options)))
         loop = asyncio.get_running_loop()

@@ -39,7 +39,10 @@ def timestamp(ns: int) -> timestamp_pb2.Timestamp:
 
 
 @dataclass(frozen=True)
-class TaskIO:
+class Stdio:
+    """A process's stdio as containerd names it: FIFO paths (empty: none) and whether it is a
+    terminal. The task domain's own (``shim.task.Stdio``); /tasks/create carries it as TaskIO."""
+
     stdin: str = ""
     stdout: str = ""
     stderr: str = ""
@@ -52,7 +55,7 @@ class TaskCreate:
     container_id: str
     bundle: str
     pid: int
-    io: TaskIO = field(default_factory=TaskIO)
+    io: Stdio = field(default_factory=Stdio)
 
     def to_proto(self) -> Message:
         return task_pb2.TaskCreate(

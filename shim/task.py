@@ -38,6 +38,7 @@ from shim.errors import (
     Unavailable,
     Unimplemented,
 )
+from shim.events import Stdio as Stdio  # the task domain's stdio, re-exported
 from shim.sandbox import (
     ContainerConfig,
     ContainerStats,
@@ -150,14 +151,6 @@ class PodRecord:
 
 
 @dataclass(frozen=True)
-class Stdio:
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
-
-
-@dataclass(frozen=True)
 class ProcessStatus:
     """What State reports."""
 
@@ -218,7 +211,7 @@ class CreateTask:
     id: str
     bundle: str
     rootfs: Sequence[Mount] = ()
-    stdio: Stdio = Stdio()
+    stdio: Stdio = field(default_factory=Stdio)
     checkpoint: str = ""
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
 
@@ -228,7 +221,7 @@ class ExecTask:
     container_id: str
     exec_id: str
     spec: Mapping[str, object]
-    stdio: Stdio = Stdio()
+    stdio: Stdio = field(default_factory=Stdio)
 
 
 # --- the manager ------------------------------------------------------------------------------
@@ -342,8 +335,7 @@ class TaskManager:
             self._on_created(request.id, init.pid)
         await self._publisher.publish(events.TaskCreate(
             container_id=request.id, bundle=request.bundle, pid=init.pid,
-            io=events.TaskIO(request.stdio.stdin, request.stdio.stdout, request.stdio.stderr,
-                             request.stdio.terminal)))
+            io=request.stdio))
         return init.pid
 
     async def _ensure_sandbox(self, sandbox_id: str, bundle: Path, spec: Mapping[str, object],
