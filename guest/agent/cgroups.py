@@ -40,7 +40,7 @@ def _number(path: Path) -> int | None:
         return None
 
 
-def _flat_keyed(path: Path) -> dict[str, int]:
+def flat_keyed(path: Path) -> dict[str, int]:
     """``key value`` lines (cpu.stat, memory.stat, memory.events)."""
     out: dict[str, int] = {}
     for line in (_read(path) or "").splitlines():
@@ -77,15 +77,15 @@ def _io_entries(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 def stats(cgroup: Path) -> dict[str, Any]:
     """The ``runc events --stats`` data of the cgroup at ``cgroup`` (cgroup v2)."""
-    cpu = _flat_keyed(cgroup / "cpu.stat")
-    memory_stat = _flat_keyed(cgroup / "memory.stat")
+    cpu = flat_keyed(cgroup / "cpu.stat")
+    memory_stat = flat_keyed(cgroup / "memory.stat")
     service_bytes, serviced = _io_entries(cgroup / "io.stat")
     memory: dict[str, Any] = {
         "usage": {
             "usage": _number(cgroup / "memory.current") or 0,
             "limit": _number(cgroup / "memory.max") or 0,
             "max": _number(cgroup / "memory.peak") or 0,
-            "failcnt": _flat_keyed(cgroup / "memory.events").get("max", 0),
+            "failcnt": flat_keyed(cgroup / "memory.events").get("max", 0),
         },
         "swap": {
             "usage": _number(cgroup / "memory.swap.current") or 0,

@@ -404,23 +404,19 @@ class Container:
         self.require("update")
         await self.runc.update(self.id, resources, self.bundle / "update.json")
 
+    def cgroup(self, cgroup_root: Path = cgroups.CGROUP_ROOT) -> Path:
+        """The container's cgroup directory: its cgroupsPath under ``cgroup_root``."""
+        return cgroup_root / self.cgroup_parent.lstrip("/") / self.id
+
     async def stats(self, cgroup_root: Path = cgroups.CGROUP_ROOT) -> dict[str, Any]:
         """Read from the cgroup v2 files (any runtime), else ``runc events --stats``."""
         self.require("stats")
         if cgroups.is_cgroup2(cgroup_root):
-            return cgroups.stats(cgroup_root / self.cgroup_parent.lstrip("/") / self.id)
+            return cgroups.stats(self.cgroup(cgroup_root))
         return await self.runc.stats(self.id)
 
-    def oom_kills(self, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-        events = cgroup_root / self.cgroup_parent.lstrip("/") / self.id / "memory.events"
-        try:
-            for line in events.read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+    def oom_kills(self, cgroup_root: Path = cgroups.CGROUP_ROOT) -> int:
+        return cgroups.flat_keyed(self.cgroup(cgroup_root) / "memory.events").get("oom_kill", 0)
 
     async def destroy(self, timeout: float | None) -> None:  # noqa: ASYNC109 - the RPC's own field
         """Kill whatever still runs, delete it from runc, close stdio, remove the bundle."""

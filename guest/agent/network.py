@@ -86,11 +86,9 @@ class Network:
 
     netlink: Callable[[], Netlink] = Netlink
 
-    def _index(self, nl: Netlink, device: str) -> int:
-        for link in nl.links():
-            if link.name == device:
-                return link.index
-        raise NotFound(f"no guest interface named {device!r}")
+    @staticmethod
+    def _indexes(nl: Netlink) -> dict[str, int]:
+        return {link.name: link.index for link in nl.links()}
 
     def _device_for(self, nl: Netlink, interface: Interface) -> LinkInfo:
         """The guest link an Interface means: by MAC, else by name, else by device."""
@@ -152,17 +150,17 @@ class Network:
                     nl.add_address(link.index, address.address, prefix)
                 nl.set_link(link.index, up=True)
                 current = self._interfaces(nl)
-            except (OSError, ValueError) as err:
-                if isinstance(err, OSError):
-                    raise _failure(what, err) from err
+            except OSError as err:
+                raise _failure(what, err) from err
+            except ValueError as err:
                 raise InvalidArgument(f"{what}: {err}") from err
         for found in current:
             if found.name == name:
                 return found
         raise NotFound(f"interface {name} vanished")
 
-    def _routes(self, nl: Netlink) -> list[Route]:
-        names = {link.index: link.name for link in nl.links()}
+    def _routes(self, nl: Netlink, indexes: dict[str, int]) -> list[Route]:
+        names = {index: name for name, index in indexes.items()}
         routes = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for found in nl.routes(family):
@@ -182,16 +180,16 @@ class Network:
     async def list_routes(self) -> list[Route]:
         with self.netlink() as nl:
             try:
-                return self._routes(nl)
+                return self._routes(nl, self._indexes(nl))
             except OSError as err:
                 raise _failure("list routes", err) from err
 
     async def update_routes(self, routes: Sequence[Route]) -> list[Route]:
         """Replace the routing table with routes: link routes first, then gateway routes."""
         with self.netlink() as nl:
-            indexes = {link.name: link.index for link in nl.links()}
+            indexes = self._indexes(nl)  # routes change no link: one dump serves the RPC
             try:
-                for route in self._routes(nl):
+                for route in self._routes(nl, indexes):
                     if route.device and route.device != "lo":
                         try:
                             nl.delete_route(
@@ -215,7 +213,7 @@ class Network:
                         scope=route.scope or None,
                         mtu=route.mtu,
                     )
-                return self._routes(nl)
+                return self._routes(nl, indexes)
             except OSError as err:
                 raise _failure("update routes", err) from err
             except ValueError as err:
@@ -223,14 +221,15 @@ class Network:
 
     async def add_neighbors(self, neighbors: Sequence[Neighbor]) -> None:
         with self.netlink() as nl:
+            indexes = self._indexes(nl)
             for neighbor in neighbors:
                 if not neighbor.address or not neighbor.device or not neighbor.lladdr:
                     raise InvalidArgument(f"incomplete ARP neighbor {neighbor}")
+                if neighbor.device not in indexes:
+                    raise NotFound(f"no guest interface named {neighbor.device!r}")
                 what = f"ARP neighbor {neighbor.address} on {neighbor.device}"
                 try:
-                    nl.replace_neighbor(
-                        self._index(nl, neighbor.device), neighbor.address, neighbor.lladdr
-                    )
+                    nl.replace_neighbor(indexes[neighbor.device], neighbor.address, neighbor.lladdr)
                 except OSError as err:
                     raise _failure(what, err) from err
                 except ValueError as err:

@@ -141,3 +141,11 @@ async def test_stats_read_the_cgroup2_files_else_ask_the_runtime(tmp_path: Path)
     (leaf / "pids.current").write_text("3\n")
     assert (await c.stats(cgroup_root=tmp_path))["pids"]["current"] == 3
     assert runc.calls == ["events --stats"]
+
+
+def test_oom_kills_come_from_memory_events(tmp_path: Path) -> None:
+    c = container()
+    assert c.oom_kills(cgroup_root=tmp_path) == 0  # no cgroup (yet): no kills
+    c.cgroup(tmp_path).mkdir(parents=True)
+    (c.cgroup(tmp_path) / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
+    assert c.oom_kills(cgroup_root=tmp_path) == 2
