@@ -24,7 +24,7 @@ import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from guest.agent import cgroups
 from guest.agent.errors import (
@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CGROUP_PARENT = "/coco"
 KILL_GRACE = 10.0  # RemoveContainer without a timeout waits this long after SIGKILL
+
+
+class SecretUnsealer(Protocol):
+    """Unseals ``sealed.`` env values and mounted files in the guest (guest.attestation's
+    DataHub); plaintext files go beneath ``secrets_dir``, inside the bundle."""
+
+    def unseal_spec(self, spec: dict[str, Any], secrets_dir: Path) -> dict[str, Any]: ...
 
 
 def validate_id(kind: str, value: str) -> str:
@@ -307,9 +314,18 @@ class Container:
         runc: Runc,
         reaper: Reaper,
         cgroup_parent: str = CGROUP_PARENT,
+        secrets: SecretUnsealer | None = None,
     ) -> Container:
         config = prepare_spec(spec, container_id, rootfs, cgroup_parent)
         write_bundle(bundle, rootfs, config)
+        if secrets is not None:  # sealed values are opened here, in the guest, before start
+            try:
+                unsealed = await asyncio.to_thread(secrets.unseal_spec, config, bundle / "sealed")
+            except Exception as err:  # the data hub's errors name the cause; the code says why
+                raise FailedPrecondition(f"container {container_id}: {err}") from err
+            if unsealed is not config:
+                (bundle / "config.json").write_text(json.dumps(unsealed))
+                config = unsealed
         container = cls(container_id, bundle, runc, reaper, storages, cgroup_parent=cgroup_parent)
         terminal = bool(config["process"].get("terminal"))
 

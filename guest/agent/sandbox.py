@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guest.agent.containers import Container, Process, validate_id
+from guest.agent.containers import Container, Process, SecretUnsealer, validate_id
 from guest.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -74,13 +74,20 @@ class FileCopy:
 
 class Sandbox:
     def __init__(
-        self, reaper: Reaper, paths: AgentPaths, *, runc_binary: str = "runc", manage_system: bool
+        self,
+        reaper: Reaper,
+        paths: AgentPaths,
+        *,
+        runc_binary: str = "runc",
+        manage_system: bool,
+        secrets: SecretUnsealer | None = None,
     ) -> None:
         self.reaper = reaper
         self.paths = paths
         self.runc = Runc(reaper, binary=runc_binary, root=paths.runc_root)
         self.storage = StorageManager()
         self.manage_system = manage_system  # set hostname/DNS: only inside the guest VM
+        self.secrets = secrets  # unseals sealed env values/files (guest.attestation), if any
         self.state = SandboxState.EMPTY
         self.sandbox_id = ""
         self.containers: dict[str, Container] = {}
@@ -169,6 +176,7 @@ class Sandbox:
                     runc=self.runc,
                     reaper=self.reaper,
                     cgroup_parent=self.paths.cgroup_parent,
+                    secrets=self.secrets,
                 )
                 undo.pop_all()
             container.init_exec_id = init_exec_id

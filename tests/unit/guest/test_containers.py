@@ -149,3 +149,56 @@ def test_oom_kills_come_from_memory_events(tmp_path: Path) -> None:
     c.cgroup(tmp_path).mkdir(parents=True)
     (c.cgroup(tmp_path) / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
     assert c.oom_kills(cgroup_root=tmp_path) == 2
+
+
+class CapturingRunc(FakeRunc):
+    """runc create reads the bundle's config.json (what the OCI runtime would run), then stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, Any] = {}
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, **_: Any) -> None:
+        import json
+
+        self.seen = json.loads((bundle / "config.json").read_text())
+        raise RuntimeFailure("stopped by the test after create")
+
+
+class FakeUnsealer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.dirs: list[Path] = []
+
+    def unseal_spec(self, spec: dict[str, Any], secrets_dir: Path) -> dict[str, Any]:
+        self.dirs.append(secrets_dir)
+        if self.fail:
+            raise ValueError("sealed secret refused: the JWS signature does not verify")
+        env = [e.replace("sealed.x", "opened") for e in spec["process"]["env"]]
+        return {**spec, "process": {**spec["process"], "env": env}}
+
+
+async def test_sealed_values_are_unsealed_before_the_runtime_sees_the_spec(
+    tmp_path: Path,
+) -> None:
+    runc = CapturingRunc()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    spec = {"process": {"args": ["true"], "env": ["A=sealed.x"]}}
+    unsealer = FakeUnsealer()
+    with pytest.raises(RuntimeFailure, match="stopped by the test"):
+        await Container.create("c1", spec, bundle=tmp_path / "b", rootfs=rootfs, storages=[],
+                               runc=runc, reaper=runc._reaper, secrets=unsealer)
+    assert runc.seen["process"]["env"] == ["A=opened"]
+    assert unsealer.dirs == [tmp_path / "b" / "sealed"]  # plaintext files live in the bundle
+
+
+async def test_an_unsealing_failure_names_the_container(tmp_path: Path) -> None:
+    runc = CapturingRunc()
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    spec = {"process": {"args": ["true"], "env": ["A=sealed.x"]}}
+    with pytest.raises(FailedPrecondition, match="container c1: sealed secret refused"):
+        await Container.create("c1", spec, bundle=tmp_path / "b", rootfs=rootfs, storages=[],
+                               runc=runc, reaper=runc._reaper, secrets=FakeUnsealer(fail=True))
+    assert runc.seen == {}  # the runtime never ran
