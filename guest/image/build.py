@@ -40,6 +40,11 @@ DEVICES = (
 PROJECT_PACKAGES = ("guest", "protocols")
 EXCLUDED_PROJECT_DIRS = {"guest/image"}
 PROTOBUF_DIRS = ("google/protobuf", "google/_upb")
+# Pure-Python libraries copied from the venv (no Debian bookworm package): RFC 8785 JCS.
+VENDORED_DIRS = ("rfc8785",)
+# Debian's python3-* packages live here; the agent runs with -S (no site), so it is on
+# PYTHONPATH explicitly (init and precompile).
+DIST_PACKAGES = "usr/lib/python3/dist-packages"
 
 
 def _lines(path: Path) -> list[str]:
@@ -97,7 +102,7 @@ class Recipe:
 
     def protobuf_files(self) -> list[tuple[str, Path]]:
         out: list[tuple[str, Path]] = []
-        for sub in PROTOBUF_DIRS:
+        for sub in (*PROTOBUF_DIRS, *VENDORED_DIRS):
             for path in sorted((self.site_packages / sub).rglob("*")):
                 if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyi":
                     out.append((path.relative_to(self.site_packages).as_posix(), path))
@@ -254,6 +259,7 @@ def install_busybox_links(root: Path) -> int:
 _PRECOMPILE = """
 import py_compile, sys
 import guest.agent.__main__, guest.agent.service
+import guest.attestation.components, guest.attestation.__main__
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None) and m.__file__.endswith(".py")})
 for path in files:
@@ -274,7 +280,8 @@ def precompile(root: Path) -> int:
     """Byte-compile the modules the agent imports, with the image's own interpreter."""
     result = subprocess.run(
         [_chroot(), str(root), "/usr/bin/python3.11", "-s", "-c", _PRECOMPILE],
-        env={"PYTHONPATH": f"/{PAYLOAD_DIR}", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+        env={"PYTHONPATH": f"/{PAYLOAD_DIR}:/{DIST_PACKAGES}", "PATH": "/usr/bin:/bin",
+             "PYTHONHASHSEED": "0"},
         capture_output=True,
         text=True,
         check=False,
