@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -111,6 +112,26 @@ def test_auth_attest_resource_over_https(setup: Setup) -> None:
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == setup.secret
     assert b"attested to https://198.18.77.1:8080 as sample" in done.stderr
+
+
+def test_guest_side_on_the_guest_images_python(setup: Setup, tmp_path: Path) -> None:
+    """The guest runs bookworm's python3.11 -S with Debian's python3-cryptography 38 and
+    rfc8785 vendored from the venv (guest/image/build.py): the same client, that way."""
+    import rfc8785
+
+    vendored = tmp_path / "vendored"
+    shutil.copytree(Path(rfc8785.__file__).parent, vendored / "rfc8785")
+    debian_python = Path("/usr/bin/python3.11")
+    assert Path("/usr/lib/python3/dist-packages/cryptography").is_dir(), (
+        "python3-cryptography missing: apt-get install python3-cryptography (make env)")
+    done = subprocess.run(
+        ["ip", "netns", "exec", setup.net.pod, "env",
+         f"PYTHONPATH={REPO}:/usr/lib/python3/dist-packages:{vendored}",
+         str(debian_python), "-S", "-m", "guest.attestation", "--initdata-dir",
+         str(setup.good), "--tee", "sample", "resource", "kbs:///default/secret/one"],
+        capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == setup.secret
 
 
 def test_initdata_mismatch_is_a_clear_403(setup: Setup) -> None:
