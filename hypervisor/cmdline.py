@@ -330,13 +330,16 @@ class VirtioBlk:
     format: str = "raw"
     transport: str = "pci"
     iommu_platform: bool = False
+    # "none" (O_DIRECT) suits image files; None keeps QEMU's default for small files on tmpfs.
+    cache: str | None = "none"
 
     def to_argv(self) -> list[str]:
         drive = f"drive-{self.id}"
         return [
             "-drive",
             opts("if=none", ("id", drive), ("file", self.path), ("format", self.format),
-                 ("readonly", self.readonly or None), ("cache", "none"), ("aio", "threads")),
+                 ("readonly", self.readonly or None), ("cache", self.cache),
+                 ("aio", "threads")),
             "-device",
             opts(f"virtio-blk-{self.transport}", ("id", self.id), ("drive", drive),
                  ("iommu_platform", self.iommu_platform or None)),
@@ -403,6 +406,10 @@ class VhostUserVsock:
         ]
 
 
+_CONSOLE_MODEL = {Arch.X86_64: "isa-serial", Arch.PPC64: "spapr-vty",
+                  Arch.S390X: "sclpconsole"}
+
+
 @dataclass(frozen=True)
 class SerialConsole:
     """The guest console, written to a file the host can read."""
@@ -412,12 +419,32 @@ class SerialConsole:
     id: str = "console0"
 
     def to_argv(self) -> list[str]:
-        model = {Arch.X86_64: "isa-serial", Arch.PPC64: "spapr-vty",
-                 Arch.S390X: "sclpconsole"}[self.arch]
         return [
             "-chardev", opts("file", ("id", self.id), ("path", self.path)),
-            "-device", opts(model, ("chardev", self.id)),
+            "-device", opts(_CONSOLE_MODEL[self.arch], ("chardev", self.id)),
         ]
+
+
+@dataclass(frozen=True)
+class RingbufConsole:
+    """The guest console kept in a fixed-size ring inside QEMU (QMP ``ringbuf-read``).
+
+    The debug console of a TEE profile: nothing grows on the host, whatever the guest prints.
+    ``size`` must be a power of two (QEMU's rule).
+    """
+
+    size: int
+    arch: Arch = Arch.X86_64
+    id: str = "console0"
+
+    def to_argv(self) -> list[str]:
+        return [
+            "-chardev", opts("ringbuf", ("id", self.id), ("size", self.size)),
+            "-device", opts(_CONSOLE_MODEL[self.arch], ("chardev", self.id)),
+        ]
+
+
+Console = SerialConsole | RingbufConsole
 
 
 @dataclass(frozen=True)
@@ -491,7 +518,7 @@ class QemuCommandLine:
     boot: DirectBoot | None = None
     confidential_guest: ConfidentialGuest | None = None
     devices: Sequence[QemuArgs] = field(default_factory=tuple)
-    serial: SerialConsole | None = None
+    serial: Console | None = None
     qmp: QmpSocket | None = None
     no_reboot: bool = True
     start_paused: bool = True

@@ -28,7 +28,9 @@ from hypervisor.profile import (
     TdxParams,
     TeeKind,
     TeeParams,
+    tee_safety_conflicts,
 )
+from protocols import initdata
 
 DEFAULT_VARIABLES: Mapping[str, str] = {"guest_image_dir": "/usr/share/coco-shim/guest"}
 ACCELERATORS = ("kvm", "tcg", "auto")
@@ -56,10 +58,14 @@ _HYPERVISOR_KEYS: dict[str, tuple[type, bool]] = {
     "firmware": (str, False),
     "firmware_feature": (str, False),
     "vsock": (str, False),
+    "allow_debug": (bool, False),
+    "debug_console_bytes": (int, False),
 }
 _RUNTIME_KEYS: dict[str, tuple[type, bool]] = {
     "dial_timeout": (float, False),
     "enable_annotations": (list, False),
+    "initdata": (str, False),
+    "allow_unbound_initdata": (bool, False),
 }
 _SEV_KEYS: dict[str, tuple[type, bool]] = {
     "policy": (int, False),
@@ -195,6 +201,19 @@ class _Paths:
         self.check(key, path)
         return path
 
+    def resolve_host(self, key: str, raw: str | None) -> Path | None:
+        """A file the shim itself reads (not QEMU): checked on the host, not in qemu_root."""
+        if raw is None:
+            return None
+        try:
+            path = Path(raw.format_map(_Strict(self.variables, self.source, key, raw)))
+        except (ValueError, IndexError) as err:
+            raise ConfigError(self.source, key, f"bad placeholder: {err}", raw) from err
+        path = path if path.is_absolute() else self.base_dir / path
+        if self.check_files and not path.is_file():
+            raise ConfigError(self.source, key, "file does not exist", str(path))
+        return path
+
     def check(self, key: str, path: Path) -> None:
         if not self.check_files:
             return
@@ -310,9 +329,13 @@ def parse_profile(
     if dial_timeout <= 0:
         raise ConfigError(source, "runtime.dial_timeout", "must be positive", dial_timeout)
 
+    initdata_file = paths.resolve_host("runtime.initdata", rt.opt("initdata", str))
+    if initdata_file is not None and check_files:
+        _check_initdata_file(source, initdata_file)
+
     qemu = paths.resolve("hypervisor.qemu_path", h.opt("qemu_path", str))
     assert qemu is not None  # required key
-    return RuntimeProfile(
+    profile = RuntimeProfile(
         name=Path(source).stem,
         tee=tee,
         arch=arch,
@@ -336,7 +359,24 @@ def parse_profile(
         vsock=h.choice("vsock", VSOCK_KINDS, "auto"),
         source=source,
         qemu_root=qemu_root,
+        allow_debug=h.get("allow_debug", bool, False),
+        debug_console_bytes=h.opt("debug_console_bytes", int),
+        allow_unbound_initdata=rt.get("allow_unbound_initdata", bool, False),
+        initdata=initdata_file,
     )
+    for conflict in tee_safety_conflicts(profile):
+        raise ConfigError(source, conflict.key, conflict.message, conflict.value)
+    return profile
+
+
+def _check_initdata_file(source: str, path: Path) -> None:
+    try:
+        initdata.from_toml(path.read_bytes())
+    except OSError as err:
+        raise ConfigError(source, "runtime.initdata", f"cannot read: {err.strerror}",
+                          str(path)) from err
+    except initdata.InitdataError as err:
+        raise ConfigError(source, "runtime.initdata", err.problem, str(path)) from err
 
 
 def load_profile(

@@ -2,14 +2,20 @@
 
 A :class:`RuntimeProfile` (usually loaded from ``firmware-configs/*.toml``) says what kind of VM
 to build; a :class:`VmInstance` carries what is specific to one VM (run directory, vsock, disks,
-NICs). :func:`build_command_line` checks every invariant first and raises
+NICs, initdata). :func:`build_command_line` checks every invariant first and raises
 :class:`~hypervisor.errors.InvariantError` naming the conflict, so an impossible combination
 never becomes a silently wrong VM.
+
+On a TEE the host is the adversary: :func:`tee_safety_conflicts` lists the settings that would
+let the host debug the guest, swap its unmeasured parts or read its console, each naming the
+profile key (the loader turns them into ``ConfigError``; ``check_invariants`` refuses them for
+profiles built in code).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +25,7 @@ from hypervisor.cmdline import (
     Arch,
     Bios,
     ConfidentialGuest,
+    Console,
     Cpu,
     DirectBoot,
     Firmware,
@@ -31,6 +38,7 @@ from hypervisor.cmdline import (
     QemuArgs,
     QemuCommandLine,
     QmpSocket,
+    RingbufConsole,
     S390PvGuest,
     SerialConsole,
     SevGuest,
@@ -47,14 +55,26 @@ from hypervisor.cmdline import (
     VsockSocketAddress,
 )
 from hypervisor.errors import InvariantError
+from protocols.initdata import SNP_HOST_DATA_BYTES, TDX_MRCONFIGID_BYTES, Initdata
 
+SEV_POLICY_NODBG = 0x1  # bit 0: the host may not debug the guest
 SEV_POLICY_ES = 0x4
 SNP_POLICY_RESERVED_ONE = 0x20000  # bit 17 must be 1 (SNP ABI)
+SNP_POLICY_MIGRATE_MA = 1 << 18  # a migration agent may be associated (exports guest memory)
+SNP_POLICY_DEBUG = 1 << 19  # the host may debug the guest
 SNP_POLICY_DEFAULT = 0x30000  # bit 17 + SMT allowed
-SNP_HOST_DATA_LEN = 32
+SNP_HOST_DATA_LEN = SNP_HOST_DATA_BYTES
 SNP_ID_BLOCK_LEN = 96
 SNP_ID_AUTH_MAX = 4096
-TDX_MR_LEN = 48
+TDX_MR_LEN = TDX_MRCONFIGID_BYTES
+TDX_ATTR_DEBUG = 0x1  # TD attributes bit 0: the host may debug the TD
+# QEMU splits option values on commas: names are refused outside this set.
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+KERNEL_PARAMS_ANNOTATION = "io.katacontainers.config.hypervisor.kernel_params"
+# Kernel parameters that route guest output to a host-readable device.
+_CONSOLE_PARAMS = ("console=", "earlycon", "earlyprintk")
+DEBUG_CONSOLE_MIN = 4096
+DEBUG_CONSOLE_MAX = 16 * 1024 * 1024
 
 
 class TeeKind(enum.Enum):
@@ -96,6 +116,14 @@ class TeeKind(enum.Enum):
             TeeKind.S390_PV: "s390-pv-guest",
             TeeKind.PEF: "pef-guest",
         }[self]
+
+    @property
+    def initdata_field(self) -> tuple[str, int] | None:
+        """The launch field initdata's digest is bound to (name, bytes), if this TEE has one."""
+        return {
+            TeeKind.SNP: ("host-data", SNP_HOST_DATA_LEN),
+            TeeKind.TDX: ("mrconfigid", TDX_MR_LEN),
+        }.get(self)
 
     @property
     def firmware_feature(self) -> str | None:
@@ -181,6 +209,11 @@ class RuntimeProfile:
     vsock: str = "auto"  # "kernel" | "hybrid" | "auto" | "none"
     source: str = "<code>"
     qemu_root: Path = Path("/")  # filesystem root QEMU sees (chroot); paths are inside it
+    # TEE escape hatches, each explicit in the profile and logged for every VM that uses it.
+    allow_debug: bool = False  # SEV without NODBG, SNP DEBUG, TDX DEBUG
+    debug_console_bytes: int | None = None  # console kept in a QEMU ring of this many bytes
+    allow_unbound_initdata: bool = False  # deliver initdata where no launch field binds it
+    initdata: Path | None = None  # default initdata TOML (host path) when a pod brings none
 
 
 @dataclass(frozen=True)
@@ -214,14 +247,115 @@ class VmInstance:
     sev_reduced_phys_bits: int | None = None
     start_paused: bool = True
     log_dir: Path | None = None  # console log here instead of the run directory
+    initdata: Initdata | None = None  # bound to host-data/mrconfigid, delivered as a disk
 
     @property
     def qmp_socket(self) -> Path:
         return self.run_dir / "qmp.sock"
 
     @property
+    def initdata_disk(self) -> Path:
+        """The raw initdata disk image (written 0600 by the launcher before QEMU starts)."""
+        return self.run_dir / "initdata.img"
+
+    @property
     def console_log(self) -> Path:
         return (self.log_dir or self.run_dir) / "console.log"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A refused profile setting: the TOML key it comes from, why, and the value."""
+
+    key: str
+    message: str
+    value: object = None
+
+
+def _kernel_console_params(params: str) -> list[str]:
+    return [p for p in params.split() if p.startswith(_CONSOLE_PARAMS)]
+
+
+def _sev_policy(tee: TeeKind, params: SevParams) -> int:
+    if params.policy is not None:
+        return params.policy
+    return 0x5 if tee is TeeKind.SEV_ES else 0x1
+
+
+def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
+    """Settings refused because they let the host debug, swap or watch the guest.
+
+    Every profile: ``machine_type``/``cpu_model`` limited to ``[A-Za-z0-9._-]`` (a comma would
+    smuggle extra QEMU options in). TEE profiles: debug policy bits (unless ``allow_debug``),
+    SNP MIGRATE_MA, direct kernel boot without ``kernel_hashes``, a console without the capped
+    ``debug_console_bytes``, vsock ``none``, the kernel_params annotation, and a default
+    initdata file where no launch field can bind it (unless ``allow_unbound_initdata``).
+    """
+    out: list[Conflict] = []
+    for key, value in (("hypervisor.machine_type", profile.machine_type),
+                       ("hypervisor.cpu_model", profile.cpu_model)):
+        if value is not None and not SAFE_NAME.fullmatch(value):
+            out.append(Conflict(key, "may only contain letters, digits, '.', '_' and '-' "
+                                "(QEMU would read anything else as more options)", value))
+    size = profile.debug_console_bytes
+    if size is not None and not (DEBUG_CONSOLE_MIN <= size <= DEBUG_CONSOLE_MAX
+                                 and size & (size - 1) == 0):
+        out.append(Conflict("hypervisor.debug_console_bytes", "must be a power of two from "
+                            f"{DEBUG_CONSOLE_MIN} to {DEBUG_CONSOLE_MAX}", size))
+    tee = profile.tee
+    if not tee.confidential:
+        return out
+    params = profile.tee_params
+    debug_ok = profile.allow_debug
+    if isinstance(params, SevParams) and tee in (TeeKind.SEV, TeeKind.SEV_ES):
+        policy = _sev_policy(tee, params)
+        if not policy & SEV_POLICY_NODBG and not debug_ok:
+            out.append(Conflict("sev.policy", f"policy {policy:#x} lacks NODBG (bit 0): the "
+                                "host could debug the guest (allow_debug = true for a debug "
+                                "profile)", policy))
+    if isinstance(params, SnpParams) and tee is TeeKind.SNP:
+        if params.policy & SNP_POLICY_DEBUG and not debug_ok:
+            out.append(Conflict("snp.policy", f"policy {params.policy:#x} sets DEBUG (bit 19): "
+                                "the host could debug the guest (allow_debug = true for a "
+                                "debug profile)", params.policy))
+        if params.policy & SNP_POLICY_MIGRATE_MA:
+            out.append(Conflict("snp.policy", f"policy {params.policy:#x} sets MIGRATE_MA (bit "
+                                "18): a migration agent could export the guest's memory",
+                                params.policy))
+    attributes = params.attributes if isinstance(params, TdxParams) else None
+    if attributes is not None and attributes & TDX_ATTR_DEBUG and not debug_ok:
+        out.append(Conflict("tdx.attributes", f"attributes {attributes:#x} set DEBUG (bit 0): "
+                            "the host could read and change the TD's state (allow_debug = "
+                            "true for a debug profile)", attributes))
+    if isinstance(params, SevParams | SnpParams) and profile.kernel is not None and (
+            params.kernel_hashes is False):
+        section = "snp" if tee is TeeKind.SNP else "sev"
+        out.append(Conflict(f"{section}.kernel_hashes", "direct kernel boot without "
+                            "kernel_hashes: the host could swap the kernel, initrd or command "
+                            "line unmeasured", False))
+    consoles = _kernel_console_params(profile.kernel_params)
+    if consoles and profile.debug_console_bytes is None:
+        out.append(Conflict("hypervisor.kernel_params", f"{' '.join(consoles)} sends guest "
+                            "output to the host; a TEE console needs the explicit, capped "
+                            "debug_console_bytes", profile.kernel_params))
+    if profile.vsock == "none":
+        out.append(Conflict("hypervisor.vsock", "a TEE guest without vsock cannot be reached "
+                            "by the shim (use \"kernel\")", profile.vsock))
+    if KERNEL_PARAMS_ANNOTATION in profile.enable_annotations:
+        out.append(Conflict("runtime.enable_annotations", f"{KERNEL_PARAMS_ANNOTATION} would "
+                            "let a pod change the measured kernel command line",
+                            KERNEL_PARAMS_ANNOTATION))
+    if profile.initdata is not None and tee.initdata_field is None and (
+            not profile.allow_unbound_initdata):
+        out.append(Conflict("runtime.initdata", unbound_initdata_message(tee),
+                            str(profile.initdata)))
+    return out
+
+
+def unbound_initdata_message(tee: TeeKind) -> str:
+    return (f"{tee.value} has no launch field to bind initdata to (only snp host-data and tdx "
+            "mrconfigid do): the guest could not tell it from the host's; set "
+            "allow_unbound_initdata = true to deliver it unmeasured anyway")
 
 
 @dataclass
@@ -272,6 +406,10 @@ def check_invariants(profile: RuntimeProfile, vm: VmInstance) -> None:
                     f"{type(profile.tee_params).__name__}")
     if isinstance(vm.vsock, HybridVsock):
         chk.require(profile.arch is Arch.X86_64, "hybrid vsock is only wired for x86_64")
+    for conflict in tee_safety_conflicts(profile):
+        chk.conflicts.append(f"{conflict.key}: {conflict.message}")
+    if vm.initdata is not None:
+        _check_initdata(chk, profile, vm.initdata)
     if tee.confidential:
         _check_confidential(chk, profile, vm, accel)
     params = profile.tee_params
@@ -292,6 +430,19 @@ def check_invariants(profile: RuntimeProfile, vm: VmInstance) -> None:
     chk.raise_if_any()
 
 
+def _check_initdata(chk: _Checker, profile: RuntimeProfile, initdata: Initdata) -> None:
+    tee = profile.tee
+    if tee.confidential and tee.initdata_field is None:
+        chk.require(profile.allow_unbound_initdata, unbound_initdata_message(tee))
+    params = profile.tee_params
+    if isinstance(params, SnpParams):
+        chk.require(params.host_data is None, "host_data is set by the profile and initdata "
+                    "binds it too: remove snp.host_data")
+    if isinstance(params, TdxParams):
+        chk.require(params.mrconfigid is None, "mrconfigid is set by the profile and initdata "
+                    "binds it too: remove tdx.mrconfigid")
+
+
 def _check_confidential(chk: _Checker, profile: RuntimeProfile, vm: VmInstance,
                         accel: str) -> None:
     chk.require(accel == "kvm", f"confidential guests need accelerator kvm, got {accel!r}")
@@ -308,6 +459,10 @@ def _check_confidential(chk: _Checker, profile: RuntimeProfile, vm: VmInstance,
                 "kernel vhost-vsock only")
     chk.require(profile.vsock != "hybrid",
                 "vsock = \"hybrid\" needs shared guest memory; use \"kernel\"")
+    consoles = _kernel_console_params(vm.extra_kernel_params)
+    chk.require(not consoles or profile.debug_console_bytes is not None,
+                f"extra kernel parameters {' '.join(consoles)} send guest output to the host; "
+                "a TEE console needs the explicit, capped debug_console_bytes")
 
 
 def _check_sev(chk: _Checker, profile: RuntimeProfile, params: SevParams) -> None:
@@ -383,12 +538,12 @@ def confidential_object(profile: RuntimeProfile, vm: VmInstance) -> Confidential
     if tee is TeeKind.NONE:
         return None
     gid = _GUEST_ID[tee]
+    bound = None if vm.initdata is None or tee.initdata_field is None else (
+        vm.initdata.fitted(tee.initdata_field[1]))
     if isinstance(params, SevParams):
         cbit, bits = _sev_geometry(profile, vm, params.cbitpos, params.reduced_phys_bits)
-        default_policy = 0x5 if tee is TeeKind.SEV_ES else 0x1
         return SevGuest(
-            id=gid, cbitpos=cbit, reduced_phys_bits=bits,
-            policy=params.policy if params.policy is not None else default_policy,
+            id=gid, cbitpos=cbit, reduced_phys_bits=bits, policy=_sev_policy(tee, params),
             kernel_hashes=direct_boot if params.kernel_hashes is None else params.kernel_hashes,
             legacy_vm_type=params.legacy_vm_type,
         )
@@ -397,12 +552,14 @@ def confidential_object(profile: RuntimeProfile, vm: VmInstance) -> Confidential
         return SnpGuest(
             id=gid, cbitpos=cbit, reduced_phys_bits=bits, policy=params.policy,
             kernel_hashes=direct_boot if params.kernel_hashes is None else params.kernel_hashes,
-            host_data=params.host_data, id_block=params.id_block, id_auth=params.id_auth,
+            host_data=bound if bound is not None else params.host_data,
+            id_block=params.id_block, id_auth=params.id_auth,
             author_key_enabled=params.author_key_enabled,
         )
     if isinstance(params, TdxParams):
         return TdxGuest(
-            id=gid, sept_ve_disable=params.sept_ve_disable, mrconfigid=params.mrconfigid,
+            id=gid, sept_ve_disable=params.sept_ve_disable,
+            mrconfigid=bound if bound is not None else params.mrconfigid,
             mrowner=params.mrowner, mrownerconfig=params.mrownerconfig,
             quote_generation_socket=params.quote_generation_socket,
             attributes=params.attributes,
@@ -446,9 +603,27 @@ def _with_transport(device: QemuArgs, transport: str, iommu: bool) -> QemuArgs:
     return device
 
 
+def _console(profile: RuntimeProfile, vm: VmInstance) -> Console | None:
+    """A capped ring when the profile asks for one; a file for development VMs; on a TEE
+    nothing at all (the host must not read what the guest prints)."""
+    if profile.debug_console_bytes is not None:
+        return RingbufConsole(profile.debug_console_bytes, profile.arch)
+    if profile.tee.confidential:
+        return None
+    return SerialConsole(vm.console_log, profile.arch)
+
+
+def kernel_append(profile: RuntimeProfile, vm: VmInstance) -> str:
+    """The guest kernel command line: the profile's parameters, then the VM's extra ones."""
+    return " ".join(p for p in (profile.kernel_params, vm.extra_kernel_params) if p)
+
+
 def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLine:
     """Compose the QEMU command line for one VM of this profile (invariants checked first)."""
     check_invariants(profile, vm)
+    if profile.tee.confidential and vm.vsock is None:
+        raise InvariantError(profile.tee.value, "no vsock device: a TEE guest's agent would be "
+                             "unreachable (vsock resolved to none: is /dev/vhost-vsock there?)")
     accel = _accel(profile, vm)
     transport = profile.arch.virtio_transport
     # Confidential guests refuse virtio devices without VIRTIO_F_ACCESS_PLATFORM (bounce
@@ -461,6 +636,9 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
     devices: list[QemuArgs] = []
     if profile.image is not None:
         devices.append(VirtioBlk("image0", profile.image, readonly=True))
+    if vm.initdata is not None:
+        # Read-only and tiny: QEMU's default cache (no O_DIRECT, which tmpfs may refuse).
+        devices.append(VirtioBlk("initdata", vm.initdata_disk, readonly=True, cache=None))
     devices += list(vm.disks) + list(vm.nics)
     if isinstance(vm.vsock, KernelVsock):
         devices.append(VhostVsock("vsock0", vm.vsock.guest_cid, vm.vsock.vhost_fd))
@@ -469,7 +647,7 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
     devices += list(vm.shares)
     devices = [_with_transport(d, transport, iommu) for d in devices]
 
-    append = " ".join(p for p in (profile.kernel_params, vm.extra_kernel_params) if p)
+    append = kernel_append(profile, vm)
     boot = None
     if profile.kernel is not None:
         boot = DirectBoot(profile.kernel, profile.initrd, append)
@@ -489,7 +667,7 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
         boot=boot,
         confidential_guest=confidential_object(profile, vm),
         devices=tuple(devices),
-        serial=SerialConsole(vm.console_log, profile.arch),
+        serial=_console(profile, vm),
         qmp=QmpSocket(vm.qmp_socket),
         no_reboot=True,
         start_paused=vm.start_paused,
@@ -498,6 +676,7 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
 
 __all__ = [
     "Bios",
+    "Conflict",
     "HybridVsock",
     "KernelVsock",
     "NinePShare",
@@ -511,4 +690,6 @@ __all__ = [
     "VmInstance",
     "build_command_line",
     "check_invariants",
+    "kernel_append",
+    "tee_safety_conflicts",
 ]

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from hypervisor.cmdline import QemuCommandLine, Share, VirtioBlk, VirtioNetTap
 from hypervisor.errors import ExitReason, QemuError, VmExited
+from hypervisor.initdata import write_disk
 from hypervisor.monitor import QmpMonitor
 from hypervisor.probe import sev_geometry
 from hypervisor.profile import (
@@ -43,6 +44,7 @@ from hypervisor.vsock import (
     allocate_guest_cid,
     kernel_vsock_available,
 )
+from protocols.initdata import Initdata
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +356,7 @@ class LaunchOptions:
     disks: tuple[VirtioBlk, ...] = ()
     nics: tuple[VirtioNetTap, ...] = ()  # their tap/vhost fds are passed to QEMU
     shares: tuple[Share, ...] = ()  # non-confidential profiles only (invariant)
+    initdata: Initdata | None = None  # see hypervisor.initdata.resolve_initdata
 
 
 def choose_vsock(profile: RuntimeProfile) -> str:
@@ -369,7 +372,8 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
     """Ordered start with rollback: check → run dir → vsock → QEMU (-S) → QMP → cont."""
     # Refuse impossible combinations before creating anything.
     check_invariants(profile, VmInstance(run_dir=options.run_root, accel=options.accel,
-                                         shares=options.shares))
+                                         shares=options.shares, initdata=options.initdata))
+    _log_escape_hatches(profile, options)
     cbitpos: int | None = None
     reduced_phys_bits: int | None = None
     params = profile.tee_params
@@ -383,6 +387,8 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
         stack.callback(shutil.rmtree, run_dir, True)
         log_dir = options.log_dir or run_dir
         log_dir.mkdir(parents=True, exist_ok=True)
+        if options.initdata is not None:
+            write_disk(VmInstance(run_dir=run_dir).initdata_disk, options.initdata)
 
         vsock: KernelVsock | HybridVsock | None = None
         channel: AgentChannel | None = None
@@ -409,7 +415,8 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                               disks=options.disks, nics=options.nics, shares=options.shares,
                               extra_kernel_params=options.extra_kernel_params,
                               accel=options.accel, log_dir=options.log_dir,
-                              sev_cbitpos=cbitpos, sev_reduced_phys_bits=reduced_phys_bits)
+                              sev_cbitpos=cbitpos, sev_reduced_phys_bits=reduced_phys_bits,
+                              initdata=options.initdata)
         cmdline: QemuCommandLine = build_command_line(profile, instance)
         vm = QemuVm([*options.argv_prefix, *cmdline.to_argv()], run_dir,
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
@@ -419,6 +426,23 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
             vm.helper_pids.append(backend.pid)
     await vm.start()  # on failure, start() releases what the stack held
     return vm
+
+
+def _log_escape_hatches(profile: RuntimeProfile, options: LaunchOptions) -> None:
+    """Every VM launched under a TEE escape hatch says so in the log."""
+    if not profile.tee.confidential:
+        return
+    if profile.allow_debug:
+        log.warning("VM %s: runtime profile %s sets allow_debug = true: debug policy bits are "
+                    "accepted for this TEE guest", options.name, profile.source)
+    if profile.debug_console_bytes is not None:
+        log.warning("VM %s: runtime profile %s sets debug_console_bytes = %d: the guest console "
+                    "is readable by the host", options.name, profile.source,
+                    profile.debug_console_bytes)
+    if options.initdata is not None and profile.tee.initdata_field is None:
+        log.warning("VM %s: runtime profile %s sets allow_unbound_initdata = true: initdata is "
+                    "delivered but %s has no launch field to bind it", options.name,
+                    profile.source, profile.tee.value)
 
 
 def _make_run_dir(root: Path, name: str) -> str:

@@ -20,8 +20,10 @@ import pytest
 
 from hypervisor.config import load_profile, parse_profile
 from hypervisor.errors import InvariantError, ProbeError
+from hypervisor.initdata import write_disk
 from hypervisor.profile import KernelVsock, RuntimeProfile, VmInstance, build_command_line
 from hypervisor.vm import LaunchOptions, launch_vm
+from protocols import initdata
 from tests import envinfo
 from tests.integration.hypervisor.sidqemu import (
     guest_dir,
@@ -140,6 +142,36 @@ async def test_s390_pv_profile_structurally(root: Path) -> None:
     assert await _check_properties(root, "qemu-system-s390x", rest) == []
 
 
+INITDATA = b'version = "0.1.0"\nalgorithm = "sha384"\n[data]\n"aa.toml" = "x"\n'
+
+
+@pytest.mark.parametrize(("name", "field"), [("qemu-snp", "host-data"),
+                                             ("qemu-tdx", "mrconfigid")])
+async def test_initdata_binding_passes_qemu_11(name: str, field: str, root: Path) -> None:
+    """host-data (SNP, 32 bytes) / mrconfigid (TDX, 48 bytes) from initdata, plus the read-only
+    initdata disk: QEMU 11.1 parses them, knows every property, stops only at the hardware."""
+    doc = initdata.from_toml(INITDATA)
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with guest_dir(root) as guest:
+            vm = VmInstance(run_dir=guest / "run", vsock=KernelVsock(3, fd), initdata=doc)
+            argv = build_command_line(load(name, root, guest), vm).to_argv()
+            write_disk(root / vm.initdata_disk.relative_to("/"), doc)
+            result = run_in_root(root, argv, pass_fds=[fd])
+    finally:
+        os.close(fd)
+    bound = base64.b64encode(doc.fitted(32 if field == "host-data" else 48)).decode()
+    obj = argv[argv.index("-object") + 1]
+    assert (f"{field}={bound}" in obj) if field == "host-data" else (
+        f'"{field}":"{bound}"' in obj)
+    assert "id=drive-initdata" in " ".join(argv)
+    print(f"{name}: exit {result.returncode}: {result.stderr.strip()}")
+    assert result.returncode == 1
+    assert re.search(HARDWARE_STEP[name], result.stderr), result.stderr
+    assert not PARSE_ERRORS.search(result.stderr), result.stderr
+    assert await _check_properties(root, "qemu-system-x86_64", option_groups(argv)) == []
+
+
 HOST_DATA_31 = '[snp]\nhost_data = "' + base64.b64encode(bytes(31)).decode() + '"\n'
 
 
@@ -153,8 +185,8 @@ def test_wrong_value_refused_before_qemu_runs(root: Path, tmp_path: Path) -> Non
 
 
 async def test_launch_refuses_wrong_value_without_spawning(root: Path, tmp_path: Path) -> None:
-    text = (CONFIGS / "qemu-snp.toml").read_text().replace("[snp]\n", HOST_DATA_31).replace(
-        'vsock = "kernel"', 'vsock = "none"')
+    # vsock stays "kernel": the refusal comes before any CID is allocated.
+    text = (CONFIGS / "qemu-snp.toml").read_text().replace("[snp]\n", HOST_DATA_31)
     with guest_dir(root) as guest:
         profile = parse_profile(text, "qemu-snp-bad.toml",
                                 variables={"guest_image_dir": str(guest)}, qemu_root=root)
@@ -166,8 +198,9 @@ async def test_launch_refuses_wrong_value_without_spawning(root: Path, tmp_path:
 
 async def test_missing_sev_geometry_is_probed_and_failure_named(root: Path,
                                                                 tmp_path: Path) -> None:
+    # The geometry probe runs before vsock is set up, so "kernel" needs no /dev/vhost-vsock.
     text = (CONFIGS / "qemu-snp.toml").read_text().replace("cbitpos = 51\n", "").replace(
-        "reduced_phys_bits = 1\n", "").replace('vsock = "kernel"', 'vsock = "none"')
+        "reduced_phys_bits = 1\n", "")
     with guest_dir(root) as guest:
         profile = parse_profile(text, "qemu-snp-probe.toml",
                                 variables={"guest_image_dir": str(guest)}, qemu_root=root)

@@ -11,7 +11,14 @@ from hypervisor.cmdline import Arch, Bios, Pflash, UnixSocketAddress, VsockSocke
 from hypervisor.config import load_profile, parse_profile
 from hypervisor.errors import ConfigError
 from hypervisor.firmware import find_firmware
-from hypervisor.profile import SevParams, SnpParams, TdxParams, TeeKind, VmInstance
+from hypervisor.profile import (
+    KernelVsock,
+    SevParams,
+    SnpParams,
+    TdxParams,
+    TeeKind,
+    VmInstance,
+)
 from hypervisor.profile import build_command_line as build
 
 CONFIGS = Path(__file__).resolve().parents[3] / "firmware-configs"
@@ -67,8 +74,11 @@ def test_shipped_profile_loads_and_builds(name: str, root: Path) -> None:
     assert p.name == name
     assert p.qemu_root == root
     accel = "tcg" if p.accel == "auto" else None
-    argv = build(p, VmInstance(run_dir=Path("/run/x"), accel=accel)).to_argv()
+    argv = build(p, VmInstance(run_dir=Path("/run/x"), accel=accel,
+                               vsock=KernelVsock(3, 9))).to_argv()
     assert argv[0] == str(p.qemu)
+    if p.tee.confidential:  # TEE profiles ship no console and no console= (the host is out)
+        assert "-chardev" not in argv and "console=" not in " ".join(argv)
 
 
 def test_shipped_profiles_cover_every_tee(root: Path) -> None:

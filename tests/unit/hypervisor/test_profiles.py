@@ -38,9 +38,11 @@ HOST_DATA = bytes(range(32))
 
 
 def profile(tee: TeeKind, **kw: object) -> RuntimeProfile:
+    # TEE guests get no console (the host must not read them): no console= either.
     base: dict[str, object] = dict(
         name=tee.value, tee=tee, qemu=Path("/usr/bin/qemu-system-x86_64"),
-        kernel=Path("/g/vmlinuz"), initrd=Path("/g/initrd"), kernel_params="console=ttyS0",
+        kernel=Path("/g/vmlinuz"), initrd=Path("/g/initrd"),
+        kernel_params="panic=1" if tee.confidential else "console=ttyS0",
         vcpus=2, memory_mib=2048,
     )
     base.update(kw)
@@ -60,8 +62,7 @@ PROFILES: dict[str, RuntimeProfile] = {
                                         quote_generation_socket=VsockSocketAddress(2, 4050))),
     "s390-pv": profile(TeeKind.S390_PV, arch=Arch.S390X, initrd=None, kernel_params="",
                        qemu=Path("/usr/bin/qemu-system-s390x")),
-    "pef": profile(TeeKind.PEF, arch=Arch.PPC64, kernel_params="console=hvc0",
-                   qemu=Path("/usr/bin/qemu-system-ppc64")),
+    "pef": profile(TeeKind.PEF, arch=Arch.PPC64, qemu=Path("/usr/bin/qemu-system-ppc64")),
 }
 
 COMMON_HEAD = "-name coco -no-user-config -nodefaults -display none"
@@ -75,6 +76,7 @@ SNP_OBJ = ("sev-snp-guest,id=snp0,cbitpos=51,reduced-phys-bits=1,policy=0x30000,
 TDX_OBJ = ('{"qom-type":"tdx-guest","id":"tdx0","sept-ve-disable":true,"mrconfigid":"'
            + "A" * 64 + '","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}')
 X86_BOOT = "-kernel /g/vmlinuz -initrd /g/initrd -append console=ttyS0"
+TEE_BOOT = "-kernel /g/vmlinuz -initrd /g/initrd -append panic=1"
 KVSOCK_PCI = "-device vhost-vsock-pci,id=vsock0,guest-cid=7,vhostfd=9,iommu_platform=on"
 BLK_PCI_IOMMU = "-device virtio-blk-pci,id=disk0,drive=drive-disk0,iommu_platform=on"
 
@@ -93,42 +95,40 @@ EXPECTED = {
         -machine q35,confidential-guest-support=sev0,smm=off -accel kvm -cpu EPYC-v4
         -smp 2 -m 2048M
         -object {SEV_OBJ.format("0x1", "legacy-vm-type=off")}
-        -bios /fw/OVMF.amdsev.fd {X86_BOOT} {SERIAL_X86}
+        -bios /fw/OVMF.amdsev.fd {TEE_BOOT}
         {DISK} {BLK_PCI_IOMMU} {KVSOCK_PCI} {COMMON_TAIL}""",
     "sev-es": f"""
         /usr/bin/qemu-system-x86_64 {COMMON_HEAD}
         -machine q35,confidential-guest-support=sev0,smm=off -accel kvm -cpu EPYC-v4
         -smp 2 -m 2048M
         -object {SEV_OBJ.format("0x5", "legacy-vm-type=off")}
-        -bios /fw/OVMF.amdsev.fd {X86_BOOT} {SERIAL_X86}
+        -bios /fw/OVMF.amdsev.fd {TEE_BOOT}
         {DISK} {BLK_PCI_IOMMU} {KVSOCK_PCI} {COMMON_TAIL}""",
     "snp": f"""
         /usr/bin/qemu-system-x86_64 {COMMON_HEAD}
         -machine q35,confidential-guest-support=snp0,smm=off
         -accel kvm,kernel-irqchip=split -cpu EPYC-v4 -smp 2 -m 2048M
         -object {SNP_OBJ}
-        -bios /fw/OVMF.amdsev.fd {X86_BOOT} {SERIAL_X86}
+        -bios /fw/OVMF.amdsev.fd {TEE_BOOT}
         {DISK} {BLK_PCI_IOMMU} {KVSOCK_PCI} {COMMON_TAIL}""",
     "tdx": f"""
         /usr/bin/qemu-system-x86_64 {COMMON_HEAD}
         -machine q35,confidential-guest-support=tdx0,smm=off,pic=off
         -accel kvm,kernel-irqchip=split -cpu host -smp 2 -m 2048M
         -object {TDX_OBJ}
-        -bios /fw/OVMF.inteltdx.fd {X86_BOOT} {SERIAL_X86}
+        -bios /fw/OVMF.inteltdx.fd {TEE_BOOT}
         {DISK} {BLK_PCI_IOMMU} {KVSOCK_PCI} {COMMON_TAIL}""",
     "s390-pv": f"""
         /usr/bin/qemu-system-s390x {COMMON_HEAD}
         -machine s390-ccw-virtio,confidential-guest-support=pv0 -accel kvm -cpu host
         -smp 2 -m 2048M -object s390-pv-guest,id=pv0 -kernel /g/vmlinuz
-        -chardev file,id=console0,path=/run/vm/console.log -device sclpconsole,chardev=console0
         {DISK} -device virtio-blk-ccw,id=disk0,drive=drive-disk0,iommu_platform=on
         -device vhost-vsock-ccw,id=vsock0,guest-cid=7,vhostfd=9,iommu_platform=on
         {COMMON_TAIL}""",
     "pef": f"""
         /usr/bin/qemu-system-ppc64 {COMMON_HEAD}
         -machine pseries,confidential-guest-support=pef0 -accel kvm -smp 2 -m 2048M
-        -object pef-guest,id=pef0 -kernel /g/vmlinuz -initrd /g/initrd -append console=hvc0
-        -chardev file,id=console0,path=/run/vm/console.log -device spapr-vty,chardev=console0
+        -object pef-guest,id=pef0 -kernel /g/vmlinuz -initrd /g/initrd -append panic=1
         {DISK} {BLK_PCI_IOMMU} {KVSOCK_PCI} {COMMON_TAIL}""",
 }
 
@@ -253,7 +253,7 @@ VIOLATIONS: list[tuple[str, RuntimeProfile, dict[str, object], str]] = [
      "machine 'q35' is not a s390-ccw-virtio machine"),
     ("s390-initrd", replace(S["s390-pv"], initrd=Path("/g/initrd")), {},
      "initrd must be inside it"),
-    ("s390-params", replace(S["s390-pv"], kernel_params="console=ttysclp0"), {},
+    ("s390-params", replace(S["s390-pv"], kernel_params="quiet"), {},
      "kernel parameters must be inside it"),
     ("s390-named-cpu", replace(S["s390-pv"], cpu_model="z14"), {}, "s390-pv needs -cpu host"),
     ("snp-with-sev-params", replace(S["snp"], tee_params=SevParams(cbitpos=1,
