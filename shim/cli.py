@@ -1,9 +1,9 @@
 """``coco-shim``: operator and debugging commands.
 
 Subcommands are argparse subparsers, each registered by one ``_add_<name>`` function, so more
-can be added without touching the others. ``check`` and ``vm`` import only the hypervisor
-package and the standard library (no grpc/protobuf), ``install`` only ``shim.install`` (standard
-library), and each does it lazily.
+can be added without touching the others. ``check``, ``vm`` and ``measure`` import only the
+hypervisor package, ``protocols.initdata`` and the standard library (no grpc/protobuf),
+``install`` only ``shim.install`` (standard library), and each does it lazily.
 """
 
 from __future__ import annotations
@@ -169,6 +169,9 @@ def _add_vm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep console.log and qemu.stderr.log here")
     p.add_argument("--vhost-device-vsock", default=None)
     p.add_argument("--kernel-params", default="", help="appended to the profile's")
+    p.add_argument("--initdata", type=Path, default=None, metavar="FILE",
+                   help="initdata TOML document: bound to host-data/mrconfigid and delivered "
+                   "as a read-only disk (default: the profile's [runtime] initdata)")
     p.add_argument("--powerdown-timeout", type=float, default=None,
                    help="seconds the guest gets to power off on Ctrl-C before `quit` "
                    "(default: the timeouts table)")
@@ -178,19 +181,24 @@ def _add_vm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run_vm(args: argparse.Namespace) -> int:
     from hypervisor.config import load_profile
     from hypervisor.errors import HypervisorError
+    from hypervisor.initdata import load_initdata_file
+    from protocols.initdata import InitdataError
 
     try:
         profile = load_profile(args.profile, variables=_variables(args),
                                qemu_root=args.qemu_root)
+        source = args.initdata or profile.initdata
+        initdata = None if source is None else load_initdata_file(source)
         if args.print_cmdline:
-            return _print_cmdline(args, profile)
-        return asyncio.run(_boot(args, profile, kvm_device=Path("/dev/kvm").exists()))
-    except HypervisorError as err:
+            return _print_cmdline(args, profile, initdata)
+        return asyncio.run(_boot(args, profile, initdata,
+                                 kvm_device=Path("/dev/kvm").exists()))
+    except (HypervisorError, InitdataError) as err:
         print(f"coco-shim vm: {err}", file=sys.stderr)
         return 2
 
 
-def _print_cmdline(args: argparse.Namespace, profile: Any) -> int:
+def _print_cmdline(args: argparse.Namespace, profile: Any, initdata: Any) -> int:
     from hypervisor.profile import HybridVsock, KernelVsock, VmInstance, build_command_line
     from hypervisor.vm import choose_vsock
 
@@ -209,13 +217,20 @@ def _print_cmdline(args: argparse.Namespace, profile: Any) -> int:
     elif kind == "hybrid":
         vsock = HybridVsock(run_dir / "vhu.sock")
     vm = VmInstance(run_dir=run_dir, name=args.name, vsock=vsock, accel=accel,
-                    extra_kernel_params=args.kernel_params, log_dir=args.log_dir)
-    for arg in build_command_line(profile, vm).to_argv():
+                    extra_kernel_params=args.kernel_params, log_dir=args.log_dir,
+                    initdata=initdata)
+    argv = build_command_line(profile, vm).to_argv()
+    if initdata is not None:
+        field = profile.tee.initdata_field
+        bound = f"bound to {field[0]} ({field[1]} bytes)" if field else "not bound (no field)"
+        print(f"# initdata {initdata.algorithm} {initdata.digest().hex()}: {bound}; disk "
+              f"{vm.initdata_disk} is written at boot", file=sys.stderr)
+    for arg in argv:
         print(arg)
     return 0
 
 
-async def _boot(args: argparse.Namespace, profile: Any, kvm_device: bool) -> int:
+async def _boot(args: argparse.Namespace, profile: Any, initdata: Any, kvm_device: bool) -> int:
     from hypervisor.probe import probe_kvm, which_vhost_device_vsock
     from hypervisor.vm import LaunchOptions, launch_vm
 
@@ -234,7 +249,7 @@ async def _boot(args: argparse.Namespace, profile: Any, kvm_device: bool) -> int
     vm = await launch_vm(profile, LaunchOptions(
         run_root=args.run_root, name=args.name, accel=accel,
         vhost_device_vsock=which_vhost_device_vsock(args.vhost_device_vsock),
-        log_dir=args.log_dir, extra_kernel_params=args.kernel_params))
+        log_dir=args.log_dir, extra_kernel_params=args.kernel_params, initdata=initdata))
     console = (args.log_dir or vm.run_dir) / "console.log"
     print(f"VM running: pid {vm.pid}, run dir {vm.run_dir}, console {console}"
           + (f", vsock {vm.channel.hybrid_socket or vm.channel.guest_cid}" if vm.channel
@@ -257,6 +272,30 @@ async def _boot(args: argparse.Namespace, profile: Any, kvm_device: bool) -> int
         await vm.aclose()
     print(f"VM exited: {reason}", file=sys.stderr)
     return 0 if reason.clean else 1
+
+
+# --- measure ---------------------------------------------------------------------------------
+
+
+def _add_measure(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("measure", help="the launch measurement a pod of a profile will have "
+                       "(SEV-SNP digest, TDX MRTD, ...), without TEE hardware")
+    _add_profile_args(p, required=True)
+    p.add_argument("--vcpus", type=int, default=None, help="pod shape (default: the profile's)")
+    p.add_argument("--initdata", type=Path, default=None, metavar="FILE",
+                   help="initdata TOML document (default: the profile's [runtime] initdata)")
+    p.add_argument("--json", action="store_true", help="every input and result as JSON")
+    p.add_argument("--rvps", type=Path, default=None, metavar="DIR",
+                   help="also write trustee RVPS reference values for this pod shape to DIR")
+    p.set_defaults(func=_run_measure)
+
+
+def _run_measure(args: argparse.Namespace) -> int:
+    from hypervisor.measure.command import run_measure
+
+    return run_measure(args.profile, variables=_variables(args), qemu_root=args.qemu_root,
+                       vcpus=args.vcpus, initdata_file=args.initdata, as_json=args.json,
+                       rvps_dir=args.rvps, out=sys.stdout, err=sys.stderr)
 
 
 # --- install ---------------------------------------------------------------------------------
@@ -299,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_check(sub)
     _add_vm(sub)
+    _add_measure(sub)
     _add_install(sub)
     return parser
 

@@ -30,6 +30,12 @@ def initrd_vsock(env: envinfo.TestEnv, tmp_path_factory: pytest.TempPathFactory)
                            with_vsock=True)
 
 
+@pytest.fixture(scope="session")
+def initrd_blk(env: envinfo.TestEnv, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_initramfs(tmp_path_factory.mktemp("initrd") / "blk.cpio", env.modules_dir,
+                           with_vsock=False, with_blk=True)
+
+
 def none_profile(env: envinfo.TestEnv, initrd: Path, mode: str,
                  vsock: str = "none") -> RuntimeProfile:
     return RuntimeProfile(

@@ -1,7 +1,8 @@
 """Build a tiny test initramfs: busybox-static, kernel modules (decompressed), an /init script.
 
 The /init reads ``coco.mode=`` from the kernel command line: ``poweroff`` powers off right
-after boot, ``vsock`` runs an AF_VSOCK echo server on port 1024, anything else idles.
+after boot, ``vsock`` runs an AF_VSOCK echo server on port 1024, ``disks`` prints the first 16
+bytes of every virtio disk (``DISK /dev/vda <hex>``) then idles, anything else idles.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 BUSYBOX = Path("/bin/busybox")
 HERE = Path(__file__).parent
 VSOCK_MODULES = ("virtio_pci", "vmw_vsock_virtio_transport")
+BLK_MODULES = ("virtio_pci", "virtio_blk")
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -25,6 +27,8 @@ echo COCO-GUEST-READY
 case "$(cat /proc/cmdline)" in
   *coco.mode=poweroff*) poweroff -f ;;
   *coco.mode=vsock*) /vsock-echo 1024 & ;;
+  *coco.mode=disks*) for d in /dev/vd?; do
+      echo "DISK $d $(head -c 16 $d | od -A n -t x1 | tr -d ' \n')"; done ;;
 esac
 while true; do sleep 1000; done
 """
@@ -80,7 +84,8 @@ def build_vsock_echo(out: Path) -> Path:
     return binary
 
 
-def build_initramfs(dest: Path, modules_dir: Path, *, with_vsock: bool) -> Path:
+def build_initramfs(dest: Path, modules_dir: Path, *, with_vsock: bool,
+                    with_blk: bool = False) -> Path:
     """Write ``dest`` (newc cpio) and return it."""
     stage = dest.parent / (dest.name + ".d")
     for sub in ("bin", "proc", "sys", "dev", "modules"):
@@ -88,11 +93,12 @@ def build_initramfs(dest: Path, modules_dir: Path, *, with_vsock: bool) -> Path:
     shutil.copy2(BUSYBOX, stage / "bin" / "busybox")
     (stage / "init").write_text(INIT)
     (stage / "init").chmod(0o755)
+    roots = (VSOCK_MODULES if with_vsock else ()) + (BLK_MODULES if with_blk else ())
     names = []
+    for name, blob in module_order(modules_dir, roots):
+        (stage / "modules" / f"{name}.ko").write_bytes(blob)
+        names.append(name)
     if with_vsock:
-        for name, blob in module_order(modules_dir, VSOCK_MODULES):
-            (stage / "modules" / f"{name}.ko").write_bytes(blob)
-            names.append(name)
         shutil.copy2(build_vsock_echo(dest.parent), stage / "vsock-echo")
     (stage / "modules.order").write_text("\n".join(names) + "\n")
     files = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
