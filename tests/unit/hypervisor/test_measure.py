@@ -456,3 +456,10 @@ def test_text_report_is_stable_for_a_tdx_profile(root: Path) -> None:
     assert "kernel hashes    n/a (TDVF measures" in text
     assert f"mr_td                    {FAKE_MRTD}" in text
     assert io.StringIO(text).read().endswith("\n")
+
+
+def test_product_code_never_imports_the_oracle() -> None:
+    repo = Path(__file__).resolve().parents[3]
+    for package in ("hypervisor", "shim", "protocols", "guest"):
+        for source in (repo / package).rglob("*.py"):
+            assert "sevsnpmeasure" not in source.read_text(), source

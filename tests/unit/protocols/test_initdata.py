@@ -264,3 +264,17 @@ def test_fit_digest_rejects_a_nonsense_length() -> None:
     assert initdata.fit_digest(b"\1\2\3", 2) == b"\1\2"
     with pytest.raises(ValueError, match="positive"):
         initdata.fit_digest(b"x", 0)
+
+
+def test_module_is_standard_library_only() -> None:
+    """The guest imports it too: nothing of ours, nothing beyond the standard library."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    tree = ast.parse(Path(initdata.__file__).read_text())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.Import) for alias in node.names}
+    names |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom)}
+    assert names - {"__future__"} <= set(sys.stdlib_module_names), names
