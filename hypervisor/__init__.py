@@ -9,6 +9,9 @@ Modules (nouns):
   vm        QEMU process supervision: ordered launch with rollback, exit reason, stop
   vsock     kernel vhost-vsock CID allocation; hybrid vsock (vhost-device-vsock)
   probe     host / QEMU capabilities, real KVM boot probe (behind ``coco-shim check``)
+  initdata  which initdata a pod gets (annotation or profile file), refusal where no launch
+            field binds it, the 0600 disk file (format: ``protocols.initdata``)
+  measure/  launch measurements from a profile (SEV-SNP, SEV, SEV-ES, TDX MRTD), RVPS values
   errors    typed errors (ConfigError, InvariantError, QemuError, ProbeError, VsockError,
             VmExited); timeouts: the one table of bounded waits
 
