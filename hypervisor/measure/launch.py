@@ -83,6 +83,8 @@ class LaunchInputs:
                 "digest": self.initdata.digest().hex(),
                 "toml_sha256": hashlib.sha256(self.initdata.toml).hexdigest()},
             "qemu_argv": list(self.argv),
+            "qemu_argv_placeholders": "run directory, vsock guest CID and fd, and cbitpos/"
+            "reduced-phys-bits when the launch probes them: none of them is measured",
         }
 
 
