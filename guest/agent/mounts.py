@@ -27,6 +27,7 @@ MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 # Options that are flags; anything else goes into the filesystem's data string.
 FLAG_OPTIONS: dict[str, tuple[int, bool]] = {  # name -> (flag, set?)
@@ -75,7 +76,10 @@ def parse_options(options: Sequence[str]) -> tuple[int, str]:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+def mount(
+    source: str, target: str, fstype: str, flags: int = 0, data: str = "", *, shown: str = ""
+) -> None:
+    """mount(2); ``shown`` names the target in errors when ``target`` is a /proc/self/fd path."""
     result = _libc.mount(
         source.encode(),
         target.encode(),
@@ -86,12 +90,14 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
     if result != 0:
         err = ctypes.get_errno()
         raise from_os_error(
-            OSError(err, os.strerror(err)), f"mount {source} on {target} ({fstype})"
+            OSError(err, os.strerror(err)), f"mount {source} on {shown or target} ({fstype})"
         )
 
 
 def umount(target: str, *, detach: bool = True) -> None:
-    if _libc.umount2(target.encode(), MNT_DETACH if detach else 0) != 0:
+    """umount2(2), never following a symlink in the last component."""
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if detach else 0)
+    if _libc.umount2(target.encode(), flags) != 0:
         err = ctypes.get_errno()
         raise from_os_error(OSError(err, os.strerror(err)), f"umount {target}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guest.agent import beneath
 from guest.agent.containers import Container, Process, SecretUnsealer, validate_id
 from guest.agent.errors import (
     AlreadyExists,
@@ -85,7 +87,13 @@ class Sandbox:
         self.reaper = reaper
         self.paths = paths
         self.runc = Runc(reaper, binary=runc_binary, root=paths.runc_root)
-        self.storage = StorageManager()
+        if paths.state_dir.resolve().is_relative_to(paths.shared_root.resolve()):
+            raise InvalidArgument(
+                f"the agent's state dir {paths.state_dir} must not lie beneath the shared root "
+                f"{paths.shared_root}: storages may mount anywhere beneath it"
+            )
+        paths.shared_root.mkdir(parents=True, exist_ok=True)
+        self.storage = StorageManager(paths.shared_root)
         self.manage_system = manage_system  # set hostname/DNS: only inside the guest VM
         self.secrets = secrets  # unseals sealed env values/files (guest.attestation), if any
         self.state = SandboxState.EMPTY
@@ -163,8 +171,7 @@ class Sandbox:
             async with contextlib.AsyncExitStack() as undo:
                 mounted = self.storage.add_all(storages)
                 undo.callback(self.storage.release_all, mounted)
-                root = Path(spec.get("root", {}).get("path", "") or "rootfs")
-                rootfs = root if root.is_absolute() else bundle / root
+                rootfs = self._container_root(container_id, spec.get("root", {}).get("path", ""))
                 undo.callback(shutil.rmtree, bundle, True)
                 undo.push_async_callback(self._forget_runc_state, container_id)
                 container = await Container.create(
@@ -183,6 +190,22 @@ class Sandbox:
             self.containers[container_id] = container
         finally:
             self._creating.discard(container_id)
+
+    def _container_root(self, container_id: str, root_path: str) -> Path:
+        """Container roots lie only beneath the shared root: an absolute path there, checked
+        like a mount point (no symlink on the way), or a relative one taken under
+        ``<shared root>/<container id>/`` (kata's layout, where guest pull mounts the image)."""
+        root = self.paths.shared_root
+        path = root_path or "rootfs"
+        if not os.path.isabs(path):
+            path = str(root / container_id / path)
+        parts = beneath.parts_beneath(root, path, "container root")
+        try:
+            with beneath.open_directory(root, parts):
+                pass
+        except FileNotFoundError as err:
+            raise NotFound(f"rootfs {path} does not exist") from err
+        return Path(root, *parts)
 
     async def _forget_runc_state(self, container_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -251,30 +274,23 @@ class Sandbox:
     # -- files and time --------------------------------------------------------------------
 
     def copy_file(self, request: FileCopy) -> None:
-        target = Path(os.path.normpath(request.path))
+        """Write a file, directory or symlink strictly beneath the shared root, never through a
+        symlink (:mod:`guest.agent.beneath`); a symlink where the file goes is replaced."""
         root = self.paths.shared_root
-        if not target.is_absolute() or not target.is_relative_to(root) or target == root:
-            raise PermissionDenied(f"CopyFile may only write below {root}: {request.path}")
+        parts = beneath.parts_beneath(root, request.path, "CopyFile target")
+        kind = stat.S_IFMT(request.file_mode)
+        mode = stat.S_IMODE(request.file_mode)
+        name = parts[-1]
         try:
-            target.parent.mkdir(parents=True, exist_ok=True, mode=request.dir_mode or 0o755)
-            kind = stat.S_IFMT(request.file_mode)
-            if kind == stat.S_IFDIR:
-                target.mkdir(exist_ok=True, mode=stat.S_IMODE(request.file_mode) or 0o755)
-            elif kind == stat.S_IFLNK:
-                if target.is_symlink() or target.exists():
-                    target.unlink()
-                target.symlink_to(request.data.decode())
-                return
-            else:
-                flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if request.offset == 0 else 0)
-                fd = os.open(target, flags, stat.S_IMODE(request.file_mode) or 0o644)
-                try:
-                    os.pwrite(fd, request.data, request.offset)
-                finally:
-                    os.close(fd)
-            os.chmod(target, stat.S_IMODE(request.file_mode) or 0o644)
-            if request.uid >= 0 and request.gid >= 0:
-                os.chown(target, request.uid, request.gid)
+            with beneath.open_directory(
+                root, parts[:-1], create_mode=request.dir_mode or 0o755
+            ) as parent:
+                if kind == stat.S_IFDIR:
+                    _copy_directory(parent, name, mode or 0o755, request)
+                elif kind == stat.S_IFLNK:
+                    _copy_symlink(parent, name, request)
+                else:
+                    _copy_regular(parent, name, mode or 0o644, request)
         except OSError as err:
             raise from_os_error(err, f"copy file {request.path}") from err
 
@@ -291,3 +307,71 @@ class Sandbox:
             return int((sys_root / "devices/system/memory/block_size_bytes").read_text(), 16)
         except (OSError, ValueError):
             return 0
+
+
+def _chown(fd: int, request: FileCopy) -> None:
+    if request.uid >= 0 and request.gid >= 0:
+        os.fchown(fd, request.uid, request.gid)
+
+
+def _is_symlink(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _copy_regular(parent: int, name: str, mode: int, request: FileCopy) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    if request.offset == 0:
+        flags |= os.O_TRUNC
+        if _is_symlink(parent, name):  # the first chunk replaces whatever link is there
+            os.unlink(name, dir_fd=parent)
+    try:
+        fd = os.open(name, flags, mode, dir_fd=parent)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PermissionDenied(
+                f"CopyFile target {request.path} is a symlink: refusing to follow it"
+            ) from err
+        raise
+    try:
+        os.pwrite(fd, request.data, request.offset)
+        os.fchmod(fd, mode)
+        _chown(fd, request)
+    finally:
+        os.close(fd)
+
+
+def _copy_directory(parent: int, name: str, mode: int, request: FileCopy) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, mode, dir_fd=parent)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent)
+    except OSError as err:
+        if _is_symlink(parent, name):
+            raise PermissionDenied(
+                f"CopyFile target {request.path} is a symlink: refusing to follow it"
+            ) from err
+        raise
+    try:
+        os.fchmod(fd, mode)
+        _chown(fd, request)
+    finally:
+        os.close(fd)
+
+
+def _copy_symlink(parent: int, name: str, request: FileCopy) -> None:
+    try:
+        target = request.data.decode()
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(f"CopyFile symlink {request.path}: target is not UTF-8") from err
+    with contextlib.suppress(FileNotFoundError):
+        existing = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+        if stat.S_ISDIR(existing):
+            raise InvalidArgument(f"CopyFile symlink {request.path}: a directory is there")
+        os.unlink(name, dir_fd=parent)
+    os.symlink(target, name, dir_fd=parent)
+    if request.uid >= 0 and request.gid >= 0:
+        os.chown(name, request.uid, request.gid, dir_fd=parent, follow_symlinks=False)

@@ -6,6 +6,11 @@ resolved to the virtio disk behind it), ``local`` (a directory created in the gu
 ``ephemeral`` (a tmpfs), ``bind`` (a guest path bind-mounted). ``image_guest_pull`` is
 recognised and refused as not implemented yet.
 
+Mount points are host-chosen paths, so they are confined: strictly beneath the manager's root
+(the shared root, ``/run/kata-containers`` in the guest), resolved without following any symlink
+(:mod:`guest.agent.beneath`), and the mount goes onto the directory that walk opened. Nothing can
+mount over the agent's own files, which live outside that root.
+
 Mounts are reference-counted by mount point: the same share used by several containers is
 mounted once and unmounted with its last user.
 """
@@ -16,9 +21,9 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from guest.agent import mounts
+from guest.agent import beneath, mounts
 from guest.agent.errors import InvalidArgument, NotFound, Unimplemented
 
 NINEP_DEFAULTS = ("trans=virtio", "version=9p2000.L", "msize=262144", "cache=mmap")
@@ -41,6 +46,7 @@ class _Mounted:
     spec: StorageSpec
     users: int = 1
     created_dir: bool = False
+    parts: tuple[str, ...] = ()  # the mount point beneath the root
 
 
 def resolve_pci_block(pci_path: str, sys_root: Path = Path("/sys")) -> str:
@@ -59,7 +65,8 @@ def resolve_pci_block(pci_path: str, sys_root: Path = Path("/sys")) -> str:
 
 
 class StorageManager:
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root  # every mount point lies strictly beneath it
         self._mounted: dict[str, _Mounted] = {}
 
     @property
@@ -67,24 +74,25 @@ class StorageManager:
         return sorted(self._mounted)
 
     def add(self, spec: StorageSpec) -> str:
-        """Mount spec (or take another reference); return its mount point."""
+        """Mount spec (or take another reference); return its (normalised) mount point."""
         if not spec.mount_point or not os.path.isabs(spec.mount_point):
             raise InvalidArgument(f"storage mount point must be absolute: {spec.mount_point!r}")
-        existing = self._mounted.get(spec.mount_point)
+        parts = beneath.parts_beneath(self.root, spec.mount_point, "storage mount point")
+        point = str(PurePosixPath(self.root, *parts))
+        existing = self._mounted.get(point)
         if existing is not None:
             existing.users += 1
-            return spec.mount_point
-        target = Path(spec.mount_point)
-        created = not target.exists()
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            self._mount(spec)
-        except Exception:
-            if created:
-                _rmdir_quietly(target)
-            raise
-        self._mounted[spec.mount_point] = _Mounted(spec, created_dir=created)
-        return spec.mount_point
+            return point
+        created = not os.path.lexists(point)
+        with beneath.open_directory(self.root, parts, create_mode=0o755) as target:
+            try:
+                self._mount(spec, beneath.fd_path(target), point)
+            except Exception:
+                if created:
+                    self._remove_directory(parts)
+                raise
+        self._mounted[point] = _Mounted(spec, created_dir=created, parts=parts)
+        return point
 
     def add_all(self, specs: Sequence[StorageSpec]) -> list[str]:
         """Mount all, or none: a failure unmounts what this call mounted."""
@@ -109,13 +117,19 @@ class StorageManager:
         if entry.spec.driver != "local" and mounts.is_mountpoint(mount_point):
             mounts.umount(mount_point)
         if entry.created_dir:
-            _rmdir_quietly(Path(mount_point))
+            self._remove_directory(entry.parts)
+
+    def _remove_directory(self, parts: tuple[str, ...]) -> None:
+        """rmdir the (empty) directory add() created, through the same no-symlink walk."""
+        with contextlib.suppress(OSError), beneath.open_directory(self.root, parts[:-1]) as parent:
+            os.rmdir(parts[-1], dir_fd=parent)
 
     def release_all(self, points: Sequence[str]) -> None:
         for point in reversed(points):
             self.release(point)
 
-    def _mount(self, spec: StorageSpec) -> None:
+    def _mount(self, spec: StorageSpec, target: str, shown: str) -> None:
+        """Mount onto ``target`` (the /proc/self/fd path of the checked directory)."""
         driver = spec.driver
         flags, data = mounts.parse_options(spec.options)
         if driver == "9p":
@@ -123,35 +137,30 @@ class StorageManager:
                 data = ",".join(NINEP_DEFAULTS)
             elif "trans=" not in data:
                 data = ",".join([*NINEP_DEFAULTS[:1], data])
-            mounts.mount(spec.source, spec.mount_point, "9p", flags, data)
+            mounts.mount(spec.source, target, "9p", flags, data, shown=shown)
         elif driver == "virtio-fs":
-            mounts.mount(spec.source, spec.mount_point, "virtiofs", flags, data)
+            mounts.mount(spec.source, target, "virtiofs", flags, data, shown=shown)
         elif driver in BLOCK_DRIVERS:
             device = (
                 spec.source if spec.source.startswith("/dev/") else resolve_pci_block(spec.source)
             )
             if not os.path.exists(device):
                 raise NotFound(f"block device {device} does not exist")
-            mounts.mount(device, spec.mount_point, spec.fstype or "ext4", flags, data)
+            mounts.mount(device, target, spec.fstype or "ext4", flags, data, shown=shown)
         elif driver == "ephemeral":
-            mounts.mount("tmpfs", spec.mount_point, "tmpfs", flags, data)
+            mounts.mount("tmpfs", target, "tmpfs", flags, data, shown=shown)
         elif driver == "local":
-            os.chmod(spec.mount_point, 0o777)
+            os.chmod(target, 0o777)
         elif driver == "bind":
             if not os.path.exists(spec.source):
                 raise NotFound(f"bind source {spec.source} does not exist")
-            mounts.mount(spec.source, spec.mount_point, "", flags | mounts.MS_BIND, data)
+            mounts.mount(spec.source, target, "", flags | mounts.MS_BIND, data, shown=shown)
         elif driver == "image_guest_pull":
             raise Unimplemented("guest pull (image_guest_pull storage) is not supported yet")
         else:
             raise InvalidArgument(
                 f"unknown storage driver {driver!r} (known: {', '.join(DRIVERS)})"
             )
-
-
-def _rmdir_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 __all__ = ["DRIVERS", "StorageManager", "StorageSpec", "resolve_pci_block"]

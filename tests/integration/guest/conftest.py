@@ -37,7 +37,8 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def rootfs(workdir: Path) -> Path:
-    return make_busybox_rootfs(workdir / "rootfs")
+    """Beneath the agent's shared root (--shared-root): container roots may lie nowhere else."""
+    return make_busybox_rootfs(workdir / "agent/shared/busybox/rootfs")
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ async def agent_process(workdir: Path) -> AsyncIterator[AgentProcess]:
     # runc: this host's cgroups are v1 + v2 hybrid, which crun refuses (the guest runs crun
     # on a pure cgroup2 hierarchy: tests/integration/guest/test_guest_vm.py).
     process = AgentProcess(workdir / "agent")
-    process.workdir.mkdir()
+    process.workdir.mkdir(exist_ok=True)
     process.start()
     try:
         yield process

@@ -193,7 +193,7 @@ async def test_bad_input_gets_status_codes(agent: AgentClient, rootfs: Path, wor
         agent,
         "CreateContainer",
         agent_pb2.CreateContainerRequest(
-            container_id="nofs", OCI=spec(str(workdir / "missing"), ["true"])
+            container_id="nofs", OCI=spec(str(workdir / "agent/shared/missing"), ["true"])
         ),
     )
     assert "rootfs" in message
@@ -260,7 +260,11 @@ async def test_bad_input_gets_status_codes(agent: AgentClient, rootfs: Path, wor
         agent_pb2.CreateContainerRequest(
             container_id="c2",
             OCI=spec(str(rootfs), ["true"]),
-            storages=[agent_pb2.Storage(driver="floppy", source="x", mount_point="/run/x")],
+            storages=[
+                agent_pb2.Storage(
+                    driver="floppy", source="x", mount_point=str(workdir / "agent/shared/x")
+                )
+            ],
         ),
     )
     assert await agent.check() == health_pb2.HealthCheckResponse.SERVING

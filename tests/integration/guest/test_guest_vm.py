@@ -199,7 +199,9 @@ async def test_bad_input_keeps_the_agent_serving(agent: AgentClient) -> None:
         agent,
         "CreateContainer",
         agent_pb2.CreateContainerRequest(
-            container_id="nofs", storages=[storage], OCI=spec("/no/such/rootfs", ["true"])
+            container_id="nofs",
+            storages=[storage],
+            OCI=spec("/run/kata-containers/no/such/rootfs", ["true"]),
         ),
     )
     await expect_code(
