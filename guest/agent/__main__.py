@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from guest.agent.network import Network
-from guest.agent.policy import Policy
+from guest.agent.policy import RegoPolicy
 from guest.agent.reaper import Reaper
 from guest.agent.sandbox import AgentPaths, Sandbox
 from guest.agent.service import AgentService, HealthService
@@ -73,7 +73,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     manage_system = args.vsock if args.manage_system is None else args.manage_system
     sandbox = Sandbox(reaper, paths, runc_binary=args.runtime, manage_system=manage_system)
-    policy = Policy.parse(args.policy.read_text()) if args.policy else None
+    policy = RegoPolicy(args.policy.read_text(), str(args.policy)) if args.policy else None
     agent = AgentService(sandbox, Network(), policy)
 
     server = Server()

@@ -1,7 +1,9 @@
 """The ttrpc edge: grpc.Health and grpc.AgentService handlers.
 
-Each handler checks the policy, translates the request into plain values, calls one domain
-method and translates the result back. Typed domain errors become status codes through
+Each handler checks the policy (:mod:`guest.agent.policy`), translates the request into plain
+values, calls one domain method and translates the result back. As in kata, ReadStdout and
+ReadStderr read first and check after: a denied read returns :data:`REDACTED` instead of the
+data (an empty answer would read as end of stream). Typed domain errors become status codes through
 :data:`STATUS_CODES`, the only place that chooses a code. RPCs without a handler here answer
 UNIMPLEMENTED (the ttrpc server does that for methods missing on the implementation).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -32,13 +35,17 @@ from guest.agent.errors import (
     from_os_error,
 )
 from guest.agent.network import Address, Interface, Neighbor, Network, Route
-from guest.agent.policy import Policy
+from guest.agent.policy import AllowAll, Policy, RegoPolicy
+from guest.agent.policy_input import rule_name
 from guest.agent.sandbox import AGENT_VERSION, FileCopy, Sandbox
 from guest.agent.storage import DRIVERS, StorageSpec
 from protocols.api.kata import agent_pb2, health_pb2, types_pb2
 from protocols.ttrpc import Code, RequestContext, TtrpcError
 
+log = logging.getLogger(__name__)
+
 GRPC_API_VERSION = "0.0.1"
+REDACTED = b"[output redacted by the agent policy]\n"
 
 STATUS_CODES: dict[type[AgentError], Code] = {
     NotFound: Code.NOT_FOUND,
@@ -66,21 +73,59 @@ Edge = TypeVar("Edge", bound="AgentService")
 Handler = Callable[[Edge, Req, RequestContext], Coroutine[Any, Any, Resp]]
 
 
+def _blocked(rule: str, reason: str) -> TtrpcError:
+    message = f"{rule} is blocked by policy: {reason}"
+    log.warning("%s", message)
+    return TtrpcError(Code.PERMISSION_DENIED, message)
+
+
+def _typed(name: str, err: Exception) -> TtrpcError:
+    if isinstance(err, AgentError):
+        return TtrpcError(status_code(err), str(err))
+    typed = from_os_error(err, name) if isinstance(err, OSError) else RuntimeFailure(str(err))
+    return TtrpcError(status_code(typed), str(typed))
+
+
 def rpc(method: Callable[[Edge, Req], Awaitable[Resp]]) -> Handler[Edge, Req, Resp]:
     """Policy check, then the method, with domain errors turned into ttrpc statuses."""
     name = method.__name__
 
     @functools.wraps(method)
     async def handler(self: Edge, request: Req, ctx: RequestContext) -> Resp:
-        if not self.policy.allows(name, request.DESCRIPTOR.name):
-            raise TtrpcError(Code.PERMISSION_DENIED, f"{name} is blocked by the agent policy")
+        try:
+            decision = self.policy.decide(request)
+        except AgentError as err:
+            raise _typed(name, err) from err
+        if not decision.allowed:
+            raise _blocked(rule_name(request), decision.reason)
         try:
             return await method(self, request)
-        except AgentError as err:
-            raise TtrpcError(status_code(err), str(err)) from err
-        except OSError as err:
-            typed = from_os_error(err, name)
-            raise TtrpcError(status_code(typed), str(typed)) from err
+        except (AgentError, OSError) as err:
+            raise _typed(name, err) from err
+
+    return handler
+
+
+def read_rpc(
+    method: Callable[[Edge, agent_pb2.ReadStreamRequest], Awaitable[agent_pb2.ReadStreamResponse]],
+) -> Handler[Edge, agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse]:
+    """ReadStdout/ReadStderr: read, then check; denied data comes back as :data:`REDACTED`
+    (kata's behaviour: the process is never left blocked on a full pipe)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(
+        self: Edge, request: agent_pb2.ReadStreamRequest, ctx: RequestContext
+    ) -> agent_pb2.ReadStreamResponse:
+        try:
+            reply = await method(self, request)
+            decision = self.policy.decide(request)
+        except (AgentError, OSError) as err:
+            raise _typed(name, err) from err
+        if not decision.allowed and reply.data:
+            log.info("%s: output redacted (%s)", name, decision.reason)
+            return agent_pb2.ReadStreamResponse(data=REDACTED)
+        return reply
 
     return handler
 
@@ -281,7 +326,7 @@ class AgentService:
     def __init__(self, sandbox: Sandbox, network: Network, policy: Policy | None = None) -> None:
         self.sandbox = sandbox
         self.network = network
-        self.policy = policy or Policy.allow_all()
+        self.policy: Policy = policy or AllowAll()
 
     # -- sandbox -----------------------------------------------------------------------------
 
@@ -323,7 +368,9 @@ class AgentService:
 
     @rpc
     async def SetPolicy(self, req: agent_pb2.SetPolicyRequest) -> Empty:
-        self.policy = Policy.parse(req.policy)
+        """Reached only when the policy in force allowed this SetPolicyRequest."""
+        self.policy = RegoPolicy(req.policy, origin="SetPolicy")
+        log.info("policy replaced by SetPolicy")
         return Empty()
 
     # -- containers --------------------------------------------------------------------------
@@ -369,12 +416,12 @@ class AgentService:
         status = await self.sandbox.wait_process(req.container_id, req.exec_id)
         return agent_pb2.WaitProcessResponse(status=status)
 
-    @rpc
+    @read_rpc
     async def ReadStdout(self, req: agent_pb2.ReadStreamRequest) -> agent_pb2.ReadStreamResponse:
         data = await self.sandbox.read_stream(req.container_id, req.exec_id, "stdout", req.len)
         return agent_pb2.ReadStreamResponse(data=data)
 
-    @rpc
+    @read_rpc
     async def ReadStderr(self, req: agent_pb2.ReadStreamRequest) -> agent_pb2.ReadStreamResponse:
         data = await self.sandbox.read_stream(req.container_id, req.exec_id, "stderr", req.len)
         return agent_pb2.ReadStreamResponse(data=data)

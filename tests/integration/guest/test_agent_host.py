@@ -299,33 +299,40 @@ async def test_output_flood_is_bounded(
 
 
 async def test_policy_denies_an_rpc(agent: AgentClient, rootfs: Path) -> None:
-    policy = '{"default": "allow", "rules": {"ExecProcess": "deny"}}'
+    policy = (
+        "package agent_policy\n"
+        "default ExecProcessRequest := false\n"
+        "default CreateContainerRequest := true\n"
+        "default StartContainerRequest := true\n"
+        "default SetPolicyRequest := true\n"
+    )
     await agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy=policy))
     await create(agent, "c1", rootfs, ["sleep", "300"])
     await start(agent, "c1")
-    await expect_code(
+    message = await expect_code(
         Code.PERMISSION_DENIED,
         agent,
         "ExecProcess",
         agent_pb2.ExecProcessRequest(container_id="c1", exec_id="e", process=process(["true"])),
     )
+    assert message.startswith("ExecProcessRequest is blocked by policy: rule ExecProcessRequest")
     await expect_code(
         Code.INVALID_ARGUMENT, agent, "SetPolicy", agent_pb2.SetPolicyRequest(policy="{nonsense")
     )
-    rego = (
-        "package agent_policy\n"
-        "default SetPolicyRequest := true\n"
-        "default ExecProcessRequest := true\n"
-    )
-    await agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy=rego))
-    # Rego subset: everything not defaulted to true is denied now.
-    await expect_code(
+    # No rule for RemoveContainerRequest: denied, saying so.
+    message = await expect_code(
         Code.PERMISSION_DENIED,
         agent,
         "RemoveContainer",
         agent_pb2.RemoveContainerRequest(container_id="c1"),
     )
-    await agent.call("SetPolicy", agent_pb2.SetPolicyRequest(policy='{"default": "allow"}'))
+    assert "the policy has no rule RemoveContainerRequest" in message
+    await agent.call(
+        "SetPolicy",
+        agent_pb2.SetPolicyRequest(
+            policy="package agent_policy\ndefault RemoveContainerRequest := true\n"
+        ),
+    )
     await remove(agent, "c1")
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from guest.agent.errors import FailedPrecondition, NotFound
 from guest.agent.network import Network
-from guest.agent.policy import Policy
+from guest.agent.policy import Policy, RegoPolicy
 from guest.agent.sandbox import Sandbox
-from guest.agent.service import AgentService, HealthService
+from guest.agent.service import REDACTED, AgentService, HealthService
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, TtrpcError
 
@@ -31,6 +31,10 @@ class FakeSandbox:
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:
         return 42
+
+    async def read_stream(self, container_id: str, exec_id: str, stream: str, size: int) -> bytes:
+        self.calls.append(("read", stream))
+        return b"" if container_id == "done" else b"secret output"
 
 
 def edge(sandbox: FakeSandbox, policy: Policy | None = None) -> AgentService:
@@ -63,23 +67,68 @@ async def test_errors_become_status_codes(error: Exception, code: Code) -> None:
     assert info.value.code == code
 
 
+REGO = "package agent_policy\n\nimport future.keywords.if\n\n"
+
+
 async def test_policy_is_checked_before_the_domain() -> None:
     sandbox = FakeSandbox()
-    service = edge(
-        sandbox, Policy.parse('{"default": "allow", "rules": {"StartContainer": "deny"}}')
-    )
+    service = edge(sandbox, RegoPolicy(REGO + "default StartContainerRequest := false\n", "t"))
     with pytest.raises(TtrpcError) as info:
         await service.StartContainer(agent_pb2.StartContainerRequest(container_id="c"), CTX)
     assert info.value.code == Code.PERMISSION_DENIED
+    assert info.value.message == (
+        "StartContainerRequest is blocked by policy: rule StartContainerRequest: its default "
+        "`default StartContainerRequest := false` (policy.rego:5) holds"
+    )
     assert sandbox.calls == []
 
 
-async def test_set_policy_replaces_the_policy() -> None:
-    service = edge(FakeSandbox())
-    await service.SetPolicy(agent_pb2.SetPolicyRequest(policy='{"default": "deny"}'), CTX)
+async def test_set_policy_replaces_the_policy_only_when_the_policy_allows_it() -> None:
+    service = edge(FakeSandbox())  # the development default allows everything
+    await service.SetPolicy(
+        agent_pb2.SetPolicyRequest(policy=REGO + "default SetPolicyRequest := false\n"), CTX
+    )
     with pytest.raises(TtrpcError) as info:
-        await service.SetPolicy(agent_pb2.SetPolicyRequest(policy='{"default": "allow"}'), CTX)
+        await service.SetPolicy(agent_pb2.SetPolicyRequest(policy=REGO), CTX)
     assert info.value.code == Code.PERMISSION_DENIED
+    assert info.value.message.startswith("SetPolicyRequest is blocked by policy: rule SetPolicy")
+
+
+async def test_set_policy_sees_the_new_text_and_rejects_bad_rego() -> None:
+    gate = REGO + (
+        "default SetPolicyRequest := false\n"
+        'SetPolicyRequest if {\n    contains(input.policy, "# signed-off")\n}\n'
+    )
+    service = edge(FakeSandbox(), RegoPolicy(gate, "t"))
+    with pytest.raises(TtrpcError) as info:
+        await service.SetPolicy(agent_pb2.SetPolicyRequest(policy=REGO), CTX)
+    assert "(request field: input.policy)" in info.value.message
+    with pytest.raises(TtrpcError) as info:
+        await service.SetPolicy(agent_pb2.SetPolicyRequest(policy="# signed-off\nnope"), CTX)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    await service.SetPolicy(agent_pb2.SetPolicyRequest(policy=REGO + "# signed-off\n"), CTX)
+    assert service.policy.origin == "SetPolicy"
+
+
+async def test_denied_reads_are_redacted_not_refused() -> None:
+    sandbox = FakeSandbox()
+    service = edge(sandbox, RegoPolicy(REGO + "default ReadStreamRequest := false\n", "t"))
+    reply = await service.ReadStdout(agent_pb2.ReadStreamRequest(container_id="c", len=9), CTX)
+    assert reply.data == REDACTED
+    reply = await service.ReadStderr(agent_pb2.ReadStreamRequest(container_id="done"), CTX)
+    assert reply.data == b""  # the end of the stream stays the end of the stream
+    assert sandbox.calls == [("read", "stdout"), ("read", "stderr")]
+    reply = await edge(sandbox).ReadStdout(agent_pb2.ReadStreamRequest(container_id="c"), CTX)
+    assert reply.data == b"secret output"
+
+
+async def test_a_policy_that_fails_to_evaluate_is_an_internal_error() -> None:
+    sandbox = FakeSandbox()
+    service = edge(sandbox, RegoPolicy(REGO + 'StartContainerRequest := "maybe"\n', "t"))
+    with pytest.raises(TtrpcError) as info:
+        await service.StartContainer(agent_pb2.StartContainerRequest(container_id="c"), CTX)
+    assert info.value.code == Code.INTERNAL
+    assert sandbox.calls == []
 
 
 async def test_health_is_never_policed() -> None:
