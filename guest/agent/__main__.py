@@ -3,30 +3,51 @@
 In the guest (started by the image's init): ``--vsock`` serves ttrpc on vsock port 1024.
 Outside a VM, for tests: ``--unix PATH`` (optionally together with --vsock). The process exits
 after DestroySandbox has been answered, or on SIGTERM/SIGINT; init then powers the VM off.
+
+Before serving, in this order: the kernel modules are in (``--wait-for``), initdata is found,
+checked against the TEE's evidence and written out (:mod:`guest.agent.initdata`), the guest's
+kind is settled and the policy installed: initdata's ``policy.rego`` if it has one, else
+``--policy``, else the built-in default (the confidential one on a confidential guest).
+
+A confidential guest is one that runs on a TEE (the host cannot hide the TEE from it), or was
+given initdata, or was started with ``--confidential`` (init passes it for the kernel command
+line's ``coco.agent.confidential=1``: coco-dev's way, where there is no TEE to detect and so
+nothing the host could not change anyway; on a TEE that line is measured).
+
+If initdata must be refused (or its policy does not compile), the agent does not serve the
+agent API: it answers every Health call with FAILED_PRECONDITION ``guest refused to start: <why>``
+for ``--refuse-for`` seconds, so the host's dial loop learns the reason over the same channel
+(the same line goes to the console), then exits with status 2; init powers the VM off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from guest.agent import initdata
+from guest.agent.errors import InvalidArgument
 from guest.agent.network import Network
-from guest.agent.policy import RegoPolicy
+from guest.agent.policy import AllowAll, Policy, RegoPolicy, confidential_default
 from guest.agent.reaper import Reaper
 from guest.agent.sandbox import AgentPaths, Sandbox
 from guest.agent.service import AgentService, HealthService
 from protocols.api.kata import agent_pb2, health_pb2
-from protocols.ttrpc import Server
+from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
 
 log = logging.getLogger("guest.agent")
 
 AGENT_PORT = 1024
 WAIT_FOR_TIMEOUT = 120.0  # module loading under TCG takes seconds, never minutes
+REFUSE_FOR = 60.0  # seconds the refusal is served: longer than a shim's dial timeout
+REFUSED_EXIT = 2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +66,25 @@ def parser() -> argparse.ArgumentParser:
         default="runc",
         help="the OCI runtime CLI containers run with: runc or crun",
     )
-    p.add_argument("--policy", type=Path, default=None, help="initial policy document")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="Rego policy replacing the built-in default (initdata's policy.rego replaces it)",
+    )
+    p.add_argument(
+        "--confidential",
+        action="store_true",
+        help="a confidential guest even without TEE or initdata (coco-dev)",
+    )
+    p.add_argument(
+        "--initdata",
+        default=None,
+        help='"scan" /dev/vd* and /dev/sd* (default with --vsock), "none" (default otherwise), '
+        "or the path of an initdata disk image",
+    )
+    p.add_argument("--initdata-dir", type=Path, default=initdata.OUTPUT_DIR)
+    p.add_argument("--refuse-for", type=float, default=REFUSE_FOR, metavar="SECONDS")
     p.add_argument(
         "--manage-system",
         action=argparse.BooleanOptionalAction,
@@ -62,7 +101,115 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class Startup:
+    """What the agent settled before serving."""
+
+    confidential: bool
+    policy: Policy
+    initdata: initdata.Initdata | None
+
+
+def evidence_source() -> initdata.EvidenceSource:
+    """The TEE's evidence reader. The attestation package (guest/tee) provides the real one;
+    until it is wired in here, no TEE is detected."""
+    return initdata.NoTee()
+
+
+def initdata_device(args: argparse.Namespace) -> Path | None:
+    choice = args.initdata or ("scan" if args.vsock else "none")
+    if choice == "none":
+        return None
+    if choice == "scan":
+        return initdata.find_disk()
+    return Path(choice)
+
+
+def prepare(args: argparse.Namespace, evidence: initdata.EvidenceSource) -> Startup:
+    """Initdata, the guest's kind and its policy. Raises InitdataError or InvalidArgument when
+    the guest must refuse to start."""
+    found = initdata.load(initdata_device(args), evidence)
+    confidential = bool(args.confidential or found is not None or evidence.platform)
+    policy: Policy
+    if found is not None and found.policy is not None:
+        policy = RegoPolicy(found.policy, "initdata policy.rego")
+    elif args.policy is not None:
+        policy = RegoPolicy(args.policy.read_text(), str(args.policy))
+    elif confidential:
+        policy = confidential_default()
+    else:
+        policy = AllowAll()
+    if found is not None:
+        initdata.write_out(found, args.initdata_dir)
+    log.info(
+        "%s guest (TEE: %s), policy: %s",
+        "confidential" if confidential else "development",
+        evidence.platform or "none",
+        policy.origin,
+    )
+    return Startup(confidential, policy, found)
+
+
+class RefusingHealth:
+    """grpc.Health while the guest refuses to start: every call answers the reason."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.answered = asyncio.Event()
+
+    def _refuse(self) -> TtrpcError:
+        self.answered.set()
+        return TtrpcError(Code.FAILED_PRECONDITION, self.message)
+
+    async def Check(
+        self, request: health_pb2.CheckRequest, ctx: RequestContext
+    ) -> health_pb2.HealthCheckResponse:
+        raise self._refuse()
+
+    async def Version(
+        self, request: health_pb2.CheckRequest, ctx: RequestContext
+    ) -> health_pb2.VersionCheckResponse:
+        raise self._refuse()
+
+
+async def _listen(server: Server, args: argparse.Namespace) -> None:
+    if args.vsock:
+        await server.serve_vsock(args.vsock_port)
+        log.info("serving on vsock port %d", args.vsock_port)
+    if args.unix is not None:
+        await server.serve_unix(args.unix)
+        log.info("serving on %s", args.unix)
+
+
+async def refuse(args: argparse.Namespace, reason: str, stop: asyncio.Event) -> int:
+    message = f"guest refused to start: {reason}"
+    print(f"coco-agent: {message}", file=sys.stderr, flush=True)
+    health = RefusingHealth(message)
+    server = Server()
+    server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
+    try:
+        await _listen(server, args)
+        print(f"coco-agent: refusing for {args.refuse_for:g} s", file=sys.stderr, flush=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.refuse_for):
+                await stop.wait()
+    finally:
+        await server.close()
+    return REFUSED_EXIT
+
+
 async def serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if args.wait_for is not None:
+        await _wait_for_file(args.wait_for, WAIT_FOR_TIMEOUT)
+    try:
+        startup = prepare(args, evidence_source())
+    except (initdata.InitdataError, InvalidArgument) as err:
+        return await refuse(args, str(err), stop)
+
     reaper = Reaper()
     reaper.install()
     paths = AgentPaths(
@@ -73,26 +220,13 @@ async def serve(args: argparse.Namespace) -> int:
     )
     manage_system = args.vsock if args.manage_system is None else args.manage_system
     sandbox = Sandbox(reaper, paths, runc_binary=args.runtime, manage_system=manage_system)
-    policy = RegoPolicy(args.policy.read_text(), str(args.policy)) if args.policy else None
-    agent = AgentService(sandbox, Network(), policy)
+    agent = AgentService(sandbox, Network(), startup.policy)
 
     server = Server()
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
     server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        if args.wait_for is not None:
-            await _wait_for_file(args.wait_for, WAIT_FOR_TIMEOUT)
-        if args.vsock:
-            await server.serve_vsock(args.vsock_port)
-            log.info("serving on vsock port %d", args.vsock_port)
-        if args.unix is not None:
-            await server.serve_unix(args.unix)
-            log.info("serving on %s", args.unix)
+        await _listen(server, args)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
         waiters = [
             asyncio.ensure_future(stop.wait()),

@@ -1,0 +1,257 @@
+"""Initdata in the guest: disk discovery on fake block devices, bounds, validation, the binding
+to the TEE's evidence field, the files written, and what the agent settles before serving."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from guest.agent import initdata
+from guest.agent.__main__ import RefusingHealth, parser, prepare
+from guest.agent.errors import InvalidArgument
+from guest.agent.initdata import Initdata, InitdataError, NoTee
+from protocols.api.kata import health_pb2
+from protocols.ttrpc import Code, RequestContext, TtrpcError
+
+POLICY = "package agent_policy\ndefault ExecProcessRequest := false\n"
+DOC = (
+    'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n'
+    '"aa.toml" = "[token_configs]\\n"\n'
+    '"cdh.toml" = "socket = \'unix:///run/confidential-containers/cdh.sock\'\\n"\n'
+    f'"policy.rego" = """\n{POLICY}"""\n'
+).encode()
+
+
+def disk_bytes(document: bytes, *, magic: bytes = b"initdata", length: int | None = None) -> bytes:
+    stream = gzip.compress(document, mtime=0)
+    raw = magic + struct.pack("<Q", len(stream) if length is None else length) + stream
+    return raw + b"\0" * (-len(raw) % 512)
+
+
+@pytest.fixture
+def fake_machine(tmp_path: Path) -> tuple[Path, Path]:
+    """A /sys/class/block listing and a /dev holding what those devices read as."""
+    sys_block, dev = tmp_path / "sys/class/block", tmp_path / "dev"
+    sys_block.mkdir(parents=True)
+    dev.mkdir()
+    return sys_block, dev
+
+
+def add_device(machine: tuple[Path, Path], name: str, content: bytes | None) -> Path:
+    sys_block, dev = machine
+    (sys_block / name).mkdir()
+    path = dev / name
+    if content is not None:
+        path.write_bytes(content)
+    return path
+
+
+def test_finds_the_disk_with_the_magic(fake_machine: tuple[Path, Path]) -> None:
+    add_device(fake_machine, "loop0", disk_bytes(DOC))  # not a vd*/sd* disk: never read
+    add_device(fake_machine, "nvme0n1", disk_bytes(DOC))
+    add_device(fake_machine, "vda", b"\x53\xef" + b"\0" * 1022)  # some other disk
+    add_device(fake_machine, "vda1", None)  # listed, but its node is gone: skipped
+    wanted = add_device(fake_machine, "vdb", disk_bytes(DOC))
+    add_device(fake_machine, "sda", b"\0" * 512)
+    assert initdata.find_disk(*fake_machine) == wanted
+
+
+def test_two_initdata_disks_are_a_refusal(fake_machine: tuple[Path, Path]) -> None:
+    add_device(fake_machine, "vdb", disk_bytes(DOC))
+    add_device(fake_machine, "sda", disk_bytes(b'version = "0.1.0"\nalgorithm = "sha256"\n'))
+    with pytest.raises(InitdataError, match=r"more than one initdata disk: .*/sda, .*/vdb"):
+        initdata.find_disk(*fake_machine)
+
+
+def test_no_disk_no_initdata(fake_machine: tuple[Path, Path], tmp_path: Path) -> None:
+    add_device(fake_machine, "vda", b"\0" * 512)
+    assert initdata.find_disk(*fake_machine) is None
+    assert initdata.find_disk(tmp_path / "no-sysfs", tmp_path) is None
+
+
+def test_reads_and_parses_the_document(tmp_path: Path) -> None:
+    disk = tmp_path / "vdb"
+    disk.write_bytes(disk_bytes(DOC))
+    assert disk.stat().st_size % 512 == 0
+    found = initdata.parse(initdata.read_disk(disk), str(disk))
+    assert found.toml == DOC and found.algorithm == "sha384"
+    assert found.policy == POLICY
+    assert found.digest == hashlib.sha384(DOC).digest()
+    assert found.source == str(disk)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"initdata\x01", "shorter than the header"),
+        (disk_bytes(DOC, magic=b"notinit!"), "no initdata magic"),
+        (disk_bytes(DOC, length=0), "outside 1.."),
+        (disk_bytes(DOC, length=initdata.MAX_GZIP + 1), "outside 1.."),
+        (disk_bytes(DOC)[:40], "truncated"),
+        (b"initdata" + struct.pack("<Q", 5) + b"hello", "not a gzip stream"),
+        (
+            b"initdata" + struct.pack("<Q", 30) + gzip.compress(DOC)[:30],
+            "truncated",
+        ),
+    ],
+)
+def test_bad_disks_are_refused(tmp_path: Path, raw: bytes, match: str) -> None:
+    disk = tmp_path / "vdb"
+    disk.write_bytes(raw)
+    with pytest.raises(InitdataError, match=match):
+        initdata.read_disk(disk)
+
+
+def test_a_gzip_bomb_stops_at_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(initdata, "MAX_TOML", 4096)
+    disk = tmp_path / "vdb"
+    disk.write_bytes(disk_bytes(b"#" * 100_000))
+    with pytest.raises(InitdataError, match="decompresses beyond 4096 bytes"):
+        initdata.read_disk(disk)
+
+
+@pytest.mark.parametrize(
+    ("document", "match"),
+    [
+        (b"\xff\xfe", "not a TOML document"),
+        (b"version = ", "not a TOML document"),
+        (b'version = "0.2.0"\nalgorithm = "sha256"\n', "version '0.2.0' is not supported"),
+        (b'algorithm = "sha256"\n', "version None"),
+        (b'version = "0.1.0"\nalgorithm = "md5"\n', "algorithm 'md5' is not one of sha256"),
+        (b'version = "0.1.0"\nalgorithm = "sha256"\n[data]\nx = 1\n', "table of strings"),
+        (b'version = "0.1.0"\nalgorithm = "sha256"\ndata = "x"\n', "table of strings"),
+    ],
+)
+def test_bad_documents_are_refused(document: bytes, match: str) -> None:
+    with pytest.raises(InitdataError, match=match):
+        initdata.parse(document)
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha384", "sha512"])
+@pytest.mark.parametrize("size", [32, 48])  # SNP HOSTDATA, TDX MRCONFIGID
+def test_the_digest_is_fitted_to_the_field(algorithm: str, size: int) -> None:
+    document = f'version = "0.1.0"\nalgorithm = "{algorithm}"\n'.encode()
+    digest = initdata.parse(document).digest
+    assert digest == hashlib.new(algorithm, document).digest()
+    fitted = initdata.fit(digest, size)
+    assert len(fitted) == size
+    if len(digest) >= size:
+        assert fitted == digest[:size]
+    else:
+        assert fitted == digest + b"\0" * (size - len(digest))
+
+
+@dataclass
+class FakeTee:
+    platform: str | None
+    field: bytes | None
+
+    def init_data_field(self) -> bytes | None:
+        return self.field
+
+
+def test_verify_binds_to_the_evidence_field() -> None:
+    found = initdata.parse(DOC, "/dev/vdb")
+    initdata.verify(found, NoTee())
+    initdata.verify(found, FakeTee("snp", initdata.fit(found.digest, 32)))
+    initdata.verify(found, FakeTee("tdx", initdata.fit(found.digest, 48)))
+    initdata.verify(found, FakeTee("sev", None))  # a TEE without the field: nothing to bind
+    initdata.verify(None, FakeTee("snp", bytes(32)))  # no initdata, and none was measured
+    with pytest.raises(InitdataError) as info:
+        initdata.verify(found, FakeTee("snp", b"\x01" * 32))
+    message = str(info.value)
+    assert message.startswith("initdata digest mismatch: sha384 of the initdata on /dev/vdb")
+    assert found.digest[:32].hex() in message and "HOSTDATA (set at launch) is 0101" in message
+    with pytest.raises(InitdataError, match=r"MRCONFIGID .* no initdata disk was found"):
+        initdata.verify(None, FakeTee("tdx", initdata.fit(found.digest, 48)))
+
+
+def test_write_out_puts_the_files_for_the_guest_components(tmp_path: Path) -> None:
+    out = tmp_path / "run/confidential-containers/initdata"
+    written = initdata.write_out(initdata.parse(DOC), out)
+    assert sorted(p.name for p in written) == [
+        "aa.toml", "cdh.toml", "initdata.toml", "policy.rego",
+    ]  # fmt: skip
+    assert (out / "initdata.toml").read_bytes() == DOC
+    assert (out / "policy.rego").read_text() == POLICY
+    assert stat.S_IMODE((out / "aa.toml").stat().st_mode) == 0o600
+    minimal = initdata.parse(b'version = "0.1.0"\nalgorithm = "sha256"\n')
+    assert [p.name for p in initdata.write_out(minimal, tmp_path / "m")] == ["initdata.toml"]
+
+
+# -- what the agent settles before serving ----------------------------------------------------
+
+
+def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    return parser().parse_args(
+        ["--unix", str(tmp_path / "s"), "--initdata-dir", str(tmp_path / "out"), *extra]
+    )
+
+
+def disk_file(tmp_path: Path, document: bytes = DOC) -> str:
+    path = tmp_path / "initdata.img"
+    path.write_bytes(disk_bytes(document))
+    return str(path)
+
+
+def test_without_initdata_or_tee_the_guest_is_a_development_one(tmp_path: Path) -> None:
+    startup = prepare(args_for(tmp_path), NoTee())
+    assert not startup.confidential and startup.initdata is None
+    assert startup.policy.origin == "built-in development default (allow all)"
+
+
+def test_confidential_by_flag_by_tee_or_by_initdata(tmp_path: Path) -> None:
+    by_flag = prepare(args_for(tmp_path, "--confidential"), NoTee())
+    assert by_flag.confidential and by_flag.policy.origin == "built-in confidential default"
+    by_tee = prepare(args_for(tmp_path), FakeTee("snp", bytes(32)))
+    assert by_tee.confidential and by_tee.policy.origin == "built-in confidential default"
+    plain = disk_file(tmp_path, b'version = "0.1.0"\nalgorithm = "sha256"\n')
+    by_initdata = prepare(args_for(tmp_path, "--initdata", plain), NoTee())
+    assert by_initdata.confidential
+    assert by_initdata.policy.origin == "built-in confidential default"
+    assert (tmp_path / "out/initdata.toml").exists()
+
+
+def test_initdata_policy_replaces_any_default(tmp_path: Path) -> None:
+    given = tmp_path / "given.rego"
+    given.write_text("package agent_policy\ndefault ExecProcessRequest := true\n")
+    startup = prepare(
+        args_for(tmp_path, "--initdata", disk_file(tmp_path), "--policy", str(given)), NoTee()
+    )
+    assert startup.policy.origin == "initdata policy.rego"
+    assert (tmp_path / "out/policy.rego").read_text() == POLICY
+    without_initdata = prepare(args_for(tmp_path, "--policy", str(given)), NoTee())
+    assert without_initdata.policy.origin == str(given)
+
+
+def test_refusals_before_serving(tmp_path: Path) -> None:
+    with pytest.raises(InitdataError, match="mismatch"):
+        prepare(args_for(tmp_path, "--initdata", disk_file(tmp_path)), FakeTee("snp", bytes(32)))
+    assert not (tmp_path / "out").exists()  # nothing written for a refused initdata
+    bad_policy = DOC.replace(b"default ExecProcessRequest := false", b"default := ")
+    with pytest.raises(InvalidArgument, match=r"initdata policy\.rego"):
+        prepare(args_for(tmp_path, "--initdata", disk_file(tmp_path, bad_policy)), NoTee())
+    assert not (tmp_path / "out").exists()
+
+
+async def test_a_refusing_guest_answers_health_with_the_reason() -> None:
+    health = RefusingHealth("guest refused to start: initdata digest mismatch: …")
+    ctx = RequestContext("grpc.Health", "Check", {}, None)
+    with pytest.raises(TtrpcError) as info:
+        await health.Check(health_pb2.CheckRequest(), ctx)
+    assert info.value.code == Code.FAILED_PRECONDITION
+    assert info.value.message.startswith("guest refused to start: initdata digest mismatch")
+    assert health.answered.is_set()
+
+
+def test_initdata_type_is_frozen() -> None:
+    found = Initdata(toml=b"", algorithm="sha256")
+    with pytest.raises(AttributeError):
+        found.algorithm = "sha512"  # type: ignore[misc]
