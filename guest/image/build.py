@@ -3,7 +3,8 @@
 Inputs (all part of the cache key): the recipe in ``packaging/guest-image/`` (package list,
 module list, strip list, init), this builder's own source, the Debian suite and mirror, the
 kernel version and the bytes of every module copied, the protobuf runtime taken from the host
-venv, the project's ``protocols/`` and ``guest/`` packages, and SOURCE_DATE_EPOCH.
+venv, the policy engine (regorus, jsonpatch) from the same venv, the project's ``protocols/`` and
+``guest/`` packages, and SOURCE_DATE_EPOCH.
 
 Same inputs give the same image bytes (see :mod:`guest.image.cpio`). The Debian package set is
 unpacked once per (suite, mirror, package list) into ``<cache>/guest/base-<key>/`` and reused, so
@@ -45,6 +46,9 @@ VENDORED_DIRS = ("rfc8785",)
 # Debian's python3-* packages live here; the agent runs with -S (no site), so it is on
 # PYTHONPATH explicitly (init and precompile).
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
+# The agent policy's Rego engine and RFC 6902 patches (the venv's [guest] extra); the agent
+# imports them only once a Rego policy is in force.
+POLICY_ENGINE = ("regorus", "jsonpatch.py", "jsonpointer.py")
 
 
 def _lines(path: Path) -> list[str]:
@@ -95,7 +99,7 @@ class Recipe:
                 rel = path.relative_to(self.repo).as_posix()
                 if any(rel == d or rel.startswith(d + "/") for d in EXCLUDED_PROJECT_DIRS):
                     continue
-                wanted = path.suffix == ".py" or path.name == "py.typed"
+                wanted = path.suffix in (".py", ".rego") or path.name == "py.typed"
                 if path.is_file() and wanted and "__pycache__" not in path.parts:
                     out.append((rel, path))
         return out
@@ -108,6 +112,22 @@ class Recipe:
                     out.append((path.relative_to(self.site_packages).as_posix(), path))
         if not out:
             raise FileNotFoundError(f"no protobuf runtime under {self.site_packages}")
+        return out
+
+    def policy_engine_files(self) -> list[tuple[str, Path]]:
+        out: list[tuple[str, Path]] = []
+        for name in POLICY_ENGINE:
+            top = self.site_packages / name
+            paths = sorted(top.rglob("*")) if top.is_dir() else [top]
+            for path in paths:
+                if not path.is_file():
+                    if not path.exists():
+                        raise FileNotFoundError(
+                            f"{top} missing: install the [guest] extra into the venv"
+                        )
+                    continue
+                if "__pycache__" not in path.parts and path.suffix != ".pyi":
+                    out.append((path.relative_to(self.site_packages).as_posix(), path))
         return out
 
     def builder_files(self) -> list[tuple[str, Path]]:
@@ -130,7 +150,12 @@ class Recipe:
         feed("kernel", self.kernel_version.encode())
         for name in ("packages.txt", "modules.txt", "strip.txt", "init"):
             feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
-        for label, path in [*self.builder_files(), *self.project_files(), *self.protobuf_files()]:
+        for label, path in [
+            *self.builder_files(),
+            *self.project_files(),
+            *self.protobuf_files(),
+            *self.policy_engine_files(),
+        ]:
             feed(label, path.read_bytes())
         for path in module_files:
             feed(f"module/{path.name}", path.read_bytes())
@@ -260,6 +285,7 @@ _PRECOMPILE = """
 import py_compile, sys
 import guest.agent.__main__, guest.agent.service
 import guest.attestation.components, guest.attestation.__main__
+import guest.agent.rego, jsonpatch, regorus  # loaded once a Rego policy is in force
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None) and m.__file__.endswith(".py")})
 for path in files:
@@ -329,6 +355,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     payload.mkdir(parents=True, exist_ok=True)
     copied = _copy(recipe.project_files(), payload)
     copied += _copy(recipe.protobuf_files(), payload)
+    copied += _copy(recipe.policy_engine_files(), payload)
     order = tree.load_order(recipe.modules)
     mod_dir = stage / "lib/modules/coco"
     mod_dir.mkdir(parents=True, exist_ok=True)

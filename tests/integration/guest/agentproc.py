@@ -35,7 +35,7 @@ class AgentProcess:
     def log(self) -> Path:
         return self.workdir / "agent.log"
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, ready: str = "coco-agent: ready") -> None:
         argv = [
             "unshare", "--uts", "--net", "--mount", "--propagation", "private",
             sys.executable, "-m", "guest.agent",
@@ -43,6 +43,7 @@ class AgentProcess:
             "--state-dir", str(self.workdir / "state"),
             "--shared-root", str(self.workdir / "shared"),
             "--resolv-conf", str(self.workdir / "resolv.conf"),
+            "--initdata-dir", str(self.workdir / "initdata"),
             "--manage-system",
             "--cgroup-parent", self.cgroup_parent,
             "--runtime", self.runtime,
@@ -55,7 +56,7 @@ class AgentProcess:
         )
         deadline = time.monotonic() + 30
         # The socket file appears at bind(), before listen(): wait for the agent's own word.
-        while "coco-agent: ready" not in self.output():
+        while ready not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"agent did not start:\n{self.output()}")
             time.sleep(0.05)
