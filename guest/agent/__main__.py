@@ -31,6 +31,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guest.agent import initdata
 from guest.agent.errors import InvalidArgument
@@ -41,6 +42,9 @@ from guest.agent.sandbox import AgentPaths, Sandbox
 from guest.agent.service import AgentService, HealthService
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
+
+if TYPE_CHECKING:
+    from guest.attestation.components import GuestComponents
 
 log = logging.getLogger("guest.agent")
 
@@ -110,10 +114,33 @@ class Startup:
     initdata: initdata.Initdata | None
 
 
-def evidence_source() -> initdata.EvidenceSource:
-    """The TEE's evidence reader. The attestation package (guest/tee) provides the real one;
-    until it is wired in here, no TEE is detected."""
-    return initdata.NoTee()
+class TeeEvidence:
+    """:class:`guest.agent.initdata.EvidenceSource` over :mod:`guest.tee` (configfs-tsm)."""
+
+    def __init__(self) -> None:
+        from guest.tee import Tee, TeeError, detect
+
+        try:
+            self.tee = detect()
+        except TeeError as err:
+            raise initdata.InitdataError(f"the TEE cannot be used: {err}") from err
+        self._none = Tee.SAMPLE
+
+    @property
+    def platform(self) -> str | None:
+        return None if self.tee is self._none else str(self.tee.value)
+
+    def init_data_field(self) -> bytes | None:
+        from guest.tee import TeeError, bound_field
+
+        try:
+            return bound_field(self.tee)
+        except TeeError as err:
+            raise initdata.InitdataError(f"reading the TEE's evidence failed: {err}") from err
+
+
+def evidence_source() -> TeeEvidence:
+    return TeeEvidence()
 
 
 def initdata_device(args: argparse.Namespace) -> Path | None:
@@ -148,6 +175,25 @@ def prepare(args: argparse.Namespace, evidence: initdata.EvidenceSource) -> Star
         policy.origin,
     )
     return Startup(confidential, policy, found)
+
+
+class GuestComponentsError(Exception):
+    """The guest components (guest.attestation) could not start from the initdata."""
+
+
+def start_components(
+    startup: Startup, evidence: TeeEvidence, initdata_dir: Path
+) -> GuestComponents | None:
+    """With initdata: the attestation agent, data hub and resource endpoint it configures
+    (imported only then: they need cryptography)."""
+    if startup.initdata is None:
+        return None
+    from guest.attestation.components import GuestComponents
+
+    try:
+        return GuestComponents.start(initdata_dir, tee=evidence.tee)
+    except Exception as err:
+        raise GuestComponentsError(f"guest components from initdata: {err}") from err
 
 
 class RefusingHealth:
@@ -206,8 +252,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.wait_for is not None:
         await _wait_for_file(args.wait_for, WAIT_FOR_TIMEOUT)
     try:
-        startup = prepare(args, evidence_source())
-    except (initdata.InitdataError, InvalidArgument) as err:
+        evidence = evidence_source()
+        startup = prepare(args, evidence)
+        components = start_components(startup, evidence, args.initdata_dir)
+    except (initdata.InitdataError, InvalidArgument, GuestComponentsError) as err:
         return await refuse(args, str(err), stop)
 
     reaper = Reaper()
@@ -219,7 +267,13 @@ async def serve(args: argparse.Namespace) -> int:
         cgroup_parent=args.cgroup_parent,
     )
     manage_system = args.vsock if args.manage_system is None else args.manage_system
-    sandbox = Sandbox(reaper, paths, runc_binary=args.runtime, manage_system=manage_system)
+    sandbox = Sandbox(
+        reaper,
+        paths,
+        runc_binary=args.runtime,
+        manage_system=manage_system,
+        secrets=components.hub if components is not None else None,
+    )
     agent = AgentService(sandbox, Network(), startup.policy)
 
     server = Server()
@@ -242,6 +296,8 @@ async def serve(args: argparse.Namespace) -> int:
         await server.close()
         await sandbox.destroy_sandbox()
         reaper.close()
+        if components is not None:
+            components.close()
     return 0
 
 

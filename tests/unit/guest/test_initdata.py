@@ -255,3 +255,22 @@ def test_initdata_type_is_frozen() -> None:
     found = Initdata(toml=b"", algorithm="sha256")
     with pytest.raises(AttributeError):
         found.algorithm = "sha512"  # type: ignore[misc]
+
+
+def test_the_evidence_comes_from_guest_tee(monkeypatch: pytest.MonkeyPatch) -> None:
+    import guest.tee
+    from guest.agent.__main__ import TeeEvidence
+
+    monkeypatch.setattr(guest.tee, "detect", lambda: guest.tee.Tee.SNP)
+    monkeypatch.setattr(guest.tee, "bound_field", lambda tee: b"\x07" * 32)
+    evidence = TeeEvidence()
+    assert evidence.platform == "snp" and evidence.init_data_field() == b"\x07" * 32
+
+    def broken(tee: object) -> bytes:
+        raise guest.tee.TeeError("configfs-tsm: no outblob")
+
+    monkeypatch.setattr(guest.tee, "bound_field", broken)
+    with pytest.raises(InitdataError, match="reading the TEE's evidence failed: configfs-tsm"):
+        evidence.init_data_field()
+    monkeypatch.setattr(guest.tee, "detect", lambda: guest.tee.Tee.SAMPLE)
+    assert TeeEvidence().platform is None  # coco-dev: no TEE, nothing bound
