@@ -37,19 +37,22 @@ def parts_beneath(root: Path, path: str, what: str) -> tuple[str, ...]:
     return parts
 
 
-def _refuse_non_directory(dir_fd: int, name: str, shown: str, err: OSError) -> Exception:
+def _refuse_non_directory(
+    dir_fd: int, name: str, shown: str, what: str, err: OSError
+) -> Exception:
     try:
         mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
-        return from_os_error(err, shown)
+        return from_os_error(err, f"{what}: {shown}")
     if stat.S_ISLNK(mode):
-        return PermissionDenied(f"{shown} is a symlink: refusing to follow it")
-    return InvalidArgument(f"{shown} is not a directory")
+        return PermissionDenied(f"{what}: {shown} is a symlink: refusing to follow it")
+    return InvalidArgument(f"{what}: {shown} is not a directory")
 
 
 @contextlib.contextmanager
-def open_directory(root: Path, parts: tuple[str, ...], *, create_mode: int | None = None
-                   ) -> Iterator[int]:
+def open_directory(
+    root: Path, parts: tuple[str, ...], *, create_mode: int | None = None, what: str = "path"
+) -> Iterator[int]:
     """An O_PATH descriptor of root/parts (closed on exit), every component checked not to be a
     symlink; missing directories are created with ``create_mode`` when it is given."""
     fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself is the agent's own path
@@ -67,10 +70,10 @@ def open_directory(root: Path, parts: tuple[str, ...], *, create_mode: int | Non
                 try:
                     next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except OSError as err:
-                    raise _refuse_non_directory(fd, name, str(walked), err) from err
+                    raise _refuse_non_directory(fd, name, str(walked), what, err) from err
             except OSError as err:
                 if err.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise _refuse_non_directory(fd, name, str(walked), err) from err
+                    raise _refuse_non_directory(fd, name, str(walked), what, err) from err
                 raise
             os.close(fd)
             fd = next_fd

@@ -201,7 +201,7 @@ class Sandbox:
             path = str(root / container_id / path)
         parts = beneath.parts_beneath(root, path, "container root")
         try:
-            with beneath.open_directory(root, parts):
+            with beneath.open_directory(root, parts, what="container root"):
                 pass
         except FileNotFoundError as err:
             raise NotFound(f"rootfs {path} does not exist") from err
@@ -283,7 +283,7 @@ class Sandbox:
         name = parts[-1]
         try:
             with beneath.open_directory(
-                root, parts[:-1], create_mode=request.dir_mode or 0o755
+                root, parts[:-1], create_mode=request.dir_mode or 0o755, what="CopyFile target"
             ) as parent:
                 if kind == stat.S_IFDIR:
                     _copy_directory(parent, name, mode or 0o755, request)
@@ -332,7 +332,7 @@ def _copy_regular(parent: int, name: str, mode: int, request: FileCopy) -> None:
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise PermissionDenied(
-                f"CopyFile target {request.path} is a symlink: refusing to follow it"
+                f"CopyFile target: {request.path} is a symlink: refusing to follow it"
             ) from err
         raise
     try:
@@ -352,7 +352,7 @@ def _copy_directory(parent: int, name: str, mode: int, request: FileCopy) -> Non
     except OSError as err:
         if _is_symlink(parent, name):
             raise PermissionDenied(
-                f"CopyFile target {request.path} is a symlink: refusing to follow it"
+                f"CopyFile target: {request.path} is a symlink: refusing to follow it"
             ) from err
         raise
     try:

@@ -84,7 +84,9 @@ class StorageManager:
             existing.users += 1
             return point
         created = not os.path.lexists(point)
-        with beneath.open_directory(self.root, parts, create_mode=0o755) as target:
+        with beneath.open_directory(
+            self.root, parts, create_mode=0o755, what="storage mount point"
+        ) as target:
             try:
                 self._mount(spec, beneath.fd_path(target), point)
             except Exception:

@@ -103,7 +103,7 @@ async def test_copy_file_through_a_planted_symlink(start_agent: Start, workdir: 
             path=str(shared / "planted/evil"), file_mode=0o100644, dir_mode=0o755, data=b"owned"
         ),
     )
-    assert message == f"CopyFile target {shared}/planted is a symlink: refusing to follow it"
+    assert message == f"CopyFile target: {shared}/planted is a symlink: refusing to follow it"
     assert list(outside.iterdir()) == []
     await agent.call(
         "CopyFile",
