@@ -1,16 +1,15 @@
 """Initdata in the guest: find the disk the host attached, check it, bind it to the TEE's evidence
 and hand its files to the guest components, all before the agent serves anything.
 
-The disk (Confidential Containers layout, written by the host): bytes 0-7 ``initdata``, bytes
-8-15 the little-endian u64 length of a gzip stream, the stream, zeros up to a multiple of 512.
-The stream holds a TOML document: ``version = "0.1.0"``, ``algorithm`` one of sha256 / sha384 /
-sha512, and a ``[data]`` table of strings (``aa.toml``, ``cdh.toml``, ``policy.rego``, …).
+The format (disk layout, bounds, TOML validation, digest, fitting) is :mod:`protocols.initdata`,
+shared with the host that wrote the disk; this module finds the disk, reads it (at most the
+header and the largest gzip the format allows), and decides whether the guest may start.
 
-Binding: the digest is the algorithm over the exact TOML bytes, cut or zero-padded at the end to
-the TEE's field (SNP ``HOSTDATA``, 32 bytes; TDX ``MRCONFIGID``, 48 bytes), which the host set
-at launch and which the hardware reports in the attestation evidence. A mismatch, or a non-zero
-field with no initdata disk at all (the host withheld it), is a refusal: the agent does not
-serve, the VM powers off (see :mod:`guest.agent.__main__` for how the host learns why).
+Binding: the digest, fitted to the TEE's field (SNP ``HOSTDATA``, 32 bytes; TDX ``MRCONFIGID``,
+48 bytes), must equal that field, which the host set at launch and the hardware reports in the
+attestation evidence. A mismatch, or a non-zero field with no initdata disk at all (the host
+withheld it), is a refusal: the agent does not serve, the VM powers off (see
+:mod:`guest.agent.__main__` for how the host learns why).
 
 Then ``aa.toml``, ``cdh.toml``, ``policy.rego`` (those present) and the whole ``initdata.toml``
 are written under :data:`OUTPUT_DIR`, and the policy becomes the agent policy.
@@ -18,29 +17,17 @@ are written under :data:`OUTPUT_DIR`, and the policy becomes the agent policy.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import struct
-import tomllib
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from protocols import initdata as format_
+
 log = logging.getLogger(__name__)
 
-MAGIC = b"initdata"
-HEADER = struct.Struct("<8sQ")  # magic, length of the gzip stream
-MAX_GZIP = 4 << 20  # bytes of gzip stream read from the disk
-MAX_TOML = 16 << 20  # bytes it may decompress to (a gzip bomb stops here)
-VERSION = "0.1.0"
-ALGORITHMS: dict[str, Callable[[bytes], hashlib._Hash]] = {
-    "sha256": hashlib.sha256,
-    "sha384": hashlib.sha384,
-    "sha512": hashlib.sha512,
-}
+MAGIC = format_.DISK_MAGIC
 WELL_KNOWN = ("aa.toml", "cdh.toml", "policy.rego")
 OUTPUT_DIR = Path("/run/confidential-containers/initdata")
 DISK_PREFIXES = ("vd", "sd")  # virtio-blk, virtio-scsi
@@ -73,23 +60,30 @@ class NoTee:
 
 @dataclass(frozen=True)
 class Initdata:
-    toml: bytes  # the exact document: the digest is over these bytes
-    algorithm: str
-    data: dict[str, str] = field(default_factory=dict)
-    source: str = ""  # the device it came from
+    """A validated initdata document and the device it came from."""
+
+    document: format_.Initdata
+    source: str = ""
+
+    @property
+    def toml(self) -> bytes:
+        return self.document.toml
+
+    @property
+    def algorithm(self) -> str:
+        return self.document.algorithm
+
+    @property
+    def data(self) -> dict[str, str]:
+        return dict(self.document.data)
 
     @property
     def digest(self) -> bytes:
-        return ALGORITHMS[self.algorithm](self.toml).digest()
+        return self.document.digest()
 
     @property
     def policy(self) -> str | None:
-        return self.data.get("policy.rego")
-
-
-def fit(digest: bytes, size: int) -> bytes:
-    """The digest as the TEE field holds it: cut, or zero-padded, at the end."""
-    return digest[:size].ljust(size, b"\0")
+        return self.document.data.get("policy.rego")
 
 
 def find_disk(sys_block: Path = Path("/sys/class/block"), dev: Path = Path("/dev")) -> Path | None:
@@ -116,57 +110,17 @@ def find_disk(sys_block: Path = Path("/sys/class/block"), dev: Path = Path("/dev
     return found[0] if found else None
 
 
-def read_disk(path: Path) -> bytes:
-    """The TOML document on an initdata disk (bounded: no gzip bomb gets through)."""
+def read_disk(path: Path) -> Initdata:
+    """The validated document on an initdata disk (reads at most header + largest gzip)."""
     try:
         with path.open("rb") as disk:
-            header = disk.read(HEADER.size)
-            if len(header) < HEADER.size:
-                raise InitdataError(f"{path}: {len(header)} bytes, shorter than the header")
-            magic, length = HEADER.unpack(header)
-            if magic != MAGIC:
-                raise InitdataError(f"{path}: no initdata magic")
-            if not 0 < length <= MAX_GZIP:
-                raise InitdataError(
-                    f"{path}: gzip length {length} outside 1..{MAX_GZIP} bytes"
-                )
-            stream = disk.read(length)
+            image = disk.read(format_.DISK_HEADER.size + format_.MAX_GZIP_BYTES)
     except OSError as err:
-        raise InitdataError(f"{path}: {err.strerror or err}") from err
-    if len(stream) < length:
-        raise InitdataError(f"{path}: gzip stream truncated ({len(stream)} of {length} bytes)")
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        raise InitdataError(f"initdata on {path}: {err.strerror or err}") from err
     try:
-        document = inflater.decompress(stream, MAX_TOML + 1)
-    except zlib.error as err:
-        raise InitdataError(f"{path}: not a gzip stream: {err}") from err
-    if len(document) > MAX_TOML or inflater.unconsumed_tail:
-        raise InitdataError(f"{path}: initdata decompresses beyond {MAX_TOML} bytes")
-    if not inflater.eof:
-        raise InitdataError(f"{path}: gzip stream truncated")
-    if inflater.unused_data.strip(b"\0"):
-        raise InitdataError(f"{path}: data after the gzip stream")
-    return document
-
-
-def parse(document: bytes, source: str = "") -> Initdata:
-    """Validate the TOML document (version, algorithm, a table of strings)."""
-    try:
-        doc = tomllib.loads(document.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise InitdataError(f"initdata is not a TOML document: {err}") from err
-    version = doc.get("version")
-    if version != VERSION:
-        raise InitdataError(f"initdata version {version!r} is not supported (only {VERSION!r})")
-    algorithm = doc.get("algorithm")
-    if algorithm not in ALGORITHMS:
-        raise InitdataError(
-            f"initdata algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}"
-        )
-    data = doc.get("data", {})
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise InitdataError("initdata [data] must be a table of strings")
-    return Initdata(toml=document, algorithm=algorithm, data=dict(data), source=source)
+        return Initdata(format_.parse_disk_image(image), str(path))
+    except format_.InitdataError as err:
+        raise InitdataError(f"initdata on {path}: {err.problem}") from err
 
 
 def verify(initdata: Initdata | None, evidence: EvidenceSource) -> None:
@@ -182,7 +136,7 @@ def verify(initdata: Initdata | None, evidence: EvidenceSource) -> None:
                 "the host withheld the initdata it launched the guest with"
             )
         return
-    expected = fit(initdata.digest, len(field_value))
+    expected = format_.fit_digest(initdata.digest, len(field_value))
     if expected != field_value:
         raise InitdataError(
             f"initdata digest mismatch: {initdata.algorithm} of the initdata on "
@@ -209,7 +163,7 @@ def load(device: Path | None, evidence: EvidenceSource) -> Initdata | None:
     """Read and check the initdata on ``device`` (None: there is none) against ``evidence``.
     Raises InitdataError when the guest must not start; :func:`write_out` follows once the
     agent has accepted it all (its policy compiles)."""
-    initdata = parse(read_disk(device), str(device)) if device is not None else None
+    initdata = read_disk(device) if device is not None else None
     verify(initdata, evidence)
     if initdata is not None:
         log.info(
@@ -230,9 +184,7 @@ __all__ = [
     "InitdataError",
     "NoTee",
     "find_disk",
-    "fit",
     "load",
-    "parse",
     "read_disk",
     "verify",
     "write_out",

@@ -240,11 +240,11 @@ async def test_bad_initdata_refuses_to_start_and_says_why(
         await agent.check()
     assert info.value.code == Code.FAILED_PRECONDITION
     assert info.value.message == (
-        "guest refused to start: initdata version '9.9' is not supported (only '0.1.0')"
+        f"guest refused to start: initdata on {disk}: version must be '0.1.0', got '9.9'"
     )
     # The agent API is not served at all.
     await refused(Code.UNIMPLEMENTED, agent, "CreateSandbox", agent_pb2.CreateSandboxRequest())
-    assert "coco-agent: guest refused to start: initdata version" in agent_process.output()
+    assert f"coco-agent: guest refused to start: initdata on {disk}" in agent_process.output()
     assert agent_process.proc is not None
     assert await asyncio.to_thread(agent_process.proc.wait, 30) == 2
     assert not (workdir / "agent/initdata").exists()
