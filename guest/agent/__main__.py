@@ -40,6 +40,9 @@ from guest.agent.policy import AllowAll, Policy, RegoPolicy, confidential_defaul
 from guest.agent.reaper import Reaper
 from guest.agent.sandbox import AgentPaths, Sandbox
 from guest.agent.service import AgentService, HealthService
+from guest.image_pull.config import DEFAULT_CONFIG_PATH, guest_pull_config
+from guest.image_pull.pause import PAUSE_BUNDLE
+from guest.image_pull.puller import GuestPullStorage, ImagePuller
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
 
@@ -89,6 +92,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--initdata-dir", type=Path, default=initdata.OUTPUT_DIR)
     p.add_argument("--refuse-for", type=float, default=REFUSE_FOR, metavar="SECONDS")
+    p.add_argument(
+        "--image-pull-config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="guest pull settings (TOML, cdh.toml's [image] shape); defaults when missing",
+    )
+    p.add_argument(
+        "--pause-bundle",
+        type=Path,
+        default=PAUSE_BUNDLE,
+        help="bundle (config.json + rootfs/) of the pod's sandbox container",
+    )
     p.add_argument(
         "--manage-system",
         action=argparse.BooleanOptionalAction,
@@ -255,6 +270,11 @@ async def serve(args: argparse.Namespace) -> int:
         evidence = evidence_source()
         startup = prepare(args, evidence)
         components = start_components(startup, evidence, args.initdata_dir)
+        pull_config = guest_pull_config(
+            startup.initdata.data.get("cdh.toml") if startup.initdata is not None else None,
+            args.image_pull_config,
+            components.hub.resource if components is not None else None,
+        )
     except (initdata.InitdataError, InvalidArgument, GuestComponentsError) as err:
         return await refuse(args, str(err), stop)
 
@@ -267,12 +287,16 @@ async def serve(args: argparse.Namespace) -> int:
         cgroup_parent=args.cgroup_parent,
     )
     manage_system = args.vsock if args.manage_system is None else args.manage_system
+    guest_pull = GuestPullStorage(
+        lambda: ImagePuller(pull_config), args.shared_root, args.pause_bundle
+    )
     sandbox = Sandbox(
         reaper,
         paths,
         runc_binary=args.runtime,
         manage_system=manage_system,
         secrets=components.hub if components is not None else None,
+        guest_pull=guest_pull,
     )
     agent = AgentService(sandbox, Network(), startup.policy)
 

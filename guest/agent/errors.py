@@ -42,6 +42,10 @@ class Unimplemented(AgentError):
     pass
 
 
+class DataLoss(AgentError):
+    """Content that does not match its digest (a corrupted or tampered blob)."""
+
+
 class RuntimeFailure(AgentError):
     """A tool the agent drives (runc, ip, mount) failed for a reason not covered above."""
 

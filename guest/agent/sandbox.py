@@ -32,7 +32,7 @@ from guest.agent.errors import (
 )
 from guest.agent.reaper import Reaper
 from guest.agent.runc import Runc
-from guest.agent.storage import StorageManager, StorageSpec
+from guest.agent.storage import GuestPull, StorageManager, StorageSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Sandbox:
         runc_binary: str = "runc",
         manage_system: bool,
         secrets: SecretUnsealer | None = None,
+        guest_pull: GuestPull | None = None,
     ) -> None:
         self.reaper = reaper
         self.paths = paths
@@ -93,7 +94,7 @@ class Sandbox:
                 f"{paths.shared_root}: storages may mount anywhere beneath it"
             )
         paths.shared_root.mkdir(parents=True, exist_ok=True)
-        self.storage = StorageManager(paths.shared_root)
+        self.storage = StorageManager(paths.shared_root, guest_pull)
         self.manage_system = manage_system  # set hostname/DNS: only inside the guest VM
         self.secrets = secrets  # unseals sealed env values/files (guest.attestation), if any
         self.state = SandboxState.EMPTY
@@ -116,7 +117,7 @@ class Sandbox:
     ) -> None:
         if self.state is not SandboxState.EMPTY:
             raise FailedPrecondition(f"cannot create sandbox in state {self.state.value}")
-        mounted = self.storage.add_all(storages)
+        mounted = await self.storage.add_all(storages)
         try:
             if self.manage_system:
                 if hostname:
@@ -169,8 +170,11 @@ class Sandbox:
         bundle = self.paths.bundles / container_id
         try:
             async with contextlib.AsyncExitStack() as undo:
-                mounted = self.storage.add_all(storages)
+                mounted = await self.storage.add_all(storages, container_id)
                 undo.callback(self.storage.release_all, mounted)
+                pulled = self.storage.guest_rootfs(mounted)
+                if pulled is not None:  # the image's config (or the pause process) applies
+                    spec = pulled.apply(spec)
                 rootfs = self._container_root(container_id, spec.get("root", {}).get("path", ""))
                 undo.callback(shutil.rmtree, bundle, True)
                 undo.push_async_callback(self._forget_runc_state, container_id)

@@ -24,6 +24,7 @@ from guest.agent import oci
 from guest.agent.errors import (
     AgentError,
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -57,6 +58,7 @@ STATUS_CODES: dict[type[AgentError], Code] = {
     DeadlineExceeded: Code.DEADLINE_EXCEEDED,
     Unimplemented: Code.UNIMPLEMENTED,
     RuntimeFailure: Code.INTERNAL,
+    DataLoss: Code.DATA_LOSS,
 }
 
 

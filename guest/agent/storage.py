@@ -3,8 +3,9 @@
 Drivers (Kata's names): ``9p`` (source = 9p mount tag), ``virtio-fs`` (source = virtio-fs tag),
 ``blk`` / ``virtio-blk`` / ``mmioblk`` (source = a /dev path, or a PCI path such as ``02/00``
 resolved to the virtio disk behind it), ``local`` (a directory created in the guest),
-``ephemeral`` (a tmpfs), ``bind`` (a guest path bind-mounted). ``image_guest_pull`` is
-recognised and refused as not implemented yet.
+``ephemeral`` (a tmpfs), ``bind`` (a guest path bind-mounted), ``image_guest_pull`` (the image
+is pulled and mounted in the guest by :mod:`guest.image_pull`; only through :meth:`add_all`,
+which awaits the pull).
 
 Mount points are host-chosen paths, so they are confined: strictly beneath the manager's root
 (the shared root, ``/run/kata-containers`` in the guest), resolved without following any symlink
@@ -22,13 +23,46 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Protocol
 
 from guest.agent import beneath, mounts
 from guest.agent.errors import InvalidArgument, NotFound, Unimplemented
 
+if TYPE_CHECKING:
+    from guest.image_pull.puller import GuestRootfs
+
 NINEP_DEFAULTS = ("trans=virtio", "version=9p2000.L", "msize=262144", "cache=mmap")
 BLOCK_DRIVERS = frozenset({"blk", "virtio-blk", "virtio-blk-pci", "mmioblk", "blk-ccw"})
-DRIVERS = ("9p", "virtio-fs", "blk", "virtio-blk", "mmioblk", "local", "ephemeral", "bind")
+GUEST_PULL = "image_guest_pull"
+DRIVERS = (
+    "9p",
+    "virtio-fs",
+    "blk",
+    "virtio-blk",
+    "mmioblk",
+    "local",
+    "ephemeral",
+    "bind",
+    GUEST_PULL,
+)
+
+
+class GuestPull(Protocol):
+    """The ``image_guest_pull`` handler (:class:`guest.image_pull.puller.GuestPullStorage`).
+
+    ``mount_point`` is the confined, normalised mount point; ``target`` the /proc/self/fd path
+    of that directory, opened without following symlinks, to copy into and mount onto."""
+
+    async def mount(
+        self,
+        container_id: str,
+        source: str,
+        driver_options: tuple[str, ...],
+        mount_point: str,
+        target: str | None = None,
+    ) -> GuestRootfs: ...
+
+    def release(self, mount_point: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +81,8 @@ class _Mounted:
     users: int = 1
     created_dir: bool = False
     parts: tuple[str, ...] = ()  # the mount point beneath the root
+    rootfs: GuestRootfs | None = None  # a guest-pulled image (or the pause bundle)
+    created_levels: int = 0  # trailing components of parts add_all made (guest pull)
 
 
 def resolve_pci_block(pci_path: str, sys_root: Path = Path("/sys")) -> str:
@@ -65,9 +101,10 @@ def resolve_pci_block(pci_path: str, sys_root: Path = Path("/sys")) -> str:
 
 
 class StorageManager:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, guest_pull: GuestPull | None = None) -> None:
         self.root = root  # every mount point lies strictly beneath it
         self._mounted: dict[str, _Mounted] = {}
+        self.guest_pull = guest_pull
 
     @property
     def mount_points(self) -> list[str]:
@@ -96,17 +133,60 @@ class StorageManager:
         self._mounted[point] = _Mounted(spec, created_dir=created, parts=parts)
         return point
 
-    def add_all(self, specs: Sequence[StorageSpec]) -> list[str]:
-        """Mount all, or none: a failure unmounts what this call mounted."""
+    async def add_all(self, specs: Sequence[StorageSpec], container_id: str = "") -> list[str]:
+        """Mount all, or none: a failure (or cancellation) unmounts what this call mounted."""
         done: list[str] = []
         try:
             for spec in specs:
-                done.append(self.add(spec))
-        except Exception:
+                if spec.driver == GUEST_PULL and self.guest_pull is not None:
+                    done.append(await self._add_guest_pull(spec, container_id))
+                else:
+                    done.append(self.add(spec))
+        except BaseException:
             for point in reversed(done):
                 self.release(point)
             raise
         return done
+
+    async def _add_guest_pull(self, spec: StorageSpec, container_id: str) -> str:
+        """The mount point is confined like any other (no symlink on the way, made here); the
+        handler pulls and mounts onto the directory this walk opened."""
+        assert self.guest_pull is not None
+        if not container_id:
+            raise InvalidArgument(f"{GUEST_PULL} storage outside CreateContainer")
+        if not spec.mount_point or not os.path.isabs(spec.mount_point):
+            raise InvalidArgument(f"storage mount point must be absolute: {spec.mount_point!r}")
+        parts = beneath.parts_beneath(self.root, spec.mount_point, "storage mount point")
+        point = str(PurePosixPath(self.root, *parts))
+        if point in self._mounted:
+            raise InvalidArgument(f"{GUEST_PULL} mount point {point} is in use")
+        levels = sum(
+            not os.path.lexists(PurePosixPath(self.root, *parts[: i + 1]))
+            for i in range(len(parts))
+        )  # /run/kata-containers/<cid>/rootfs: usually both made here
+        with beneath.open_directory(
+            self.root, parts, create_mode=0o755, what="storage mount point"
+        ) as target:
+            try:
+                rootfs = await self.guest_pull.mount(
+                    container_id, spec.source, spec.driver_options, point, beneath.fd_path(target)
+                )
+            except BaseException:
+                self._remove_levels(parts, levels)
+                raise
+        self._mounted[point] = _Mounted(spec, parts=parts, rootfs=rootfs, created_levels=levels)
+        return point
+
+    def _remove_levels(self, parts: tuple[str, ...], levels: int) -> None:
+        for depth in range(len(parts), len(parts) - levels, -1):
+            self._remove_directory(parts[:depth])
+
+    def guest_rootfs(self, points: Sequence[str]) -> GuestRootfs | None:
+        """The guest-pulled rootfs among these mount points (a container has at most one)."""
+        found = [m.rootfs for p in points if (m := self._mounted.get(p)) and m.rootfs]
+        if len(found) > 1:
+            raise InvalidArgument(f"more than one {GUEST_PULL} storage for one container")
+        return found[0] if found else None
 
     def release(self, mount_point: str) -> None:
         entry = self._mounted.get(mount_point)
@@ -116,6 +196,10 @@ class StorageManager:
         if entry.users > 0:
             return
         del self._mounted[mount_point]
+        if entry.rootfs is not None and self.guest_pull is not None:
+            self.guest_pull.release(mount_point)
+            self._remove_levels(entry.parts, entry.created_levels)
+            return
         if entry.spec.driver != "local" and mounts.is_mountpoint(mount_point):
             mounts.umount(mount_point)
         if entry.created_dir:
@@ -157,12 +241,19 @@ class StorageManager:
             if not os.path.exists(spec.source):
                 raise NotFound(f"bind source {spec.source} does not exist")
             mounts.mount(spec.source, target, "", flags | mounts.MS_BIND, data, shown=shown)
-        elif driver == "image_guest_pull":
-            raise Unimplemented("guest pull (image_guest_pull storage) is not supported yet")
+        elif driver == GUEST_PULL:
+            raise Unimplemented(f"{GUEST_PULL}: this agent has no image puller configured")
         else:
             raise InvalidArgument(
                 f"unknown storage driver {driver!r} (known: {', '.join(DRIVERS)})"
             )
 
 
-__all__ = ["DRIVERS", "StorageManager", "StorageSpec", "resolve_pci_block"]
+__all__ = [
+    "DRIVERS",
+    "GUEST_PULL",
+    "GuestPull",
+    "StorageManager",
+    "StorageSpec",
+    "resolve_pci_block",
+]

@@ -20,6 +20,7 @@ EXPECTED = {
     errors.DeadlineExceeded: Code.DEADLINE_EXCEEDED,
     errors.Unimplemented: Code.UNIMPLEMENTED,
     errors.RuntimeFailure: Code.INTERNAL,
+    errors.DataLoss: Code.DATA_LOSS,
 }
 
 

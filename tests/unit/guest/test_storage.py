@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,12 @@ def spec(driver: str, mount_point: str, source: str = "x") -> StorageSpec:
     return StorageSpec(driver=driver, source=source, fstype="", options=(), mount_point=mount_point)
 
 
-def test_refusals(tmp_path: Path) -> None:
+async def test_refusals(tmp_path: Path) -> None:
     manager = StorageManager(tmp_path)
     with pytest.raises(InvalidArgument, match="unknown storage driver"):
         manager.add(spec("floppy", str(tmp_path / "a")))
-    with pytest.raises(Unimplemented):
-        manager.add(spec("image_guest_pull", str(tmp_path / "b")))
+    with pytest.raises(Unimplemented, match="no image puller"):
+        await manager.add_all([spec("image_guest_pull", str(tmp_path / "b"))], "c1")
     with pytest.raises(InvalidArgument, match="absolute"):
         manager.add(spec("local", "relative/path"))
     for outside in ("/etc", str(tmp_path), f"{tmp_path}/../x", f"{tmp_path}/a/../../x"):
@@ -42,7 +43,7 @@ def test_refusals(tmp_path: Path) -> None:
 def test_local_storage_is_reference_counted(tmp_path: Path) -> None:
     manager = StorageManager(tmp_path)
     point = str(tmp_path / "empty-dir")
-    manager.add_all([spec("local", point)])
+    asyncio.run(manager.add_all([spec("local", point)]))
     manager.add(spec("local", point))
     manager.release(point)
     assert Path(point).is_dir()
@@ -51,10 +52,10 @@ def test_local_storage_is_reference_counted(tmp_path: Path) -> None:
     assert manager.mount_points == []
 
 
-def test_add_all_is_all_or_nothing(tmp_path: Path) -> None:
+async def test_add_all_is_all_or_nothing(tmp_path: Path) -> None:
     manager = StorageManager(tmp_path)
     with pytest.raises(InvalidArgument):
-        manager.add_all(
+        await manager.add_all(
             [spec("local", str(tmp_path / "ok")), spec("floppy", str(tmp_path / "bad"))]
         )
     assert manager.mount_points == []
