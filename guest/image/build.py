@@ -148,7 +148,7 @@ class Recipe:
         feed("base", self.base_key().encode())
         feed("epoch", str(self.epoch).encode())
         feed("kernel", self.kernel_version.encode())
-        for name in ("packages.txt", "modules.txt", "strip.txt", "init"):
+        for name in ("packages.txt", "modules.txt", "strip.txt", "init", "image-pull.toml"):
             feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
         for label, path in [
             *self.builder_files(),
@@ -286,6 +286,7 @@ import py_compile, sys
 import guest.agent.__main__, guest.agent.service
 import guest.attestation.components, guest.attestation.__main__
 import guest.agent.rego, jsonpatch, regorus  # loaded once a Rego policy is in force
+import guest.image_pull.registry, guest.image_pull.unpack  # imported on the first pull
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None) and m.__file__.endswith(".py")})
 for path in files:
@@ -351,6 +352,8 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     )
     removed = strip_tree(stage, recipe.strip)
     links = install_busybox_links(stage)
+    write_pause_bundle(stage / "pause_bundle", base_root / PAUSE_PROGRAM)
+    ca_certificates = write_ca_bundle(base_root, stage)
     payload = stage / PAYLOAD_DIR
     payload.mkdir(parents=True, exist_ok=True)
     copied = _copy(recipe.project_files(), payload)
@@ -363,6 +366,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
         (mod_dir / f"{module.name}.ko").write_bytes(module.load_bytes())
     etc = stage / "etc/coco"
     etc.mkdir(parents=True, exist_ok=True)
+    (etc / "image-pull.toml").write_bytes((recipe.recipe_dir / "image-pull.toml").read_bytes())
     (etc / "modules.order").write_text("".join(f"{m.name}\n" for m in order))
     # modules.dep for busybox modprobe, which loads the whole list in one process.
     kver_dir = stage / "lib/modules" / recipe.kernel_version
@@ -388,7 +392,47 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
         "stripped_paths": removed,
         "busybox_links": links,
         "payload_files": copied,
+        "ca_certificates": ca_certificates,
     }
+
+
+PAUSE_PROGRAM = "usr/bin/catatonit"  # Debian's static catatonit, run as "pause -P"
+CA_SOURCES = "usr/share/ca-certificates/mozilla"
+CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+
+
+def pause_bundle_config() -> dict[str, object]:
+    """config.json of /pause_bundle: the process the agent runs for a pod's sandbox container
+    (catatonit -P waits, reaps, and exits on SIGTERM/SIGINT)."""
+    return {
+        "ociVersion": "1.1.0",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/pause", "-P"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+    }
+
+
+def write_pause_bundle(dest: Path, program: Path) -> None:
+    """A pause bundle (config.json + rootfs/pause) at dest, from a static program."""
+    (dest / "rootfs").mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(pause_bundle_config(), indent=2) + "\n")
+    shutil.copyfile(program, dest / "rootfs/pause")
+    (dest / "rootfs/pause").chmod(0o755)
+
+
+def write_ca_bundle(base_root: Path, stage: Path) -> int:
+    """Concatenate the package's CA certificates, sorted (reproducible); return the count."""
+    certs = sorted((base_root / CA_SOURCES).glob("*.crt"))
+    target = stage / CA_BUNDLE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"".join(c.read_bytes().rstrip(b"\n") + b"\n" for c in certs))
+    return len(certs)
 
 
 def tree_size(root: Path) -> int:
