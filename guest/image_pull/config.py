@@ -9,6 +9,8 @@ just its ``[image]`` table; other top-level tables belong to other CDH parts and
     max_concurrent_layer_downloads_per_image = 3
     work_dir = "/run/kata-containers/image"       # layer cache and per-container overlay dirs
     image_pull_timeout = 1200                      # seconds per pull (Kata agent's name)
+    registry_connect_timeout = 10                  # seconds to reach a registry (ours)
+    ca_bundle = "/etc/ssl/certs/ca-certificates.crt"  # system roots ("" for none; ours)
     authenticated_registry_credentials_uri = "file:///etc/coco/auth.json"  # docker config.json
 
     [[image.registry_config.registry]]             # containers-registries.conf v2 entries
@@ -37,6 +39,7 @@ DEFAULT_WORK_DIR = Path("/run/kata-containers/image")
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEFAULT_TIMEOUT = 1200.0  # Kata agent's image_pull_timeout default
 DEFAULT_CONCURRENCY = 3  # CDH's max_concurrent_layer_downloads_per_image default
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 UNSUPPORTED_IMAGE_KEYS = {
     "image_security_policy_uri": "image signature policies",
@@ -50,6 +53,7 @@ IMAGE_KEYS = {
     "max_concurrent_layer_downloads_per_image",
     "work_dir",
     "image_pull_timeout",
+    "registry_connect_timeout",
     "authenticated_registry_credentials_uri",
     "registry_config",
     "ca_bundle",
@@ -82,6 +86,7 @@ class PullConfig:
     registries: tuple[RegistryRule, ...] = ()
     credentials: dict[str, tuple[str, str]] = field(default_factory=dict)  # host -> user, pass
     timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     concurrency: int = DEFAULT_CONCURRENCY
 
     def rule_for(self, name: str) -> RegistryRule | None:
@@ -148,11 +153,15 @@ def _from_image_table(image: dict[str, Any], origin: str) -> PullConfig:
                 f"{origin}: max_concurrent_layer_downloads_per_image must be 1..64"
             )
         values["concurrency"] = count
-    if "image_pull_timeout" in image:
-        seconds = image["image_pull_timeout"]
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
-            raise InvalidArgument(f"{origin}: image_pull_timeout must be a positive number")
-        values["timeout"] = float(seconds)
+    for key, field_name in (
+        ("image_pull_timeout", "timeout"),
+        ("registry_connect_timeout", "connect_timeout"),
+    ):
+        if key in image:
+            seconds = image[key]
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+                raise InvalidArgument(f"{origin}: {key} must be a positive number")
+            values[field_name] = float(seconds)
     if "registry_config" in image:
         values["registries"] = _registries(image["registry_config"], origin)
     if "authenticated_registry_credentials_uri" in image:

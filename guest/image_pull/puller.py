@@ -185,10 +185,14 @@ class ImagePuller:
                 fetched.append(str(descriptor["digest"]))
             return path
 
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(one(d, str(i))) for d, i in zip(layers, diff_ids, strict=True)
-            ]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(one(d, str(i)))
+                    for d, i in zip(layers, diff_ids, strict=True)
+                ]
+        except BaseExceptionGroup as errors:
+            raise _first_error(errors) from errors
         return PulledImage(
             reference=ref,
             manifest_digest=digest,
@@ -310,9 +314,16 @@ class ImagePuller:
             stream = client.open_blob(ref, digest)
             try:
                 verifier = VerifyingReader(_Progress(stream, what), digest, size, what)
-                data = Decompressed(verifier, what)
-                stats = unpack(data, staged / "fs", what, client.token.check)
-                data.drain()
+                try:
+                    data = Decompressed(verifier, what)
+                    stats = unpack(data, staged / "fs", what, client.token.check)
+                    data.drain()
+                except (DataLoss, InvalidArgument, Unimplemented) as err:
+                    # Bad content: if the blob is not what its digest says, that is the cause
+                    # to report (a corrupted or tampered blob), not the tar/gzip symptom.
+                    verifier.drain()
+                    verifier.verify()
+                    raise err
                 verifier.drain()
                 verifier.verify()
             finally:
@@ -335,6 +346,21 @@ class ImagePuller:
             time.monotonic() - started,
         )
         return path
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a failed TaskGroup: the first agent error, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, AgentError)), leaves[0])
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:

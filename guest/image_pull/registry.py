@@ -267,7 +267,18 @@ class RegistryClient:
         else:
             connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
         try:
-            connection.connect()
+            connection.timeout = min(self.config.connect_timeout, timeout)
+            try:
+                connection.connect()
+            except TimeoutError as err:
+                connection.close()
+                self.token.check()
+                raise Unavailable(
+                    f"{what}: registry {parts.netloc} unreachable: no connection within "
+                    f"{connection.timeout:g} s"
+                ) from err
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout)
             with self.token.tracking(connection.sock):
                 connection.request(method, path, headers=headers)
                 response = connection.getresponse()

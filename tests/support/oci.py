@@ -55,9 +55,9 @@ class TarBuilder:
         self._tar.addfile(info, io.BytesIO(data) if data is not None else None)
         return self
 
-    def dir(self, name: str, mode: int = 0o755) -> TarBuilder:
+    def dir(self, name: str, mode: int = 0o755, *, uid: int = 0, gid: int = 0) -> TarBuilder:
         info = tarfile.TarInfo(name)
-        info.type, info.mode = tarfile.DIRTYPE, mode
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, gid
         return self._add(info)
 
     def file(self, name: str, data: bytes | str, mode: int = 0o644, *, uid: int = 0,
@@ -228,8 +228,8 @@ NAMED_USER_GROUP = "root:x:0:\nappgrp:x:2345:\nextra:x:3456:root,app\n"
 
 def named_user() -> Image:
     files = (TarBuilder().dir("etc").file("etc/passwd", NAMED_USER_PASSWD)
-             .file("etc/group", NAMED_USER_GROUP).dir("home").dir("home/app", 0o700)
-             .bytes())
+             .file("etc/group", NAMED_USER_GROUP).dir("home")
+             .dir("home/app", 0o700, uid=1234, gid=2345).bytes())
     return Image((busybox_layer(), Layer.gzip(files)),
                  {"Env": ["PATH=/bin", "GREETING=from-image"], "User": "app",
                   "Entrypoint": ["id"], "WorkingDir": "/home/app"})

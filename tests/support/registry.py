@@ -148,6 +148,7 @@ class RegistryEnv:
             "[image]\n"
             f'work_dir = "{work_dir}"\n'
             f"image_pull_timeout = {timeout}\n"
+            "registry_connect_timeout = 2\n"
             f"extra_root_certificates = [\"\"\"\n{self.ca.cert_pem}\"\"\"]\n"
             f"{registries}"
         )

@@ -21,6 +21,7 @@ class AgentProcess:
     workdir: Path
     runtime: str = "/usr/sbin/runc"
     proc: subprocess.Popen[bytes] | None = None
+    netns: str | None = None  # run in this named netns (else a fresh, empty one)
 
     @property
     def cgroup_parent(self) -> str:
@@ -36,8 +37,13 @@ class AgentProcess:
         return self.workdir / "agent.log"
 
     def start(self, *extra: str, ready: str = "coco-agent: ready") -> None:
+        if self.netns is None:
+            prefix = ["unshare", "--uts", "--net"]
+        else:
+            # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup mounts
+            prefix = ["nsenter", f"--net=/var/run/netns/{self.netns}", "unshare", "--uts"]
         argv = [
-            "unshare", "--uts", "--net", "--mount", "--propagation", "private",
+            *prefix, "--mount", "--propagation", "private",
             sys.executable, "-m", "guest.agent",
             "--unix", str(self.socket),
             "--state-dir", str(self.workdir / "state"),
