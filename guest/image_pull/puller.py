@@ -225,8 +225,10 @@ class ImagePuller:
         size = int(descriptor.get("size", -1))
         if not 0 <= size <= MAX_CONFIG_BYTES:
             raise InvalidArgument(f"image {ref}: config size {size} out of bounds")
-        data = self.store.read_blob(digest)
+        while (data := self.store.read_blob(digest)) is None and digest in self._inflight:
+            await self._inflight[digest].wait()  # another pull is fetching it
         if data is None:
+            done = self._inflight[digest] = asyncio.Event()
 
             def fetch() -> bytes:
                 stream = client.open_blob(ref, digest)
@@ -238,8 +240,12 @@ class ImagePuller:
                 finally:
                     stream.close()
 
-            data = await self._thread(client, fetch)
-            self.store.write_blob(digest, data)
+            try:
+                data = await self._thread(client, fetch)
+                self.store.write_blob(digest, data)
+            finally:
+                del self._inflight[digest]
+                done.set()
         else:
             verify_bytes(data, digest, f"image {ref}: cached config {digest}")
         config = _json(data, f"config of {ref}")

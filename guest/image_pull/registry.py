@@ -325,8 +325,7 @@ class RegistryClient:
                 f"registry {ref.registry} refused anonymous access with no usable challenge"
                 f" ({challenge!r})"
             )
-        scope = params.get("scope", scope)
-        query = {"scope": scope}
+        query = {"scope": params.get("scope", scope)}
         if "service" in params:
             query["service"] = params["service"]
         realm = params["realm"]
@@ -348,7 +347,8 @@ class RegistryClient:
             body = response.read(MAX_TOKEN_BYTES)
             if response.status != 200:
                 raise PermissionDenied(
-                    f"token service {realm_parts.netloc} refused {scope} ({response.status})"
+                    f"token service {realm_parts.netloc} refused {query['scope']} "
+                    f"({response.status})"
                 )
         finally:
             response.close()
