@@ -11,7 +11,7 @@ just its ``[image]`` table; other top-level tables belong to other CDH parts and
     image_pull_timeout = 1200                      # seconds per pull (Kata agent's name)
     registry_connect_timeout = 10                  # seconds to reach a registry (ours)
     ca_bundle = "/etc/ssl/certs/ca-certificates.crt"  # system roots ("" for none; ours)
-    authenticated_registry_credentials_uri = "file:///etc/coco/auth.json"  # docker config.json
+    authenticated_registry_credentials_uri = "file:///etc/coco/auth.json"  # or kbs:///…
 
     [[image.registry_config.registry]]             # containers-registries.conf v2 entries
     location = "registry.test:5000"                 # or prefix = …
@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,18 @@ class PullConfig:
         return any(rule.insecure and rule.prefix.rstrip("/") == host for rule in self.registries)
 
 
-def load_pull_config(text: str, *, origin: str = "image pull configuration") -> PullConfig:
-    """Parse TOML text (a whole ``cdh.toml`` or a file with just ``[image]``)."""
+Resource = Callable[[str], bytes]  # fetches a kbs:/// URI (guest.attestation's DataHub)
+
+
+def load_pull_config(
+    text: str, *, origin: str = "image pull configuration", resource: Resource | None = None
+) -> PullConfig:
+    """Parse TOML text (a whole ``cdh.toml`` or a file with just ``[image]``).
+
+    ``kbs:///`` URIs (in ``extra_root_certificates`` and
+    ``authenticated_registry_credentials_uri``) are fetched with ``resource``, e.g.
+    ``guest.attestation.cdh.DataHub.resource`` once the guest has attested; without it they
+    are refused."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -108,7 +119,7 @@ def load_pull_config(text: str, *, origin: str = "image pull configuration") -> 
     image = document.get("image", {})
     if not isinstance(image, dict):
         raise InvalidArgument(f"{origin}: [image] must be a table")
-    return _from_image_table(image, origin)
+    return _from_image_table(image, origin, resource)
 
 
 def read_pull_config(path: Path = DEFAULT_CONFIG_PATH) -> PullConfig:
@@ -122,7 +133,18 @@ def read_pull_config(path: Path = DEFAULT_CONFIG_PATH) -> PullConfig:
     return load_pull_config(text, origin=str(path))
 
 
-def _from_image_table(image: dict[str, Any], origin: str) -> PullConfig:
+def _fetch(uri: str, resource: Resource | None, key: str, origin: str) -> bytes:
+    if resource is None:
+        raise InvalidArgument(
+            f"{origin}: {key} {uri} needs the KBS (attestation), not available here"
+        )
+    try:
+        return resource(uri)
+    except Exception as err:
+        raise InvalidArgument(f"{origin}: {key}: fetching {uri} failed: {err}") from err
+
+
+def _from_image_table(image: dict[str, Any], origin: str, resource: Resource | None) -> PullConfig:
     for key in image:
         if key in UNSUPPORTED_IMAGE_KEYS:
             raise InvalidArgument(
@@ -139,6 +161,13 @@ def _from_image_table(image: dict[str, Any], origin: str) -> PullConfig:
         values["ca_bundle"] = None if bundle == "" else _abs_path(bundle, "ca_bundle", origin)
     if "extra_root_certificates" in image:
         certs = image["extra_root_certificates"]
+        if isinstance(certs, list):
+            certs = [
+                _fetch(c, resource, "extra_root_certificates", origin).decode()
+                if isinstance(c, str) and c.startswith("kbs://")
+                else c
+                for c in certs
+            ]
         if not isinstance(certs, list) or not all(
             isinstance(c, str) and "BEGIN CERTIFICATE" in c for c in certs
         ):
@@ -166,7 +195,7 @@ def _from_image_table(image: dict[str, Any], origin: str) -> PullConfig:
         values["registries"] = _registries(image["registry_config"], origin)
     if "authenticated_registry_credentials_uri" in image:
         uri = image["authenticated_registry_credentials_uri"]
-        values["credentials"] = _credentials(uri, origin)
+        values["credentials"] = _credentials(uri, origin, resource)
     return PullConfig(**values)
 
 
@@ -212,24 +241,29 @@ def _registries(table: object, origin: str) -> tuple[RegistryRule, ...]:
     return tuple(rules)
 
 
-def _credentials(uri: object, origin: str) -> dict[str, tuple[str, str]]:
-    """A docker ``config.json`` (``{"auths": {"host": {"auth": base64(user:pass)}}}``)."""
-    if not isinstance(uri, str) or not uri.startswith("file:///"):
-        raise InvalidArgument(
-            f"{origin}: authenticated_registry_credentials_uri must be a file:/// URI "
-            "(KBS URIs need the attestation path, not available here)"
-        )
+def _credentials(uri: object, origin: str, resource: Resource | None) -> dict[str, tuple[str, str]]:
+    """A docker ``config.json`` (``{"auths": {"host": {"auth": base64(user:pass)}}}``, or
+    ``username``/``password`` members) from a file:/// or kbs:/// URI."""
+    key = "authenticated_registry_credentials_uri"
+    if not isinstance(uri, str) or not uri.startswith(("file:///", "kbs://")):
+        raise InvalidArgument(f"{origin}: {key} must be a file:/// or kbs:/// URI")
     path = Path(uri.removeprefix("file://"))
     try:
-        document = json.loads(path.read_text())
-        auths = document["auths"]
+        if uri.startswith("kbs://"):
+            text = _fetch(uri, resource, key, origin).decode()
+        else:
+            text = path.read_text()
+        auths = json.loads(text)["auths"]
         out: dict[str, tuple[str, str]] = {}
         for host, entry in auths.items():
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            if "auth" in entry:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            else:
+                user, password = str(entry["username"]), str(entry.get("password", ""))
             out[host.removeprefix("https://").removeprefix("http://").rstrip("/")] = (
                 user,
                 password,
             )
         return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise InvalidArgument(f"{origin}: registry credentials in {path}: {err}") from err
+        raise InvalidArgument(f"{origin}: registry credentials from {uri}: {err}") from err

@@ -94,7 +94,9 @@ def test_cdh_toml_image_section_is_read_and_other_tables_ignored() -> None:
     ("image_pull_timeout = -1", "positive"),
     ("max_concurrent_layer_downloads_per_image = 0", "1..64"),
     ('work_dir = "relative"', "absolute"),
-    ('authenticated_registry_credentials_uri = "kbs:///default/cred/x"', "file:///"),
+    ('authenticated_registry_credentials_uri = "kbs:///default/cred/x"', "needs the KBS"),
+    ('authenticated_registry_credentials_uri = "http://x"', "file:/// or kbs:///"),
+    ('extra_root_certificates = ["kbs:///default/ca/x"]', "needs the KBS"),
     ("[[image.registry_config.registry]]\nlocation = 'a'\n"
      "[[image.registry_config.registry.mirror]]\nlocation = 'b'", "mirrors"),
     ("[[image.registry_config.registry]]\nprefix = 'a'\nlocation = 'b'", "remapping"),
@@ -115,6 +117,21 @@ def test_credentials_file_and_missing_config_file(tmp_path: Path) -> None:
     assert read_pull_config(tmp_path / "absent.toml").timeout == 1200.0
     with pytest.raises(InvalidArgument, match="not valid TOML"):
         load_pull_config("[image")
+
+
+def test_kbs_uris_are_fetched_with_the_given_resource_getter() -> None:
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    auths = {"auths": {"reg.test": {"username": "u", "password": "p"}}}
+    resources = {"kbs:///default/ca/reg": pem.encode(),
+                 "kbs:///default/cred/reg": json.dumps(auths).encode()}
+    text = ('[image]\nextra_root_certificates = ["kbs:///default/ca/reg"]\n'
+            'authenticated_registry_credentials_uri = "kbs:///default/cred/reg"\n')
+    config = load_pull_config(text, resource=resources.__getitem__)
+    assert config.extra_root_certificates == (pem,)
+    assert config.credentials == {"reg.test": ("u", "p")}
+    with pytest.raises(InvalidArgument, match="fetching kbs:///default/ca/reg failed"):
+        empty: dict[str, bytes] = {}
+        load_pull_config(text, resource=empty.__getitem__)
 
 
 def test_driver_option_metadata() -> None:
