@@ -41,6 +41,8 @@ class GuestVM:
     shares: tuple[Share9p, ...] = ()
     disks: tuple[Disk, ...] = ()
     nic_mac: str | None = None  # a virtio-net NIC on an isolated backend (restrict=on)
+    tap: str | None = None  # ... or on this tap device (in ``netns``), instead
+    netns: str | None = None  # run QEMU in this named network namespace
     memory_mib: int = 512
     cpus: int = 2
     append: str = ""
@@ -87,7 +89,12 @@ class GuestVM:
                 "-drive", f"file={disk.path},if=none,id=disk{index},format=raw",
                 "-device", f"virtio-blk-pci,drive=disk{index},addr={disk.pci_slot:#x}",
             ]  # fmt: skip
-        if self.nic_mac is not None:
+        if self.nic_mac is not None and self.tap is not None:
+            argv += [
+                "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=net0,mac={self.nic_mac}",
+            ]  # fmt: skip
+        elif self.nic_mac is not None:
             argv += [
                 "-netdev", "user,id=net0,restrict=on",
                 "-device", f"virtio-net-pci,netdev=net0,mac={self.nic_mac}",
@@ -111,8 +118,9 @@ class GuestVM:
                 raise RuntimeError(f"vhost-device-vsock did not start: {self.logs()}")
             time.sleep(0.02)
         self.started_at = time.monotonic()
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.qemu = subprocess.Popen(
-            self.qemu_argv(),
+            [*prefix, *self.qemu_argv()],
             stdin=subprocess.DEVNULL,
             stdout=(self.workdir / "qemu.log").open("wb"),
             stderr=subprocess.STDOUT,
