@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -68,7 +69,7 @@ class Decompressed:
         self._pending = head
         self._gzip = head.startswith(GZIP_MAGIC)
         self._inflater = zlib.decompressobj(wbits=31) if self._gzip else None
-        self._hash = Digest("sha256", "0" * 64).hasher()
+        self._hash = hashlib.sha256()
         self.size = 0
         self._eof = False
 
