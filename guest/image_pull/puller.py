@@ -269,10 +269,6 @@ class ImagePuller:
         what = f"image {ref}: layer {digest}"
         if "encrypted" in media_type:
             raise Unimplemented(f"{what} is encrypted ({media_type}); not supported here")
-        if "zstd" in media_type:
-            raise Unimplemented(
-                f"{what} is zstd-compressed; this guest unpacks gzip and uncompressed layers"
-            )
         if "tar" not in media_type:
             raise InvalidArgument(f"{what} has media type {media_type!r}, not a layer")
         size = int(descriptor.get("size", -1))

@@ -1,4 +1,5 @@
-"""Layer streams: decompression (gzip or none, by content) and a hostile-tar-safe unpacker.
+"""Layer streams: decompression (gzip, zstd or none, told by content) and a hostile-tar-safe
+unpacker.
 
 The unpacker writes one layer into its own empty directory, in overlayfs's format: an OCI
 whiteout ``.wh.<name>`` becomes a 0:0 character device ``<name>``, an opaque marker
@@ -37,8 +38,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from guest.agent.errors import DataLoss, InvalidArgument, Unimplemented
+from guest.agent.errors import DataLoss, InvalidArgument
 from guest.image_pull.digest import Digest, Readable
 
 log = logging.getLogger(__name__)
@@ -55,23 +57,34 @@ PAX_XATTR = "SCHILY.xattr."
 
 
 class Decompressed:
-    """The uncompressed bytes of a layer stream (gzip detected by its magic, else plain tar),
-    hashed as they pass so the diff ID can be checked. Output is produced in bounded pieces."""
+    """The uncompressed bytes of a layer stream, the compression told by its magic (gzip,
+    zstd through the image's libzstd, else a plain tar), hashed as they pass so the diff ID can
+    be checked. Input is fed in small pieces and output kept in one bounded buffer, so reads of
+    any size cost no re-copying of large tails and memory stays bounded."""
+
+    FEED = 64 << 10
 
     def __init__(self, raw: Readable, what: str) -> None:
         self.raw = raw
         self.what = what
         head = raw.read(4)
-        if head.startswith(ZSTD_MAGIC):
-            raise Unimplemented(
-                f"{what} is zstd-compressed; this guest unpacks gzip and uncompressed layers"
-            )
         self._pending = head
-        self._gzip = head.startswith(GZIP_MAGIC)
-        self._inflater = zlib.decompressobj(wbits=31) if self._gzip else None
+        self._inflater: Any = None
+        if head.startswith(GZIP_MAGIC):
+            self.kind = "gzip"
+            self._inflater = zlib.decompressobj(wbits=31)
+        elif head.startswith(ZSTD_MAGIC):
+            from guest.image_pull.zstd import ZstdDecompressor
+
+            self.kind = "zstd"
+            self._inflater = ZstdDecompressor(what)
+        else:
+            self.kind = "tar"
         self._hash = hashlib.sha256()
         self.size = 0
         self._eof = False
+        self._buffer = b""
+        self._offset = 0
 
     def _source(self, size: int) -> bytes:
         if self._pending:
@@ -81,43 +94,51 @@ class Decompressed:
 
     def read(self, size: int = -1, /) -> bytes:
         want = CHUNK if size is None or size < 0 else max(size, 1)
-        out = self._read(want)
+        if self._offset >= len(self._buffer):
+            self._buffer, self._offset = self._produce(max(want, CHUNK)), 0
+        out = self._buffer[self._offset : self._offset + want]
+        self._offset += len(out)
+        return out
+
+    def _produce(self, want: int) -> bytes:
+        """Up to ``want`` more uncompressed bytes (b"" at the end), hashed."""
+        out = self._inflate(want) if self._inflater is not None else self._source(want)
         self._hash.update(out)
         self.size += len(out)
         return out
 
-    def _read(self, want: int) -> bytes:
-        if self._inflater is None:
-            return self._source(want)
+    def _inflate(self, want: int) -> bytes:
         while not self._eof:
             inflater = self._inflater
-            if inflater.unconsumed_tail:
-                data = inflater.unconsumed_tail
-            else:
-                data = self._source(CHUNK)
-                if not data:
-                    if not inflater.eof:
-                        raise DataLoss(f"{self.what}: gzip stream ends early")
-                    self._eof = True
-                    return b""
+            data = inflater.unconsumed_tail or self._source(self.FEED)
+            if not data:
+                if self.kind == "zstd":
+                    rest = inflater.decompress(b"", want)  # flush what the decoder holds
+                    if rest:
+                        return bytes(rest)
+                    if not inflater.frame_done:
+                        raise DataLoss(f"{self.what}: zstd stream ends early")
+                elif not inflater.eof:
+                    raise DataLoss(f"{self.what}: gzip stream ends early")
+                self._eof = True
+                return b""
             try:
                 out = inflater.decompress(data, want)
             except zlib.error as err:
                 raise DataLoss(f"{self.what}: corrupt gzip data: {err}") from err
-            if inflater.eof:
-                rest = inflater.unused_data
+            if self.kind == "gzip" and inflater.eof:
                 # Concatenated gzip members are one stream (RFC 1952).
+                rest = inflater.unused_data
                 self._inflater = zlib.decompressobj(wbits=31)
-                if rest:
-                    self._pending = rest
-                else:
-                    nxt = self._source(CHUNK)
+                self._pending = rest
+                if not rest:
+                    nxt = self._source(self.FEED)
                     if nxt:
                         self._pending = nxt
                     else:
                         self._eof = True
             if out:
-                return out
+                return bytes(out)
         return b""
 
     def drain(self) -> None:

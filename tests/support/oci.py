@@ -3,8 +3,9 @@
 Every image is reproducible (fixed mtimes, gzip without timestamps). The set:
 
 - ``busybox``: the static busybox layer (tests/support/images.py), ``Cmd ["sh"]``;
-- ``layered``: busybox + a layer adding /data and /opq + a layer with the whiteout
-  ``data/.wh.gone`` and the opaque marker ``opq/.wh..wh..opq`` (shares busybox's base layer);
+- ``layered``: busybox (gzip) + a zstd layer adding /data and /opq + an uncompressed layer with
+  the whiteout ``data/.wh.gone`` and the opaque marker ``opq/.wh..wh..opq`` (shares busybox's
+  base layer);
 - ``multiarch``: an index with linux/amd64 and linux/arm64 manifests, each with a marker layer
   writing /platform;
 - ``named-user``: passwd/group declaring ``app`` (1234:2345, also in group ``extra`` 3456),
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import random
+import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def sha256(data: bytes) -> str:
@@ -107,6 +110,12 @@ class Layer:
     @classmethod
     def gzip(cls, tar: bytes, level: int = 6) -> Layer:
         return cls(tar, gzip.compress(tar, compresslevel=level, mtime=0), LAYER_GZIP)
+
+    @classmethod
+    def zstd(cls, tar: bytes) -> Layer:
+        blob = subprocess.run(["zstd", "-q", "-c", "-3"], input=tar, capture_output=True,
+                              check=True).stdout
+        return cls(tar, blob, LAYER_ZSTD)
 
     @classmethod
     def plain(cls, tar: bytes) -> Layer:
@@ -209,7 +218,7 @@ def layered() -> Image:
             .bytes())
     hides = (TarBuilder().dir("data").whiteout("data/.wh.gone").dir("opq")
              .whiteout("opq/.wh..wh..opq").file("opq/new", "new\n").bytes())
-    return Image((busybox_layer(), Layer.gzip(adds), Layer.plain(hides)),
+    return Image((busybox_layer(), Layer.zstd(adds), Layer.plain(hides)),
                  {"Env": ["PATH=/bin", "FROM_IMAGE=layered"], "Cmd": ["sh"]})
 
 

@@ -67,7 +67,7 @@ def pull_vm(guest_image: BuildResult) -> Iterator[PullVM]:
     try:
         with registry_env(subnet=SUBNET) as registries:
             refs = {
-                "busybox": registries.push([oci.busybox()], registries.secure, "busybox"),
+                "layered": registries.push([oci.layered()], registries.secure, "layered"),
                 "named": registries.push([oci.named_user()], registries.plain, "app"),
             }
             mac = wire_tap(registries.pair.pod, TAP)
@@ -147,12 +147,13 @@ async def test_the_guest_pulls_over_its_own_network(agent: AgentClient, pull_vm:
                      agent_pb2.CreateSandboxRequest(hostname="pull-pod", sandbox_id="s"))
     secure, plain = pull_vm.registries.secure, pull_vm.registries.plain
     started = time.monotonic()
-    output = await run(agent, "bb", pull_vm.refs["busybox"], ["sh", "-c", "echo in-guest"])
-    print(f"busybox pulled (TLS + bearer token) and run in the TCG guest in "
-          f"{time.monotonic() - started:.2f} s")
-    assert output == b"in-guest\n"
+    output = await run(agent, "layers", pull_vm.refs["layered"],
+                       ["sh", "-c", "ls /data; ls -A /opq"])
+    print(f"3-layer image (gzip, zstd, tar; TLS + bearer token) pulled and run in the TCG "
+          f"guest in {time.monotonic() - started:.2f} s")
+    assert output == b"keep\nnew\n"  # whiteout and opaque dir honoured by the guest's overlay
     assert {a.remote for a in secure.blob_fetches()} == {pod_ip}  # only the guest fetched
-    assert any(a.blob == oci.busybox_layer().digest for a in secure.blob_fetches())
+    assert {a.blob for a in secure.blob_fetches()} >= {l.digest for l in oci.layered().layers}
     output = await run(agent, "named", pull_vm.refs["named"], None)  # plain HTTP, insecure
     assert output == b"uid=1234(app) gid=2345(appgrp) groups=2345(appgrp),3456(extra)\n"
     assert {a.remote for a in plain.blob_fetches()} == {pod_ip}

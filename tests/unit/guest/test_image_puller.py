@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -52,6 +53,18 @@ async def test_pull_unpacks_and_caches_every_blob_once(tmp_path: Path) -> None:
         [small_image().layers[0].digest, oci.sha256(small_image().config_bytes())])
     assert again.fetched == ()
     assert first.config["config"]["Cmd"] == ["cat", "/hello"]
+
+
+async def test_zstd_layers_are_pulled(tmp_path: Path) -> None:
+    tar = oci.TarBuilder().file("hello", "from zstd\n").bytes()
+    blob = await asyncio.to_thread(lambda: subprocess.run(
+        ["zstd", "-q", "-c"], input=tar, capture_output=True, check=True).stdout)
+    layer = oci.Layer(tar, blob, "application/vnd.oci.image.layer.v1.tar+zstd")
+    with serve(FakeRegistry()) as registry:
+        registry.add_image("z", "1", oci.Image((layer,), {"Cmd": ["sh"]}))
+        image = await ImagePuller(config(tmp_path, registry.host), AMD64).pull(
+            f"{registry.host}/z:1")
+    assert (image.layers[0] / "hello").read_text() == "from zstd\n"
 
 
 async def test_index_picks_the_guest_platform_or_says_what_is_offered(tmp_path: Path) -> None:
@@ -137,18 +150,17 @@ async def test_wrong_diff_id_is_refused(tmp_path: Path) -> None:
 
 
 async def test_refusals_by_name(tmp_path: Path) -> None:
-    zstd = oci.Layer(b"", b"\x28\xb5\x2f\xfd" + b"\0" * 8,
-                     "application/vnd.oci.image.layer.v1.tar+zstd")
+    encrypted = oci.Layer(b"", b"\0" * 8, "application/vnd.oci.image.layer.v1.tar+gzip+encrypted")
     with serve(FakeRegistry()) as registry:
-        registry.add_image("zstd", "1", oci.Image((zstd,), {"Cmd": ["sh"]}))
+        registry.add_image("enc", "1", oci.Image((encrypted,), {"Cmd": ["sh"]}))
         registry.manifests["old:1"] = (json.dumps({"schemaVersion": 1, "name": "old"}).encode(),
                                        "application/vnd.docker.distribution.manifest.v1+json")
         cfg = config(tmp_path, registry.host)
         blocked = PullConfig(work_dir=tmp_path / "b", ca_bundle=None, registries=(
             RegistryRule(prefix=f"{registry.host}/secret", blocked=True, insecure=True),))
         puller = ImagePuller(cfg, AMD64)
-        with pytest.raises(Unimplemented, match="zstd"):
-            await puller.pull(f"{registry.host}/zstd:1")
+        with pytest.raises(Unimplemented, match="encrypted"):
+            await puller.pull(f"{registry.host}/enc:1")
         with pytest.raises(Unimplemented, match="schema 1"):
             await puller.pull(f"{registry.host}/old:1")
         with pytest.raises(NotFound, match="not found"):

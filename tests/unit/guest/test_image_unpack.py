@@ -7,11 +7,13 @@ import gzip
 import io
 import os
 import stat
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from guest.agent.errors import DataLoss, InvalidArgument, Unimplemented
+from guest.agent.errors import DataLoss, InvalidArgument
 from guest.image_pull.digest import Digest
 from guest.image_pull.store import LayerStore
 from guest.image_pull.unpack import OPAQUE_XATTR, Decompressed, unpack
@@ -150,13 +152,31 @@ def test_decompressed_gzip_multi_member_and_plain(tmp_path: Path) -> None:
     assert b"".join(iter(lambda: plain.read(65536), b"")) == data
 
 
-def test_decompressed_refuses_zstd_and_truncated_gzip() -> None:
-    with pytest.raises(Unimplemented, match="zstd"):
-        Decompressed(io.BytesIO(b"\x28\xb5\x2f\xfd...."), "layer sha256:x")
-    truncated = gzip.compress(b"x" * 100_000)[:-20]
-    reader = Decompressed(io.BytesIO(truncated), "layer")
+def zstd(data: bytes, *extra: str) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c", *extra], input=data, capture_output=True,
+                          check=True).stdout
+
+
+def test_decompressed_zstd_frames_through_libzstd() -> None:
+    data = bytes(range(256)) * 20_000 + b"tail" * 50_000
+    two_frames = zstd(data[:1_000_000]) + zstd(data[1_000_000:], "-19")
+    reader = Decompressed(io.BytesIO(two_frames), "layer")
+    assert reader.kind == "zstd"
+    out = b"".join(iter(lambda: reader.read(10240), b""))
+    assert out == data and reader.diff_id == Digest.of(data)
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, zstd])
+def test_decompressed_refuses_truncated_and_corrupt_streams(compress: Any) -> None:
+    data = bytes(range(256)) * 4000
+    truncated = compress(data)[:-20]
     with pytest.raises(DataLoss, match="ends early"):
-        reader.drain()
+        Decompressed(io.BytesIO(truncated), "layer").drain()
+    damaged = bytearray(compress(data))
+    damaged[len(damaged) // 2] ^= 0xFF
+    damaged[len(damaged) // 2 + 1] ^= 0xFF
+    with pytest.raises(DataLoss, match="corrupt"):
+        Decompressed(io.BytesIO(bytes(damaged)), "layer").drain()
 
 
 def test_store_is_private_and_commits_only_whole_layers(tmp_path: Path) -> None:
