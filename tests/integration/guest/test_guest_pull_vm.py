@@ -153,7 +153,7 @@ async def test_the_guest_pulls_over_its_own_network(agent: AgentClient, pull_vm:
           f"guest in {time.monotonic() - started:.2f} s")
     assert output == b"keep\nnew\n"  # whiteout and opaque dir honoured by the guest's overlay
     assert {a.remote for a in secure.blob_fetches()} == {pod_ip}  # only the guest fetched
-    assert {a.blob for a in secure.blob_fetches()} >= {l.digest for l in oci.layered().layers}
+    assert {a.blob for a in secure.blob_fetches()} >= {x.digest for x in oci.layered().layers}
     output = await run(agent, "named", pull_vm.refs["named"], None)  # plain HTTP, insecure
     assert output == b"uid=1234(app) gid=2345(appgrp) groups=2345(appgrp),3456(extra)\n"
     assert {a.remote for a in plain.blob_fetches()} == {pod_ip}
