@@ -35,6 +35,7 @@ from guest.agent.errors import (
     InvalidArgument,
     PermissionDenied,
     Unimplemented,
+    from_os_error,
 )
 from guest.image_pull.config import PullConfig
 from guest.image_pull.digest import Digest, VerifyingReader, verify_bytes
@@ -94,7 +95,6 @@ class _Progress:
         self.raw = raw
         self.what = what
         self.count = 0
-        self.started = time.monotonic()
 
     def read(self, size: int = -1, /) -> bytes:
         data = self.raw.read(size)
@@ -126,12 +126,16 @@ class ImagePuller:
             async with asyncio.timeout(self.config.timeout):
                 image = await self._pull(client, ref)
         except TimeoutError as err:
+            log.error("image pull: %s: no result within %g s", ref, self.config.timeout)
             raise DeadlineExceeded(
                 f"image {ref}: pull did not finish within {self.config.timeout:g} s"
             ) from err
         except AgentError as err:
             log.error("image pull: %s: failed: %s", ref, err)
             raise
+        except OSError as err:  # the guest's own storage (e.g. tmpfs full: ENOSPC)
+            log.error("image pull: %s: failed: %s", ref, err)
+            raise from_os_error(err, f"image {ref}: unpacking in the guest") from err
         log.info(
             "image pull: %s: %s, %d layers (%d fetched) in %.2f s",
             ref,
