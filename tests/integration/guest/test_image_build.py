@@ -47,7 +47,7 @@ def test_image_holds_what_the_guest_needs(guest_image: BuildResult) -> None:
         "etc/coco/image-pull.toml",
     ):
         assert required in names, required
-    assert not any(n.startswith("opt/coco-guest/guest/image") for n in names)  # host-only
+    assert not any(n.startswith("opt/coco-guest/guest/image/") for n in names)  # host-only
     assert not any(
         n.startswith("usr/share/doc/") or n.startswith("usr/share/locale/") for n in names
     )
