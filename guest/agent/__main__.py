@@ -275,6 +275,11 @@ async def serve(args: argparse.Namespace) -> int:
             args.image_pull_config,
             components.hub.resource if components is not None else None,
         )
+        if pull_config.work_dir.resolve().is_relative_to(args.shared_root.resolve()):
+            raise InvalidArgument(
+                f"image pull work_dir {pull_config.work_dir} must not lie beneath the shared "
+                f"root {args.shared_root}: the host may write there (CopyFile, storages)"
+            )
     except (initdata.InitdataError, InvalidArgument, GuestComponentsError) as err:
         return await refuse(args, str(err), stop)
 

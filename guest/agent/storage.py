@@ -160,10 +160,7 @@ class StorageManager:
         point = str(PurePosixPath(self.root, *parts))
         if point in self._mounted:
             raise InvalidArgument(f"{GUEST_PULL} mount point {point} is in use")
-        levels = sum(
-            not os.path.lexists(PurePosixPath(self.root, *parts[: i + 1]))
-            for i in range(len(parts))
-        )  # /run/kata-containers/<cid>/rootfs: usually both made here
+        levels = self._missing_levels(parts)  # /run/kata-containers/<cid>/rootfs: usually 2
         with beneath.open_directory(
             self.root, parts, create_mode=0o755, what="storage mount point"
         ) as target:
@@ -176,6 +173,12 @@ class StorageManager:
                 raise
         self._mounted[point] = _Mounted(spec, parts=parts, rootfs=rootfs, created_levels=levels)
         return point
+
+    def _missing_levels(self, parts: tuple[str, ...]) -> int:
+        return sum(
+            not os.path.lexists(PurePosixPath(self.root, *parts[: i + 1]))
+            for i in range(len(parts))
+        )
 
     def _remove_levels(self, parts: tuple[str, ...], levels: int) -> None:
         for depth in range(len(parts), len(parts) - levels, -1):

@@ -7,7 +7,7 @@ just its ``[image]`` table; other top-level tables belong to other CDH parts and
     [image]
     extra_root_certificates = ["-----BEGIN CERTIFICATE-----\\n…"]  # trusted besides the bundle
     max_concurrent_layer_downloads_per_image = 3
-    work_dir = "/run/kata-containers/image"       # layer cache and per-container overlay dirs
+    work_dir = "/run/coco-agent/images"            # layer cache, overlay dirs (not host-writable)
     image_pull_timeout = 1200                      # seconds per pull (Kata agent's name)
     registry_connect_timeout = 10                  # seconds to reach a registry (ours)
     ca_bundle = "/etc/ssl/certs/ca-certificates.crt"  # system roots ("" for none; ours)
@@ -36,7 +36,7 @@ from typing import Any
 from guest.agent.errors import InvalidArgument
 
 DEFAULT_CONFIG_PATH = Path("/etc/coco/image-pull.toml")
-DEFAULT_WORK_DIR = Path("/run/kata-containers/image")
+DEFAULT_WORK_DIR = Path("/run/coco-agent/images")  # outside the shared root (CopyFile)
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEFAULT_TIMEOUT = 1200.0  # Kata agent's image_pull_timeout default
 DEFAULT_CONCURRENCY = 3  # CDH's max_concurrent_layer_downloads_per_image default
@@ -131,6 +131,21 @@ def read_pull_config(path: Path = DEFAULT_CONFIG_PATH) -> PullConfig:
     except OSError as err:
         raise InvalidArgument(f"cannot read {path}: {err.strerror}") from err
     return load_pull_config(text, origin=str(path))
+
+
+def guest_pull_config(
+    cdh_toml: str | None, path: Path = DEFAULT_CONFIG_PATH, resource: Resource | None = None
+) -> PullConfig:
+    """The agent's settings: initdata's ``cdh.toml`` when it has an ``[image]`` table (its
+    ``kbs:///`` URIs fetched with ``resource``), else the image's file at ``path``."""
+    if cdh_toml is not None:
+        try:
+            has_image = "image" in tomllib.loads(cdh_toml)
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidArgument(f"initdata cdh.toml: not valid TOML: {err}") from err
+        if has_image:
+            return load_pull_config(cdh_toml, origin="initdata cdh.toml", resource=resource)
+    return read_pull_config(path)
 
 
 def _fetch(uri: str, resource: Resource | None, key: str, origin: str) -> bytes:

@@ -47,7 +47,7 @@ def prepare_pause_rootfs(rootfs: Path, bundle: Path = PAUSE_BUNDLE) -> dict[str,
     target = rootfs / program
     if not source.is_file():
         raise FailedPrecondition(f"pause program {source} is missing from the guest image")
-    if rootfs.is_symlink() or not rootfs.is_dir():
+    if not rootfs.is_dir():  # (the caller opened it without following symlinks)
         raise InvalidArgument(f"pause rootfs {rootfs} is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target, follow_symlinks=False)

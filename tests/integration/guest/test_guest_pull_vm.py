@@ -74,7 +74,7 @@ def pull_vm(guest_image: BuildResult) -> Iterator[PullVM]:
             extra = files / "extra"
             (extra / "etc/coco").mkdir(parents=True)
             (extra / "etc/coco/image-pull.toml").write_text(
-                registries.guest_pull_toml(Path("/run/kata-containers/image"), timeout=300))
+                registries.guest_pull_toml(Path("/run/coco-agent/images"), timeout=300))
             write_initramfs(extra, files / "extra.cpio.gz", mtime=0)
             initrd = files / "guest+config.initrd"
             with initrd.open("wb") as out:

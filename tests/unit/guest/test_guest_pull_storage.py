@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guest.agent.errors import DataLoss, InvalidArgument
+from guest.agent.errors import DataLoss, InvalidArgument, PermissionDenied
 from guest.agent.storage import StorageManager, StorageSpec
 from guest.image.build import write_pause_bundle
 from guest.image_pull.config import PullConfig
@@ -35,10 +35,11 @@ def manager(tmp_path: Path) -> StorageManager:
     bundle = tmp_path / "pause_bundle"
     (tmp_path / "pause-program").write_bytes(b"\x7fELF pause")
     write_pause_bundle(bundle, tmp_path / "pause-program")
+    (tmp_path / "shared").mkdir()
     handler = GuestPullStorage(
         lambda: FailingPuller(PullConfig(work_dir=tmp_path / "images")), tmp_path / "shared",
         bundle)
-    return StorageManager(handler)
+    return StorageManager(tmp_path / "shared", handler)
 
 
 async def test_the_sandbox_gets_the_pause_bundle_and_gives_it_back(
@@ -65,8 +66,13 @@ async def test_a_failed_pull_leaves_nothing(manager: StorageManager, tmp_path: P
 async def test_mount_points_outside_the_shared_root_or_in_use_are_refused(
     manager: StorageManager, tmp_path: Path
 ) -> None:
-    with pytest.raises(InvalidArgument, match="must be below"):
+    with pytest.raises(PermissionDenied, match="beneath"):
         await manager.add_all([storage(tmp_path / "elsewhere/rootfs")], "c1")
+    (tmp_path / "shared/link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(PermissionDenied):  # never through a symlink the host planted
+        await manager.add_all([storage(tmp_path / "shared/link/rootfs", sandbox=True)], "c5")
+    assert not (tmp_path / "elsewhere/rootfs").exists()
     busy = tmp_path / "shared/c2/rootfs"
     busy.mkdir(parents=True)
     (busy / "file").write_text("x")
