@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from guest.agent.errors import DataLoss, InvalidArgument, NotFound
-from guest.image_pull.config import load_pull_config, read_pull_config
+from guest.image_pull.config import guest_pull_config, load_pull_config, read_pull_config
 from guest.image_pull.digest import Digest, VerifyingReader
 from guest.image_pull.imagespec import apply_image_config, apply_pause_process
 from guest.image_pull.pause import is_sandbox, prepare_pause_rootfs
@@ -132,6 +132,16 @@ def test_kbs_uris_are_fetched_with_the_given_resource_getter() -> None:
     with pytest.raises(InvalidArgument, match="fetching kbs:///default/ca/reg failed"):
         empty: dict[str, bytes] = {}
         load_pull_config(text, resource=empty.__getitem__)
+
+
+def test_initdata_cdh_toml_wins_when_it_has_an_image_table(tmp_path: Path) -> None:
+    baked = tmp_path / "image-pull.toml"
+    baked.write_text("[image]\nimage_pull_timeout = 77\n")
+    assert guest_pull_config(None, baked).timeout == 77.0
+    assert guest_pull_config('[kbc]\nname = "cc_kbc"\n', baked).timeout == 77.0
+    assert guest_pull_config(CDH_TOML, baked).timeout == 90.0
+    with pytest.raises(InvalidArgument, match=r"initdata cdh\.toml"):
+        guest_pull_config("[image]\nsigstore_config_uri = 'kbs:///x'\n", baked)
 
 
 def test_driver_option_metadata() -> None:
