@@ -31,8 +31,8 @@ import psutil
 
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, launch_vm
-from shim.agent import AgentClient
-from shim.vm_sandbox import RootfsShare
+from shim.pod.agent import AgentClient
+from shim.pod.vm_sandbox import RootfsShare
 from tests import envinfo
 from tests.support.containerd import (
     Containerd,

@@ -1,7 +1,7 @@
 """``containerd-shim-coco-v2``: the binary containerd runs (``start``, ``delete``) and the daemon.
 
 Only ``serve`` imports the heavy parts (grpc, protobuf, the task service); ``start`` and
-``delete`` stay on the cheap modules (``shim.contract``, ``shim.manager``, ``shim.wire``).
+``delete`` stay on the cheap modules (``shim.binary``, ``shim.core``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shim import contract
+from shim.binary import contract
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"containerd-shim-coco-v2 {version('coco-shim')}")
         return 0
-    from shim import manager
+    from shim.binary import manager
 
     try:
         if flags.action == "start":
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.buffer.flush()
             return 0
         if flags.action == "serve":
-            import shim.daemon as daemon
+            import shim.daemon.main as daemon
 
             return daemon.main(flags)
     except (contract.UsageError, manager.StartError, OSError) as err:

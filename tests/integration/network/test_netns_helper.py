@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from shim.errors import FailedPrecondition, InvalidArgument
-from shim.manager import ShimState
-from shim.netns_helper import HelperNetworking, teardown_recorded
-from shim.network import FAMILY_V4, IpAddress, WiredNetwork
+from shim.binary.manager import ShimState
+from shim.core.errors import FailedPrecondition, InvalidArgument
+from shim.network.helper import HelperNetworking, teardown_recorded
+from shim.network.tcfilter import FAMILY_V4, IpAddress, WiredNetwork
 from tests.support.netns import VethPair, sh, veth_pair
 
 pytestmark = pytest.mark.integration

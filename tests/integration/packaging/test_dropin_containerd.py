@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shim.install import DROPIN, HANDLERS, PROFILE_DIR, install
+from shim.cli.install import DROPIN, HANDLERS, PROFILE_DIR, install
 from tests.support.containerd import START_TIMEOUT, bin_dir_for
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.manager import mounts_under
-from shim.vm_sandbox import unmount
+from shim.binary.manager import mounts_under
+from shim.pod.vm_sandbox import unmount
 
 pytestmark = pytest.mark.integration
 

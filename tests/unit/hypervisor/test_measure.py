@@ -25,7 +25,7 @@ from hypervisor.measure.tdx import cross_check, mr_extend_record, mrtd, page_add
 from hypervisor.measure.vmsa import CPU_MODELS, cpuid_signature, model_signature, vmsa_page
 from hypervisor.profile import RuntimeProfile, TeeKind
 from protocols import initdata
-from shim import cli
+from shim.cli import main as cli
 from tests.unit.hypervisor.fake_ovmf import AP_EIP, FakeOvmf
 
 # MRTD of FakeOvmf().build() and FakeOvmf(fill=7).build(): computed by this code and, for the

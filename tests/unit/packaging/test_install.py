@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shim import cli
-from shim.install import (
+from shim.cli import main as cli
+from shim.cli.install import (
     DROPIN,
     HANDLERS,
     PROFILE_DIR,

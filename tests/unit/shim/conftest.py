@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.task import TaskManager
+from shim.task.manager import TaskManager
 from tests.unit.shim.fakes import FakeSandbox, FakeSandboxFactory, RecordingPublisher
 from tests.unit.shim.helpers import FAST, Owner
 

@@ -9,9 +9,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shim import events
-from shim.errors import NotFound
-from shim.sandbox import (
+from shim.core.errors import NotFound
+from shim.daemon import events
+from shim.pod.sandbox import (
     ContainerConfig,
     ContainerStats,
     ExecConfig,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shim.stdio import _wait_fd
-from shim.timeouts import Timeouts
+from shim.core.timeouts import Timeouts
+from shim.task.stdio import _wait_fd
 
 FAST = Timeouts(create_sandbox=2.0, create_container=1.0, start_container=0.3,
                 exec_process=1.0, signal_process=1.0, remove_container=1.0, pause_resume=0.3,
@@ -89,7 +89,7 @@ async def read_to_eof(path: Path) -> bytes:
 
 async def write_fifo(path: Path, data: bytes) -> None:
     """containerd's side of the stdin FIFO (the shim already holds it open)."""
-    from shim.stdio import write_all
+    from shim.task.stdio import write_all
 
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     try:

@@ -28,7 +28,7 @@ from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.api.runtimeoptions.v1 import api_pb2
 from protocols.ttrpc import Client
-from shim import contract
+from shim.binary import contract
 
 REPO = Path(__file__).resolve().parents[3]
 SHIM = Path(sys.executable).with_name("containerd-shim-coco-v2")
@@ -263,7 +263,7 @@ def test_delete_cleans_up_after_a_dead_shim(env: Env) -> None:
     (state / "init.pid").write_text("4242")
     helper = subprocess.Popen(["sleep", "60"])  # stands for a QEMU the dead shim left behind
     try:
-        from shim.manager import ShimState
+        from shim.binary.manager import ShimState
 
         ShimState(state).add_pid(helper.pid)
         # A daemon that still serves is left alone (containerd 2.1.9 calls delete spuriously).
@@ -318,7 +318,7 @@ def test_start_imports_nothing_heavy(env: Env) -> None:
         "rc = main(['-namespace', 'default', '-address', '/a', '-id', 'c1', 'start'])\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'pyroute2')\n"
         "               or m.endswith('_pb2') or m.endswith('_pb2_grpc')\n"
-        "               or m.startswith('google.protobuf') or m == 'shim.daemon')\n"
+        "               or m.startswith('google.protobuf') or m == 'shim.daemon.main')\n"
         "print(json.dumps({'rc': rc, 'heavy': heavy}), file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=bundle, env=env.env,

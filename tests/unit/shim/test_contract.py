@@ -12,8 +12,9 @@ from google.protobuf import any_pb2
 
 from protocols.api.containerd.task.v3 import shim_pb2
 from protocols.api.runtimeoptions.v1 import api_pb2
-from shim import contract, wire
-from shim.contract import Flags, RuntimeOptions, UsageError
+from shim.binary import contract
+from shim.binary.contract import Flags, RuntimeOptions, UsageError
+from shim.core import wire
 
 
 def test_go_style_flags() -> None:
@@ -128,7 +129,7 @@ def test_auto_protocol() -> None:
 
 
 def test_mounts_under_lists_nested_mount_points_deepest_first() -> None:
-    from shim.manager import mounts_under
+    from shim.binary.manager import mounts_under
 
     found = mounts_under(Path("/sys"))
     assert Path("/sys") in found

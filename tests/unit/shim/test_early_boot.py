@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shim import errors
-from shim.contract import RuntimeOptions
-from shim.sandbox import PodSandbox, SandboxConfig
-from shim.task import CreateTask, PodRecord, PodState
+from shim.binary.contract import RuntimeOptions
+from shim.core import errors
+from shim.pod.sandbox import PodSandbox, SandboxConfig
+from shim.task.manager import CreateTask, PodRecord, PodState
 from tests.unit.shim.conftest import Pod, make_pod
 from tests.unit.shim.fakes import FakeSandbox, FakeSandboxFactory
 

@@ -6,10 +6,10 @@ import grpc
 import pytest
 
 from protocols.ttrpc import Code
-from shim import errors
-from shim.errors import StatusCode, status_code
-from shim.grpc_server import grpc_status
-from shim.task import (
+from shim.core import errors
+from shim.core.errors import StatusCode, status_code
+from shim.daemon.grpc_server import grpc_status
+from shim.task.manager import (
     PodState,
     PodTransition,
     ProcessState,

@@ -16,8 +16,8 @@ from protocols.api.containerd.events import task_pb2
 from protocols.api.containerd.services.events.ttrpc.v1 import events_pb2 as ttrpc_events
 from protocols.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 from protocols.ttrpc import Server
-from shim import events
-from shim.events import Envelope, EventForwarder, GrpcEventSender, TtrpcEventSender
+from shim.daemon import events
+from shim.daemon.events import Envelope, EventForwarder, GrpcEventSender, TtrpcEventSender
 from tests.unit.shim.helpers import FAST
 
 

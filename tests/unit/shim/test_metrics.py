@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from protocols.api.kata import agent_pb2 as a
-from shim.metrics import to_cgroup2_metrics
+from shim.pod.metrics import to_cgroup2_metrics
 
 
 def test_units_and_fields_are_converted() -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from shim import network
-from shim.errors import FailedPrecondition, InvalidArgument
-from shim.network import (
+from shim.core.errors import FailedPrecondition, InvalidArgument
+from shim.network import tcfilter as network
+from shim.network.tcfilter import (
     FAMILY_V4,
     FAMILY_V6,
     IpAddress,
@@ -303,8 +303,9 @@ def test_dns_of_reads_the_resolv_conf_mount(tmp_path: Path) -> None:
 
 def test_the_daemon_side_does_not_import_pyroute2() -> None:
     """pyroute2 lives in the helper process only (habit 10, and the daemon's RSS)."""
-    code = ("import sys, shim.daemon, shim.vm_sandbox, shim.network, shim.netns_helper;"
-            "shim.vm_sandbox.default_networking();"
+    code = ("import sys, shim.daemon.main, shim.pod.vm_sandbox, shim.network.tcfilter,"
+            " shim.network.helper;"
+            "shim.pod.vm_sandbox.default_networking();"
             "print(sorted(m for m in sys.modules if m.startswith('pyroute2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[3])

@@ -11,9 +11,9 @@ from google.protobuf import any_pb2
 
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.cri import api_pb2 as cri
-from shim import errors
-from shim.sandbox_service import NOT_READY, READY, SandboxService, pod_spec
-from shim.task import CreateTask, PodRecord, PodState
+from shim.core import errors
+from shim.daemon.sandbox_service import NOT_READY, READY, SandboxService, pod_spec
+from shim.task.manager import CreateTask, PodRecord, PodState
 from tests.unit.shim.conftest import Pod
 
 STAMP = 1_700_000_000_123_456_789

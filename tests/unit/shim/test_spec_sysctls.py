@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shim.task import without_network_sysctls
+from shim.task.manager import without_network_sysctls
 
 
 def test_network_sysctls_are_dropped_others_kept() -> None:

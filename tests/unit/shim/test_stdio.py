@@ -7,8 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from shim.sandbox import ContainerConfig
-from shim.stdio import ProcessIO
+from shim.pod.sandbox import ContainerConfig
+from shim.task.stdio import ProcessIO
 from tests.unit.shim.fakes import FakeSandbox
 from tests.unit.shim.helpers import Owner, make_fifos, read_to_eof, write_fifo
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shim import errors, events
-from shim.task import CreateTask, ExecTask, PodState, ProcessState, Stdio
+from shim.core import errors
+from shim.daemon import events
+from shim.task.manager import CreateTask, ExecTask, PodState, ProcessState, Stdio
 from tests.unit.shim.conftest import Pod, make_pod
 from tests.unit.shim.fakes import HangingSandbox
 from tests.unit.shim.helpers import make_fifos, read_to_eof

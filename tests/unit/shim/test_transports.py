@@ -23,8 +23,8 @@ from protocols.api.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from protocols.api.containerd.types.task import task_pb2 as task_types
 from protocols.api.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from protocols.ttrpc import Client, TtrpcError
-from shim.grpc_server import serve_grpc
-from shim.server import serve_ttrpc
+from shim.daemon.grpc_server import serve_grpc
+from shim.daemon.ttrpc_server import serve_ttrpc
 from tests.unit.shim.conftest import Pod, make_pod
 from tests.unit.shim.helpers import make_fifos, read_to_eof
 
@@ -189,8 +189,8 @@ async def test_wait_is_served_concurrently_with_other_calls(
 
 
 async def test_unwired_vm_is_unavailable(tmp_path: Path) -> None:
-    from shim.sandbox import UnwiredSandboxFactory
-    from shim.task import CreateTask, TaskManager
+    from shim.pod.sandbox import UnwiredSandboxFactory
+    from shim.task.manager import CreateTask, TaskManager
     from tests.unit.shim.fakes import RecordingPublisher
     from tests.unit.shim.helpers import Owner
 
@@ -200,7 +200,7 @@ async def test_unwired_vm_is_unavailable(tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     bundle.mkdir()
     (bundle / "config.json").write_text("{}")
-    from shim.errors import Unavailable
+    from shim.core.errors import Unavailable
 
     with pytest.raises(Unavailable, match="no VM backend"):
         await tasks.create(CreateTask(id="c", bundle=str(bundle)))

@@ -16,10 +16,10 @@ from google.protobuf.message import Message
 
 from hypervisor.errors import QemuError
 from hypervisor.vm import LaunchOptions
-from shim import contract, vm_sandbox
-from shim.errors import FailedPrecondition, ShimError, Unavailable
-from shim.manager import ShimState
-from shim.network import (
+from shim.binary import contract
+from shim.binary.manager import ShimState
+from shim.core.errors import FailedPrecondition, ShimError, Unavailable
+from shim.network.tcfilter import (
     FAMILY_V4,
     Endpoint,
     IpAddress,
@@ -28,8 +28,9 @@ from shim.network import (
     Route,
     WiredNetwork,
 )
-from shim.sandbox import SandboxConfig
-from shim.vm_sandbox import VmSandbox, VmSandboxFactory
+from shim.pod import vm_sandbox
+from shim.pod.sandbox import SandboxConfig
+from shim.pod.vm_sandbox import VmSandbox, VmSandboxFactory
 
 POD_NETWORK = PodNetwork(
     netns="",  # set per test

@@ -23,9 +23,9 @@ import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from shim.errors import Unavailable
-from shim.sandbox import PodSandbox
-from shim.timeouts import TIMEOUTS, Timeouts
+from shim.core.errors import Unavailable
+from shim.core.timeouts import TIMEOUTS, Timeouts
+from shim.pod.sandbox import PodSandbox
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ learns the veth's addresses, the routes through it and the permanent ARP neighbo
 
 This module is the domain: the plan (which links are wired, tap names), wire/unwire with
 rollback through the :class:`Netlink` seam (a fake in unit tests, pyroute2 in
-:mod:`shim.netns_helper`), and the JSON form in which the helper process reports what it did.
+:mod:`shim.network.helper`), and the JSON form in which the helper process reports what it did.
 It imports nothing heavy: the shim daemon never loads pyroute2 (the helper process does).
 """
 
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from shim.errors import FailedPrecondition, InvalidArgument
+from shim.core.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class WiredNetwork:
 
 class PodNetworking(Protocol):
     """The daemon's seam: wire a pod netns (tap fds for QEMU) and unwire it. The default is
-    :class:`shim.netns_helper.HelperNetworking` (a helper process with pyroute2)."""
+    :class:`shim.network.helper.HelperNetworking` (a helper process with pyroute2)."""
 
     async def setup(self, netns: Path) -> WiredNetwork: ...
 

@@ -2,7 +2,8 @@
 ``sandboxer = "shim"`` makes the pod through it, so the pod VM exists at pod level (from
 StartSandbox to StopSandbox) instead of booting with the first container.
 
-Served on the same socket and connection as the task service (``shim.server``). Each handler
+Served on the same socket and connection as the task service
+(``shim.daemon.ttrpc_server``). Each handler
 translates the request and makes one ``TaskManager`` call.
 """
 
@@ -17,11 +18,11 @@ from google.protobuf import any_pb2, timestamp_pb2
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
-from shim import metrics
-from shim.contract import SANDBOX_ID_ANNOTATION
-from shim.errors import FailedPrecondition
-from shim.service import runtime_options
-from shim.task import PodRecord, TaskManager
+from shim.binary.contract import SANDBOX_ID_ANNOTATION
+from shim.core.errors import FailedPrecondition
+from shim.daemon.task_service import runtime_options
+from shim.pod import metrics
+from shim.task.manager import PodRecord, TaskManager
 
 METHODS = ("CreateSandbox", "StartSandbox", "Platform", "StopSandbox", "WaitSandbox",
            "SandboxStatus", "PingSandbox", "ShutdownSandbox", "SandboxMetrics")

@@ -8,7 +8,7 @@ QEMU → connect agent → network → CreateSandbox, each step undone on failur
 
 Conventions the adapter implements: ``exec_id == ""`` means the container's init process;
 ``read_stdout``/``read_stderr`` return ``b""`` once the stream has ended (the agent reports EOF
-as an error); agent errors surface as ``shim.errors`` types (``Unavailable`` when the VM or the
+as an error); agent errors surface as ``shim.core.errors`` types (``Unavailable`` when the VM or the
 vsock connection is gone).
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shim.contract import RuntimeOptions
-from shim.errors import Unavailable
+from shim.binary.contract import RuntimeOptions
+from shim.core.errors import Unavailable
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The transports for ``TaskService`` (and the sandbox API's ``SandboxService`` on the same
-socket): ttrpc here, gRPC in :mod:`shim.grpc_server`; one error table for both.
+socket): ttrpc here, gRPC in :mod:`shim.daemon.grpc_server`; one error table for both.
 
 ttrpc serves both ``containerd.task.v2.Task`` and ``containerd.task.v3.Task`` on one socket.
 containerd 2.x with a version-3 bootstrap and containerd 1.7 with version 2 + "grpc" call
@@ -18,11 +18,11 @@ from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2
 from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.ttrpc import Code, Server, TtrpcError
-from shim import sandbox_service
-from shim.errors import ShimError, status_code
-from shim.sandbox_service import SandboxService
-from shim.service import METHODS, TaskService
-from shim.task import TaskManager
+from shim.core.errors import ShimError, status_code
+from shim.daemon import sandbox_service
+from shim.daemon.sandbox_service import SandboxService
+from shim.daemon.task_service import METHODS, TaskService
+from shim.task.manager import TaskManager
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ Handler = Callable[[Any, Any], Awaitable[Any]]
 
 class EdgeAdapter:
     """Every RPC of a service edge (TaskService by default) as a transport handler; an error
-    leaves through :meth:`fail` with its code from the one table in :mod:`shim.errors`."""
+    leaves through :meth:`fail` with its code from the one table in :mod:`shim.core.errors`."""
 
     def __init__(self, service: Any, methods: Sequence[str] = METHODS) -> None:
         for method in methods:

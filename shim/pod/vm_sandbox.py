@@ -1,7 +1,7 @@
 """The real pod sandbox: one QEMU VM per pod (hypervisor/) and its guest agent (Kata protocol).
 
 Start is an ordered script inside an AsyncExitStack (STYLE habit 8): profile → annotation
-check → run dir + shared dir → wire the pod netns (taps, :mod:`shim.network`) → launch QEMU
+check → run dir + shared dir → wire the pod netns (taps, :mod:`shim.network.tcfilter`) → launch QEMU
 with the tap fds → dial the agent (Health.Check) → SetPolicy → interfaces, routes and ARP
 neighbours to the guest → CreateSandbox; a failure at any step undoes the earlier ones, so a
 failed Create leaves no QEMU, helper, socket, mount, directory, tap, qdisc or filter behind.
@@ -38,13 +38,13 @@ from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from protocols.api.kata import agent_pb2, oci_pb2
 from protocols.ocispec import SpecError, from_json
-from shim import metrics
-from shim.agent import AgentClient
-from shim.contract import RuntimeOptions
-from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
-from shim.manager import ShimState, mounts_under
-from shim.network import PodNetworking, WiredNetwork, dns_of, guest_requests, netns_of
-from shim.sandbox import ContainerConfig, ContainerStats, ExecConfig, Mount, SandboxConfig
+from shim.binary.contract import RuntimeOptions
+from shim.binary.manager import ShimState, mounts_under
+from shim.core.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
+from shim.network.tcfilter import PodNetworking, WiredNetwork, dns_of, guest_requests, netns_of
+from shim.pod import metrics
+from shim.pod.agent import AgentClient
+from shim.pod.sandbox import ContainerConfig, ContainerStats, ExecConfig, Mount, SandboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def guest_spec(spec: Mapping[str, Any], root_path: str) -> oci_pb2.Spec:
 
 
 def default_networking() -> PodNetworking:
-    from shim.netns_helper import HelperNetworking
+    from shim.network.helper import HelperNetworking
 
     return HelperNetworking()
 

@@ -1,10 +1,10 @@
 """The task service edge: protobuf request in, one domain call, protobuf response out.
 
-Transport-agnostic: the same ``TaskService`` object serves gRPC (``shim.grpc_server``) and ttrpc
-(``shim.server``), and task v2 and v3 (the messages are identical; only the generated module
-differs, passed as ``pb``).
-Errors are raised as ``shim.errors`` types and turned into status codes by the transport, from
-the one table in ``shim.errors``.
+Transport-agnostic: the same ``TaskService`` object serves gRPC (``shim.daemon.grpc_server``)
+and ttrpc (``shim.daemon.ttrpc_server``), and task v2 and v3 (the messages are identical; only
+the generated module differs, passed as ``pb``).
+Errors are raised as ``shim.core.errors`` types and turned into status codes by the transport, from
+the one table in ``shim.core.errors``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 
 from protocols.api.containerd.types.task import task_pb2 as task_types
 from protocols.api.runtimeoptions.v1 import api_pb2 as runtimeoptions
-from shim.contract import RUNTIME_OPTIONS_TYPE, RuntimeOptions
-from shim.errors import InvalidArgument, Unimplemented
-from shim.sandbox import Mount
-from shim.task import CreateTask, ExecTask, ProcessState, Stdio, TaskManager
+from shim.binary.contract import RUNTIME_OPTIONS_TYPE, RuntimeOptions
+from shim.core.errors import InvalidArgument, Unimplemented
+from shim.pod.sandbox import Mount
+from shim.task.manager import CreateTask, ExecTask, ProcessState, Stdio, TaskManager
 
 STATUS: dict[ProcessState, int] = {
     ProcessState.CREATED: task_types.CREATED,

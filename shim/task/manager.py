@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shim import events
-from shim.contract import RuntimeOptions, group_id
-from shim.errors import (
+from shim.binary.contract import RuntimeOptions, group_id
+from shim.core.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -38,8 +37,10 @@ from shim.errors import (
     Unavailable,
     Unimplemented,
 )
-from shim.events import Stdio as Stdio  # the task domain's stdio, re-exported
-from shim.sandbox import (
+from shim.core.timeouts import TIMEOUTS, Timeouts
+from shim.daemon import events
+from shim.daemon.events import Stdio as Stdio  # the task domain's stdio, re-exported
+from shim.pod.sandbox import (
     ContainerConfig,
     ContainerStats,
     ExecConfig,
@@ -48,8 +49,7 @@ from shim.sandbox import (
     SandboxConfig,
     SandboxFactory,
 )
-from shim.stdio import ProcessIO
-from shim.timeouts import TIMEOUTS, Timeouts
+from shim.task.stdio import ProcessIO
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Subcommands are argparse subparsers, each registered by one ``_add_<name>`` function, so more
 can be added without touching the others. ``check``, ``vm`` and ``measure`` import only the
 hypervisor package, ``protocols.initdata`` and the standard library (no grpc/protobuf),
-``install`` only ``shim.install`` (standard library), and each does it lazily.
+``install`` only ``shim.cli.install`` (standard library), and each does it lazily.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def _add_install(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _run_install(args: argparse.Namespace) -> int:
-    from shim.install import InstallError, install
+    from shim.cli.install import InstallError, install
 
     try:
         install(args.prefix, args.containerd_version, dry_run=args.dry_run, source=args.source)

@@ -4,7 +4,7 @@ Spawned by ``start`` in its own session with stdio on /dev/null. It logs to the 
 FIFO in logrus text format (what containerd copies into its own log), publishes events through
 one ``EventForwarder``, and owns every background task in one TaskGroup.
 
-The pod VM comes from ``shim.vm_sandbox.VmSandboxFactory`` (QEMU + guest agent); tests may name
+The pod VM comes from ``shim.pod.vm_sandbox.VmSandboxFactory`` (QEMU + guest agent); tests may name
 another ``SandboxFactory`` with ``COCO_SHIM_SANDBOX_FACTORY=module:attribute`` (a class or a
 zero-argument callable).
 """
@@ -25,11 +25,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Final
 
-from shim.contract import Flags, decode_runtime_options
-from shim.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
-from shim.manager import ShimState
-from shim.sandbox import SandboxFactory
-from shim.timeouts import TIMEOUTS
+from shim.binary.contract import Flags, decode_runtime_options
+from shim.binary.manager import ShimState
+from shim.core.timeouts import TIMEOUTS
+from shim.daemon.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
+from shim.pod.sandbox import SandboxFactory
 
 log = logging.getLogger("shim")
 
@@ -102,7 +102,7 @@ def setup_logging(bundle: Path, debug: bool, task_id: str) -> None:
 def load_factory() -> SandboxFactory:
     target = os.environ.get(SANDBOX_FACTORY_ENV)
     if not target:
-        from shim.vm_sandbox import VmSandboxFactory
+        from shim.pod.vm_sandbox import VmSandboxFactory
 
         return VmSandboxFactory()
     module, _, attribute = target.partition(":")
@@ -128,7 +128,7 @@ def _notify(fd: int, message: str) -> None:
 
 
 async def run(flags: Flags) -> int:
-    from shim.task import TaskManager
+    from shim.task.manager import TaskManager
 
     path = Path(flags.socket)
     forwarder = EventForwarder(event_sender(flags), flags.namespace)
@@ -163,11 +163,11 @@ async def run(flags: Flags) -> int:
             if flags.protocol == "ttrpc":
                 if listener is None:
                     raise RuntimeError("ttrpc needs the listening socket from start")
-                from shim.server import serve_ttrpc
+                from shim.daemon.ttrpc_server import serve_ttrpc
 
                 server: Any = await serve_ttrpc(tasks, listener)
             else:
-                from shim.grpc_server import serve_grpc
+                from shim.daemon.grpc_server import serve_grpc
 
                 server = await serve_grpc(tasks, path)
                 if listener is not None:

@@ -39,7 +39,7 @@ POD_ANNOTATIONS: Final = ("io.katacontainers.*",)
 DROPIN: Final = Path("etc/containerd/conf.d/50-coco-shim.toml")
 PROFILE_DIR: Final = Path("etc/coco-shim")
 RUNTIMECLASSES: Final = Path("usr/share/coco-shim/kubernetes/runtimeclasses.yaml")
-REPO: Final = Path(__file__).resolve().parents[1]
+REPO: Final = Path(__file__).resolve().parents[2]
 HEADER: Final = "# Written by `coco-shim install`; rerun it rather than editing this file.\n"
 
 

@@ -12,12 +12,12 @@ import grpc
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2_grpc
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.api.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
-from shim import sandbox_service
-from shim.errors import StatusCode, status_code
-from shim.sandbox_service import SandboxService
-from shim.server import EdgeAdapter
-from shim.service import TaskService
-from shim.task import TaskManager
+from shim.core.errors import StatusCode, status_code
+from shim.daemon import sandbox_service
+from shim.daemon.sandbox_service import SandboxService
+from shim.daemon.task_service import TaskService
+from shim.daemon.ttrpc_server import EdgeAdapter
+from shim.task.manager import TaskManager
 
 
 def grpc_status(code: StatusCode) -> grpc.StatusCode:

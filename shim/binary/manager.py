@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from shim import contract, wire
-from shim.contract import Flags, UsageError
+from shim.binary import contract
+from shim.binary.contract import Flags, UsageError
+from shim.core import wire
 
 SIGKILL_EXIT_STATUS: Final = 128 + signal.SIGKILL  # what containerd-shim-runc-v2 delete reports
 READY_TIMEOUT: Final = 20.0  # gRPC daemon: from spawn to serving on the bootstrap path
@@ -391,8 +392,8 @@ def delete(flags: Flags) -> bytes:
     _wait_gone(killed, KILL_WAIT)
     network = state.network()
     if network is not None:  # QEMU is gone (and its taps): the veths' redirects remain
-        from shim.errors import ShimError
-        from shim.netns_helper import teardown_recorded
+        from shim.core.errors import ShimError
+        from shim.network.helper import teardown_recorded
 
         try:
             teardown_recorded(network)

@@ -23,7 +23,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from protocols.api.containerd.events import task_pb2
-from shim.timeouts import TIMEOUTS, Timeouts
+from shim.core.timeouts import TIMEOUTS, Timeouts
 
 log = logging.getLogger(__name__)
 

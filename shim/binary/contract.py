@@ -2,7 +2,7 @@
 
 Everything here is pure and cheap to import: ``containerd-shim-coco-v2 start`` runs once per
 container and must not pay for grpc, pyroute2 or generated protobuf modules
-(STYLE habit 10). The side effects of ``start`` and ``delete`` live in ``shim.manager``.
+(STYLE habit 10). The side effects of ``start`` and ``delete`` live in ``shim.binary.manager``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
-from shim import wire
+from shim.core import wire
 
 SANDBOX_ID_ANNOTATION: Final = "io.kubernetes.cri.sandbox-id"
 RUNTIME_OPTIONS_TYPE: Final = "runtimeoptions.v1.Options"

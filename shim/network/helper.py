@@ -1,6 +1,6 @@
 """The netlink work of pod networking, in a short-lived helper process.
 
-``python -m shim.netns_helper setup <netns> <fd>`` enters the pod's network namespace, wires
+``python -m shim.network.helper setup <netns> <fd>`` enters the pod's network namespace, wires
 it (:func:`shim.network.wire` over pyroute2) and sends, on the SOCK_SEQPACKET socket it
 inherits as ``<fd>``, one message: a JSON answer plus the tap fds as SCM_RIGHTS.
 ``teardown <netns> <fd>`` reads the JSON of a :class:`~shim.network.PodNetwork` on stdin
@@ -30,8 +30,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
-from shim.network import (
+from shim.core.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
+from shim.core.timeouts import TIMEOUTS
+from shim.network.tcfilter import (
     FAMILY_V4,
     FAMILY_V6,
     IpAddress,
@@ -43,7 +44,6 @@ from shim.network import (
     unwire,
     wire,
 )
-from shim.timeouts import TIMEOUTS
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 64
@@ -231,7 +231,7 @@ def _run(command: str, netns: str, stdin_text: str) -> tuple[dict[str, Any], lis
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3 or not args[2].isdigit():
-        print("usage: python -m shim.netns_helper setup|teardown <netns> <reply-fd>",
+        print("usage: python -m shim.network.helper setup|teardown <netns> <reply-fd>",
               file=sys.stderr)
         return 2
     reply = socket.socket(fileno=int(args[2]))
@@ -305,7 +305,7 @@ class HelperNetworking:
 
 
 def helper_argv(python: str, command: str, netns: Path, fd: int) -> list[str]:
-    return [python, "-P", "-m", "shim.netns_helper", command, str(netns), str(fd)]
+    return [python, "-P", "-m", "shim.network.helper", command, str(netns), str(fd)]
 
 
 def _answer(ours: socket.socket, command: str, netns: Path, returncode: int | None,
@@ -356,7 +356,7 @@ def teardown_recorded(record: str, python: str = sys.executable,
 def _helper_env() -> dict[str, str]:
     """The helper runs the same code as this process (``-P``: never whatever the working
     directory holds)."""
-    ours = str(Path(__file__).resolve().parents[1])
+    ours = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ours, env.get("PYTHONPATH")) if p)
     return env

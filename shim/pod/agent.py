@@ -2,7 +2,7 @@
 
 Only this module knows the service names and message classes; the pod sandbox calls plain
 methods. Connection loss becomes :class:`~shim.errors.Unavailable`; the agent's status codes
-become the shim's typed errors through the one table in :mod:`shim.errors`.
+become the shim's typed errors through the one table in :mod:`shim.core.errors`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Client, ConnectionClosed, TtrpcError
-from shim.errors import DeadlineExceeded, ShimError, Unavailable, from_status_code
+from shim.core.errors import DeadlineExceeded, ShimError, Unavailable, from_status_code
 
 log = logging.getLogger(__name__)
 
