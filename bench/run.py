@@ -32,7 +32,7 @@ import psutil
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, launch_vm
 from shim.pod.agent import AgentClient
-from shim.pod.vm_sandbox import RootfsShare
+from shim.pod.rootfs import HostShare
 from tests import envinfo
 from tests.support.containerd import (
     Containerd,
@@ -59,11 +59,10 @@ async def direct_boot(profile_path: Path, run_root: Path, vhost: Path) -> float:
     start = time.monotonic()
     vm = await launch_vm(profile, LaunchOptions(
         run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=vhost,
-        log_dir=run_root / "logs", shares=(RootfsShare(share).device(),)))
+        log_dir=run_root / "logs", shares=HostShare(share).vm_shares()))
     try:
         assert vm.channel is not None
-        agent = await AgentClient.dial(hybrid_socket=vm.channel.hybrid_socket,
-                                       guest_cid=vm.channel.guest_cid, dial_timeout=120)
+        agent = await AgentClient.dial(vm.channel, dial_timeout=120)
         elapsed = time.monotonic() - start
         await agent.close()
         return elapsed

@@ -12,8 +12,9 @@ Modules (nouns):
   initdata  which initdata a pod gets (annotation or profile file), refusal where no launch
             field binds it, the 0600 disk file (format: ``protocols.initdata``)
   measure/  launch measurements from a profile (SEV-SNP, SEV, SEV-ES, TDX MRTD), RVPS values
+  choice    what "auto" accelerator and vsock mean on this host (decided only here)
   errors    typed errors (ConfigError, InvariantError, QemuError, ProbeError, VsockError,
-            VmExited); timeouts: the one table of bounded waits
+            VmExited); timeouts: the one table of bounded waits, passed to what waits
 
 This package never imports ``shim``.
 """

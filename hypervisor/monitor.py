@@ -20,7 +20,7 @@ from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 
 from hypervisor.errors import QemuError
-from hypervisor.timeouts import TIMEOUTS
+from hypervisor.timeouts import TIMEOUTS, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ class _BoundedQMPClient(QMPClient):
 class QmpMonitor:
     """One QMP connection to one QEMU."""
 
-    def __init__(self, name: str = "qemu") -> None:
+    def __init__(self, name: str = "qemu", timeouts: Timeouts = TIMEOUTS) -> None:
         self._client = _BoundedQMPClient(name, self)
+        self._timeouts = timeouts
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=EVENT_RING)
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=EVENT_QUEUE)
-        self.dropped_events = 0
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.recent_events.append(event)
@@ -59,9 +59,11 @@ class QmpMonitor:
                 with contextlib.suppress(asyncio.QueueEmpty):
                     self.events.get_nowait()
                 self.events.put_nowait(event)
-            self.dropped_events += 1
+            else:
+                log.debug("QMP event dropped (queue full): %s", event.get("event"))
 
-    async def connect(self, path: Path, bound: float = TIMEOUTS.qmp_connect) -> None:
+    async def connect(self, path: Path, bound: float | None = None) -> None:
+        bound = self._timeouts.qmp_connect if bound is None else bound
         try:
             async with asyncio.timeout(bound):
                 while True:
@@ -77,7 +79,7 @@ class QmpMonitor:
             raise QemuError(f"cannot connect to QMP at {path}: {err!r}") from err
 
     async def connect_unless_exited(self, path: Path, process: asyncio.subprocess.Process,
-                                    bound: float = TIMEOUTS.qmp_connect) -> bool:
+                                    bound: float | None = None) -> bool:
         """Connect, but give up as soon as ``process`` exits; False if it did."""
         connecting = asyncio.ensure_future(self.connect(path, bound))
         exiting = asyncio.ensure_future(process.wait())
@@ -94,7 +96,7 @@ class QmpMonitor:
         if process.returncode is None:
             # A failed session (EOF) usually means QEMU is dying: give it a moment to go.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TIMEOUTS.quit):
+                async with asyncio.timeout(self._timeouts.quit):
                     await process.wait()
         if process.returncode is not None:
             return False
@@ -106,8 +108,10 @@ class QmpMonitor:
         return bool(self._client.runstate == Runstate.RUNNING)
 
     async def execute(self, command: str, arguments: dict[str, object] | None = None,
-                      bound: float = TIMEOUTS.qmp_command) -> Any:
-        """Run one QMP command; QemuError on refusal, disconnect or timeout."""
+                      bound: float | None = None) -> Any:
+        """Run one QMP command (bounded by ``bound``, else the table's ``qmp_command``);
+        QemuError on refusal, disconnect or timeout."""
+        bound = self._timeouts.qmp_command if bound is None else bound
         try:
             async with asyncio.timeout(bound):
                 return await self._client.execute(command, arguments)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hypervisor.choice import accelerator_for, vsock_kind
 from hypervisor.errors import ProbeError, QemuError
 from hypervisor.monitor import QmpMonitor
 from hypervisor.profile import RuntimeProfile, TeeKind, VmInstance, confidential_object
@@ -255,14 +256,9 @@ def assess(profile: RuntimeProfile, host: HostCapabilities, qemu: QemuCapabiliti
     """Can ``profile`` run on this host, and with which accelerator and vsock?"""
     problems: list[str] = []
     tee = profile.tee
-    if profile.accel == "kvm" or tee.confidential:
-        accel = "kvm"
-        if not kvm.ok:
-            problems.append(f"needs KVM: {kvm.detail}")
-    elif profile.accel == "auto":
-        accel = "kvm" if kvm.ok else "tcg"
-    else:
-        accel = profile.accel
+    accel = "kvm" if tee.confidential else accelerator_for(profile.accel, kvm_usable=kvm.ok)
+    if accel == "kvm" and not kvm.ok:
+        problems.append(f"needs KVM: {kvm.detail}")
     fact = host.tee(tee)
     if not fact.ok:
         problems.append(f"host lacks {tee.value}: {fact.detail}")
@@ -274,9 +270,8 @@ def assess(profile: RuntimeProfile, host: HostCapabilities, qemu: QemuCapabiliti
         missing = emitted_tee_properties(profile) - set(qemu.tee_types[tee.qom_type] or ())
         if missing:
             problems.append(f"QEMU {qemu.version} {tee.qom_type} lacks {sorted(missing)}")
-    vsock = profile.vsock
-    if vsock == "auto":
-        vsock = "kernel" if host.vhost_vsock.ok else ("none" if tee.confidential else "hybrid")
+    vsock = vsock_kind(profile.vsock, confidential=tee.confidential,
+                       kernel_vsock=host.vhost_vsock.ok)
     if vsock == "kernel" and not host.vhost_vsock.ok:
         problems.append(f"kernel vsock: {host.vhost_vsock.detail}")
     if vsock == "hybrid" and hybrid_backend is None:

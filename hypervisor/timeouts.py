@@ -12,6 +12,7 @@ class Timeouts:
     qmp_command: float = 10.0  # default per-call bound for QMP commands
     graceful_stop: float = 5.0  # system_powerdown: how long the guest gets to power off
     quit: float = 3.0  # after `quit`, how long QEMU gets to exit
+    stop_grace: float = 1.0  # after an unrequested STOP, how long to wait for SHUTDOWN/exit
     kill: float = 3.0  # after SIGKILL, how long until the process is reaped
     vhost_user_socket: float = 5.0  # vhost-device-vsock creating its socket
     probe: float = 10.0  # one capability-probe QEMU run

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from hypervisor.choice import profile_vsock
 from hypervisor.cmdline import QemuCommandLine, Share, VirtioBlk, VirtioNetTap
 from hypervisor.errors import ExitReason, QemuError, VmExited
 from hypervisor.initdata import write_disk
@@ -38,17 +39,13 @@ from hypervisor.profile import (
     build_command_line,
     check_invariants,
 )
-from hypervisor.timeouts import TIMEOUTS
-from hypervisor.vsock import (
-    HybridVsockBackend,
-    allocate_guest_cid,
-    kernel_vsock_available,
-)
+from hypervisor.timeouts import TIMEOUTS, Timeouts
+from hypervisor.vsock import HybridVsockBackend, allocate_guest_cid
 from protocols.initdata import Initdata
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE = 1.0  # after an unrequested STOP, how long to wait for SHUTDOWN/exit first
+OnSpawn = Callable[[int], None]  # told each process a launch starts, right after it exists
 
 
 class VmState(enum.Enum):
@@ -59,17 +56,6 @@ class VmState(enum.Enum):
     EXITED = "exited"
 
 
-class VirtualMachine(Protocol):
-    """The seam the shim uses; tests may substitute fakes."""
-
-    @property
-    def state(self) -> VmState: ...
-
-    async def wait(self) -> ExitReason: ...
-
-    async def stop(self, powerdown_timeout: float = ...) -> ExitReason: ...
-
-
 @dataclass(frozen=True)
 class AgentChannel:
     """How the host reaches the guest's vsock ports."""
@@ -78,22 +64,43 @@ class AgentChannel:
     hybrid_socket: Path | None  # unix socket speaking CONNECT <port>, for hybrid vsock
 
 
+class VirtualMachine(Protocol):
+    """The seam a running VM's owner (the shim's pod) uses; :class:`QemuVm` is the real one,
+    tests substitute fakes."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def channel(self) -> AgentChannel | None: ...
+
+    async def wait(self) -> ExitReason:
+        """Until the VM has exited and is cleaned up (no deadline)."""
+        ...
+
+    async def stop(self, powerdown_timeout: float | None = None) -> ExitReason:
+        """Graceful, then forceful, bounded; idempotent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop without waiting for the guest."""
+        ...
+
+
 class QemuVm:
     """A launched QEMU. Create with :func:`launch_vm` or :meth:`spawn` + :meth:`start`."""
 
     def __init__(self, argv: Sequence[str], run_dir: Path, *, qmp_socket: Path,
                  stderr_log: Path, pass_fds: Sequence[int] = (),
-                 cleanup: AsyncExitStack | None = None) -> None:
+                 cleanup: AsyncExitStack | None = None, timeouts: Timeouts = TIMEOUTS) -> None:
         self.argv = list(argv)
         self.run_dir = run_dir
         self.qmp_socket = qmp_socket
         self.stderr_log = stderr_log
         self.pass_fds = tuple(pass_fds)
-        self.monitor = QmpMonitor(name=run_dir.name)
+        self._timeouts = timeouts
+        self.monitor = QmpMonitor(name=run_dir.name, timeouts=timeouts)
         self.channel: AgentChannel | None = None
-        # Helper processes started for this VM (vhost-device-vsock…), for callers that must be
-        # able to reap them after a crash of their own (the shim's delete).
-        self.helper_pids: list[int] = []
         self._cleanup = cleanup or AsyncExitStack()
         self._proc: asyncio.subprocess.Process | None = None
         self._state = VmState.CREATED
@@ -112,13 +119,16 @@ class QemuVm:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    async def start(self) -> None:
-        """Launch QEMU paused (-S), connect QMP, check prelaunch, ``cont``."""
+    async def start(self, on_spawn: OnSpawn | None = None) -> None:
+        """Launch QEMU paused (-S), connect QMP, check prelaunch, ``cont``; ``on_spawn`` gets
+        QEMU's pid as soon as it exists."""
         if self._state is not VmState.CREATED:
             raise QemuError(f"cannot start in state {self._state.value}")
         self._state = VmState.STARTING
         try:
             await self._spawn()
+            if on_spawn is not None and self._proc is not None:
+                on_spawn(self._proc.pid)
             await self._connect()
             status = await self.monitor.execute("query-status")
             paused = "-S" in self.argv
@@ -146,14 +156,14 @@ class QemuVm:
     async def _connect(self) -> None:
         assert self._proc is not None
         try:
-            async with asyncio.timeout(TIMEOUTS.qmp_socket_appear):
+            async with asyncio.timeout(self._timeouts.qmp_socket_appear):
                 while not self.qmp_socket.exists():
                     if self._proc.returncode is not None:
                         break
                     await asyncio.sleep(0.01)
         except TimeoutError as err:
             raise QemuError(f"QEMU did not create {self.qmp_socket} within "
-                            f"{TIMEOUTS.qmp_socket_appear}s") from err
+                            f"{self._timeouts.qmp_socket_appear}s") from err
         if self._proc.returncode is not None or not self.qmp_socket.exists():
             await self._proc.wait()
             raise QemuError(f"QEMU exited with status {self._proc.returncode} before QMP: "
@@ -190,10 +200,11 @@ class QemuVm:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         try:
-            async with asyncio.timeout(TIMEOUTS.kill):
+            async with asyncio.timeout(self._timeouts.kill):
                 await proc.wait()
         except TimeoutError:
-            log.error("QEMU pid %s did not die within %ss of SIGKILL", proc.pid, TIMEOUTS.kill)
+            log.error("QEMU pid %s did not die within %ss of SIGKILL", proc.pid,
+                      self._timeouts.kill)
 
     def _returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
@@ -253,14 +264,14 @@ class QemuVm:
                 self._stop_requested and why.startswith("host"))
             if self._reason is None or self._reason.kind == "stopped":
                 self._reason = ExitReason("shutdown", why, clean)
-            return time.monotonic() + TIMEOUTS.quit
+            return time.monotonic() + self._timeouts.quit
         if name == "GUEST_PANICKED":
             self._reason = ExitReason("panic", f"{data.get('action')}: {data.get('info', {})}",
                                       False)
             return time.monotonic() + 0.2
         if name == "STOP" and not self._stop_requested and self._reason is None:
             self._reason = ExitReason("stopped", "VM stopped unexpectedly", False)
-            return time.monotonic() + STOP_GRACE
+            return time.monotonic() + self._timeouts.stop_grace
         return deadline
 
     def _final_reason(self, rc: int | None) -> ExitReason:
@@ -282,17 +293,20 @@ class QemuVm:
         return await asyncio.shield(self._exit)
 
     async def execute(self, command: str, arguments: dict[str, object] | None = None,
-                      bound: float = TIMEOUTS.qmp_command) -> Any:
+                      bound: float | None = None) -> Any:
         """One QMP command with a per-call bound; VmExited once the VM is gone."""
         if self._exit.done():
             raise VmExited(self._exit.result())
         return await self.monitor.execute(command, arguments, bound)
 
-    async def stop(self, powerdown_timeout: float = TIMEOUTS.graceful_stop) -> ExitReason:
-        """Graceful (system_powerdown, then quit) then forceful (SIGKILL), bounded in time.
+    async def stop(self, powerdown_timeout: float | None = None) -> ExitReason:
+        """Graceful (system_powerdown for ``powerdown_timeout``, by default the table's
+        ``graceful_stop``; then quit) then forceful (SIGKILL), bounded in time.
 
         Idempotent; returns the exit reason once the VM is gone and cleaned up.
         """
+        if powerdown_timeout is None:
+            powerdown_timeout = self._timeouts.graceful_stop
         if self._exit.done():
             return self._exit.result()
         self._stop_requested = True
@@ -302,8 +316,8 @@ class QemuVm:
         if powerdown_timeout > 0:
             steps.append(("system_powerdown", powerdown_timeout,
                           lambda: self._quiet_execute("system_powerdown")))
-        steps.append(("quit", TIMEOUTS.quit, lambda: self._quiet_execute("quit")))
-        steps.append(("SIGKILL", TIMEOUTS.kill, self._send_kill))
+        steps.append(("quit", self._timeouts.quit, lambda: self._quiet_execute("quit")))
+        steps.append(("SIGKILL", self._timeouts.kill, self._send_kill))
         for name, bound, action in steps:
             try:
                 async with asyncio.timeout(bound):  # the command and the exit, together
@@ -319,7 +333,7 @@ class QemuVm:
         if not self.monitor.connected:
             return
         try:
-            await self.monitor.execute(command, bound=TIMEOUTS.qmp_command)
+            await self.monitor.execute(command)
         except QemuError as err:
             log.debug("%s during stop: %s", command, err)
 
@@ -357,15 +371,8 @@ class LaunchOptions:
     nics: tuple[VirtioNetTap, ...] = ()  # their tap/vhost fds are passed to QEMU
     shares: tuple[Share, ...] = ()  # non-confidential profiles only (invariant)
     initdata: Initdata | None = None  # see hypervisor.initdata.resolve_initdata
-
-
-def choose_vsock(profile: RuntimeProfile) -> str:
-    """``kernel`` | ``hybrid`` | ``none`` for this profile on this host."""
-    if profile.vsock != "auto":
-        return profile.vsock
-    if kernel_vsock_available():
-        return "kernel"
-    return "none" if profile.tee.confidential else "hybrid"
+    timeouts: Timeouts = TIMEOUTS  # every bounded wait of this VM's life
+    on_spawn: OnSpawn | None = None  # each process started (backend, QEMU), as it starts
 
 
 async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
@@ -394,7 +401,7 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
         channel: AgentChannel | None = None
         pass_fds: list[int] = [fd for nic in options.nics
                                for fd in (nic.tap_fd, nic.vhost_fd) if fd is not None]
-        kind = choose_vsock(profile)
+        kind = profile_vsock(profile)
         if kind == "kernel":
             cid = allocate_guest_cid()
             stack.callback(cid.close)
@@ -405,8 +412,9 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
             if options.vhost_device_vsock is None:
                 raise QemuError("hybrid vsock needs the vhost-device-vsock binary")
             backend = HybridVsockBackend(options.vhost_device_vsock, run_dir,
-                                         log_path=log_dir / "vhost-device-vsock.log")
-            await backend.start()
+                                         log_path=log_dir / "vhost-device-vsock.log",
+                                         timeouts=options.timeouts)
+            await backend.start(options.on_spawn)
             stack.push_async_callback(backend.stop)
             vsock = HybridVsock(backend.vhost_user_socket)
             channel = AgentChannel(backend.guest_cid, backend.uds_path)
@@ -420,11 +428,9 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
         cmdline: QemuCommandLine = build_command_line(profile, instance)
         vm = QemuVm([*options.argv_prefix, *cmdline.to_argv()], run_dir,
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
-                    pass_fds=pass_fds, cleanup=stack.pop_all())
+                    pass_fds=pass_fds, cleanup=stack.pop_all(), timeouts=options.timeouts)
         vm.channel = channel
-        if kind == "hybrid" and backend.pid is not None:
-            vm.helper_pids.append(backend.pid)
-    await vm.start()  # on failure, start() releases what the stack held
+    await vm.start(options.on_spawn)  # on failure, start() releases what the stack held
     return vm
 
 

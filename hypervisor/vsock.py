@@ -20,11 +20,12 @@ import random
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from hypervisor.errors import VsockError
-from hypervisor.timeouts import TIMEOUTS
+from hypervisor.timeouts import TIMEOUTS, Timeouts
 
 VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60  # _IOW(VHOST_VIRTIO, 0x60, __u64)
@@ -83,12 +84,13 @@ class HybridVsockBackend:
     """A supervised ``vhost-device-vsock`` serving one VM."""
 
     def __init__(self, binary: Path, run_dir: Path, guest_cid: int = 3,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, timeouts: Timeouts = TIMEOUTS) -> None:
         self.binary = binary
         self.guest_cid = guest_cid
         self.vhost_user_socket = run_dir / "vhu.sock"
         self.uds_path = run_dir / "vsock.sock"
         self.log_path = log_path or run_dir / "vhost-device-vsock.log"
+        self._timeouts = timeouts
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -100,7 +102,8 @@ class HybridVsockBackend:
                 f"guest-cid={self.guest_cid},socket={self.vhost_user_socket},"
                 f"uds-path={self.uds_path}"]
 
-    async def start(self) -> None:
+    async def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
+        """Spawn the backend (``on_spawn`` gets its pid at once) and wait for its socket."""
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                       0o600)
         try:
@@ -110,8 +113,11 @@ class HybridVsockBackend:
             )
         finally:
             os.close(log)
+        if on_spawn is not None:
+            on_spawn(self._proc.pid)
+        bound = self._timeouts.vhost_user_socket
         try:
-            async with asyncio.timeout(TIMEOUTS.vhost_user_socket):
+            async with asyncio.timeout(bound):
                 while not self.vhost_user_socket.exists():
                     if self._proc.returncode is not None:
                         raise VsockError(f"vhost-device-vsock exited with status "
@@ -120,7 +126,7 @@ class HybridVsockBackend:
         except TimeoutError as err:
             await self.stop()
             raise VsockError(f"vhost-device-vsock did not create {self.vhost_user_socket} "
-                             f"within {TIMEOUTS.vhost_user_socket}s") from err
+                             f"within {bound}s") from err
         except Exception:
             await self.stop()
             raise
@@ -139,7 +145,7 @@ class HybridVsockBackend:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                async with asyncio.timeout(TIMEOUTS.quit):
+                async with asyncio.timeout(self._timeouts.quit):
                     await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):

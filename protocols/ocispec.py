@@ -30,10 +30,17 @@ JSON_NAMES: Mapping[str, str] = {
     "HugepageLimits": "hugepageLimits",
 }
 
-_INTS = (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-         FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
-         FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64,
-         FieldDescriptor.TYPE_SFIXED32, FieldDescriptor.TYPE_SFIXED64)
+# Integer field types and the range each can hold.
+_INTS: Mapping[int, tuple[int, int]] = {
+    **dict.fromkeys((FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32,
+                     FieldDescriptor.TYPE_SFIXED32), (-(1 << 31), (1 << 31) - 1)),
+    **dict.fromkeys((FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64,
+                     FieldDescriptor.TYPE_SFIXED64), (-(1 << 63), (1 << 63) - 1)),
+    **dict.fromkeys((FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32),
+                    (0, (1 << 32) - 1)),
+    **dict.fromkeys((FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64),
+                    (0, (1 << 64) - 1)),
+}
 
 
 class SpecError(ValueError):
@@ -128,7 +135,11 @@ def _scalar(field: FieldDescriptor, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
     elif field.type in _INTS:
+        low, high = _INTS[field.type]
         if isinstance(value, int) and not isinstance(value, bool):
+            if not low <= value <= high:
+                raise SpecError(f"{where}: {value} is out of range for proto field "
+                                f"{field.full_name} ({low}..{high})")
             return value
     elif field.type == FieldDescriptor.TYPE_STRING:
         if isinstance(value, str):

@@ -9,42 +9,45 @@ from __future__ import annotations
 import os
 import sys
 
-from shim.binary import contract
+from shim.binary.flags import USAGE, UsageError, parse_flags
+from shim.core.errors import RpcError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        flags = contract.parse_flags(args)
-    except contract.UsageError as err:
-        print(f"{err}\n{contract.USAGE}", file=sys.stderr, end="")
+        flags = parse_flags(args)
+    except UsageError as err:
+        print(f"{err}\n{USAGE}", file=sys.stderr, end="")
         return 2
     if flags.help:
-        print(contract.USAGE, end="")
+        print(USAGE, end="")
         return 0
     if flags.version:
         from importlib.metadata import version
 
         print(f"containerd-shim-coco-v2 {version('coco-shim')}")
         return 0
-    from shim.binary import manager
-
     try:
         if flags.action == "start":
-            print(manager.start(flags, _read_stdin()), flush=True)
+            from shim.binary.start import start
+
+            print(start(flags, _read_stdin()), flush=True)
             return 0
         if flags.action == "delete":
-            sys.stdout.buffer.write(manager.delete(flags))
+            from shim.binary.delete import delete
+
+            sys.stdout.buffer.write(delete(flags))
             sys.stdout.buffer.flush()
             return 0
         if flags.action == "serve":
             import shim.daemon.main as daemon
 
             return daemon.main(flags)
-    except (contract.UsageError, manager.StartError, OSError) as err:
+    except (UsageError, RpcError, OSError) as err:
         print(f"containerd-shim-coco-v2 {flags.action}: {err}", file=sys.stderr)
         return 1
-    print(f"unknown action {flags.action!r}\n{contract.USAGE}", file=sys.stderr, end="")
+    print(f"unknown action {flags.action!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 
 

@@ -1,52 +1,37 @@
-"""Typed errors of the agent's domain. The ttrpc edge maps them to status codes in one table
-(:data:`guest.agent.service.STATUS_CODES`); domain code never picks a wire code itself."""
+"""Typed errors of the agent's domain: the shared hierarchy of :mod:`protocols.errors` (the
+host maps the same classes back from the wire). Each class carries its status code; the ttrpc
+edge reports ``err.code`` (:func:`guest.agent.service.status_code`), domain code never picks a
+wire code itself."""
 
 from __future__ import annotations
 
 import errno
 
+from protocols import errors as shared
+from protocols.errors import (
+    AlreadyExists,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    RpcError,
+    Unavailable,
+    Unimplemented,
+)
 
-class AgentError(Exception):
-    """Base of every error the agent reports to its caller."""
+__all__ = [
+    "AgentError", "AlreadyExists", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument",
+    "NotFound", "PermissionDenied", "ResourceExhausted", "RuntimeFailure", "Unavailable",
+    "Unimplemented", "from_os_error",
+]
 
-
-class NotFound(AgentError):
-    pass
-
-
-class AlreadyExists(AgentError):
-    pass
-
-
-class FailedPrecondition(AgentError):
-    pass
-
-
-class InvalidArgument(AgentError):
-    pass
-
-
-class PermissionDenied(AgentError):
-    pass
-
-
-class Unavailable(AgentError):
-    pass
+AgentError = RpcError  # the agent's name for the base of every error it reports
 
 
-class DeadlineExceeded(AgentError):
-    pass
-
-
-class Unimplemented(AgentError):
-    pass
-
-
-class DataLoss(AgentError):
-    """Content that does not match its digest (a corrupted or tampered blob)."""
-
-
-class RuntimeFailure(AgentError):
+class RuntimeFailure(shared.Internal):
     """A tool the agent drives (runc, ip, mount) failed for a reason not covered above."""
 
 
@@ -62,6 +47,8 @@ _ERRNO_ERRORS: dict[int, type[AgentError]] = {
     errno.EBUSY: FailedPrecondition,
     errno.ESRCH: NotFound,
     errno.ETIMEDOUT: DeadlineExceeded,
+    errno.ENOSPC: ResourceExhausted,
+    errno.ENOMEM: ResourceExhausted,
 }
 
 

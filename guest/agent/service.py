@@ -3,9 +3,10 @@
 Each handler checks the policy (:mod:`guest.agent.policy`), translates the request into plain
 values, calls one domain method and translates the result back. As in kata, ReadStdout and
 ReadStderr read first and check after: a denied read returns :data:`REDACTED` instead of the
-data (an empty answer would read as end of stream). Typed domain errors become status codes through
-:data:`STATUS_CODES`, the only place that chooses a code. RPCs without a handler here answer
-UNIMPLEMENTED (the ttrpc server does that for methods missing on the implementation).
+data (an empty answer would read as end of stream). Typed domain errors (:mod:`protocols.errors`)
+carry their status code; :func:`status_code` is the only place that reads it. RPCs without a
+handler here answer UNIMPLEMENTED (the ttrpc server does that for methods missing on the
+implementation).
 """
 
 from __future__ import annotations
@@ -23,16 +24,8 @@ from google.protobuf.message import Message
 from guest.agent import oci
 from guest.agent.errors import (
     AgentError,
-    AlreadyExists,
-    DataLoss,
-    DeadlineExceeded,
-    FailedPrecondition,
     InvalidArgument,
-    NotFound,
-    PermissionDenied,
     RuntimeFailure,
-    Unavailable,
-    Unimplemented,
     from_os_error,
 )
 from guest.agent.network import Address, Interface, Neighbor, Network, Route
@@ -48,25 +41,11 @@ log = logging.getLogger(__name__)
 GRPC_API_VERSION = "0.0.1"
 REDACTED = b"[output redacted by the agent policy]\n"
 
-STATUS_CODES: dict[type[AgentError], Code] = {
-    NotFound: Code.NOT_FOUND,
-    AlreadyExists: Code.ALREADY_EXISTS,
-    FailedPrecondition: Code.FAILED_PRECONDITION,
-    InvalidArgument: Code.INVALID_ARGUMENT,
-    PermissionDenied: Code.PERMISSION_DENIED,
-    Unavailable: Code.UNAVAILABLE,
-    DeadlineExceeded: Code.DEADLINE_EXCEEDED,
-    Unimplemented: Code.UNIMPLEMENTED,
-    RuntimeFailure: Code.INTERNAL,
-    DataLoss: Code.DATA_LOSS,
-}
-
 
 def status_code(error: AgentError) -> Code:
-    for kind in type(error).__mro__:
-        if kind in STATUS_CODES:
-            return STATUS_CODES[kind]
-    return Code.INTERNAL
+    """The status an error is reported with: its class's code (the shared hierarchy); an
+    error of no particular kind is the agent's own failure, INTERNAL."""
+    return Code.INTERNAL if error.code is Code.UNKNOWN else error.code
 
 
 Req = TypeVar("Req", bound=Message)

@@ -47,11 +47,6 @@ class Client:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_streams(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Client:
-        """Speak ttrpc over an already connected stream pair (needs a running loop)."""
-        return cls(reader, writer)
-
-    @classmethod
     async def connect_unix(
         cls,
         path: str | Path,

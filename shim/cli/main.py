@@ -23,13 +23,28 @@ DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
 DEFAULT_RUN_ROOT = "/run/coco-shim/vm"
 
 
-def _add_profile_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--profile", type=Path, required=required,
-                   help="runtime profile TOML (firmware-configs/qemu-*.toml)")
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", type=Path, default=None,
+                   help="runtime profile TOML (firmware-configs/qemu-*.toml); default: the "
+                   "shim's own ($COCO_SHIM_CONFIG, else /etc/coco-shim/configuration.toml)")
     p.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
                    help="placeholder value for the profile, e.g. guest_image_dir=/srv/guest")
     p.add_argument("--qemu-root", type=Path, default=Path("/"),
                    help="filesystem root QEMU runs in (chroot); profile paths are inside it")
+
+
+def _profile_path(args: argparse.Namespace) -> Path | None:
+    """--profile, else the file the shim itself would read (the one fallback chain)."""
+    if args.profile is not None:
+        return Path(args.profile)
+    from shim.core.config import RuntimeOptions, config_source
+    from shim.core.errors import RpcError
+
+    try:
+        found = config_source(RuntimeOptions())
+    except RpcError as err:
+        raise SystemExit(f"coco-shim: {err}") from err
+    return Path(found.source) if found.text is not None else None
 
 
 def _variables(args: argparse.Namespace) -> dict[str, str]:
@@ -48,9 +63,9 @@ def _variables(args: argparse.Namespace) -> dict[str, str]:
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="can this host run confidential VMs? (like kata-runtime "
                        "check)")
-    _add_profile_args(p, required=False)
+    _add_profile_args(p)
     p.add_argument("--qemu", default=DEFAULT_QEMU,
-                   help="QEMU binary to probe when no --profile is given")
+                   help="QEMU binary to probe when there is no profile")
     p.add_argument("--vhost-device-vsock", default=None,
                    help="vhost-device-vsock binary (default: $COCO_VHOST_DEVICE_VSOCK, PATH)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -72,9 +87,9 @@ def _run_check(args: argparse.Namespace) -> int:
     from hypervisor.profile import RuntimeProfile, TeeKind
 
     try:
-        if args.profile is not None:
-            profile = load_profile(args.profile, variables=_variables(args),
-                                   qemu_root=args.qemu_root)
+        path = _profile_path(args)
+        if path is not None:
+            profile = load_profile(path, variables=_variables(args), qemu_root=args.qemu_root)
         else:
             profile = RuntimeProfile(name="none (default)", tee=TeeKind.NONE,
                                      qemu=Path(args.qemu), kernel=None, accel="auto",
@@ -157,7 +172,7 @@ def _print_check(out: TextIO, profile: Any, host: Any, kvm: Any, backend: Path |
 
 def _add_vm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("vm", help="print or boot the VM a runtime profile describes")
-    _add_profile_args(p, required=True)
+    _add_profile_args(p)
     p.add_argument("--print-cmdline", action="store_true",
                    help="print the QEMU argv, one argument per line, and run nothing")
     p.add_argument("--accel", choices=("kvm", "tcg"), default=None,
@@ -185,22 +200,25 @@ def _run_vm(args: argparse.Namespace) -> int:
     from protocols.initdata import InitdataError
 
     try:
-        profile = load_profile(args.profile, variables=_variables(args),
-                               qemu_root=args.qemu_root)
+        path = _profile_path(args)
+        if path is None:
+            print("coco-shim vm: no profile: give --profile, or set $COCO_SHIM_CONFIG",
+                  file=sys.stderr)
+            return 2
+        profile = load_profile(path, variables=_variables(args), qemu_root=args.qemu_root)
         source = args.initdata or profile.initdata
         initdata = None if source is None else load_initdata_file(source)
         if args.print_cmdline:
             return _print_cmdline(args, profile, initdata)
-        return asyncio.run(_boot(args, profile, initdata,
-                                 kvm_device=Path("/dev/kvm").exists()))
+        return asyncio.run(_boot(args, profile, initdata))
     except (HypervisorError, InitdataError) as err:
         print(f"coco-shim vm: {err}", file=sys.stderr)
         return 2
 
 
 def _print_cmdline(args: argparse.Namespace, profile: Any, initdata: Any) -> int:
+    from hypervisor.choice import profile_vsock
     from hypervisor.profile import HybridVsock, KernelVsock, VmInstance, build_command_line
-    from hypervisor.vm import choose_vsock
 
     accel = args.accel or profile.accel
     if accel == "auto":
@@ -208,7 +226,7 @@ def _print_cmdline(args: argparse.Namespace, profile: Any, initdata: Any) -> int
         print("# accelerator \"auto\" is decided by a KVM probe at boot; printing tcg "
               "(use --accel)", file=sys.stderr)
     run_dir = args.run_root / f"{args.name}-XXXXXX"
-    kind = choose_vsock(profile)
+    kind = profile_vsock(profile)
     vsock: KernelVsock | HybridVsock | None = None
     if kind == "kernel":
         vsock = KernelVsock(guest_cid=3, vhost_fd=3)
@@ -230,22 +248,18 @@ def _print_cmdline(args: argparse.Namespace, profile: Any, initdata: Any) -> int
     return 0
 
 
-async def _boot(args: argparse.Namespace, profile: Any, initdata: Any, kvm_device: bool) -> int:
-    from hypervisor.probe import probe_kvm, which_vhost_device_vsock
+async def _boot(args: argparse.Namespace, profile: Any, initdata: Any) -> int:
+    from hypervisor.choice import resolve_accelerator
+    from hypervisor.probe import which_vhost_device_vsock
     from hypervisor.vm import LaunchOptions, launch_vm
 
     if profile.qemu_root != Path("/"):
         print("coco-shim vm: booting needs --qemu-root / (use --print-cmdline)",
               file=sys.stderr)
         return 2
-    accel = args.accel or profile.accel
-    if accel == "auto":
-        if kvm_device:
-            fact = await probe_kvm(profile.qemu)
-            accel = "kvm" if fact.ok else "tcg"
-            print(f"# accelerator {accel}: {fact.detail}", file=sys.stderr)
-        else:
-            accel = "tcg"
+    accel = args.accel or await resolve_accelerator(profile)
+    if profile.accel == "auto" and not args.accel:
+        print(f"# accelerator auto → {accel}", file=sys.stderr)
     vm = await launch_vm(profile, LaunchOptions(
         run_root=args.run_root, name=args.name, accel=accel,
         vhost_device_vsock=which_vhost_device_vsock(args.vhost_device_vsock),
@@ -280,7 +294,7 @@ async def _boot(args: argparse.Namespace, profile: Any, initdata: Any, kvm_devic
 def _add_measure(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("measure", help="the launch measurement a pod of a profile will have "
                        "(SEV-SNP digest, TDX MRTD, ...), without TEE hardware")
-    _add_profile_args(p, required=True)
+    _add_profile_args(p)
     p.add_argument("--vcpus", type=int, default=None, help="pod shape (default: the profile's)")
     p.add_argument("--initdata", type=Path, default=None, metavar="FILE",
                    help="initdata TOML document (default: the profile's [runtime] initdata)")
@@ -293,7 +307,12 @@ def _add_measure(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _run_measure(args: argparse.Namespace) -> int:
     from hypervisor.measure.command import run_measure
 
-    return run_measure(args.profile, variables=_variables(args), qemu_root=args.qemu_root,
+    path = _profile_path(args)
+    if path is None:
+        print("coco-shim measure: no profile: give --profile, or set $COCO_SHIM_CONFIG",
+              file=sys.stderr)
+        return 2
+    return run_measure(path, variables=_variables(args), qemu_root=args.qemu_root,
                        vcpus=args.vcpus, initdata_file=args.initdata, as_json=args.json,
                        rvps_dir=args.rvps, out=sys.stdout, err=sys.stderr)
 

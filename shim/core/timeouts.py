@@ -1,28 +1,57 @@
-"""Every bounded wait of the shim daemon, in one table (callers own timeouts, STYLE habit 5).
+"""Every bounded wait of the shim, in one table (callers own timeouts, STYLE habit 5).
 
-Long polls have no entry on purpose: Wait, WaitProcess, ReadStdout/ReadStderr and WriteStdin
-(which blocks for back-pressure) wait as long as the process lives.
+``AGENT_RPC`` bounds each Kata agent RPC the way kata's runtime-rs does, per method; ``None``
+marks the long polls (WaitProcess, ReadStdout/ReadStderr, GetOOMEvent, and WriteStdin, which
+blocks for back-pressure): they wait as long as the process lives. The hypervisor's own table
+travels in ``vm`` and is handed to every VM launch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+from hypervisor.timeouts import Timeouts as VmTimeouts
+
+AGENT_RPC: Final[Mapping[str, float | None]] = MappingProxyType({
+    "Check": 30.0,  # kata: Check 30 s, per dial attempt
+    "CreateSandbox": 60.0,
+    "DestroySandbox": 10.0,
+    "SetPolicy": 30.0,
+    "UpdateInterface": 30.0,
+    "UpdateRoutes": 30.0,
+    "AddARPNeighbors": 30.0,
+    "CreateContainer": 60.0,  # kata: 60 s (a guest image pull happens here)
+    "StartContainer": 30.0,
+    "ExecProcess": 30.0,
+    "SignalProcess": 10.0,
+    "WaitProcess": None,
+    "ReadStdout": None,
+    "ReadStderr": None,
+    "WriteStdin": None,
+    "CloseStdin": 10.0,
+    "TtyWinResize": 5.0,
+    "PauseContainer": 10.0,
+    "ResumeContainer": 10.0,
+    "StatsContainer": 10.0,
+    "UpdateContainer": 10.0,
+    "RemoveContainer": 30.0,
+    "GetOOMEvent": None,
+})
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    create_sandbox: float = 180.0  # boot the pod VM and reach its agent (TCG boots are slow)
-    create_container: float = 60.0  # kata: CreateContainer 60 s (guest pull happens here)
-    start_container: float = 30.0
-    exec_process: float = 30.0
-    signal_process: float = 10.0
-    remove_container: float = 30.0
-    pause_resume: float = 10.0
-    update_container: float = 10.0
-    stats_container: float = 10.0
-    tty_win_resize: float = 5.0
-    close_stdin: float = 10.0
-    shutdown_sandbox: float = 30.0
+    agent: Mapping[str, float | None] = field(default_factory=lambda: AGENT_RPC)
+    agent_dial_retry_pause: float = 0.1  # between two dial attempts while the guest boots
+    boot: float = 180.0  # boot the pod VM up to CreateSandbox (TCG boots are slow)
+    vm_stop: float = 30.0  # DestroySandbox, VM stop and host cleanup of a pod
+    # A WaitProcess cut short by a lost connection: how long until the VM's exit is known.
+    vm_exit_notice: float = 5.0
+    # The VM died: how long its processes get to report their exits before the teardown.
+    vm_exit_reports: float = 10.0
     network_helper: float = 30.0  # one run of the netns helper (wire or unwire a pod netns)
     # After the init process exits the agent kills the container's other processes; how long
     # their exits get before init's own exit is reported anyway.
@@ -34,8 +63,17 @@ class Timeouts:
     event_retry_pause: float = 0.5
     # On shutdown: how long queued events get to reach containerd.
     event_drain: float = 5.0
-    # gRPC/ttrpc server: grace for in-flight calls when the shim stops.
+    # gRPC/ttrpc server: the pause that lets the Shutdown reply leave, then the grace for
+    # in-flight calls when the shim stops.
+    shutdown_reply: float = 0.05
     server_grace: float = 1.0
+    # start and delete (the binary): a gRPC daemon's readiness, `containerd --version`, and
+    # how long SIGKILLed processes get to disappear.
+    daemon_ready: float = 20.0
+    version_probe: float = 5.0
+    kill_wait: float = 5.0
+    kill_poll: float = 0.01
+    vm: VmTimeouts = field(default_factory=VmTimeouts)  # hypervisor/: passed to every launch
 
 
 TIMEOUTS = Timeouts()

@@ -86,13 +86,6 @@ def varint_field(number: int, value: int) -> bytes:
     return encode_varint(number << 3 | VARINT) + encode_varint(value)
 
 
-def bytes_field(number: int, value: bytes) -> bytes:
-    """A length-delimited field, omitted when empty (proto3 default)."""
-    if not value:
-        return b""
-    return encode_varint(number << 3 | LENGTH_DELIMITED) + encode_varint(len(value)) + value
-
-
 def message_field(number: int, value: bytes) -> bytes:
     """An embedded message field; present even when the message is empty."""
     return encode_varint(number << 3 | LENGTH_DELIMITED) + encode_varint(len(value)) + value

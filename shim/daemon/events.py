@@ -1,6 +1,7 @@
-"""Task events: what the domain reports, and how they reach containerd.
+"""Task events on their way to containerd: protobuf messages, envelopes, delivery.
 
-The domain publishes small dataclasses in the order things happened. ``EventForwarder`` keeps
+The domain (:mod:`shim.task.events`) publishes small dataclasses in the order things happened.
+``EventForwarder`` keeps
 that order: one bounded queue, one forwarder task, each event retried in place a bounded number
 of times (the Go shim: 5 s per try, 5 tries) before it is dropped and logged, so a slow or absent
 containerd delays events but never reorders them and never blocks the shim forever.
@@ -16,14 +17,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from protocols.api.containerd.events import task_pb2
 from shim.core.timeouts import TIMEOUTS, Timeouts
+from shim.task.events import (
+    Event,
+    Stdio,
+    TaskCreate,
+    TaskDelete,
+    TaskExecAdded,
+    TaskExecStarted,
+    TaskExit,
+    TaskOOM,
+    TaskPaused,
+    TaskResumed,
+    TaskStart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,132 +49,43 @@ def timestamp(ns: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
-# --- domain events ------------------------------------------------------------------------------
+# --- the domain's events as containerd's ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stdio:
-    """A process's stdio as containerd names it: FIFO paths (empty: none) and whether it is a
-    terminal. The task domain's own (``shim.task.Stdio``); /tasks/create carries it as TaskIO."""
-
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
+def _io(io: Stdio) -> task_pb2.TaskIO:
+    return task_pb2.TaskIO(stdin=io.stdin, stdout=io.stdout, stderr=io.stderr,
+                           terminal=io.terminal)
 
 
-@dataclass(frozen=True)
-class TaskCreate:
-    topic: ClassVar[str] = "/tasks/create"
-    container_id: str
-    bundle: str
-    pid: int
-    io: Stdio = field(default_factory=Stdio)
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskCreate(
-            container_id=self.container_id, bundle=self.bundle, pid=self.pid,
-            io=task_pb2.TaskIO(stdin=self.io.stdin, stdout=self.io.stdout,
-                               stderr=self.io.stderr, terminal=self.io.terminal))
-
-
-@dataclass(frozen=True)
-class TaskStart:
-    topic: ClassVar[str] = "/tasks/start"
-    container_id: str
-    pid: int
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskStart(container_id=self.container_id, pid=self.pid)
-
-
-@dataclass(frozen=True)
-class TaskExit:
-    topic: ClassVar[str] = "/tasks/exit"
-    container_id: str
-    id: str  # the container id for init, the exec id otherwise (CRI matches on it)
-    pid: int
-    exit_status: int
-    exited_at: int  # ns since the epoch
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskExit(container_id=self.container_id, id=self.id, pid=self.pid,
-                                 exit_status=self.exit_status,
-                                 exited_at=timestamp(self.exited_at))
-
-
-@dataclass(frozen=True)
-class TaskDelete:
-    topic: ClassVar[str] = "/tasks/delete"
-    container_id: str
-    pid: int
-    exit_status: int
-    exited_at: int
-    id: str = ""
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskDelete(container_id=self.container_id, pid=self.pid,
-                                   exit_status=self.exit_status,
-                                   exited_at=timestamp(self.exited_at), id=self.id)
-
-
-@dataclass(frozen=True)
-class TaskExecAdded:
-    topic: ClassVar[str] = "/tasks/exec-added"
-    container_id: str
-    exec_id: str
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskExecAdded(container_id=self.container_id, exec_id=self.exec_id)
-
-
-@dataclass(frozen=True)
-class TaskExecStarted:
-    topic: ClassVar[str] = "/tasks/exec-started"
-    container_id: str
-    exec_id: str
-    pid: int
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskExecStarted(container_id=self.container_id, exec_id=self.exec_id,
-                                        pid=self.pid)
-
-
-@dataclass(frozen=True)
-class TaskPaused:
-    topic: ClassVar[str] = "/tasks/paused"
-    container_id: str
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskPaused(container_id=self.container_id)
-
-
-@dataclass(frozen=True)
-class TaskResumed:
-    topic: ClassVar[str] = "/tasks/resumed"
-    container_id: str
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskResumed(container_id=self.container_id)
-
-
-@dataclass(frozen=True)
-class TaskOOM:
-    topic: ClassVar[str] = "/tasks/oom"
-    container_id: str
-
-    def to_proto(self) -> Message:
-        return task_pb2.TaskOOM(container_id=self.container_id)
-
-
-Event = (TaskCreate | TaskStart | TaskExit | TaskDelete | TaskExecAdded | TaskExecStarted
-         | TaskPaused | TaskResumed | TaskOOM)
-
-
-class Publisher(Protocol):
-    """Where the domain sends its events (in order)."""
-
-    async def publish(self, event: Event) -> None: ...
+def to_proto(event: Event) -> Message:
+    """The containerd.events message for a domain event."""
+    match event:
+        case TaskCreate():
+            return task_pb2.TaskCreate(container_id=event.container_id, bundle=event.bundle,
+                                       pid=event.pid, io=_io(event.io))
+        case TaskStart():
+            return task_pb2.TaskStart(container_id=event.container_id, pid=event.pid)
+        case TaskExit():
+            return task_pb2.TaskExit(container_id=event.container_id, id=event.id,
+                                     pid=event.pid, exit_status=event.exit_status,
+                                     exited_at=timestamp(event.exited_at))
+        case TaskDelete():
+            return task_pb2.TaskDelete(container_id=event.container_id, pid=event.pid,
+                                       exit_status=event.exit_status,
+                                       exited_at=timestamp(event.exited_at), id=event.id)
+        case TaskExecAdded():
+            return task_pb2.TaskExecAdded(container_id=event.container_id,
+                                          exec_id=event.exec_id)
+        case TaskExecStarted():
+            return task_pb2.TaskExecStarted(container_id=event.container_id,
+                                            exec_id=event.exec_id, pid=event.pid)
+        case TaskPaused():
+            return task_pb2.TaskPaused(container_id=event.container_id)
+        case TaskResumed():
+            return task_pb2.TaskResumed(container_id=event.container_id)
+        case TaskOOM():
+            return task_pb2.TaskOOM(container_id=event.container_id)
+    raise TypeError(f"not a task event: {event!r}")
 
 
 # --- the wire -----------------------------------------------------------------------------------
@@ -177,7 +102,7 @@ class Envelope:
 
 
 def envelope(event: Event, namespace: str, now_ns: int | None = None) -> Envelope:
-    message = event.to_proto()
+    message = to_proto(event)
     # containerd's typeurl registers events under their bare full name.
     packed = any_pb2.Any(type_url=message.DESCRIPTOR.full_name,
                          value=message.SerializeToString())

@@ -1,11 +1,16 @@
-"""The shim daemon (``serve``): task service for one pod until Shutdown.
+"""The shim daemon (``serve``): one pod's task and sandbox services until Shutdown.
 
-Spawned by ``start`` in its own session with stdio on /dev/null. It logs to the bundle's ``log``
-FIFO in logrus text format (what containerd copies into its own log), publishes events through
-one ``EventForwarder``, and owns every background task in one TaskGroup.
+Spawned by ``start`` in its own session with stdio on /dev/null; logs to the bundle's ``log``
+FIFO (:mod:`shim.daemon.logs`). Every resource it holds is on one AsyncExitStack, entered in
+this order and released in reverse: the TaskGroup that owns every background task, the event
+forwarder (drained last), the pod (its VM stopped), the task manager (its stdio relays), the
+server. So whatever ends the daemon — Shutdown, a signal, a crash — the server stops taking
+calls, the relays stop, the VM is stopped and queued events get their chance to leave. A
+background loop that raises is logged and fails the pod (its VM stops, its processes exit 137)
+instead of silently ending the TaskGroup.
 
-The pod VM comes from ``shim.pod.vm_sandbox.VmSandboxFactory`` (QEMU + guest agent); tests may name
-another ``SandboxFactory`` with ``COCO_SHIM_SANDBOX_FACTORY=module:attribute`` (a class or a
+The pod VM comes from :class:`shim.pod.boot.VmBooter` (QEMU + guest agent); tests may name
+another :class:`~shim.pod.vm.Booter` with ``COCO_SHIM_BOOTER=module:attribute`` (a class or a
 zero-argument callable).
 """
 
@@ -13,101 +18,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import importlib
 import logging
 import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Final
 
-from shim.binary.contract import Flags, decode_runtime_options
-from shim.binary.manager import ShimState
-from shim.core.timeouts import TIMEOUTS
+from shim.binary.flags import Flags
+from shim.core.bundle import read_spec
+from shim.core.config import decode_runtime_options
+from shim.core.crash_record import ShimState
+from shim.core.errors import RpcError
+from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.daemon.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
-from shim.pod.sandbox import SandboxFactory
+from shim.daemon.logs import setup_logging
+from shim.pod.pod import Pod
+from shim.pod.vm import Booter, PodConfig
 
 log = logging.getLogger("shim")
 
-SANDBOX_FACTORY_ENV: Final = "COCO_SHIM_SANDBOX_FACTORY"
-LEVELS: Final = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
-                 logging.ERROR: "error", logging.CRITICAL: "fatal"}
+BOOTER_ENV: Final = "COCO_SHIM_BOOTER"
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-class LogrusFormatter(logging.Formatter):
-    """``time="2026-01-02T03:04:05.123456789Z" level=info msg="..." runtime=...``."""
-
-    def __init__(self, **fields: str) -> None:
-        super().__init__()
-        self._fields = fields
-
-    def format(self, record: logging.LogRecord) -> str:
-        ns = int(record.created * 1e9)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000))
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        extra = "".join(f" {k}={_quote(v)}" for k, v in self._fields.items())
-        level = LEVELS.get(record.levelno, "info")
-        return f'time="{stamp}.{ns % 1_000_000_000:09d}Z" level={level} msg={_quote(message)}' \
-               f"{extra}\n"
-
-
-class FifoHandler(logging.Handler):
-    """Writes records to a non-blocking fd; a full FIFO drops lines instead of stalling."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            os.write(self._fd, self.format(record).encode())
-        except (BlockingIOError, BrokenPipeError):
-            pass
-        except Exception:
-            self.handleError(record)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        super().close()
-
-
-def setup_logging(bundle: Path, debug: bool, task_id: str) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    try:
-        fd = os.open(bundle / "log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as err:
-        if err.errno not in (errno.ENOENT, errno.ENXIO):  # no log FIFO or nobody reading it
-            raise
-        root.addHandler(logging.NullHandler())
-        return
-    # grpc's own debug logging is one line per poller tick: keep it out of containerd's log.
-    logging.getLogger("grpc").setLevel(logging.WARNING)
-    handler = FifoHandler(fd)
-    handler.setFormatter(LogrusFormatter(runtime="io.containerd.coco.v2", id=task_id))
-    root.addHandler(handler)
-
-
-def load_factory() -> SandboxFactory:
-    target = os.environ.get(SANDBOX_FACTORY_ENV)
+def load_booter() -> Booter:
+    target = os.environ.get(BOOTER_ENV)
     if not target:
-        from shim.pod.vm_sandbox import VmSandboxFactory
+        from shim.pod.boot import VmBooter
 
-        return VmSandboxFactory()
+        return VmBooter()
     module, _, attribute = target.partition(":")
-    factory: SandboxFactory = getattr(importlib.import_module(module), attribute)()
-    return factory
+    booter: Booter = getattr(importlib.import_module(module), attribute)()
+    return booter
 
 
 def event_sender(flags: Flags) -> EventSender:
@@ -116,6 +62,39 @@ def event_sender(flags: Flags) -> EventSender:
     if ttrpc_address:
         return TtrpcEventSender(ttrpc_address)
     return GrpcEventSender(os.environ.get("GRPC_ADDRESS") or flags.address)
+
+
+class Owner:
+    """Owns the daemon's background tasks: each runs in one TaskGroup, guarded so that a crash
+    is logged and handed to ``on_crash`` (the pod fails) rather than ending the group."""
+
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_crash: Callable[[BaseException], Awaitable[None]] | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = self._group.create_task(self._guard(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except Exception as err:
+            log.error("background task %s failed", coro.__qualname__, exc_info=err)
+            if self.on_crash is not None:
+                await self.on_crash(err)
+
+    async def aclose(self) -> None:
+        """Cancel every task still running and wait for it."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _notify(fd: int, message: str) -> None:
@@ -127,72 +106,89 @@ def _notify(fd: int, message: str) -> None:
         os.close(fd)
 
 
-async def run(flags: Flags) -> int:
+def early_boot(pod: Pod, flags: Flags) -> None:
+    """The pod's first container: boot its VM now, from start's bundle and runtime options."""
+    bundle = Path(flags.bundle or os.getcwd())
+    try:
+        spec = read_spec(bundle)
+        options = decode_runtime_options(bytes.fromhex(flags.runtime_options))
+    except (RpcError, ValueError) as err:
+        log.info("no early boot: %s", err)  # Create reports it
+        return
+    pod.boot_early(PodConfig(sandbox_id=flags.group or flags.id, namespace=flags.namespace,
+                             bundle=bundle, spec=spec, options=options))
+
+
+async def _drain(forwarder: EventForwarder, forwarding: asyncio.Task[None],
+                 timeouts: Timeouts) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeouts.event_drain):
+            await forwarder.drain()
+    forwarding.cancel()
+
+
+async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
+                timeouts: Timeouts = TIMEOUTS) -> Pod:
+    """Bring the daemon's resources up on ``stack`` (see the module docstring for the order)
+    and serve; the caller waits for ``pod.shutdown_requested`` and then closes the stack.
+    ``recorded`` collects the ids whose crash record this daemon wrote."""
+    from shim.daemon.sandbox_service import SandboxService
     from shim.task.manager import TaskManager
 
-    path = Path(flags.socket)
-    forwarder = EventForwarder(event_sender(flags), flags.namespace)
-    owned: set[asyncio.Task[None]] = set()
-    ready_fd = flags.ready_fd
+    group = await stack.enter_async_context(asyncio.TaskGroup())
+    forwarder = EventForwarder(event_sender(flags), flags.namespace, timeouts)
+    stack.push_async_callback(_drain, forwarder, group.create_task(forwarder.run()), timeouts)
+    owner = Owner(group)
+    stack.push_async_callback(owner.aclose)
+    pod = Pod(load_booter(), spawn=owner.spawn, timeouts=timeouts)
+    owner.on_crash = pod.fail
+    stack.push_async_callback(pod.shutdown)
 
-    async with asyncio.TaskGroup() as group:
+    def record_init_pid(container_id: str, pid: int) -> None:
+        recorded.add(container_id)
+        ShimState.of(flags.namespace, container_id).write_init_pid(pid)
 
-        def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-            task = group.create_task(coro)
-            owned.add(task)
-            task.add_done_callback(owned.discard)
-            return task
+    tasks = TaskManager(pod, forwarder, namespace=flags.namespace, spawn=owner.spawn,
+                        timeouts=timeouts, on_created=record_init_pid)
+    stack.push_async_callback(tasks.aclose)
+    if flags.early_boot:
+        early_boot(pod, flags)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, pod.shutdown_requested.set)
+    sandbox = SandboxService(pod, flags.namespace)
+    listener = socket.socket(fileno=flags.listen_fd) if flags.listen_fd >= 0 else None
+    if flags.protocol == "ttrpc":
+        if listener is None:
+            raise RuntimeError("ttrpc needs the listening socket from start")
+        from shim.daemon.ttrpc_server import serve_ttrpc
 
-        forwarding = group.create_task(forwarder.run())
-        recorded = {flags.id}
+        server = await serve_ttrpc(tasks, sandbox, listener)
+        stack.push_async_callback(server.close)
+    else:
+        from shim.daemon.grpc_server import serve_grpc
 
-        def record_init_pid(container_id: str, pid: int) -> None:
-            recorded.add(container_id)
-            ShimState.of(flags.namespace, container_id).write_init_pid(pid)
+        grpc_server = await serve_grpc(tasks, sandbox, Path(flags.socket))
+        stack.push_async_callback(grpc_server.stop, timeouts.server_grace)
+        if listener is not None:
+            listener.close()  # replaced by gRPC's socket before anyone learnt the path
+    return pod
 
-        tasks = TaskManager(load_factory(), forwarder, namespace=flags.namespace, spawn=spawn,
-                            on_created=record_init_pid)
-        if flags.early_boot:
-            tasks.boot_early(flags.group or flags.id, Path(flags.bundle or os.getcwd()),
-                             decode_runtime_options(bytes.fromhex(flags.runtime_options)))
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, tasks.shutdown_requested.set)
-        listener = socket.socket(fileno=flags.listen_fd) if flags.listen_fd >= 0 else None
+
+async def run(flags: Flags) -> int:
+    recorded = {flags.id}
+    async with AsyncExitStack() as stack:
         try:
-            if flags.protocol == "ttrpc":
-                if listener is None:
-                    raise RuntimeError("ttrpc needs the listening socket from start")
-                from shim.daemon.ttrpc_server import serve_ttrpc
-
-                server: Any = await serve_ttrpc(tasks, listener)
-            else:
-                from shim.daemon.grpc_server import serve_grpc
-
-                server = await serve_grpc(tasks, path)
-                if listener is not None:
-                    listener.close()  # replaced by gRPC's socket before anyone learnt the path
+            pod = await serve(flags, stack, recorded)
         except Exception as err:
-            _notify(ready_fd, f"cannot serve {path}: {err}")
+            _notify(flags.ready_fd, f"cannot serve {flags.socket}: {err}")
             raise
-        _notify(ready_fd, "ready")
-        log.info("serving containerd.task on %s (%s, pid %d)", path, flags.protocol,
+        _notify(flags.ready_fd, "ready")
+        log.info("serving containerd.task on %s (%s, pid %d)", flags.socket, flags.protocol,
                  os.getpid())
-
-        await tasks.shutdown_requested.wait()
+        await pod.shutdown_requested.wait()
         log.info("shutting down")
-        await asyncio.sleep(0.05)  # let the Shutdown reply leave before the server goes
-        if flags.protocol == "ttrpc":
-            await server.close()
-        else:
-            await server.stop(TIMEOUTS.server_grace)
-        await tasks.aclose()
-        for task in list(owned):
-            task.cancel()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(TIMEOUTS.event_drain):
-                await forwarder.drain()
-        forwarding.cancel()
+        await asyncio.sleep(TIMEOUTS.shutdown_reply)  # let the Shutdown reply leave first
     # A clean exit: the pod VM is down, nothing is left for `delete` to reap.
     for container_id in recorded:
         ShimState.of(flags.namespace, container_id).remove()

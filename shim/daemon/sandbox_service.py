@@ -2,9 +2,8 @@
 ``sandboxer = "shim"`` makes the pod through it, so the pod VM exists at pod level (from
 StartSandbox to StopSandbox) instead of booting with the first container.
 
-Served on the same socket and connection as the task service
-(``shim.daemon.ttrpc_server``). Each handler
-translates the request and makes one ``TaskManager`` call.
+Served on the same socket and connection as the task service (``shim.daemon.ttrpc_server``).
+Each handler translates the request and makes one :class:`~shim.pod.pod.Pod` call.
 """
 
 from __future__ import annotations
@@ -14,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
-from shim.binary.contract import SANDBOX_ID_ANNOTATION
-from shim.core.errors import FailedPrecondition
+from shim.core.bundle import SANDBOX_ID_ANNOTATION
+from shim.core.errors import FailedPrecondition, InvalidArgument
 from shim.daemon.task_service import runtime_options
 from shim.pod import metrics
-from shim.task.manager import PodRecord, TaskManager
+from shim.pod.pod import Pod, PodState, PodStatus
+from shim.pod.vm import PodConfig
 
 METHODS = ("CreateSandbox", "StartSandbox", "Platform", "StopSandbox", "WaitSandbox",
            "SandboxStatus", "PingSandbox", "ShutdownSandbox", "SandboxMetrics")
@@ -46,7 +47,10 @@ def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
     if request.options.type_url.rsplit("/", 1)[-1] == POD_CONFIG_TYPE:
         from protocols.api.cri import api_pb2 as cri  # only CRI's CreateSandbox carries one
 
-        config = cri.PodSandboxConfig.FromString(request.options.value)
+        try:
+            config = cri.PodSandboxConfig.FromString(request.options.value)
+        except DecodeError as err:
+            raise InvalidArgument(f"options: not a {POD_CONFIG_TYPE}: {err}") from err
         annotations.update(config.annotations)
         if config.hostname:
             spec["hostname"] = config.hostname
@@ -57,19 +61,25 @@ def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
     return spec
 
 
+def _state(status: PodStatus) -> str:
+    return READY if status.state is PodState.READY else NOT_READY
+
+
 class SandboxService:
-    def __init__(self, tasks: TaskManager) -> None:
-        self._tasks = tasks
+    def __init__(self, pod: Pod, namespace: str) -> None:
+        self._pod = pod
+        self._namespace = namespace
 
     async def CreateSandbox(self, request: Any, context: object) -> Any:
-        await self._tasks.create_pod(PodRecord(
-            sandbox_id=request.sandbox_id, bundle=Path(request.bundle_path),
-            spec=pod_spec(request), options=runtime_options(request.options)))
+        await self._pod.create_sandbox(PodConfig(
+            sandbox_id=request.sandbox_id, namespace=self._namespace,
+            bundle=Path(request.bundle_path), spec=pod_spec(request),
+            options=runtime_options(request.options)))
         return pb.CreateSandboxResponse()
 
     async def StartSandbox(self, request: Any, context: object) -> Any:
-        pod = await self._tasks.start_pod(request.sandbox_id)
-        return pb.StartSandboxResponse(pid=pod.pid, created_at=_timestamp(pod.created_at))
+        status = await self._pod.start_sandbox(request.sandbox_id)
+        return pb.StartSandboxResponse(pid=status.pid, created_at=_timestamp(status.created_at))
 
     async def Platform(self, request: Any, context: object) -> Any:
         machine = os.uname().machine
@@ -77,36 +87,37 @@ class SandboxService:
             os="linux", architecture=_ARCH.get(machine, machine)))
 
     async def StopSandbox(self, request: Any, context: object) -> Any:
-        await self._tasks.stop_pod(request.sandbox_id)
+        await self._pod.stop_sandbox(request.sandbox_id)
         return pb.StopSandboxResponse()
 
     async def WaitSandbox(self, request: Any, context: object) -> Any:
-        pod = await self._tasks.wait_pod(request.sandbox_id)
-        return pb.WaitSandboxResponse(exit_status=0, exited_at=_timestamp(pod.exited_at))
+        status = await self._pod.wait_sandbox(request.sandbox_id)
+        return pb.WaitSandboxResponse(exit_status=status.exit_status,
+                                      exited_at=_timestamp(status.exited_at))
 
     async def SandboxStatus(self, request: Any, context: object) -> Any:
-        pod = self._tasks.pod_status(request.sandbox_id)
+        status = self._pod.status(request.sandbox_id)
         return pb.SandboxStatusResponse(
-            sandbox_id=pod.sandbox_id, pid=pod.pid, state=READY if pod.ready else NOT_READY,
-            created_at=_timestamp(pod.created_at), exited_at=_timestamp(pod.exited_at))
+            sandbox_id=status.sandbox_id, pid=status.pid, state=_state(status),
+            created_at=_timestamp(status.created_at), exited_at=_timestamp(status.exited_at))
 
     async def PingSandbox(self, request: Any, context: object) -> Any:
-        self._tasks.pod_status(request.sandbox_id)
+        self._pod.status(request.sandbox_id)
         return pb.PingResponse()
 
     async def ShutdownSandbox(self, request: Any, context: object) -> Any:
-        await self._tasks.shutdown_pod(request.sandbox_id)
+        await self._pod.shutdown_sandbox(request.sandbox_id)
         return pb.ShutdownSandboxResponse()
 
     async def SandboxMetrics(self, request: Any, context: object) -> Any:
         """The pod VM's host footprint (hypervisor + helpers) as cgroup v2 Metrics."""
-        pod = self._tasks.pod_status(request.sandbox_id)
-        if not pod.ready or not pod.pid:
+        status = self._pod.status(request.sandbox_id)
+        if status.state is not PodState.READY or not status.pid:
             raise FailedPrecondition(f"pod {request.sandbox_id}: VM is not running")
         import psutil  # a daemon that is never asked for metrics does not load it
 
         try:
-            data = metrics.vm_host_metrics(pod.pid)
+            data = metrics.vm_host_metrics(status.pid)
         except psutil.NoSuchProcess as err:
             raise FailedPrecondition(f"pod {request.sandbox_id}: VM process is gone") from err
         now = timestamp_pb2.Timestamp()

@@ -3,25 +3,30 @@
 Transport-agnostic: the same ``TaskService`` object serves gRPC (``shim.daemon.grpc_server``)
 and ttrpc (``shim.daemon.ttrpc_server``), and task v2 and v3 (the messages are identical; only
 the generated module differs, passed as ``pb``).
-Errors are raised as ``shim.core.errors`` types and turned into status codes by the transport, from
-the one table in ``shim.core.errors``.
+Errors are raised as ``shim.core.errors`` types and turned into status codes by the transport,
+from the one table in ``shim.core.errors``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from protocols.api.containerd.types.task import task_pb2 as task_types
 from protocols.api.runtimeoptions.v1 import api_pb2 as runtimeoptions
-from shim.binary.contract import RUNTIME_OPTIONS_TYPE, RuntimeOptions
+from shim.core.config import RUNTIME_OPTIONS_TYPE, RuntimeOptions
 from shim.core.errors import InvalidArgument, Unimplemented
-from shim.pod.sandbox import Mount
-from shim.task.manager import CreateTask, ExecTask, ProcessState, Stdio, TaskManager
+from shim.pod.mounts import Mount
+from shim.task.events import Stdio
+from shim.task.manager import TaskManager
+from shim.task.process import CreateTask, ExecTask, ProcessState
 
 STATUS: dict[ProcessState, int] = {
     ProcessState.CREATED: task_types.CREATED,
@@ -34,7 +39,16 @@ STATUS: dict[ProcessState, int] = {
 # The RPCs of containerd.task.v2/v3.Task, in the order of the .proto.
 METHODS = ("State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill",
            "Exec", "ResizePty", "CloseIO", "Update", "Wait", "Stats", "Connect", "Shutdown")
-SHIM_VERSION = "coco-shim 0.1.0"
+DISTRIBUTION = "coco-shim"
+
+
+@functools.cache
+def shim_version() -> str:
+    """What Connect reports: the installed distribution's version."""
+    try:
+        return f"{DISTRIBUTION} {version(DISTRIBUTION)}"
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return f"{DISTRIBUTION} (not installed)"
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp | None:
@@ -56,9 +70,13 @@ def _json_any(value: any_pb2.Any, what: str) -> dict[str, object]:
 
 
 def runtime_options(value: any_pb2.Any) -> RuntimeOptions:
+    """CreateTaskRequest.options / CreateSandboxRequest.options: ours, or the defaults."""
     if value.type_url.rsplit("/", 1)[-1] != RUNTIME_OPTIONS_TYPE:
         return RuntimeOptions()
-    options = runtimeoptions.Options.FromString(value.value)
+    try:
+        options = runtimeoptions.Options.FromString(value.value)
+    except DecodeError as err:
+        raise InvalidArgument(f"options: not a {RUNTIME_OPTIONS_TYPE}: {err}") from err
     return RuntimeOptions(options.type_url, options.config_path, options.config_body)
 
 
@@ -146,7 +164,7 @@ class TaskService:
     async def Connect(self, request: Any, context: object) -> Any:
         shim_pid, task_pid = await self._tasks.connect(request.id)
         return self._pb.ConnectResponse(shim_pid=shim_pid, task_pid=task_pid,
-                                        version=SHIM_VERSION)
+                                        version=shim_version())
 
     async def Shutdown(self, request: Any, context: object) -> empty_pb2.Empty:
         await self._tasks.shutdown(request.now)

@@ -18,7 +18,7 @@ from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2
 from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.ttrpc import Code, Server, TtrpcError
-from shim.core.errors import ShimError, status_code
+from shim.core.errors import RpcError, status_code
 from shim.daemon import sandbox_service
 from shim.daemon.sandbox_service import SandboxService
 from shim.daemon.task_service import METHODS, TaskService
@@ -42,7 +42,7 @@ class EdgeAdapter:
             try:
                 return await handler(request, context)
             except Exception as err:
-                if not isinstance(err, ShimError | TtrpcError):
+                if not isinstance(err, RpcError | TtrpcError):
                     log.error("%s failed unexpectedly", method, exc_info=err)
                 await self.fail(err, context)
                 raise AssertionError(f"{type(self).__name__}.fail returned") from err
@@ -64,13 +64,14 @@ class TtrpcTaskService(EdgeAdapter):
         raise TtrpcError(Code(int(status_code(err))), str(err) or type(err).__name__) from err
 
 
-async def serve_ttrpc(tasks: TaskManager, sock: socket.socket) -> Server:
-    """Serve task v2 and v3 over ttrpc on an already listening socket."""
+async def serve_ttrpc(tasks: TaskManager, sandbox: SandboxService,
+                      sock: socket.socket) -> Server:
+    """Serve task v2 and v3 (and the sandbox API) over ttrpc on an already listening socket."""
     server = Server()
     for pb in (task_v2, task_v3):
         server.register_service(pb.DESCRIPTOR.services_by_name["Task"],
                                 TtrpcTaskService(TaskService(tasks, pb)))
     server.register_service(sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"],
-                            TtrpcTaskService(SandboxService(tasks), sandbox_service.METHODS))
+                            TtrpcTaskService(sandbox, sandbox_service.METHODS))
     await server.serve_socket(sock)
     return server

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shim.core.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
+from shim.core.errors import FailedPrecondition, InvalidArgument, RpcError, Unavailable
 from shim.core.timeouts import TIMEOUTS
 from shim.network.tcfilter import (
     FAMILY_V4,
@@ -56,7 +56,7 @@ FILTER_PRIO = 49152
 FILTER_FLOWID = 0x10001  # 1:1 (unused on ingress; u32 wants one)
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
-ERROR_KINDS: dict[str, type[ShimError]] = {
+ERROR_KINDS: dict[str, type[RpcError]] = {
     "InvalidArgument": InvalidArgument, "FailedPrecondition": FailedPrecondition}
 
 
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stdin_text = sys.stdin.read() if args[0] == "teardown" else ""
         answer, fds = _run(args[0], args[1], stdin_text)
-    except ShimError as err:
+    except RpcError as err:
         answer = {"error": {"kind": type(err).__name__, "message": str(err)}}
     except Exception as err:
         answer = {"error": {"kind": "OSError", "message": f"{type(err).__name__}: {err}"}}

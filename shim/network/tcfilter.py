@@ -323,34 +323,32 @@ def dns_of(spec: Mapping[str, Any]) -> list[str]:
 
 @dataclass
 class GuestRequests:
-    """The agent calls that give the guest the pod's network (protobuf messages)."""
+    """What the guest is told of the pod's network, in agent protocol messages."""
 
-    interfaces: list[Any] = field(default_factory=list)  # UpdateInterfaceRequest
-    routes: Any = None  # UpdateRoutesRequest | None
-    neighbors: Any = None  # AddARPNeighborsRequest | None
+    interfaces: list[Any] = field(default_factory=list)  # types.Interface, one per endpoint
+    routes: list[Any] = field(default_factory=list)  # types.Route
+    neighbors: list[Any] = field(default_factory=list)  # types.ARPNeighbor
 
 
 def guest_requests(network: PodNetwork) -> GuestRequests:
-    from protocols.api.kata import agent_pb2, types_pb2
+    from protocols.api.kata import types_pb2
 
     requests = GuestRequests()
     for endpoint in network.endpoints:
-        requests.interfaces.append(agent_pb2.UpdateInterfaceRequest(interface=types_pb2.Interface(
+        requests.interfaces.append(types_pb2.Interface(
             device=endpoint.name, name=endpoint.name, hwAddr=endpoint.mac, mtu=endpoint.mtu,
             IPAddresses=[types_pb2.IPAddress(family=a.family,  # type: ignore[arg-type]
                                              address=a.address, mask=str(a.prefix))
-                         for a in endpoint.addresses])))
-    if network.routes:
-        requests.routes = agent_pb2.UpdateRoutesRequest(routes=agent_pb2.Routes(Routes=[
-            types_pb2.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source,
-                            scope=r.scope, family=r.family)  # type: ignore[arg-type]
-            for r in network.routes]))
-    if network.neighbors:
-        requests.neighbors = agent_pb2.AddARPNeighborsRequest(neighbors=agent_pb2.ARPNeighbors(
-            ARPNeighbors=[types_pb2.ARPNeighbor(
-                toIPAddress=types_pb2.IPAddress(
-                    family=FAMILY_V6 if ":" in n.address else FAMILY_V4,  # type: ignore[arg-type]
-                    address=n.address, mask=""),
-                device=n.device, lladdr=n.mac, state=n.state, flags=n.flags)
-                for n in network.neighbors]))
+                         for a in endpoint.addresses]))
+    requests.routes = [
+        types_pb2.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source,
+                        scope=r.scope, family=r.family)  # type: ignore[arg-type]
+        for r in network.routes]
+    requests.neighbors = [
+        types_pb2.ARPNeighbor(
+            toIPAddress=types_pb2.IPAddress(
+                family=FAMILY_V6 if ":" in n.address else FAMILY_V4,  # type: ignore[arg-type]
+                address=n.address, mask=""),
+            device=n.device, lladdr=n.mac, state=n.state, flags=n.flags)
+        for n in network.neighbors]
     return requests

@@ -1,8 +1,11 @@
-"""The host side of the Kata agent protocol: typed calls to ``grpc.AgentService`` over ttrpc.
+"""The host side of the Kata agent protocol: one typed method per RPC of ``grpc.AgentService``.
 
-Only this module knows the service names and message classes; the pod sandbox calls plain
-methods. Connection loss becomes :class:`~shim.errors.Unavailable`; the agent's status codes
-become the shim's typed errors through the one table in :mod:`shim.core.errors`.
+Like kata's runtime-rs agent, every call takes its bound from one per-RPC table
+(``Timeouts.agent``, ``None`` for long polls) and sends it as the ttrpc deadline too; no caller
+bounds an agent call again. An agent's status comes back as the same typed error
+(:func:`protocols.errors.error_for`: a policy denial is PermissionDenied, a full guest disk
+ResourceExhausted) with its message truncated to :data:`MAX_AGENT_MESSAGE`; a lost connection
+is Unavailable. :class:`Agent` is the seam the pod and the task domain use.
 """
 
 from __future__ import annotations
@@ -10,42 +13,112 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
-from typing import TypeVar
+from collections.abc import Sequence
+from typing import Final, Protocol, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
-from protocols.api.kata import agent_pb2, health_pb2
+from hypervisor.vm import AgentChannel
+from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from protocols.ttrpc import Client, ConnectionClosed, TtrpcError
-from shim.core.errors import DeadlineExceeded, ShimError, Unavailable, from_status_code
+from shim.core.errors import DeadlineExceeded, RpcError, Unavailable, error_for
+from shim.core.timeouts import TIMEOUTS, Timeouts
 
 log = logging.getLogger(__name__)
 
-AGENT_PORT = 1024
-AGENT_SERVICE = "grpc.AgentService"
-HEALTH_SERVICE = "grpc.Health"
-CHECK_TIMEOUT = 30.0  # kata: Check 30 s
-DIAL_RETRY_PAUSE = 0.1
+AGENT_PORT: Final = 1024
+AGENT_SERVICE: Final = "grpc.AgentService"
+HEALTH_SERVICE: Final = "grpc.Health"
+MAX_AGENT_MESSAGE: Final = 1024  # characters of an agent's error message passed on
+READ_CHUNK: Final = 1 << 20  # kata: max data chunk 1 MiB
 
 R = TypeVar("R", bound=Message)
 
 
-class AgentClient:
-    """One ttrpc connection to the guest agent."""
+class Agent(Protocol):
+    """What the pod and its tasks ask of the guest agent: method ↔ RPC."""
 
-    def __init__(self, client: Client, name: str) -> None:
+    async def create_sandbox(self, sandbox_id: str, hostname: str, dns: Sequence[str],
+                             storages: Sequence[agent_pb2.Storage]) -> None: ...
+
+    async def destroy_sandbox(self) -> None: ...
+
+    async def set_policy(self, policy: str) -> None: ...
+
+    async def update_interface(self, interface: types_pb2.Interface) -> None: ...
+
+    async def update_routes(self, routes: Sequence[types_pb2.Route]) -> None: ...
+
+    async def add_arp_neighbors(self, neighbors: Sequence[types_pb2.ARPNeighbor]) -> None: ...
+
+    async def create_container(self, container_id: str, spec: oci_pb2.Spec,
+                               storages: Sequence[agent_pb2.Storage]) -> None: ...
+
+    async def start_container(self, container_id: str) -> None: ...
+
+    async def exec_process(self, container_id: str, exec_id: str,
+                           process: oci_pb2.Process) -> None: ...
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None: ...
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        """Until the process exits (long poll); its exit status."""
+        ...
+
+    async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes:
+        """Up to ``size`` bytes, waiting for some (long poll); b"" at the end of the stream."""
+        ...
+
+    async def read_stderr(self, container_id: str, exec_id: str, size: int) -> bytes: ...
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        """How many bytes the agent took (maybe fewer than given)."""
+        ...
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None: ...
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int,
+                             columns: int) -> None: ...
+
+    async def pause_container(self, container_id: str) -> None: ...
+
+    async def resume_container(self, container_id: str) -> None: ...
+
+    async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse: ...
+
+    async def update_container(self, container_id: str,
+                               resources: oci_pb2.LinuxResources) -> None: ...
+
+    async def remove_container(self, container_id: str) -> None: ...
+
+    async def get_oom_event(self) -> str:
+        """Until a container of the pod hits its memory limit (long poll); its id."""
+        ...
+
+    async def close(self) -> None:
+        """Drop the connection: every pending call fails with Unavailable."""
+        ...
+
+
+class AgentClient:
+    """:class:`Agent` over one ttrpc connection (vsock or hybrid vsock)."""
+
+    def __init__(self, client: Client, name: str, timeouts: Timeouts = TIMEOUTS) -> None:
         self._client = client
+        self._timeouts = timeouts
         self.name = name
 
     @classmethod
-    async def dial(cls, *, hybrid_socket: Path | None, guest_cid: int,
-                   dial_timeout: float, exited: asyncio.Future[object] | None = None,
-                   port: int = AGENT_PORT) -> AgentClient:
+    async def dial(cls, channel: AgentChannel, dial_timeout: float, *,
+                   exited: asyncio.Future[object] | None = None,
+                   timeouts: Timeouts = TIMEOUTS, port: int = AGENT_PORT) -> AgentClient:
         """Connect and pass Health.Check, retrying until ``dial_timeout`` (the guest boots
         meanwhile). ``exited`` (the VM's exit) ends the wait early with the reason."""
-        name = f"hvsock:{hybrid_socket}:{port}" if hybrid_socket else f"vsock:{guest_cid}:{port}"
+        hybrid = channel.hybrid_socket
+        name = f"hvsock:{hybrid}:{port}" if hybrid else f"vsock:{channel.guest_cid}:{port}"
         deadline = time.monotonic() + dial_timeout
+        check_bound = timeouts.agent["Check"]
         last: BaseException | None = None
         while True:
             if exited is not None and exited.done():
@@ -56,62 +129,164 @@ class AgentClient:
                 raise Unavailable(f"agent at {name} did not answer within {dial_timeout:g} s"
                                   + (f" (last error: {last})" if last else ""))
             try:
-                async with asyncio.timeout(min(remaining, CHECK_TIMEOUT)):
-                    if hybrid_socket is not None:
-                        client = await Client.connect_hybrid_vsock(hybrid_socket, port)
+                async with asyncio.timeout(min(remaining, check_bound or remaining)):
+                    if hybrid is not None:
+                        client = await Client.connect_hybrid_vsock(hybrid, port)
                     else:
-                        client = await Client.connect_vsock(guest_cid, port)
-                    agent = cls(client, name)
+                        client = await Client.connect_vsock(channel.guest_cid, port)
+                    agent = cls(client, name, timeouts)
                     try:
                         await agent.check()
                     except BaseException:
                         await client.close()
                         raise
                     return agent
-            except (OSError, TimeoutError, ShimError) as err:
+            except (OSError, TimeoutError, RpcError) as err:
                 last = err
-            await asyncio.sleep(DIAL_RETRY_PAUSE)
+            await asyncio.sleep(timeouts.agent_dial_retry_pause)
 
     async def close(self) -> None:
         await self._client.close()
 
-    async def _call(self, service: str, method: str, request: Message, response: type[R],
-                    limit: float | None = None) -> R:
-        """One RPC; ``limit`` (seconds) travels as the ttrpc deadline too."""
+    async def _call(self, method: str, request: Message, response: type[R],
+                    service: str = AGENT_SERVICE) -> R:
+        """One RPC under its bound from the table (which travels as the ttrpc deadline)."""
+        bound = self._timeouts.agent[method]
         started = time.monotonic()
         try:
-            reply = await self._client.call(service, method, request, response, timeout=limit)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("agent %s: %.3f s", method, time.monotonic() - started)
-            return reply
+            reply = await self._client.call(service, method, request, response, timeout=bound)
         except TtrpcError as err:
-            raise from_status_code(int(err.code), f"agent {method}: {err.message}") from err
+            message = err.message
+            if len(message) > MAX_AGENT_MESSAGE:
+                message = (f"{message[:MAX_AGENT_MESSAGE]}… ({len(message) - MAX_AGENT_MESSAGE}"
+                           " more characters)")
+            raise error_for(int(err.code), f"agent {method}: {message}") from err
         except ConnectionClosed as err:
             raise Unavailable(f"agent {method}: connection to {self.name} lost") from err
         except TimeoutError as err:
-            raise DeadlineExceeded(f"agent {method}: no answer in {limit} s") from err
+            raise DeadlineExceeded(f"agent {method}: no answer from the pod VM in {bound} s"
+                                   ) from err
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("agent %s: %.3f s", method, time.monotonic() - started)
+        return reply
 
-    async def call(self, method: str, request: Message, response: type[R] = Empty,  # type: ignore[assignment]
-                   limit: float | None = None) -> R:
-        return await self._call(AGENT_SERVICE, method, request, response, limit)
+    async def _empty(self, method: str, request: Message) -> None:
+        await self._call(method, request, Empty)
+
+    # --- health and sandbox ---------------------------------------------------------------
 
     async def check(self) -> None:
-        reply = await self._call(HEALTH_SERVICE, "Check", health_pb2.CheckRequest(),
-                                 health_pb2.HealthCheckResponse, CHECK_TIMEOUT)
+        reply = await self._call("Check", health_pb2.CheckRequest(),
+                                 health_pb2.HealthCheckResponse, HEALTH_SERVICE)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise Unavailable(f"agent at {self.name} is not serving (status {reply.status})")
 
-    async def read_stream(self, method: str, container_id: str, exec_id: str,
-                          size: int) -> bytes:
-        """ReadStdout/ReadStderr: b"" at end of stream. kata-agent reports EOF as an error;
-        our reference agent answers empty data: both mean the stream is over."""
+    async def create_sandbox(self, sandbox_id: str, hostname: str, dns: Sequence[str],
+                             storages: Sequence[agent_pb2.Storage]) -> None:
+        await self._empty("CreateSandbox", agent_pb2.CreateSandboxRequest(
+            hostname=hostname, dns=list(dns), sandbox_id=sandbox_id, storages=list(storages)))
+
+    async def destroy_sandbox(self) -> None:
+        await self._empty("DestroySandbox", agent_pb2.DestroySandboxRequest())
+
+    async def set_policy(self, policy: str) -> None:
+        await self._empty("SetPolicy", agent_pb2.SetPolicyRequest(policy=policy))
+
+    async def update_interface(self, interface: types_pb2.Interface) -> None:
+        await self._call("UpdateInterface", agent_pb2.UpdateInterfaceRequest(
+            interface=interface), types_pb2.Interface)
+
+    async def update_routes(self, routes: Sequence[types_pb2.Route]) -> None:
+        await self._call("UpdateRoutes", agent_pb2.UpdateRoutesRequest(
+            routes=agent_pb2.Routes(Routes=list(routes))), agent_pb2.Routes)
+
+    async def add_arp_neighbors(self, neighbors: Sequence[types_pb2.ARPNeighbor]) -> None:
+        await self._empty("AddARPNeighbors", agent_pb2.AddARPNeighborsRequest(
+            neighbors=agent_pb2.ARPNeighbors(ARPNeighbors=list(neighbors))))
+
+    # --- containers and processes ---------------------------------------------------------
+
+    async def create_container(self, container_id: str, spec: oci_pb2.Spec,
+                               storages: Sequence[agent_pb2.Storage]) -> None:
+        await self._empty("CreateContainer", agent_pb2.CreateContainerRequest(
+            container_id=container_id, exec_id=container_id, OCI=spec,
+            storages=list(storages)))
+
+    async def start_container(self, container_id: str) -> None:
+        await self._empty("StartContainer",
+                          agent_pb2.StartContainerRequest(container_id=container_id))
+
+    async def exec_process(self, container_id: str, exec_id: str,
+                           process: oci_pb2.Process) -> None:
+        await self._empty("ExecProcess", agent_pb2.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process=process))
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None:
+        await self._empty("SignalProcess", agent_pb2.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal))
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        reply = await self._call("WaitProcess", agent_pb2.WaitProcessRequest(
+            container_id=container_id, exec_id=exec_id), agent_pb2.WaitProcessResponse)
+        return int(reply.status)
+
+    async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes:
+        return await self._read("ReadStdout", container_id, exec_id, size)
+
+    async def read_stderr(self, container_id: str, exec_id: str, size: int) -> bytes:
+        return await self._read("ReadStderr", container_id, exec_id, size)
+
+    async def _read(self, method: str, container_id: str, exec_id: str, size: int) -> bytes:
+        """kata-agent reports the end of a stream as an error, our reference agent as empty
+        data: both mean the stream is over. A lost connection is not: Unavailable."""
         request = agent_pb2.ReadStreamRequest(container_id=container_id, exec_id=exec_id,
-                                              len=size)
+                                              len=min(size, READ_CHUNK))
         try:
-            reply = await self.call(method, request, agent_pb2.ReadStreamResponse)
+            reply = await self._call(method, request, agent_pb2.ReadStreamResponse)
         except Unavailable:
             raise
-        except ShimError as err:
+        except RpcError as err:
             log.debug("%s %s/%s ended: %s", method, container_id, exec_id or "init", err)
             return b""
         return reply.data
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        reply = await self._call("WriteStdin", agent_pb2.WriteStreamRequest(
+            container_id=container_id, exec_id=exec_id, data=data[:READ_CHUNK]),
+            agent_pb2.WriteStreamResponse)
+        return int(reply.len)
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        await self._empty("CloseStdin", agent_pb2.CloseStdinRequest(
+            container_id=container_id, exec_id=exec_id))
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int,
+                             columns: int) -> None:
+        await self._empty("TtyWinResize", agent_pb2.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, row=rows, column=columns))
+
+    async def pause_container(self, container_id: str) -> None:
+        await self._empty("PauseContainer",
+                          agent_pb2.PauseContainerRequest(container_id=container_id))
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._empty("ResumeContainer",
+                          agent_pb2.ResumeContainerRequest(container_id=container_id))
+
+    async def stats_container(self, container_id: str) -> agent_pb2.StatsContainerResponse:
+        return await self._call("StatsContainer", agent_pb2.StatsContainerRequest(
+            container_id=container_id), agent_pb2.StatsContainerResponse)
+
+    async def update_container(self, container_id: str,
+                               resources: oci_pb2.LinuxResources) -> None:
+        await self._empty("UpdateContainer", agent_pb2.UpdateContainerRequest(
+            container_id=container_id, resources=resources))
+
+    async def remove_container(self, container_id: str) -> None:
+        await self._empty("RemoveContainer",
+                          agent_pb2.RemoveContainerRequest(container_id=container_id))
+
+    async def get_oom_event(self) -> str:
+        reply = await self._call("GetOOMEvent", agent_pb2.GetOOMEventRequest(),
+                                 agent_pb2.OOMEvent)
+        return reply.container_id

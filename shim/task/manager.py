@@ -1,9 +1,10 @@
-"""The task domain: containers and processes of one pod, driven through a ``PodSandbox``.
+"""The task domain: the containers and processes of one pod, run in its VM (:mod:`shim.pod`).
 
 No protobuf and no RPC context here (STYLE habit 1): the service edge translates requests into
-these calls. Two explicit state machines: ``PodState`` for the shim's pod VM and
-``ProcessState`` for every process (a container's init process is the task). Misuse raises
-``FailedPrecondition("cannot <verb> in state <state>")``.
+these calls. The pod VM's life (boot, early boot, exit, shutdown) is the :class:`Pod`'s; this
+manager asks it for the running VM and hears from it when the VM dies (:meth:`vm_exited`) or a
+container runs out of memory (:meth:`oom`). Agent calls are bounded by the agent facade's
+per-RPC table, never here.
 
 Event order is kept here because only the domain knows it: create → start → exit → delete,
 exec-added → exec-started → exit, and a container's exit after the exits of all its execs. The
@@ -14,250 +15,73 @@ has been fully copied to containerd's FIFOs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
-import json
 import logging
 import os
 import signal as signals
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from shim.binary.contract import RuntimeOptions, group_id
+from shim.core.bundle import group_id, read_spec
 from shim.core.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ShimError,
-    Unavailable,
+    RpcError,
     Unimplemented,
 )
+from shim.core.state_machine import check
 from shim.core.timeouts import TIMEOUTS, Timeouts
-from shim.daemon import events
-from shim.daemon.events import Stdio as Stdio  # the task domain's stdio, re-exported
-from shim.pod.sandbox import (
-    ContainerConfig,
-    ContainerStats,
-    ExecConfig,
-    Mount,
-    PodSandbox,
-    SandboxConfig,
-    SandboxFactory,
+from shim.pod import guest_spec, metrics
+from shim.pod.pod import Pod
+from shim.pod.vm import PodConfig
+from shim.task import events
+from shim.task.process import (
+    Container,
+    CreateTask,
+    ExecTask,
+    Exit,
+    Process,
+    ProcessState,
+    ProcessStatus,
+    ProcessTransition,
 )
 from shim.task.stdio import ProcessIO
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 UNKNOWN_EXIT_STATUS = 255  # the agent or the VM went away before the process's exit was known
 
 
-# --- state machines ---------------------------------------------------------------------------
-
-
-class ProcessState(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    DELETED = "deleted"
-
-
-class ProcessTransition(enum.Enum):
-    """Named transitions: (verb, states it may start from, state it leads to)."""
-
-    START = ("start", frozenset({ProcessState.CREATED}), ProcessState.RUNNING)
-    PAUSE = ("pause", frozenset({ProcessState.RUNNING}), ProcessState.PAUSED)
-    RESUME = ("resume", frozenset({ProcessState.PAUSED}), ProcessState.RUNNING)
-    EXIT = ("exit", frozenset({ProcessState.CREATED, ProcessState.RUNNING,
-                               ProcessState.PAUSED}), ProcessState.STOPPED)
-    DELETE = ("delete", frozenset({ProcessState.CREATED, ProcessState.STOPPED}),
-              ProcessState.DELETED)
-
-    def __init__(self, verb: str, sources: frozenset[ProcessState],
-                 target: ProcessState) -> None:
-        self.verb = verb
-        self.sources = sources
-        self.target = target
-
-
-class PodState(enum.Enum):
-    EMPTY = "empty"  # no VM yet: the first Create boots it
-    BOOTING = "booting"
-    READY = "ready"
-    SHUT_DOWN = "shut down"
-
-
-class PodTransition(enum.Enum):
-    BOOT = ("boot", frozenset({PodState.EMPTY}), PodState.BOOTING)
-    BOOTED = ("finish booting", frozenset({PodState.BOOTING}), PodState.READY)
-    BOOT_FAILED = ("fail booting", frozenset({PodState.BOOTING}), PodState.EMPTY)
-    DISCARD = ("discard an early boot", frozenset({PodState.READY}), PodState.EMPTY)
-    SHUT_DOWN = ("shut down", frozenset({PodState.EMPTY, PodState.BOOTING, PodState.READY,
-                                         PodState.SHUT_DOWN}), PodState.SHUT_DOWN)
-
-    def __init__(self, verb: str, sources: frozenset[PodState], target: PodState) -> None:
-        self.verb = verb
-        self.sources = sources
-        self.target = target
-
-
-def check(transition: ProcessTransition | PodTransition,
-          state: ProcessState | PodState) -> None:
-    if state not in transition.sources:
-        raise FailedPrecondition(f"cannot {transition.verb} in state {state.value}")
-
-
-@dataclass
-class EarlyBoot:
-    """A pod VM booting before containerd's Create arrives (see ``TaskManager.boot_early``)."""
-
-    sandbox_id: str
-    bundle: Path
-    options: RuntimeOptions
-    task: asyncio.Task[None] | None = None
-    error: Exception | None = None
-
-
-@dataclass
-class PodRecord:
-    """A pod made through the sandbox API: its VM lives from StartSandbox to StopSandbox."""
-
-    sandbox_id: str
-    bundle: Path
-    spec: dict[str, object]  # what the pod VM is made from: annotations, hostname
-    options: RuntimeOptions = field(default_factory=RuntimeOptions)
-    pid: int = 0
-    created_at: int = 0  # ns; 0 until started
-    exited_at: int = 0
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def live(self) -> bool:
-        return not self.exited.is_set()
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.created_at) and self.live
-
-
-# --- processes ----------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
-class ProcessStatus:
-    """What State reports."""
+class ContainerStats:
+    """Stats' answer, encoded as the Any containerd expects (cgroup v2 Metrics)."""
 
-    id: str
-    exec_id: str
-    bundle: str
-    pid: int
-    state: ProcessState
-    stdio: Stdio
-    exit_status: int
-    exited_at: int  # ns since the epoch, 0 while running
-
-
-@dataclass(frozen=True)
-class Exit:
-    pid: int
-    exit_status: int
-    exited_at: int  # ns since the epoch, 0 if the process never ran
-
-
-class Process:
-    """One process in the guest: a container's init (exec_id "") or an exec."""
-
-    def __init__(self, container_id: str, exec_id: str, stdio: Stdio, io: ProcessIO,
-                 exec_spec: Mapping[str, object] | None = None) -> None:
-        self.container_id = container_id
-        self.exec_id = exec_id
-        self.stdio = stdio
-        self.io = io
-        self.exec_spec = exec_spec
-        self.state = ProcessState.CREATED
-        self.pid = 0
-        self.exit_status = 0
-        self.exited_at = 0
-        self.exited = asyncio.Event()  # Wait
-        self.exit_published = asyncio.Event()  # the container's own exit waits for its execs'
-
-    @property
-    def name(self) -> str:
-        return f"{self.container_id}/{self.exec_id}" if self.exec_id else self.container_id
-
-    def apply(self, transition: ProcessTransition) -> None:
-        check(transition, self.state)
-        self.state = transition.target
-
-
-@dataclass
-class Container:
-    id: str
-    bundle: Path
-    init: Process
-    execs: dict[str, Process] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass(frozen=True)
-class CreateTask:
-    id: str
-    bundle: str
-    rootfs: Sequence[Mount] = ()
-    stdio: Stdio = field(default_factory=Stdio)
-    checkpoint: str = ""
-    options: RuntimeOptions = field(default_factory=RuntimeOptions)
-
-
-@dataclass(frozen=True)
-class ExecTask:
-    container_id: str
-    exec_id: str
-    spec: Mapping[str, object]
-    stdio: Stdio = field(default_factory=Stdio)
-
-
-# --- the manager ------------------------------------------------------------------------------
+    type_url: str = ""
+    value: bytes = b""
 
 
 class TaskManager:
     """All containers of one pod. Background loops are spawned through ``spawn`` (the owner's
     TaskGroup), so they are cancelled and awaited with it."""
 
-    def __init__(self, factory: SandboxFactory, publisher: events.Publisher, *, namespace: str,
+    def __init__(self, pod: Pod, publisher: events.Publisher, *, namespace: str,
                  spawn: Spawn, timeouts: Timeouts = TIMEOUTS,
                  on_created: Callable[[str, int], None] | None = None,
                  clock_ns: Callable[[], int] = time.time_ns) -> None:
-        self._factory = factory
+        self._pod = pod
         self._publisher = publisher
         self._namespace = namespace
         self._spawn = spawn
         self._timeouts = timeouts
         self._on_created = on_created
         self._clock_ns = clock_ns
-        self._sandbox: PodSandbox | None = None
-        self._pod_record: PodRecord | None = None
-        self._pod_state = PodState.EMPTY
-        self._pod_lock = asyncio.Lock()
         self._containers: dict[str, Container] = {}
-        self._early: EarlyBoot | None = None
-        self._pod_id = ""  # the sandbox id of the pod VM, once booted
-        self.shutdown_requested = asyncio.Event()
-
-    @property
-    def pod_state(self) -> PodState:
-        return self._pod_state
-
-    def _pod(self, transition: PodTransition) -> None:
-        check(transition, self._pod_state)
-        self._pod_state = transition.target
+        pod.listen(self)
 
     # -- lookups --
 
@@ -278,21 +102,7 @@ class TaskManager:
             raise NotFound(f"exec {exec_id} of container {container_id} not found")
         return process
 
-    def _ready_sandbox(self) -> PodSandbox:
-        if self._sandbox is None or self._pod_state is not PodState.READY:
-            raise Unavailable(f"pod VM is not running (state {self._pod_state.value})")
-        return self._sandbox
-
-    async def _agent(self, what: str, timeout: float | None,  # noqa: ASYNC109
-                     call: Coroutine[Any, Any, T]) -> T:
-        """One agent call under its timeout from the table."""
-        try:
-            async with asyncio.timeout(timeout):
-                return await call
-        except TimeoutError as err:
-            raise DeadlineExceeded(f"{what}: no answer from the pod VM in {timeout} s") from err
-
-    # -- RPCs --
+    # -- create --
 
     async def create(self, request: CreateTask) -> int:
         if not request.id:
@@ -302,143 +112,36 @@ class TaskManager:
         if request.id in self._containers:
             raise AlreadyExists(f"container {request.id} already exists")
         bundle = Path(request.bundle)
-        spec = without_network_sysctls(_read_spec(bundle))
-        sandbox_id = _sandbox_id(spec, request.id)
-        await self._adopt_early_boot(sandbox_id, bundle, request.options)
-        sandbox = await self._ensure_sandbox(sandbox_id, bundle, spec, request.options)
-        io = ProcessIO(sandbox, request.id, "", stdin=request.stdio.stdin,
-                       stdout=request.stdio.stdout, stderr=request.stdio.stderr,
-                       terminal=request.stdio.terminal, timeouts=self._timeouts)
-        init = Process(request.id, "", request.stdio, io)
-        container = Container(request.id, bundle, init)
-        self._containers[request.id] = container  # reserve the id while the agent works
+        spec = read_spec(bundle)
+        vm = await self._pod.ensure_booted(PodConfig(
+            sandbox_id=group_id(spec, request.id), namespace=self._namespace, bundle=bundle,
+            spec=spec, options=request.options))
+        stdio = request.stdio
+        io = ProcessIO(vm.agent, request.id, "", stdin=stdio.stdin, stdout=stdio.stdout,
+                       stderr=stdio.stderr, terminal=stdio.terminal)
         try:
             io.open()
-            await self._agent("CreateContainer", self._timeouts.create_container,
-                              sandbox.create_container(ContainerConfig(
-                                  container_id=request.id, bundle=bundle, spec=spec,
-                                  rootfs=tuple(request.rootfs),
-                                  terminal=request.stdio.terminal,
-                                  stdin=bool(request.stdio.stdin),
-                                  stdout=bool(request.stdio.stdout),
-                                  stderr=bool(request.stdio.stderr))))
         except OSError as err:
-            del self._containers[request.id]
-            io.close_fds()
             raise InvalidArgument(f"container {request.id}: cannot open stdio: {err}") from err
+        try:
+            await self._pod.create_container(request.id, bundle, spec, tuple(request.rootfs))
         except BaseException:
-            del self._containers[request.id]
             io.close_fds()
             raise
-        init.pid = sandbox.pid
+        init = Process(request.id, "", stdio, io)
+        init.pid = self._pod.pid
+        self._containers[request.id] = Container(request.id, bundle, init)
         if self._on_created is not None:
             self._on_created(request.id, init.pid)
         await self._publisher.publish(events.TaskCreate(
-            container_id=request.id, bundle=request.bundle, pid=init.pid,
-            io=request.stdio))
+            container_id=request.id, bundle=request.bundle, pid=init.pid, io=stdio))
         return init.pid
 
-    async def _ensure_sandbox(self, sandbox_id: str, bundle: Path, spec: Mapping[str, object],
-                              options: RuntimeOptions) -> PodSandbox:
-        async with self._pod_lock:
-            if self._pod_state is PodState.READY and self._sandbox is not None:
-                return self._sandbox
-            self._pod(PodTransition.BOOT)
-            try:
-                config = SandboxConfig(sandbox_id=sandbox_id, namespace=self._namespace,
-                                       bundle=bundle, spec=spec, options=options)
-                async with asyncio.timeout(self._timeouts.create_sandbox):
-                    self._sandbox = await self._factory.create_sandbox(config)
-                self._pod_id = sandbox_id
-            except TimeoutError as err:
-                self._pod(PodTransition.BOOT_FAILED)
-                raise DeadlineExceeded(
-                    f"pod VM did not boot in {self._timeouts.create_sandbox} s") from err
-            except BaseException:
-                self._pod(PodTransition.BOOT_FAILED)
-                raise
-            self._pod(PodTransition.BOOTED)
-            self._spawn(self._watch_oom(self._sandbox))
-            return self._sandbox
-
-    # -- early boot --
-
-    def boot_early(self, sandbox_id: str, bundle: Path, options: RuntimeOptions) -> None:
-        """Start booting the pod VM now, from the bundle ``start`` was given, instead of when
-        containerd's Create arrives: the daemon's own start-up and containerd's round trips then
-        overlap the boot, which is most of a Create.
-
-        The first Create adopts it when it names the same pod and runtime options (a boot
-        failure is then that Create's error); otherwise the VM is discarded and Create boots
-        its own. A sandbox API CreateSandbox (whose VM must wait for CNI) or teardown cancels
-        it. Nothing here raises: a bundle that cannot be read is left for Create to report.
-        """
-        try:
-            spec = without_network_sysctls(_read_spec(bundle))
-        except ShimError as err:
-            log.info("no early boot: %s", err)
-            return
-        early = EarlyBoot(sandbox_id, bundle, options)
-
-        async def boot() -> None:
-            try:
-                await self._ensure_sandbox(sandbox_id, bundle, spec, options)
-            except Exception as err:  # reported by the Create that adopts it
-                early.error = err
-                log.info("early boot of pod %s failed: %s", sandbox_id, err)
-
-        early.task = self._spawn(boot())
-        self._early = early
-
-    async def _adopt_early_boot(self, sandbox_id: str, bundle: Path,
-                                options: RuntimeOptions) -> None:
-        early, self._early = self._early, None
-        if early is None or early.task is None:
-            return
-        if (early.sandbox_id, early.bundle, early.options) != (sandbox_id, bundle, options):
-            log.info("early boot of pod %s (bundle %s) does not match Create: discarded",
-                     early.sandbox_id, early.bundle)
-            await self._discard_early_boot(early)
-            return
-        await asyncio.wait({early.task})  # the boot goes on if this Create is cancelled
-        if early.error is not None:
-            raise early.error
-
-    async def _cancel_early_boot(self) -> None:
-        early, self._early = self._early, None
-        if early is not None:
-            await self._discard_early_boot(early)
-
-    async def _discard_early_boot(self, early: EarlyBoot) -> None:
-        """Cancel a boot in progress (its start script undoes itself) or stop a booted VM."""
-        assert early.task is not None
-        early.task.cancel()
-        await asyncio.wait({early.task})
-        async with self._pod_lock:
-            if self._pod_state is not PodState.READY or self._sandbox is None:
-                return
-            sandbox, self._sandbox = self._sandbox, None
-            self._pod(PodTransition.DISCARD)
-        try:
-            async with asyncio.timeout(self._timeouts.shutdown_sandbox):
-                await sandbox.shutdown()
-        except Exception as err:  # delete reaps what is left
-            log.error("discarded pod VM shutdown failed: %s", err)
-
-    async def _watch_oom(self, sandbox: PodSandbox) -> None:
-        """GetOOMEvent long poll → /tasks/oom, for the life of the pod VM."""
-        while True:
-            try:
-                container_id = await sandbox.get_oom_event()
-            except ShimError as err:  # agent gone or too old: OOM events stop, tasks go on
-                log.warning("OOM events stopped: %s", err)
-                return
-            if container_id in self._containers:
-                await self._publisher.publish(events.TaskOOM(container_id=container_id))
+    # -- start, and the exit of what was started --
 
     async def start(self, container_id: str, exec_id: str = "") -> int:
         container = self._container(container_id)
-        sandbox = self._ready_sandbox()
+        agent = self._pod.ready_vm().agent
         async with container.lock:
             process = self._process(container_id, exec_id)
             check(ProcessTransition.START, process.state)
@@ -447,16 +150,11 @@ class TaskManager:
                     raise FailedPrecondition(
                         f"cannot start exec in container state {container.init.state.value}")
                 assert process.exec_spec is not None
-                await self._agent("ExecProcess", self._timeouts.exec_process,
-                                  sandbox.exec_process(ExecConfig(
-                                      container_id=container_id, exec_id=exec_id,
-                                      process=process.exec_spec,
-                                      terminal=process.stdio.terminal,
-                                      stdin=bool(process.stdio.stdin))))
-                process.pid = sandbox.pid
+                await agent.exec_process(container_id, exec_id, guest_spec.process(
+                    process.exec_spec, f"exec {exec_id}"))
+                process.pid = self._pod.pid
             else:
-                await self._agent("StartContainer", self._timeouts.start_container,
-                                  sandbox.start_container(container_id))
+                await agent.start_container(container_id)
             process.apply(ProcessTransition.START)
             process.io.start(self._spawn)
             if exec_id:
@@ -470,16 +168,15 @@ class TaskManager:
 
     async def _reap(self, container: Container, process: Process) -> None:
         """Wait for the exit, let the output drain, then report it (Wait + /tasks/exit)."""
-        sandbox = self._ready_sandbox()
         try:
-            status = await sandbox.wait_process(process.container_id, process.exec_id)
-        except ShimError as err:
+            status = await self._pod.wait_process(process.container_id, process.exec_id)
+        except RpcError as err:
             log.error("%s: WaitProcess failed, reporting exit %d: %s", process.name,
                       UNKNOWN_EXIT_STATUS, err)
             status = UNKNOWN_EXIT_STATUS
         await process.io.output_done()
         if process is container.init:
-            await self._await_execs(container, sandbox)
+            await self._await_execs(container)
         process.exit_status = status
         process.exited_at = self._clock_ns()
         process.apply(ProcessTransition.EXIT)
@@ -491,14 +188,15 @@ class TaskManager:
         finally:
             process.exit_published.set()
 
-    async def _await_execs(self, container: Container, sandbox: PodSandbox) -> None:
+    async def _await_execs(self, container: Container) -> None:
         """The init process died: its execs die with the container; report their exits first."""
-        live = [p for p in container.execs.values()
-                if p.state in (ProcessState.RUNNING, ProcessState.PAUSED)]
+        live = [p for p in container.execs.values() if p.live]
         for process in live:
-            with contextlib.suppress(ShimError, TimeoutError):
-                async with asyncio.timeout(self._timeouts.signal_process):
-                    await sandbox.signal_process(container.id, process.exec_id, signals.SIGKILL)
+            try:
+                await self._pod.ready_vm().agent.signal_process(
+                    container.id, process.exec_id, signals.SIGKILL)
+            except RpcError as err:  # gone already, or the VM is: their exits come anyway
+                log.debug("%s: SIGKILL: %s", process.name, err)
         if live:
             try:
                 async with asyncio.timeout(self._timeouts.execs_after_init):
@@ -506,6 +204,20 @@ class TaskManager:
                         await process.exit_published.wait()
             except TimeoutError:
                 log.error("%s: execs did not exit after the container did", container.id)
+
+    async def vm_exited(self) -> None:
+        """The pod's VM died: each started process's reaper reports it killed (the pod answers
+        its WaitProcess with 137); until all of them have."""
+        for container in list(self._containers.values()):
+            for process in container.processes():
+                if process.live:
+                    await process.exit_published.wait()
+
+    async def oom(self, container_id: str) -> None:
+        if container_id in self._containers:
+            await self._publisher.publish(events.TaskOOM(container_id=container_id))
+
+    # -- the other RPCs --
 
     async def state(self, container_id: str, exec_id: str = "") -> ProcessStatus:
         container = self._container(container_id)
@@ -529,14 +241,12 @@ class TaskManager:
             raise NotFound(f"process {process.name} already finished")
         if exec_id and process.state is ProcessState.CREATED:
             raise FailedPrecondition(f"cannot kill exec {process.name} in state created")
-        sandbox = self._ready_sandbox()
+        agent = self._pod.ready_vm().agent
         targets = [process]
         if all and not exec_id:
-            targets += [p for p in container.execs.values()
-                        if p.state in (ProcessState.RUNNING, ProcessState.PAUSED)]
+            targets += [p for p in container.execs.values() if p.live]
         for target in targets:
-            await self._agent("SignalProcess", self._timeouts.signal_process,
-                              sandbox.signal_process(container_id, target.exec_id, signal))
+            await agent.signal_process(container_id, target.exec_id, signal)
 
     async def delete(self, container_id: str, exec_id: str = "") -> Exit:
         container = self._container(container_id)
@@ -544,17 +254,12 @@ class TaskManager:
             process = self._process(container_id, exec_id)
             check(ProcessTransition.DELETE, process.state)
             if not exec_id:
-                live = [p.exec_id for p in container.execs.values()
-                        if p.state in (ProcessState.RUNNING, ProcessState.PAUSED)]
+                live = [p.exec_id for p in container.execs.values() if p.live]
                 if live:
                     raise FailedPrecondition(
                         f"cannot delete container {container_id} with running execs {live}")
-                sandbox = self._ready_sandbox()
-                if self._pod_ends_with(container_id):
-                    await sandbox.release_container(container_id)
-                else:
-                    await self._agent("RemoveContainer", self._timeouts.remove_container,
-                                      sandbox.remove_container(container_id))
+                await self._pod.remove_container(
+                    container_id, in_guest=not self._pod_ends_with(container_id))
             never_ran = process.state is ProcessState.CREATED
             process.apply(ProcessTransition.DELETE)
             if never_ran:
@@ -576,7 +281,7 @@ class TaskManager:
         """A lone `ctr run` container, or a CRI pod's sandbox container deleted last: the pod
         is that container, and containerd's Shutdown follows its Delete. RemoveContainer in the
         guest would be wasted work (≈0.1 s under TCG) just before DestroySandbox."""
-        return (self._pod_record is None and container_id == self._pod_id
+        return (not self._pod.sandbox_api and container_id == self._pod.sandbox_id
                 and list(self._containers) == [container_id])
 
     async def exec(self, request: ExecTask) -> None:
@@ -589,29 +294,26 @@ class TaskManager:
                     f"cannot exec in container state {container.init.state.value}")
             if request.exec_id in container.execs:
                 raise AlreadyExists(f"exec {request.exec_id} already exists")
-            sandbox = self._ready_sandbox()
-            io = ProcessIO(sandbox, request.container_id, request.exec_id,
-                           stdin=request.stdio.stdin, stdout=request.stdio.stdout,
-                           stderr=request.stdio.stderr, terminal=request.stdio.terminal,
-                           timeouts=self._timeouts)
+            stdio = request.stdio
+            io = ProcessIO(self._pod.ready_vm().agent, request.container_id, request.exec_id,
+                           stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr,
+                           terminal=stdio.terminal)
             try:
                 io.open()
             except OSError as err:
                 raise InvalidArgument(f"exec {request.exec_id}: cannot open stdio: {err}") from err
             container.execs[request.exec_id] = Process(request.container_id, request.exec_id,
-                                                       request.stdio, io, request.spec)
+                                                       stdio, io, request.spec)
             await self._publisher.publish(events.TaskExecAdded(
                 container_id=request.container_id, exec_id=request.exec_id))
 
     async def resize_pty(self, container_id: str, exec_id: str, width: int, height: int) -> None:
         process = self._process(container_id, exec_id)
-        if process.state not in (ProcessState.RUNNING, ProcessState.PAUSED):
+        if not process.live:
             raise FailedPrecondition(f"cannot resize pty in state {process.state.value}")
         if not process.stdio.terminal:
             raise FailedPrecondition(f"process {process.name} has no terminal")
-        sandbox = self._ready_sandbox()
-        await self._agent("TtyWinResize", self._timeouts.tty_win_resize,
-                          sandbox.tty_win_resize(container_id, exec_id, height, width))
+        await self._pod.ready_vm().agent.tty_win_resize(container_id, exec_id, height, width)
 
     async def close_io(self, container_id: str, exec_id: str, stdin: bool) -> None:
         process = self._process(container_id, exec_id)
@@ -627,9 +329,7 @@ class TaskManager:
         container = self._container(container_id)
         async with container.lock:
             check(ProcessTransition.PAUSE, container.init.state)
-            sandbox = self._ready_sandbox()
-            await self._agent("PauseContainer", self._timeouts.pause_resume,
-                              sandbox.pause_container(container_id))
+            await self._pod.ready_vm().agent.pause_container(container_id)
             container.init.apply(ProcessTransition.PAUSE)
             await self._publisher.publish(events.TaskPaused(container_id=container_id))
 
@@ -637,9 +337,7 @@ class TaskManager:
         container = self._container(container_id)
         async with container.lock:
             check(ProcessTransition.RESUME, container.init.state)
-            sandbox = self._ready_sandbox()
-            await self._agent("ResumeContainer", self._timeouts.pause_resume,
-                              sandbox.resume_container(container_id))
+            await self._pod.ready_vm().agent.resume_container(container_id)
             container.init.apply(ProcessTransition.RESUME)
             await self._publisher.publish(events.TaskResumed(container_id=container_id))
 
@@ -647,17 +345,16 @@ class TaskManager:
         container = self._container(container_id)
         if container.init.state in (ProcessState.STOPPED, ProcessState.DELETED):
             raise FailedPrecondition(f"cannot update in state {container.init.state.value}")
-        sandbox = self._ready_sandbox()
-        await self._agent("UpdateContainer", self._timeouts.update_container,
-                          sandbox.update_container(container_id, resources))
+        converted = guest_spec.resources(resources, f"update {container_id}")
+        await self._pod.ready_vm().agent.update_container(container_id, converted)
 
     async def stats(self, container_id: str) -> ContainerStats:
         container = self._container(container_id)
         if container.init.state in (ProcessState.STOPPED, ProcessState.DELETED):
             raise FailedPrecondition(f"cannot read stats in state {container.init.state.value}")
-        sandbox = self._ready_sandbox()
-        return await self._agent("StatsContainer", self._timeouts.stats_container,
-                                 sandbox.stats_container(container_id))
+        reply = await self._pod.ready_vm().agent.stats_container(container_id)
+        return ContainerStats(type_url=metrics.TYPE_URL,
+                              value=metrics.to_cgroup2_metrics(reply).SerializeToString())
 
     async def connect(self, container_id: str) -> tuple[int, int]:
         """(shim pid, task pid); an unknown id is not an error (task pid 0), as in the Go shim."""
@@ -665,116 +362,17 @@ class TaskManager:
         return os.getpid(), container.init.pid if container is not None else 0
 
     async def shutdown(self, now: bool) -> bool:
-        """Shutdown: honoured only once the pod has no containers left and no pod-level
-        sandbox is running (or ``now``)."""
-        pod_live = self._pod_record is not None and self._pod_record.live
-        if (self._containers or pod_live) and not now:
+        """Shutdown: honoured only once the pod has no containers left and no sandbox API pod
+        is running (or ``now``)."""
+        busy = self._containers or self._pod.holds_the_daemon
+        if busy and not now:
             return False
-        self.shutdown_requested.set()
+        self._pod.shutdown_requested.set()
         return True
 
-    # -- pod-level sandbox (containerd.runtime.sandbox.v1, CRI ``sandboxer = "shim"``) --
-
-    async def create_pod(self, pod: PodRecord) -> None:
-        """CreateSandbox: remember the pod; its VM boots at StartSandbox (after CNI ran)."""
-        if self._pod_record is not None:
-            raise AlreadyExists(f"sandbox {self._pod_record.sandbox_id} already exists")
-        await self._cancel_early_boot()  # this pod's VM boots at StartSandbox, after CNI
-        self._pod_record = pod
-
-    def _pod_of(self, sandbox_id: str) -> PodRecord:
-        if self._pod_record is None or self._pod_record.sandbox_id != sandbox_id:
-            raise NotFound(f"sandbox {sandbox_id} not found")
-        return self._pod_record
-
-    async def start_pod(self, sandbox_id: str) -> PodRecord:
-        """StartSandbox: boot the pod VM; containers created later share it."""
-        pod = self._pod_of(sandbox_id)
-        if pod.created_at:
-            raise FailedPrecondition(f"sandbox {sandbox_id} already started")
-        sandbox = await self._ensure_sandbox(sandbox_id, pod.bundle, pod.spec, pod.options)
-        pod.pid, pod.created_at = sandbox.pid, self._clock_ns()
-        return pod
-
-    async def stop_pod(self, sandbox_id: str) -> None:
-        """StopSandbox: stop the pod VM (every process in it is gone). Idempotent."""
-        pod = self._pod_of(sandbox_id)
-        async with self._pod_lock:
-            sandbox, self._sandbox = self._sandbox, None
-            self._pod(PodTransition.SHUT_DOWN)
-        if sandbox is not None:
-            try:
-                async with asyncio.timeout(self._timeouts.shutdown_sandbox):
-                    await sandbox.shutdown()
-            except Exception as err:  # the pod is stopped either way; delete reaps the rest
-                log.error("pod VM shutdown failed: %s", err)
-        if not pod.exited_at:
-            pod.exited_at = self._clock_ns()
-        pod.exited.set()
-
-    async def wait_pod(self, sandbox_id: str) -> PodRecord:
-        """WaitSandbox: until the pod is stopped (long poll, no timeout)."""
-        pod = self._pod_of(sandbox_id)
-        await pod.exited.wait()
-        return pod
-
-    def pod_status(self, sandbox_id: str) -> PodRecord:
-        return self._pod_of(sandbox_id)
-
-    async def shutdown_pod(self, sandbox_id: str) -> None:
-        """ShutdownSandbox: stop the VM if still running, then this daemon."""
-        await self.stop_pod(sandbox_id)
-        self.shutdown_requested.set()
-
     async def aclose(self) -> None:
-        """Teardown: stop every relay and the pod VM. Idempotent."""
-        await self._cancel_early_boot()
+        """Teardown of the tasks: stop every relay. (The pod's VM is the pod's to stop.)"""
         for container in list(self._containers.values()):
-            for process in [container.init, *container.execs.values()]:
+            for process in container.processes():
                 await process.io.aclose()
         self._containers.clear()
-        async with self._pod_lock:
-            sandbox, self._sandbox = self._sandbox, None
-            self._pod(PodTransition.SHUT_DOWN)
-        if sandbox is not None:
-            try:
-                async with asyncio.timeout(self._timeouts.shutdown_sandbox):
-                    await sandbox.shutdown()
-            except Exception as err:  # teardown goes on; delete reaps what is left
-                log.error("pod VM shutdown failed: %s", err)
-
-
-def _read_spec(bundle: Path) -> dict[str, object]:
-    try:
-        spec = json.loads((bundle / "config.json").read_text())
-    except FileNotFoundError as err:
-        raise InvalidArgument(f"bundle {bundle} has no config.json") from err
-    except (OSError, ValueError) as err:
-        raise InvalidArgument(f"cannot read {bundle / 'config.json'}: {err}") from err
-    if not isinstance(spec, dict):
-        raise InvalidArgument(f"{bundle / 'config.json'} is not a JSON object")
-    return spec
-
-
-def without_network_sysctls(spec: dict[str, object]) -> dict[str, object]:
-    """``spec`` minus its ``net.*`` sysctls.
-
-    In a pod VM every container shares the guest's network (the VM is the pod's network
-    boundary), so the network namespace entry is dropped on the way to the guest, and runc there
-    refuses network sysctls outside a network namespace of their own. CRI adds
-    ``net.ipv4.ip_unprivileged_port_start`` and ``net.ipv4.ping_group_range`` to every pod.
-    """
-    linux = spec.get("linux")
-    if not isinstance(linux, dict) or not isinstance(linux.get("sysctl"), dict):
-        return spec
-    sysctl: dict[str, object] = linux["sysctl"]
-    dropped = sorted(key for key in sysctl if key.startswith("net."))
-    if not dropped:
-        return spec
-    log.info("network sysctls dropped (the pod VM's network is shared): %s", ", ".join(dropped))
-    kept = {key: value for key, value in sysctl.items() if not key.startswith("net.")}
-    return {**spec, "linux": {**linux, "sysctl": kept}}
-
-
-def _sandbox_id(spec: Mapping[str, object], container_id: str) -> str:
-    return group_id(dict(spec), container_id)

@@ -21,17 +21,28 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from shim.core.errors import Unavailable
-from shim.core.timeouts import TIMEOUTS, Timeouts
-from shim.pod.sandbox import PodSandbox
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the agent's maximum data chunk (1 MiB)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
+class Streams(Protocol):
+    """The agent RPCs a relay uses (:class:`shim.pod.agent.Agent` has them, bounded by its
+    table; the reads and writes are long polls)."""
+
+    async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes: ...
+
+    async def read_stderr(self, container_id: str, exec_id: str, size: int) -> bytes: ...
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int: ...
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None: ...
 
 
 def open_fifo(path: str) -> int:
@@ -75,15 +86,14 @@ async def write_all(fd: int, data: bytes) -> None:
 class ProcessIO:
     """The stdio relay of one process (init or exec)."""
 
-    def __init__(self, sandbox: PodSandbox, container_id: str, exec_id: str, *,
-                 stdin: str = "", stdout: str = "", stderr: str = "", terminal: bool = False,
-                 timeouts: Timeouts = TIMEOUTS) -> None:
-        self._sandbox = sandbox
+    def __init__(self, agent: Streams, container_id: str, exec_id: str, *,
+                 stdin: str = "", stdout: str = "", stderr: str = "",
+                 terminal: bool = False) -> None:
+        self._agent = agent
         self._cid = container_id
         self._eid = exec_id
         self._paths = (stdin, stdout, stderr)
         self._terminal = terminal
-        self._timeouts = timeouts
         self._fds: list[int] = []
         self._stdin_fd = self._stdout_fd = self._stderr_fd = -1
         self._tasks: list[asyncio.Task[None]] = []
@@ -154,10 +164,10 @@ class ProcessIO:
 
     async def _outputs(self) -> None:
         try:
-            loops = [self._copy_out(self._sandbox.read_stdout, self._stdout_fd, "stdout")]
+            loops = [self._copy_out(self._agent.read_stdout, self._stdout_fd, "stdout")]
             if not self._terminal:  # a terminal merges stderr into stdout
                 loops.append(
-                    self._copy_out(self._sandbox.read_stderr, self._stderr_fd, "stderr"))
+                    self._copy_out(self._agent.read_stderr, self._stderr_fd, "stderr"))
             await asyncio.gather(*loops)
         finally:
             self._output_done.set()
@@ -168,6 +178,8 @@ class ProcessIO:
             while data := await read(self._cid, self._eid, CHUNK):
                 if fd >= 0:  # nobody asked for this stream: drain it so the guest never blocks
                     await write_all(fd, data)
+        except Unavailable as err:  # the VM or its agent went away: the stream is over
+            log.info("%s/%s %s relay ended: %s", self._cid, self._eid or "init", name, err)
         except Exception as err:  # the stream is over either way; the exit still gets reported
             log.warning("%s/%s %s relay ended: %s", self._cid, self._eid or "init", name, err)
         finally:
@@ -195,12 +207,11 @@ class ProcessIO:
                     break  # containerd closed its writer
                 view = memoryview(data)
                 while view:
-                    taken = await self._sandbox.write_stdin(self._cid, self._eid, bytes(view))
+                    taken = await self._agent.write_stdin(self._cid, self._eid, bytes(view))
                     if taken <= 0:
                         raise Unavailable(f"agent accepted no stdin bytes ({taken})")
                     view = view[taken:]
-            async with asyncio.timeout(self._timeouts.close_stdin):
-                await self._sandbox.close_stdin(self._cid, self._eid)
+            await self._agent.close_stdin(self._cid, self._eid)
         except Exception as err:
             log.warning("%s/%s stdin relay ended: %s", self._cid, self._eid or "init", err)
         finally:

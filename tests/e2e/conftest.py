@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from guest.image.build import BuildResult
-from shim.pod.vm_sandbox import pod_key
+from shim.core.paths import pod_key
 from tests import envinfo
 from tests.support.containerd import Containerd, coco_processes, private_containerd
 from tests.support.guest import dev_profile_text

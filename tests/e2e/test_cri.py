@@ -29,7 +29,7 @@ import pytest
 
 from guest.image.build import BuildResult
 from protocols.api.cri import api_pb2 as cri
-from shim.binary.manager import mounts_under
+from shim.pod.mounts import mounts_under
 from tests import envinfo
 from tests.e2e.conftest import SHIM_EXIT_GRACE, describe, pod_boots, shim_env
 from tests.support.containerd import Containerd, coco_processes, private_containerd

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.binary.manager import ShimState
+from shim.core.crash_record import ShimState
 from shim.core.errors import FailedPrecondition, InvalidArgument
 from shim.network.helper import HelperNetworking, teardown_recorded
 from shim.network.tcfilter import FAMILY_V4, IpAddress, WiredNetwork

@@ -1,4 +1,4 @@
-"""The one table from typed domain errors to ttrpc status codes."""
+"""Typed domain errors carry their ttrpc status codes (the shared hierarchy)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from guest.agent import errors
-from guest.agent.service import STATUS_CODES, status_code
+from guest.agent.service import status_code
 from protocols.ttrpc import Code
 
 EXPECTED = {
@@ -20,12 +20,13 @@ EXPECTED = {
     errors.DeadlineExceeded: Code.DEADLINE_EXCEEDED,
     errors.Unimplemented: Code.UNIMPLEMENTED,
     errors.RuntimeFailure: Code.INTERNAL,
+    errors.ResourceExhausted: Code.RESOURCE_EXHAUSTED,
     errors.DataLoss: Code.DATA_LOSS,
 }
 
 
 def test_every_error_class_has_its_code() -> None:
-    assert STATUS_CODES == EXPECTED
+    assert {cls: cls.code for cls in EXPECTED} == EXPECTED
     declared = {
         cls
         for cls in vars(errors).values()
@@ -44,7 +45,8 @@ def test_subclass_inherits_its_parents_code() -> None:
         pass
 
     assert status_code(MissingShare("share")) == Code.NOT_FOUND
-    assert status_code(errors.AgentError("bare")) == Code.INTERNAL
+    assert status_code(errors.RuntimeFailure("runc")) == Code.INTERNAL
+    assert status_code(errors.AgentError("bare")) == Code.INTERNAL  # no kind: the agent's own
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,7 @@ def test_subclass_inherits_its_parents_code() -> None:
         (errno.EBUSY, errors.FailedPrecondition),
         (errno.EPERM, errors.PermissionDenied),
         (errno.EINVAL, errors.InvalidArgument),
+        (errno.ENOSPC, errors.ResourceExhausted),
         (errno.EIO, errors.RuntimeFailure),
     ],
 )

@@ -13,28 +13,26 @@ import pytest
 from hypervisor import vm as vm_module
 from hypervisor.errors import QemuError, VmExited
 from hypervisor.monitor import EVENT_QUEUE, EVENT_RING
-from hypervisor.timeouts import Timeouts
+from hypervisor.timeouts import TIMEOUTS, Timeouts
 from hypervisor.vm import QemuVm, VmState
 
 FAKE = Path(__file__).with_name("fake_qemu.py")
 
 
-async def start_fake(tmp_path: Path, mode: str, *extra: str) -> QemuVm:
+async def start_fake(tmp_path: Path, mode: str, *extra: str,
+                     timeouts: Timeouts = TIMEOUTS) -> QemuVm:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     sock = run_dir / "qmp.sock"
     argv = [sys.executable, str(FAKE), "-qmp", f"unix:{sock},server=on,wait=off",
             "--mode", mode, *extra, "-S"]
-    vm = QemuVm(argv, run_dir, qmp_socket=sock, stderr_log=tmp_path / "stderr.log")
+    vm = QemuVm(argv, run_dir, qmp_socket=sock, stderr_log=tmp_path / "stderr.log",
+                timeouts=timeouts)
     await vm.start()
     return vm
 
 
-@pytest.fixture
-def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = Timeouts(graceful_stop=0.3, quit=0.3, kill=2.0, qmp_command=0.5)
-    for module in (vm_module, sys.modules["hypervisor.monitor"]):
-        monkeypatch.setattr(module, "TIMEOUTS", fast)
+FAST = Timeouts(graceful_stop=0.3, quit=0.3, kill=2.0, qmp_command=0.5)
 
 
 async def test_guest_poweroff(tmp_path: Path) -> None:
@@ -56,10 +54,8 @@ async def test_panic_is_abnormal_and_qemu_is_killed(tmp_path: Path) -> None:
     assert vm.pid is not None and not psutil.pid_exists(vm.pid)
 
 
-async def test_unrequested_stop_ends_the_vm_after_grace(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vm_module, "STOP_GRACE", 0.2)
-    vm = await start_fake(tmp_path, "stop")
+async def test_unrequested_stop_ends_the_vm_after_grace(tmp_path: Path) -> None:
+    vm = await start_fake(tmp_path, "stop", timeouts=Timeouts(stop_grace=0.2))
     reason = await asyncio.wait_for(vm.wait(), 5)
     assert (reason.kind, reason.clean) == ("stopped", False)
     assert reason.returncode == -9
@@ -72,8 +68,8 @@ async def test_graceful_stop_with_powerdown(tmp_path: Path) -> None:
 
 
 async def test_stop_escalates_to_kill_when_qemu_ignores_everything(
-        tmp_path: Path, fast_timeouts: None) -> None:
-    vm = await start_fake(tmp_path, "deaf")
+        tmp_path: Path) -> None:
+    vm = await start_fake(tmp_path, "deaf", timeouts=FAST)
     started = time.monotonic()
     reason = await vm.stop(powerdown_timeout=0.3)
     # powerdown (0.3) + quit (0.3) + kill: bounded
@@ -82,8 +78,8 @@ async def test_stop_escalates_to_kill_when_qemu_ignores_everything(
     assert vm.pid is not None and not psutil.pid_exists(vm.pid)
 
 
-async def test_per_call_timeout(tmp_path: Path, fast_timeouts: None) -> None:
-    vm = await start_fake(tmp_path, "slow")
+async def test_per_call_timeout(tmp_path: Path) -> None:
+    vm = await start_fake(tmp_path, "slow", timeouts=FAST)
     try:
         with pytest.raises(QemuError, match=r"did not answer within 0\.2s"):
             await vm.execute("query-status", bound=0.2)
@@ -163,9 +159,10 @@ async def test_launch_with_kernel_vsock_passes_the_fd_and_closes_it(
     os.set_inheritable(tap_r, True)
     nic = VirtioNetTap("net0", tap_r, "02:00:00:00:00:01")
     disk = VirtioBlk("disk0", Path("/dev/null"))
+    spawned: list[int] = []
     try:
         vm = await vm_module.launch_vm(profile, vm_module.LaunchOptions(
-            run_root=tmp_path / "r", nics=(nic,), disks=(disk,)))
+            run_root=tmp_path / "r", nics=(nic,), disks=(disk,), on_spawn=spawned.append))
     finally:
         os.close(tap_w)
     fd = allocated[0].fd
@@ -178,6 +175,7 @@ async def test_launch_with_kernel_vsock_passes_the_fd_and_closes_it(
         assert f"vhost-vsock-pci,id=vsock0,guest-cid=1234,vhostfd={fd}" in vm.argv
         assert vm.channel == vm_module.AgentChannel(1234, None)
         assert vm.pid is not None
+        assert spawned == [vm.pid]  # told as soon as QEMU existed (a crash record's cue)
         # inherited by "QEMU"
         assert await asyncio.to_thread(os.path.exists, f"/proc/{vm.pid}/fd/{fd}")
     finally:

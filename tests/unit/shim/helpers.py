@@ -1,4 +1,5 @@
-"""Test plumbing: a task owner (what the daemon's TaskGroup is), FIFO ends for containerd's side."""
+"""Test plumbing: fast timeouts, a task owner (what the daemon's TaskGroup is), FIFO ends for
+containerd's side."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shim.core.timeouts import Timeouts
+from shim.core.timeouts import AGENT_RPC, Timeouts
 from shim.task.stdio import _wait_fd
 
-FAST = Timeouts(create_sandbox=2.0, create_container=1.0, start_container=0.3,
-                exec_process=1.0, signal_process=1.0, remove_container=1.0, pause_resume=0.3,
-                update_container=1.0, stats_container=1.0, tty_win_resize=1.0,
-                close_stdin=1.0, shutdown_sandbox=1.0, execs_after_init=1.0,
-                event_attempt=0.5, event_attempts=3, event_retry_pause=0.01, event_drain=1.0,
+FAST = Timeouts(agent={name: (None if bound is None else 1.0)
+                       for name, bound in AGENT_RPC.items()},
+                agent_dial_retry_pause=0.01, boot=2.0, vm_stop=1.0, vm_exit_notice=1.0,
+                vm_exit_reports=1.0, execs_after_init=1.0, event_attempt=0.5,
+                event_attempts=3, event_retry_pause=0.01, event_drain=1.0, shutdown_reply=0.0,
                 server_grace=0.1)
 
 

@@ -28,7 +28,8 @@ from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.api.runtimeoptions.v1 import api_pb2
 from protocols.ttrpc import Client
-from shim.binary import contract
+from shim.core import paths
+from shim.core.bundle import SANDBOX_ID_ANNOTATION
 
 REPO = Path(__file__).resolve().parents[3]
 SHIM = Path(sys.executable).with_name("containerd-shim-coco-v2")
@@ -47,7 +48,7 @@ class Env:
     def bundle(self, cid: str, sandbox_id: str = "") -> Path:
         bundle = self.root / "bundles" / cid
         bundle.mkdir(parents=True)
-        annotations = {contract.SANDBOX_ID_ANNOTATION: sandbox_id} if sandbox_id else {}
+        annotations = {SANDBOX_ID_ANNOTATION: sandbox_id} if sandbox_id else {}
         (bundle / "config.json").write_text(json.dumps({"annotations": annotations}))
         return bundle
 
@@ -137,10 +138,10 @@ def env(tmp_path: Path) -> Iterator[Env]:
     state = tmp_path / "state"
     variables = dict(os.environ)
     variables.update({
-        contract.SOCKET_DIR_ENV: str(sockets),
-        contract.STATE_DIR_ENV: str(state),
+        paths.SOCKET_DIR_ENV: str(sockets),
+        paths.STATE_DIR_ENV: str(state),
         "PYTHONPATH": str(REPO),
-        "COCO_SHIM_SANDBOX_FACTORY": "tests.unit.shim.fakes:FakeSandboxFactory",
+        "COCO_SHIM_BOOTER": "tests.unit.shim.fakes:FakeBooter",
         "TTRPC_ADDRESS": str(sockets / "containerd.sock.ttrpc"),
     })
     events = FakeContainerdEvents(sockets / "containerd.sock.ttrpc")
@@ -213,6 +214,28 @@ def test_start_grpc_and_shutdown(env: Env) -> None:
                      log, re.MULTILINE), log
 
 
+def test_early_boot_false_in_the_default_config_is_honoured(env: Env, tmp_path: Path) -> None:
+    """`ctr run` sends no runtime options: start must read the same file the daemon will
+    ($COCO_SHIM_CONFIG here), and [shim] early_boot = false there means no early boot."""
+    profile = tmp_path / "configuration.toml"
+    profile.write_text('[shim]\nprotocol = "ttrpc"\nearly_boot = false\n')
+    env.env["COCO_SHIM_CONFIG"] = str(profile)
+    boot = env.start("c1", env.bundle("c1"))
+    assert boot["protocol"] == "ttrpc"
+    argv = Path(f"/proc/{env.daemon_pid('c1')}/cmdline").read_bytes().split(b"\0")
+    assert b"serve" in argv and b"-early-boot" not in argv
+
+
+def test_bad_runtime_options_are_a_clear_start_error(env: Env) -> None:
+    bundle = env.bundle("c1")
+    done = env.run("-namespace", "default", "-address", ADDRESS, "-id", "c1", "start",
+                   cwd=bundle, stdin=b"\x0a\xff")
+    assert done.returncode == 1
+    assert b"runtime options: not a runtimeoptions.v1.Options" in done.stderr
+    assert b"Traceback" not in done.stderr
+    assert not (env.state / "default" / "c1").exists() and not env.socket("c1").exists()
+
+
 def test_start_ttrpc_groups_a_pod_and_runs_a_task(env: Env) -> None:
     sandbox = env.bundle("pod")
     boot = env.start("pod", sandbox, _options(TTRPC_PROFILE))
@@ -263,7 +286,7 @@ def test_delete_cleans_up_after_a_dead_shim(env: Env) -> None:
     (state / "init.pid").write_text("4242")
     helper = subprocess.Popen(["sleep", "60"])  # stands for a QEMU the dead shim left behind
     try:
-        from shim.binary.manager import ShimState
+        from shim.core.crash_record import ShimState
 
         ShimState(state).add_pid(helper.pid)
         # A daemon that still serves is left alone (containerd 2.1.9 calls delete spuriously).

@@ -1,21 +1,18 @@
-"""The one error table and the state machines."""
+"""The one error hierarchy (shared with the guest), the status table, the state machines."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
+from protocols import errors as shared
 from protocols.ttrpc import Code
 from shim.core import errors
 from shim.core.errors import StatusCode, status_code
+from shim.core.state_machine import check
 from shim.daemon.grpc_server import grpc_status
-from shim.task.manager import (
-    PodState,
-    PodTransition,
-    ProcessState,
-    ProcessTransition,
-    check,
-)
+from shim.pod.pod import PodState, PodTransition
+from shim.task.process import ProcessState, ProcessTransition
 
 TABLE = [
     (errors.NotFound("x"), StatusCode.NOT_FOUND),
@@ -25,9 +22,12 @@ TABLE = [
     (errors.Unavailable("x"), StatusCode.UNAVAILABLE),
     (errors.DeadlineExceeded("x"), StatusCode.DEADLINE_EXCEEDED),
     (errors.Unimplemented("x"), StatusCode.UNIMPLEMENTED),
+    (errors.PermissionDenied("x"), StatusCode.PERMISSION_DENIED),
+    (errors.ResourceExhausted("x"), StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Internal("x"), StatusCode.INTERNAL),
     (TimeoutError(), StatusCode.DEADLINE_EXCEEDED),
     (NotImplementedError(), StatusCode.UNIMPLEMENTED),
-    (errors.ShimError("x"), StatusCode.UNKNOWN),
+    (errors.RpcError("x"), StatusCode.UNKNOWN),
     (RuntimeError("x"), StatusCode.UNKNOWN),
 ]
 
@@ -87,26 +87,46 @@ def test_process_lifecycle_targets() -> None:
 
 def test_pod_transitions() -> None:
     check(PodTransition.BOOT, PodState.EMPTY)
-    with pytest.raises(errors.FailedPrecondition, match="cannot boot in state shut down"):
-        check(PodTransition.BOOT, PodState.SHUT_DOWN)
+    with pytest.raises(errors.FailedPrecondition, match="cannot boot in state stopped"):
+        check(PodTransition.BOOT, PodState.STOPPED)
     with pytest.raises(errors.FailedPrecondition, match="cannot boot in state ready"):
         check(PodTransition.BOOT, PodState.READY)
+    with pytest.raises(errors.FailedPrecondition, match="cannot boot in state exited"):
+        check(PodTransition.BOOT, PodState.EXITED)
+    with pytest.raises(errors.FailedPrecondition, match="cannot boot in state created"):
+        check(PodTransition.BOOT, PodState.CREATED)  # a sandbox API pod starts instead
     assert PodTransition.BOOT_FAILED.target is PodState.EMPTY
+    assert PodTransition.START_FAILED.target is PodState.CREATED
+    assert PodTransition.EXIT.sources == {PodState.READY}
+    assert PodTransition.EXIT.target is PodState.EXITED
     for state in PodState:
-        check(PodTransition.SHUT_DOWN, state)  # teardown is idempotent
+        check(PodTransition.STOP, state)  # teardown is idempotent
 
 
 def test_grpc_status_names() -> None:
     assert grpc_status(StatusCode.FAILED_PRECONDITION) is grpc.StatusCode.FAILED_PRECONDITION
 
 
-@pytest.mark.parametrize("code", list(StatusCode))
-def test_from_status_code_round_trips_through_the_table(code: StatusCode) -> None:
-    err = errors.from_status_code(int(code), "from the agent")
+@pytest.mark.parametrize("code", [c for c in StatusCode if c is not StatusCode.OK],
+                         ids=lambda c: c.name)
+def test_every_status_from_the_agent_reaches_containerd_with_its_own_code(
+        code: StatusCode) -> None:
+    """A policy denial stays PERMISSION_DENIED, a full disk RESOURCE_EXHAUSTED, ... — never a
+    collapse to UNKNOWN on the way from the agent to containerd."""
+    err = errors.error_for(int(code), "from the agent")
     assert str(err) == "from the agent"
-    typed = {c for c in errors.STATUS_CODES.values()}
-    if code in typed and code not in (StatusCode.OK,):
-        assert status_code(err) == code
-    else:
-        assert type(err) is errors.ShimError
-        assert status_code(err) == StatusCode.UNKNOWN
+    assert isinstance(err, shared.RpcError)
+    assert status_code(err) is code
+
+
+def test_codes_outside_the_enum_are_unknown() -> None:
+    assert status_code(errors.error_for(99, "x")) is StatusCode.UNKNOWN
+    assert status_code(errors.error_for(0, "x")) is StatusCode.UNKNOWN  # OK is no error
+
+
+def test_the_guest_raises_the_same_classes() -> None:
+    from guest.agent import errors as guest
+
+    assert guest.PermissionDenied is errors.PermissionDenied
+    assert issubclass(guest.RuntimeFailure, errors.Internal)
+    assert guest.AgentError is errors.RpcError

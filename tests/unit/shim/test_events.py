@@ -16,8 +16,15 @@ from protocols.api.containerd.events import task_pb2
 from protocols.api.containerd.services.events.ttrpc.v1 import events_pb2 as ttrpc_events
 from protocols.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
 from protocols.ttrpc import Server
-from shim.daemon import events
-from shim.daemon.events import Envelope, EventForwarder, GrpcEventSender, TtrpcEventSender
+from shim.daemon.events import (
+    Envelope,
+    EventForwarder,
+    GrpcEventSender,
+    TtrpcEventSender,
+    envelope,
+    to_proto,
+)
+from shim.task import events
 from tests.unit.shim.helpers import FAST
 
 
@@ -79,7 +86,7 @@ async def test_retries_are_bounded_then_dropped() -> None:
 
 
 def test_envelope_any_uses_the_bare_full_name() -> None:
-    env = events.envelope(events.TaskExit("c", "e", 7, 137, 1_500_000_000_000_000_001), "k8s.io",
+    env = envelope(events.TaskExit("c", "e", 7, 137, 1_500_000_000_000_000_001), "k8s.io",
                           now_ns=42)
     assert env.event.type_url == "containerd.events.TaskExit"
     assert (env.topic, env.namespace, env.timestamp) == ("/tasks/exit", "k8s.io", 42)
@@ -145,3 +152,14 @@ async def test_grpc_publish_reaches_containerd(short_dir: Path) -> None:
     assert request.topic == "/tasks/paused"
     assert request.event.type_url == "containerd.events.TaskPaused"
     assert metadata["containerd-namespace"] == "k8s.io"
+
+
+def test_every_domain_event_has_its_containerd_message() -> None:
+    from dataclasses import fields
+    from typing import get_args
+
+    for cls in get_args(events.Event):
+        sample = cls(**{f.name: (1 if f.type == "int" else events.Stdio() if f.name == "io"
+                                 else "x") for f in fields(cls)})
+        message = to_proto(sample)
+        assert message.DESCRIPTOR.name == cls.__name__, cls

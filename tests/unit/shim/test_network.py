@@ -255,19 +255,18 @@ def test_guest_requests_carry_name_mac_mtu_addresses_routes_neighbours() -> None
         routes=(Route("", "198.18.0.1", "eth0", "", 0, FAMILY_V4),),
         neighbors=(Neighbor("198.18.0.9", "02:00:00:00:00:09", "eth0", 0x80),))
     requests = guest_requests(pod)
-    (update,) = requests.interfaces
-    iface = update.interface
+    (iface,) = requests.interfaces
     assert (iface.name, iface.device, iface.hwAddr, iface.mtu) == (
         "eth0", "eth0", "02:42:c6:12:00:02", 1450)
     assert [(a.family, a.address, a.mask) for a in iface.IPAddresses] == [
         (0, "198.18.0.2", "24"), (1, "2001:db8::2", "64")]
-    (route,) = requests.routes.routes.Routes
+    (route,) = requests.routes
     assert (route.dest, route.gateway, route.device) == ("", "198.18.0.1", "eth0")
-    (neighbor,) = requests.neighbors.neighbors.ARPNeighbors
+    (neighbor,) = requests.neighbors
     assert (neighbor.toIPAddress.address, neighbor.lladdr, neighbor.device, neighbor.state) == (
         "198.18.0.9", "02:00:00:00:00:09", "eth0", 0x80)
     empty = guest_requests(PodNetwork("/ns"))
-    assert empty.interfaces == [] and empty.routes is None and empty.neighbors is None
+    assert empty.interfaces == [] and empty.routes == [] and empty.neighbors == []
 
 
 def spec_with_netns(path: str | None) -> dict[str, object]:
@@ -303,9 +302,9 @@ def test_dns_of_reads_the_resolv_conf_mount(tmp_path: Path) -> None:
 
 def test_the_daemon_side_does_not_import_pyroute2() -> None:
     """pyroute2 lives in the helper process only (habit 10, and the daemon's RSS)."""
-    code = ("import sys, shim.daemon.main, shim.pod.vm_sandbox, shim.network.tcfilter,"
+    code = ("import sys, shim.daemon.main, shim.pod.boot, shim.network.tcfilter,"
             " shim.network.helper;"
-            "shim.pod.vm_sandbox.default_networking();"
+            "shim.pod.boot.default_networking();"
             "print(sorted(m for m in sys.modules if m.startswith('pyroute2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[3])

@@ -13,62 +13,81 @@ from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.cri import api_pb2 as cri
 from shim.core import errors
 from shim.daemon.sandbox_service import NOT_READY, READY, SandboxService, pod_spec
-from shim.task.manager import CreateTask, PodRecord, PodState
-from tests.unit.shim.conftest import Pod
+from shim.pod.pod import PodState
+from shim.pod.vm import PodConfig
+from shim.task.process import CreateTask
+from tests.unit.shim.conftest import STAMP, Harness, make_harness
 
-STAMP = 1_700_000_000_123_456_789
 
-
-def record(pod: Pod, sandbox_id: str = "pod1") -> PodRecord:
-    return PodRecord(sandbox_id=sandbox_id, bundle=pod.root / sandbox_id,
+def config(h: Harness, sandbox_id: str = "pod1") -> PodConfig:
+    return PodConfig(sandbox_id=sandbox_id, namespace="default", bundle=h.root / sandbox_id,
                      spec={"annotations": {"io.kubernetes.cri.sandbox-id": sandbox_id}})
 
 
-def pod_state(pod: Pod) -> PodState:
-    return pod.tasks.pod_state
-
-
-async def test_pod_vm_lives_from_start_to_stop(pod: Pod) -> None:
-    await pod.tasks.create_pod(record(pod))
-    assert pod_state(pod) is PodState.EMPTY  # nothing boots before StartSandbox
-    started = await pod.tasks.start_pod("pod1")
-    assert (started.pid, started.created_at, started.ready) == (4242, STAMP, True)
-    assert pod_state(pod) is PodState.READY
-    assert [c.sandbox_id for c in pod.factory.configs] == ["pod1"]
+async def test_pod_vm_lives_from_start_to_stop(h: Harness) -> None:
+    await h.pod.create_sandbox(config(h))
+    assert h.state() is PodState.CREATED  # nothing boots before StartSandbox
+    started = await h.pod.start_sandbox("pod1")
+    assert (started.pid, started.created_at, started.state) == (4242, STAMP, PodState.READY)
+    assert [c.sandbox_id for c in h.booter.configs] == ["pod1"]
 
     # A container of the pod reuses the VM; its delete does not end the pod.
-    await pod.tasks.create(CreateTask(id="c1", bundle=str(pod.bundle(
+    await h.tasks.create(CreateTask(id="c1", bundle=str(h.bundle(
         "c1", {"io.kubernetes.cri.sandbox-id": "pod1"}))))
-    assert len(pod.factory.configs) == 1
-    await pod.tasks.delete("c1")
-    assert not await pod.tasks.shutdown(now=False)  # the pod is still running
+    assert len(h.booter.configs) == 1
+    await h.tasks.delete("c1")
+    assert ("RemoveContainer", "c1", "") in h.agent.calls
+    assert not await h.tasks.shutdown(now=False)  # the pod is still running
 
-    waiter = asyncio.create_task(pod.tasks.wait_pod("pod1"))
+    waiter = asyncio.create_task(h.pod.wait_sandbox("pod1"))
     await asyncio.sleep(0)
     assert not waiter.done()
-    await pod.tasks.stop_pod("pod1")
+    await h.pod.stop_sandbox("pod1")
     stopped = await waiter
-    assert (stopped.exited_at, stopped.ready) == (STAMP, False)
-    assert pod.sandbox.shut_down
-    await pod.tasks.stop_pod("pod1")  # idempotent
-    assert await pod.tasks.shutdown(now=False)
+    assert (stopped.exited_at, stopped.state, stopped.exit_status) == (
+        STAMP, PodState.STOPPED, 0)
+    assert h.vm.stopped
+    await h.pod.stop_sandbox("pod1")  # idempotent
+    assert await h.tasks.shutdown(now=False)
 
 
-async def test_misuse(pod: Pod) -> None:
+async def test_a_dead_vm_ends_the_wait(h: Harness) -> None:
+    """WaitSandbox returns when the VM dies, not only at StopSandbox."""
+    await h.pod.create_sandbox(config(h))
+    await h.pod.start_sandbox("pod1")
+    waiter = asyncio.create_task(h.pod.wait_sandbox("pod1"))
+    h.vm.die()
+    status = await asyncio.wait_for(waiter, 2)
+    assert (status.state, status.exit_status, status.exited_at) == (
+        PodState.EXITED, 137, STAMP)
+
+
+async def test_misuse(h: Harness) -> None:
     with pytest.raises(errors.NotFound):
-        await pod.tasks.start_pod("nope")
-    await pod.tasks.create_pod(record(pod))
+        await h.pod.start_sandbox("nope")
+    await h.pod.create_sandbox(config(h))
     with pytest.raises(errors.AlreadyExists):
-        await pod.tasks.create_pod(record(pod, "pod2"))
+        await h.pod.create_sandbox(config(h, "pod2"))
     with pytest.raises(errors.NotFound):
-        pod.tasks.pod_status("pod2")
-    await pod.tasks.start_pod("pod1")
-    with pytest.raises(errors.FailedPrecondition):
-        await pod.tasks.start_pod("pod1")
+        h.pod.status("pod2")
+    await h.pod.start_sandbox("pod1")
+    with pytest.raises(errors.FailedPrecondition, match="cannot start in state ready"):
+        await h.pod.start_sandbox("pod1")
 
 
-async def test_service_edge(pod: Pod, tmp_path: Path) -> None:
-    service = SandboxService(pod.tasks)
+async def test_a_failed_start_can_be_retried(h: Harness) -> None:
+    await h.pod.create_sandbox(config(h))
+    h.booter.failure = errors.Unavailable("no QEMU")
+    with pytest.raises(errors.Unavailable):
+        await h.pod.start_sandbox("pod1")
+    assert h.state() is PodState.CREATED
+    h.booter.failure = None
+    await h.pod.start_sandbox("pod1")
+    assert h.state() is PodState.READY
+
+
+async def test_service_edge(h: Harness, tmp_path: Path) -> None:
+    service = SandboxService(h.pod, "default")
     config = cri.PodSandboxConfig(hostname="web", annotations={"a": "b"})
     await service.CreateSandbox(pb.CreateSandboxRequest(
         sandbox_id="pod1", bundle_path=str(tmp_path), netns_path="/var/run/netns/cni-1",
@@ -86,10 +105,19 @@ async def test_service_edge(pod: Pod, tmp_path: Path) -> None:
     await service.ShutdownSandbox(pb.ShutdownSandboxRequest(sandbox_id="pod1"), None)
     waited = await service.WaitSandbox(pb.WaitSandboxRequest(sandbox_id="pod1"), None)
     assert waited.exited_at.ToNanoseconds() == STAMP
-    assert pod.tasks.shutdown_requested.is_set()
-    spec = pod.factory.configs[0].spec
+    assert h.pod.shutdown_requested.is_set()
+    spec = h.booter.configs[0].spec
     assert spec["hostname"] == "web"
     assert spec["annotations"] == {"a": "b", "io.kubernetes.cri.sandbox-id": "pod1"}
+
+
+async def test_undecodable_pod_config_is_invalid_argument(h: Harness) -> None:
+    service = SandboxService(h.pod, "default")
+    with pytest.raises(errors.InvalidArgument, match="PodSandboxConfig"):
+        await service.CreateSandbox(pb.CreateSandboxRequest(
+            sandbox_id="pod1", options=any_pb2.Any(type_url="runtime.v1.PodSandboxConfig",
+                                                   value=b"\x0a\xff")), None)
+    assert h.state() is PodState.EMPTY
 
 
 def test_pod_spec_without_cri_options() -> None:
@@ -99,20 +127,22 @@ def test_pod_spec_without_cri_options() -> None:
     assert spec["linux"] == {"namespaces": [{"type": "network", "path": "/n"}]}
 
 
-async def test_sandbox_metrics_report_the_vm_process_footprint(pod: Pod) -> None:
+async def test_sandbox_metrics_report_the_vm_process_footprint(tmp_path: Path) -> None:
     import os
 
     from protocols.api.containerd.cgroups.v2 import metrics_pb2 as v2
+    from tests.unit.shim.fakes import FakeBooter
 
-    service = SandboxService(pod.tasks)
-    await pod.tasks.create_pod(record(pod))
+    # The fake VM's "hypervisor" is this test process.
+    h = make_harness(tmp_path, booter=FakeBooter(pid=os.getpid()))
+    service = SandboxService(h.pod, "default")
+    await h.pod.create_sandbox(config(h))
     with pytest.raises(errors.FailedPrecondition):  # no VM before StartSandbox
         await service.SandboxMetrics(pb.SandboxMetricsRequest(sandbox_id="pod1"), None)
-    await pod.tasks.start_pod("pod1")
-    # The fake sandbox's "VM" pid is 4242; stand this test process in for it.
-    pod.tasks.pod_status("pod1").pid = os.getpid()
+    await h.pod.start_sandbox("pod1")
     reply = await service.SandboxMetrics(pb.SandboxMetricsRequest(sandbox_id="pod1"), None)
     assert reply.metrics.id == "pod1" and reply.metrics.timestamp.seconds > 0
     assert reply.metrics.data.type_url == "io.containerd.cgroups.v2.Metrics"
     data = v2.Metrics.FromString(reply.metrics.data.value)
     assert data.memory.usage > 1 << 20 and data.cpu.usage_usec > 0 and data.pids.current >= 1
+    await h.aclose()

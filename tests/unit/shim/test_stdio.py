@@ -7,15 +7,15 @@ import hashlib
 import os
 from pathlib import Path
 
-from shim.pod.sandbox import ContainerConfig
+from protocols.api.kata import oci_pb2
 from shim.task.stdio import ProcessIO
-from tests.unit.shim.fakes import FakeSandbox
+from tests.unit.shim.fakes import FakeAgent
 from tests.unit.shim.helpers import Owner, make_fifos, read_to_eof, write_fifo
 
 
-async def _sandbox_with(cid: str) -> FakeSandbox:
-    sandbox = FakeSandbox()
-    await sandbox.create_container(ContainerConfig(cid, Path("/"), {}))
+async def _sandbox_with(cid: str) -> FakeAgent:
+    sandbox = FakeAgent()
+    await sandbox.create_container(cid, oci_pb2.Spec(), [])
     return sandbox
 
 

@@ -23,9 +23,11 @@ from protocols.api.containerd.task.v3 import shim_pb2_grpc as task_v3_grpc
 from protocols.api.containerd.types.task import task_pb2 as task_types
 from protocols.api.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from protocols.ttrpc import Client, TtrpcError
+from shim.core import errors
 from shim.daemon.grpc_server import serve_grpc
+from shim.daemon.sandbox_service import SandboxService
 from shim.daemon.ttrpc_server import serve_ttrpc
-from tests.unit.shim.conftest import Pod, make_pod
+from tests.unit.shim.conftest import Harness, make_harness
 from tests.unit.shim.helpers import make_fifos, read_to_eof
 
 RESPONSES = {
@@ -46,13 +48,14 @@ class RpcFailed(Exception):
 
 @pytest.fixture(params=["grpc-v3", "ttrpc-v3", "ttrpc-v2"])
 async def wire(request: pytest.FixtureRequest,
-               tmp_path: Path) -> AsyncIterator[tuple[Pod, ModuleType, Call]]:
-    pod = make_pod(tmp_path)
+               tmp_path: Path) -> AsyncIterator[tuple[Harness, ModuleType, Call]]:
+    pod = make_harness(tmp_path)
+    sandbox = SandboxService(pod.pod, "default")
     short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
     path = short / "task.sock"
     pb = task_v2 if request.param == "ttrpc-v2" else task_v3
     if request.param.startswith("grpc"):
-        server: Any = await serve_grpc(pod.tasks, path)
+        server: Any = await serve_grpc(pod.tasks, sandbox, path)
         channel = grpc.aio.insecure_channel(f"unix:{path}")
         stub = task_v3_grpc.TaskStub(channel)
 
@@ -70,7 +73,7 @@ async def wire(request: pytest.FixtureRequest,
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
         listener.listen()
-        server = await serve_ttrpc(pod.tasks, listener)
+        server = await serve_ttrpc(pod.tasks, sandbox, listener)
         client = await Client.connect_unix(path)
         service = f"{pb.DESCRIPTOR.package}.Task"
 
@@ -85,8 +88,7 @@ async def wire(request: pytest.FixtureRequest,
         yield pod, pb, call
         await client.close()
         await server.close()
-    await pod.tasks.aclose()
-    await pod.owner.aclose()
+    await pod.aclose()
     shutil.rmtree(short)
 
 
@@ -97,7 +99,7 @@ async def expect(code: grpc.StatusCode, call: Awaitable[Any]) -> str:
     return caught.value.message
 
 
-async def test_every_rpc(wire: tuple[Pod, ModuleType, Call], tmp_path: Path) -> None:
+async def test_every_rpc(wire: tuple[Harness, ModuleType, Call], tmp_path: Path) -> None:
     pod, pb, call = wire
     connected = await call("Connect", pb.ConnectRequest(id="c1"))
     assert (connected.shim_pid, connected.task_pid) == (os.getpid(), 0)
@@ -111,7 +113,7 @@ async def test_every_rpc(wire: tuple[Pod, ModuleType, Call], tmp_path: Path) -> 
         options=any_pb2.Any(type_url="runtimeoptions.v1.Options",
                             value=options.SerializeToString())))
     assert created.pid == 4242
-    assert pod.factory.configs[0].options.config_path == "/etc/coco/qemu-snp.toml"
+    assert pod.booter.configs[0].options.config_path == "/etc/coco/qemu-snp.toml"
     await expect(grpc.StatusCode.ALREADY_EXISTS, call("Create", pb.CreateTaskRequest(
         id="c1", bundle=str(pod.bundle("c1")))))
     state = await call("State", pb.StateRequest(id="c1"))
@@ -136,7 +138,7 @@ async def test_every_rpc(wire: tuple[Pod, ModuleType, Call], tmp_path: Path) -> 
     assert (exec_state.status, exec_state.exec_id, exec_state.terminal) == (
         task_types.RUNNING, "e1", True)
     await call("ResizePty", pb.ResizePtyRequest(id="c1", exec_id="e1", width=120, height=40))
-    assert pod.sandbox.process("c1", "e1").resizes == [(40, 120)]
+    assert pod.agent.process("c1", "e1").resizes == [(40, 120)]
     await call("CloseIO", pb.CloseIORequest(id="c1", exec_id="e1", stdin=True))
     await call("Kill", pb.KillRequest(id="c1", exec_id="e1", signal=15))
     exec_exit = await call("Wait", pb.WaitRequest(id="c1", exec_id="e1"))
@@ -152,13 +154,14 @@ async def test_every_rpc(wire: tuple[Pod, ModuleType, Call], tmp_path: Path) -> 
     resources = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/"
                             "LinuxResources", value=b'{"memory": {"limit": 1048576}}')
     await call("Update", pb.UpdateTaskRequest(id="c1", resources=resources))
-    assert pod.sandbox.updates == [("c1", {"memory": {"limit": 1048576}})]
+    [(cid, converted)] = pod.agent.updates
+    assert (cid, converted.Memory.Limit) == ("c1", 1048576)
     stats = await call("Stats", pb.StatsRequest(id="c1"))
     assert stats.stats.type_url == "io.containerd.cgroups.v2.Metrics"
     connected = await call("Connect", pb.ConnectRequest(id="c1"))
     assert connected.task_pid == 4242
 
-    await pod.sandbox.process("c1").stdout.feed(b"hello from the guest\n")
+    await pod.agent.process("c1").stdout.feed(b"hello from the guest\n")
     await call("Kill", pb.KillRequest(id="c1", signal=9, all=True))
     exited = await wait
     assert exited.exit_status == 137
@@ -169,14 +172,14 @@ async def test_every_rpc(wire: tuple[Pod, ModuleType, Call], tmp_path: Path) -> 
     assert (deleted.pid, deleted.exit_status) == (4242, 137)
     assert deleted.exited_at.ToNanoseconds() == 1_700_000_000_123_456_789
     await call("Shutdown", pb.ShutdownRequest(id="c1"))
-    assert pod.tasks.shutdown_requested.is_set()
+    assert pod.pod.shutdown_requested.is_set()
     assert pod.publisher.topics() == [
         "/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
         "/tasks/exit", "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"]
 
 
 async def test_wait_is_served_concurrently_with_other_calls(
-        wire: tuple[Pod, ModuleType, Call]) -> None:
+        wire: tuple[Harness, ModuleType, Call]) -> None:
     pod, pb, call = wire
     await call("Create", pb.CreateTaskRequest(id="c1", bundle=str(pod.bundle("c1"))))
     await call("Start", pb.StartRequest(id="c1"))
@@ -188,21 +191,39 @@ async def test_wait_is_served_concurrently_with_other_calls(
     assert [w.exit_status for w in await asyncio.gather(*waits)] == [143, 143, 143]
 
 
-async def test_unwired_vm_is_unavailable(tmp_path: Path) -> None:
-    from shim.pod.sandbox import UnwiredSandboxFactory
-    from shim.task.manager import CreateTask, TaskManager
-    from tests.unit.shim.fakes import RecordingPublisher
-    from tests.unit.shim.helpers import Owner
+async def test_malformed_requests_are_invalid_argument(
+        wire: tuple[Harness, ModuleType, Call]) -> None:
+    """Bad input at the edge names the field and is INVALID_ARGUMENT, never UNKNOWN."""
+    pod, pb, call = wire
+    bad_options = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=b"\x12\xff")
+    message = await expect(grpc.StatusCode.INVALID_ARGUMENT, call("Create", pb.CreateTaskRequest(
+        id="c1", bundle=str(pod.bundle("c1")), options=bad_options)))
+    assert "runtimeoptions.v1.Options" in message
+    odd = pod.bundle("odd")
+    (odd / "config.json").write_text(json.dumps({"linux": {"namespaces": ["network"]}}))
+    message = await expect(grpc.StatusCode.INVALID_ARGUMENT, call("Create", pb.CreateTaskRequest(
+        id="odd", bundle=str(odd))))
+    assert "linux.namespaces[0]" in message
+    huge = pod.bundle("huge")
+    (huge / "config.json").write_text(json.dumps({"process": {"user": {"uid": 1 << 40}}}))
+    message = await expect(grpc.StatusCode.INVALID_ARGUMENT, call("Create", pb.CreateTaskRequest(
+        id="huge", bundle=str(huge))))
+    assert "process.user.uid" in message and "out of range" in message
+    with pytest.raises(RpcFailed):  # none of them left a container behind
+        await call("State", pb.StateRequest(id="odd"))
 
-    owner = Owner()
-    tasks = TaskManager(UnwiredSandboxFactory(), RecordingPublisher(), namespace="n",
-                        spawn=owner.spawn)
-    bundle = tmp_path / "b"
-    bundle.mkdir()
-    (bundle / "config.json").write_text("{}")
-    from shim.core.errors import Unavailable
 
-    with pytest.raises(Unavailable, match="no VM backend"):
-        await tasks.create(CreateTask(id="c", bundle=str(bundle)))
-    await tasks.aclose()
-    await owner.aclose()
+async def test_an_agent_status_reaches_containerd_with_its_code(
+        wire: tuple[Harness, ModuleType, Call]) -> None:
+    """A policy denial in the guest is PERMISSION_DENIED at containerd, with its message."""
+    pod, pb, call = wire
+    await call("Create", pb.CreateTaskRequest(id="c1", bundle=str(pod.bundle("c1"))))
+
+    async def denied(container_id: str) -> None:
+        raise errors.PermissionDenied("agent StartContainer: StartContainerRequest is blocked "
+                                      "by the agent policy")
+
+    pod.agent.start_container = denied  # type: ignore[method-assign]
+    message = await expect(grpc.StatusCode.PERMISSION_DENIED,
+                           call("Start", pb.StartRequest(id="c1")))
+    assert "blocked by the agent policy" in message

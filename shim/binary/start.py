@@ -1,0 +1,151 @@
+"""``containerd-shim-coco-v2 start``: bring up (or find) the pod's shim, print its address.
+
+On containerd's critical path, once per container: it only touches the configuration, the
+bundle, a unix socket and ``posix_spawn``. It never imports grpc, pyroute2 or generated
+protobuf modules (a unit test checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from shim.binary import bootstrap
+from shim.binary.flags import Flags, UsageError, to_argv
+from shim.core.bundle import group_id, read_spec
+from shim.core.config import config_source, decode_runtime_options, shim_config
+from shim.core.crash_record import ShimState
+from shim.core.errors import Unavailable
+from shim.core.timeouts import TIMEOUTS
+
+
+class StartError(Unavailable):
+    """``start`` could not bring up the shim (printed for containerd, exit status 1)."""
+
+
+def _listen(path: Path) -> socket.socket:
+    """Bind and listen on ``path`` with mode 0600 from the first instant (umask, not chmod)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    sock.listen(128)
+    return sock
+
+
+def start(flags: Flags, stdin: bytes) -> str:
+    """Bring up (or find) the pod's shim and return the bootstrap line for containerd."""
+    if not flags.namespace or not flags.id:
+        raise UsageError("start needs -namespace and -id")
+    bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
+    config = shim_config(config_source(decode_runtime_options(stdin)))
+    if config.bootstrap_version == "auto":
+        version = bootstrap.bootstrap_version_for(
+            bootstrap.containerd_major(flags.publish_binary))
+    else:
+        version = config.bootstrap_version
+    protocol = bootstrap.protocol_for(config.protocol, version)
+    spec = read_spec(bundle, missing_ok=True)
+    group = group_id(spec, flags.id)
+    path = bootstrap.socket_path(flags.address, flags.namespace, group)
+    answer = bootstrap.bootstrap_json(version, protocol, path)
+
+    for _ in range(3):  # a concurrent start for the same pod may win the bind
+        if bootstrap.can_connect(path):
+            return answer  # the pod's shim is already running: share it
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale socket of a dead shim
+        try:
+            listener = _listen(path)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                continue
+            raise StartError(f"cannot listen on {path}: {err}") from err
+        break
+    else:
+        raise StartError(f"socket {path} is in use but does not accept connections")
+
+    with listener:
+        # The pod's first container (its id is the pod's) may boot the VM at once.
+        early = config.early_boot and bool(spec) and group == flags.id
+        serve = replace(flags, action="serve", bundle=str(bundle), socket=str(path),
+                        protocol=protocol, bootstrap_version=version, group=group,
+                        listen_fd=listener.fileno(), early_boot=early,
+                        runtime_options=stdin.hex() if early else "")
+        try:
+            _spawn_daemon(serve, listener, ShimState.of(flags.namespace, flags.id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+    return answer
+
+
+def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> None:
+    """Spawn the daemon in its own session, stdio on /dev/null, holding the listening socket.
+
+    gRPC cannot serve an inherited fd, so a gRPC daemon binds a fresh socket and renames it over
+    the bootstrap path; ``start`` waits for its readiness line so that containerd never meets a
+    socket nobody will accept on. A ttrpc daemon serves the inherited socket: no wait.
+    """
+    wait_ready = serve.protocol == "grpc"
+    read_end = write_end = -1
+    if wait_ready:
+        read_end, write_end = os.pipe()
+        os.set_inheritable(write_end, True)
+        serve = replace(serve, ready_fd=write_end)
+    os.set_inheritable(listener.fileno(), True)
+    argv = [sys.executable, "-m", "shim", *to_argv(serve)]
+    try:
+        pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ])
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+    state.write_shim(pid, Path(serve.socket), serve.group)
+    if not wait_ready:
+        return
+    try:
+        message = _read_ready(read_end)
+    finally:
+        os.close(read_end)
+    if message != "ready":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        state.remove()
+        raise StartError(f"shim daemon failed to start: {message or 'exited without a word'}")
+
+
+def _read_ready(fd: int) -> str:
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + TIMEOUTS.daemon_ready
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return f"not ready after {TIMEOUTS.daemon_ready:.0f} s"
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if b"\n" in chunk:
+            break
+    return b"".join(chunks).decode(errors="replace").strip()

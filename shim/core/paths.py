@@ -1,0 +1,46 @@
+"""Where the shim keeps things on the host: sockets, per-shim state, pod run directories.
+
+Each root can be moved by an environment variable (tests, hosts with an unusual layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Final
+
+DEFAULT_SOCKET_DIR: Final = "/run/containerd/s"
+DEFAULT_STATE_DIR: Final = "/run/coco-shim"
+DEFAULT_RUN_ROOT: Final = "/run/coco-shim"
+SOCKET_DIR_ENV: Final = "COCO_SHIM_SOCKET_DIR"
+STATE_DIR_ENV: Final = "COCO_SHIM_STATE_DIR"
+RUN_ROOT_ENV: Final = "COCO_SHIM_RUN_DIR"
+
+
+def socket_dir() -> Path:
+    return Path(os.environ.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR)
+
+
+def state_root() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def state_dir(namespace: str, task_id: str) -> Path:
+    """Per-shim state: what ``delete`` needs to clean up after a dead daemon."""
+    return state_root() / namespace / task_id
+
+
+def run_root() -> Path:
+    return Path(os.environ.get(RUN_ROOT_ENV) or DEFAULT_RUN_ROOT)
+
+
+def pod_key(namespace: str, sandbox_id: str) -> str:
+    """A short name for a pod: CRI sandbox ids are 64 characters, and the vsock/QMP sockets
+    under the pod's run directory must fit a unix socket path (107 bytes)."""
+    return hashlib.sha256(f"{namespace}/{sandbox_id}".encode()).hexdigest()[:16]
+
+
+def pod_run_dir(namespace: str, sandbox_id: str) -> Path:
+    """The pod VM's run directory (sockets, logs, the rootfs share)."""
+    return run_root() / pod_key(namespace, sandbox_id)

@@ -1,0 +1,248 @@
+"""The boot script of a pod VM: an ordered list of steps inside one AsyncExitStack.
+
+Each step does one thing and pushes its undo, so a failure (or cancellation) at step N undoes
+steps N-1..1 and a failed Create leaves no QEMU, helper, socket, mount, directory, tap, qdisc or
+filter behind. Everything the host gains is written to the crash record (:class:`ShimState`)
+the moment it exists, so ``delete`` can reap a daemon killed at any step. A new step (build an
+initdata disk, size the VM from the pod's limits, …) is one more method and one more line in
+:meth:`BootScript.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypervisor.choice import resolve_accelerator
+from hypervisor.cmdline import VirtioNetTap
+from hypervisor.errors import ConfigError, InvariantError, QemuError
+from hypervisor.probe import which_vhost_device_vsock
+from hypervisor.profile import RuntimeProfile
+from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
+from shim.core import paths
+from shim.core.config import RuntimeOptions
+from shim.core.crash_record import ShimState
+from shim.core.errors import FailedPrecondition, Unavailable
+from shim.core.timeouts import TIMEOUTS, Timeouts
+from shim.network.tcfilter import (
+    PodNetworking,
+    WiredNetwork,
+    dns_of,
+    guest_requests,
+    netns_of,
+)
+from shim.pod.agent import Agent, AgentClient
+from shim.pod.mounts import remove_tree
+from shim.pod.profile import PodAnnotations, pod_annotations, runtime_profile
+from shim.pod.rootfs import RootfsStrategy, rootfs_for
+from shim.pod.vm import PodConfig, PodVm
+
+log = logging.getLogger(__name__)
+
+Launch = Callable[[RuntimeProfile, LaunchOptions], Awaitable[VirtualMachine]]
+
+
+async def dial_agent(channel: AgentChannel, dial_timeout: float,
+                     exited: asyncio.Future[object], timeouts: Timeouts) -> Agent:
+    return await AgentClient.dial(channel, dial_timeout, exited=exited, timeouts=timeouts)
+
+
+Dial = Callable[[AgentChannel, float, "asyncio.Future[object]", Timeouts], Awaitable[Agent]]
+
+
+def default_networking() -> PodNetworking:
+    from shim.network.helper import HelperNetworking
+
+    return HelperNetworking()
+
+
+@dataclass
+class BootEnv:
+    """The outside world a boot touches: real by default, fakes in unit tests."""
+
+    networking: PodNetworking = field(default_factory=default_networking)
+    profile: Callable[[RuntimeOptions], RuntimeProfile] = runtime_profile
+    accelerator: Callable[[RuntimeProfile, Path], Awaitable[str]] = field(
+        default=lambda profile, cache: resolve_accelerator(profile, cache=cache))
+    vhost_device_vsock: Callable[[], Path | None] = which_vhost_device_vsock
+    launch: Launch = launch_vm
+    dial: Dial = dial_agent
+    timeouts: Timeouts = TIMEOUTS
+
+
+class VmBooter:
+    """The real :class:`~shim.pod.vm.Booter`: QEMU with the profile's TEE options, the guest
+    agent over vsock."""
+
+    def __init__(self, env: BootEnv | None = None) -> None:
+        self.env = env or BootEnv()
+
+    async def boot(self, config: PodConfig) -> PodVm:
+        return await BootScript(config, self.env).run()
+
+
+class BootScript:
+    """One boot. Steps run in :meth:`run`'s order; each sets what later steps use."""
+
+    profile: RuntimeProfile
+    annotations: PodAnnotations
+    rootfs: RootfsStrategy
+    netns: Path | None
+    accel: str
+    pod_dir: Path
+    wired: WiredNetwork | None = None
+    vm: VirtualMachine
+    agent: Agent
+
+    def __init__(self, config: PodConfig, env: BootEnv) -> None:
+        self.config = config
+        self.env = env
+        self.record = ShimState.of(config.namespace, config.sandbox_id)
+        self.undo = AsyncExitStack()
+        self.started = time.monotonic()
+
+    async def run(self) -> PodVm:
+        async with self.undo:
+            self.read_profile()
+            self.check_annotations()
+            self.choose_rootfs()
+            self.find_network()
+            await self.resolve_accelerator()
+            self.make_run_dir()
+            await self.prepare_rootfs()
+            await self.wire_network()
+            await self.launch_vm()
+            await self.dial_agent()
+            await self.set_policy()
+            await self.configure_guest_network()
+            await self.create_sandbox()
+            return PodVm(self.config.sandbox_id, self.vm, self.agent, self.rootfs,
+                         self.undo.pop_all())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    # --- decide (nothing made yet) ------------------------------------------------------------
+
+    def read_profile(self) -> None:
+        """The runtime profile, from the one config loader."""
+        self.profile = self.env.profile(self.config.options)
+
+    def check_annotations(self) -> None:
+        """Only annotations on the profile's allow-list, each well formed."""
+        self.annotations = pod_annotations(self.config.spec, self.profile)
+
+    def choose_rootfs(self) -> None:
+        """The rootfs strategy the profile calls for (confidential ones refuse host sharing)."""
+        self.pod_dir = paths.pod_run_dir(self.config.namespace, self.config.sandbox_id)
+        self.rootfs = rootfs_for(self.profile, self.pod_dir)
+
+    def find_network(self) -> None:
+        """The pod's network namespace, if the spec names one (CNI, ctr --with-ns)."""
+        self.netns = netns_of(self.config.spec, self.config.sandbox_id)
+
+    async def resolve_accelerator(self) -> None:
+        """``auto`` means KVM when a probe boot works here (cached per host boot), else TCG."""
+        self.accel = await self.env.accelerator(self.profile,
+                                                paths.run_root() / "kvm-probe.json")
+
+    # --- make (each step recorded and undone) -------------------------------------------------
+
+    def make_run_dir(self) -> None:
+        """The pod's run directory: sockets, logs, the share; recorded before it exists."""
+        self.record.add_dir(self.pod_dir)
+        try:
+            self.pod_dir.mkdir(parents=True, mode=0o700)
+        except FileExistsError as err:
+            raise FailedPrecondition(
+                f"pod {self.config.sandbox_id}: {self.pod_dir} exists (a VM of this pod is "
+                "running or was not cleaned up)") from err
+        self.undo.callback(remove_tree, self.pod_dir)
+
+    async def prepare_rootfs(self) -> None:
+        await self.rootfs.open()
+        self.undo.push_async_callback(self.rootfs.close)
+
+    async def wire_network(self) -> None:
+        """A tap per veth of the pod netns, mirrored both ways (recorded for delete)."""
+        if self.netns is None:
+            return
+        wired = await self.env.networking.setup(self.netns)
+        self.wired = wired
+        self.undo.push_async_callback(self._unwire, wired)
+        self.record.add_network(wired.network.to_json())
+
+    async def _unwire(self, wired: WiredNetwork) -> None:
+        await self.env.networking.teardown(wired)
+        self.record.clear_network()
+
+    async def launch_vm(self) -> None:
+        """QEMU (and vhost-device-vsock), each pid recorded as soon as it exists."""
+        wired = self.wired
+        nics = tuple(VirtioNetTap(id=f"net{index}", tap_fd=fd, mac=endpoint.mac)
+                     for index, (endpoint, fd) in enumerate(zip(
+                         wired.network.endpoints, wired.tap_fds, strict=True))
+                     ) if wired is not None else ()
+        try:
+            self.vm = await self.env.launch(self.profile, LaunchOptions(
+                run_root=self.pod_dir, name="vm", accel=self.accel,
+                vhost_device_vsock=self.env.vhost_device_vsock(),
+                log_dir=self.pod_dir / "logs", shares=self.rootfs.vm_shares(), nics=nics,
+                extra_kernel_params=self.annotations.kernel_params,
+                timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid))
+        except (QemuError, InvariantError, ConfigError, OSError) as err:
+            raise Unavailable(f"pod {self.config.sandbox_id}: VM did not start: {err}") from err
+        finally:
+            if wired is not None:
+                # QEMU holds the taps now (or failed): they live exactly as long as it does.
+                wired.close_fds()
+        self.undo.push_async_callback(self.vm.aclose)
+        log.info("pod %s: QEMU %d running (%s) after %.3f s", self.config.sandbox_id,
+                 self.vm.pid or 0, self.accel, self._elapsed())
+
+    async def dial_agent(self) -> None:
+        """Until the agent answers Health.Check (or the VM exits first)."""
+        if self.vm.channel is None:
+            raise Unavailable(f"pod {self.config.sandbox_id}: the VM has no vsock channel")
+        exited: asyncio.Future[object] = asyncio.ensure_future(self.vm.wait())
+        try:
+            self.agent = await self.env.dial(self.vm.channel, self.profile.dial_timeout,
+                                             exited, self.env.timeouts)
+        finally:
+            exited.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exited
+        self.undo.push_async_callback(self.agent.close)
+        log.info("pod %s: agent answered after %.3f s", self.config.sandbox_id,
+                 self._elapsed())
+
+    async def set_policy(self) -> None:
+        if self.annotations.policy is not None:
+            await self.agent.set_policy(self.annotations.policy)
+
+    async def configure_guest_network(self) -> None:
+        """Interfaces (found by MAC in the guest), then routes, then permanent neighbours."""
+        if self.wired is None:
+            return
+        requests = guest_requests(self.wired.network)
+        for interface in requests.interfaces:
+            await self.agent.update_interface(interface)
+        if requests.routes:
+            await self.agent.update_routes(requests.routes)
+        if requests.neighbors:
+            await self.agent.add_arp_neighbors(requests.neighbors)
+
+    async def create_sandbox(self) -> None:
+        hostname = self.config.spec.get("hostname")
+        await self.agent.create_sandbox(
+            self.config.sandbox_id, hostname if isinstance(hostname, str) else "",
+            dns_of(self.config.spec), self.rootfs.sandbox_storages())
+        log.info("pod %s: sandbox created after %.3f s", self.config.sandbox_id,
+                 self._elapsed())

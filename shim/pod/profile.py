@@ -1,0 +1,65 @@
+"""What a pod VM is made of: the runtime profile (through the one config loader) and what the
+pod's annotations may change in it (only keys on the profile's allow-list)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from hypervisor.config import parse_profile
+from hypervisor.errors import ConfigError
+from hypervisor.profile import RuntimeProfile
+from shim.core.config import CONFIG_ENV, RuntimeOptions, config_source
+from shim.core.errors import InvalidArgument
+from shim.pod.guest_spec import annotations_of
+
+KATA_ANNOTATIONS: Final = "io.katacontainers."
+POLICY_ANNOTATION: Final = "io.katacontainers.config.agent.policy"
+KERNEL_PARAMS_ANNOTATION: Final = "io.katacontainers.config.hypervisor.kernel_params"
+
+
+def runtime_profile(options: RuntimeOptions) -> RuntimeProfile:
+    """The runtime profile from the one fallback chain (:func:`shim.core.config.config_source`).
+    Any problem is InvalidArgument naming the file."""
+    found = config_source(options)
+    if found.text is None:
+        raise InvalidArgument(f"runtime profile: none given (no runtime options config, "
+                              f"${CONFIG_ENV} unset) and {found.source} does not exist")
+    try:
+        return parse_profile(found.text, found.source, base_dir=found.base_dir)
+    except ConfigError as err:
+        raise InvalidArgument(f"runtime profile: {err}") from err
+
+
+@dataclass(frozen=True)
+class PodAnnotations:
+    """What the pod's (allowed) annotations ask of its VM."""
+
+    policy: str | None = None  # the agent policy (Rego), decoded
+    kernel_params: str = ""  # appended to the profile's kernel command line
+
+
+def pod_annotations(spec: Mapping[str, object], profile: RuntimeProfile) -> PodAnnotations:
+    """Kata-style annotations change the VM: only those on the profile's allow-list pass, and
+    each must be well formed."""
+    annotations = annotations_of(spec)
+    allowed = set(profile.enable_annotations)
+    for key in sorted(annotations):
+        if key.startswith(KATA_ANNOTATIONS) and key not in allowed:
+            raise InvalidArgument(
+                f"annotation {key} is not allowed by runtime profile {profile.source} "
+                f"(enable_annotations: {', '.join(sorted(allowed)) or 'none'})")
+    policy = annotations.get(POLICY_ANNOTATION)
+    if policy is not None:
+        try:
+            policy = base64.b64decode(policy, validate=True).decode()
+        except binascii.Error as err:
+            raise InvalidArgument(f"annotation {POLICY_ANNOTATION}: not base64: {err}") from err
+        except UnicodeDecodeError as err:
+            raise InvalidArgument(f"annotation {POLICY_ANNOTATION}: the policy is not UTF-8: "
+                                  f"{err}") from err
+    return PodAnnotations(policy=policy,
+                          kernel_params=annotations.get(KERNEL_PARAMS_ANNOTATION, ""))

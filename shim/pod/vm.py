@@ -1,0 +1,118 @@
+"""A pod VM as the pod holds it: what it is made from (:class:`PodConfig`), the seam that boots
+it (:class:`Booter`), and one booted VM (:class:`PodVm`: its hypervisor process, its agent, its
+rootfs strategy and the boot script's undo stack, which tears everything down in reverse)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+from hypervisor.errors import QemuError
+from hypervisor.vm import VirtualMachine
+from shim.core.config import RuntimeOptions
+from shim.core.errors import RpcError
+from shim.pod import guest_spec
+from shim.pod.agent import Agent
+from shim.pod.mounts import Mount
+from shim.pod.rootfs import RootfsStrategy
+
+log = logging.getLogger(__name__)
+
+VM_KILLED_STATUS: Final = 128 + signal.SIGKILL  # every process of a pod whose VM died: 137
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    """What a pod VM is made from: known at its first Create, or at CreateSandbox."""
+
+    sandbox_id: str
+    namespace: str
+    bundle: Path
+    spec: Mapping[str, object]  # annotations, hostname, network namespace, mounts (DNS)
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    def same_pod(self, other: PodConfig) -> bool:
+        """Made from the same bundle and runtime options (an early boot Create may adopt)."""
+        return (self.sandbox_id, self.bundle, self.options) == (
+            other.sandbox_id, other.bundle, other.options)
+
+
+class Booter(Protocol):
+    """Boots pod VMs: :class:`shim.pod.boot.VmBooter` (QEMU + agent), fakes in tests."""
+
+    async def boot(self, config: PodConfig) -> PodVm:
+        """Bring a VM up to CreateSandbox; on failure or cancellation nothing is left."""
+        ...
+
+
+@dataclass
+class PodVm:
+    """One booted pod VM; ``exited`` is set once it is gone (died, or stopped)."""
+
+    sandbox_id: str
+    vm: VirtualMachine
+    agent: Agent
+    rootfs: RootfsStrategy
+    undo: AsyncExitStack
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    _teardown_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _torn_down: bool = False
+
+    @property
+    def pid(self) -> int:
+        """The host pid that stands for the pod's processes (the hypervisor), as Kata says."""
+        return self.vm.pid or 0
+
+    async def create_container(self, container_id: str, bundle: Path,
+                               spec: Mapping[str, object], rootfs: Sequence[Mount]) -> None:
+        """Host side (the rootfs strategy), then CreateContainer with the guest's spec; the
+        host side is undone if the agent refuses."""
+        mounts = guest_spec.spec_mounts(spec)
+        prepared = await self.rootfs.add(container_id, bundle, rootfs, mounts)
+        try:
+            oci = guest_spec.for_guest(spec, prepared.root_path, prepared.mounts)
+            await self.agent.create_container(container_id, oci, prepared.storages)
+        except BaseException:
+            await self.rootfs.remove(container_id)
+            raise
+
+    async def remove_container(self, container_id: str, *, in_guest: bool) -> None:
+        """RemoveContainer in the guest (unless ``in_guest`` is false: the pod ends with this
+        container and DestroySandbox takes it down), then its host side."""
+        try:
+            if in_guest:
+                await self.agent.remove_container(container_id)
+        finally:
+            await self.rootfs.remove(container_id)
+
+    async def destroy(self, *, vm_gone: bool) -> None:
+        """DestroySandbox (while the VM lives), stop the VM (graceful, then forceful), undo
+        the boot (agent, network, rootfs, run directory). Idempotent."""
+        async with self._teardown_lock:
+            if self._torn_down:
+                return
+            started = time.monotonic()
+            if not vm_gone:
+                try:
+                    await self.agent.destroy_sandbox()
+                except RpcError as err:
+                    log.info("pod %s: DestroySandbox: %s", self.sandbox_id, err)
+            destroyed = time.monotonic()
+            with contextlib.suppress(QemuError):
+                await self.vm.stop()
+            stopped = time.monotonic()
+            try:
+                await self.undo.aclose()
+            finally:
+                self._torn_down = True
+            log.info("pod %s: down (DestroySandbox %.3f s, VM stop %.3f s, cleanup %.3f s)",
+                     self.sandbox_id, destroyed - started, stopped - destroyed,
+                     time.monotonic() - stopped)

@@ -1,0 +1,97 @@
+"""Host mounts with real mount(8)/umount2(2): the one unmount path the daemon and ``delete``
+share, and the host-share rootfs strategy (a mount failure is reported as such, nothing of the
+container is left)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shim.core.errors import Internal, InvalidArgument
+from shim.pod.mounts import Mount, mounts_under, remove_tree, unmount
+from shim.pod.rootfs import GUEST_SHARED, HostShare
+
+pytestmark = pytest.mark.integration
+
+
+def test_file_bind_mount_on_the_same_filesystem_is_unmounted(tmp_path: Path) -> None:
+    """A file bind-mounted from the same filesystem (CRI's resolv.conf, hostname, hosts) is a
+    mount point too, though os.path.ismount() says otherwise."""
+    source = tmp_path / "resolv.conf"
+    source.write_text("nameserver 198.18.0.53\n")
+    target = tmp_path / "share" / "mount-0-resolv.conf"
+    target.parent.mkdir()
+    target.touch()
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        assert not os.path.ismount(target)  # the trap
+        assert mounts_under(target) == [target.resolve()]
+        unmount(target)
+        assert mounts_under(target) == []
+        unmount(target)  # idempotent
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def test_remove_tree_never_descends_into_a_mounted_rootfs(tmp_path: Path) -> None:
+    rootfs = tmp_path / "snapshot"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "keep").write_text("the container's data")
+    pod = tmp_path / "pod"
+    target = pod / "shared" / "c1" / "rootfs"
+    target.mkdir(parents=True)
+    subprocess.run(["mount", "--rbind", str(rootfs), str(target)], check=True)
+    try:
+        remove_tree(pod)
+        assert not pod.exists()
+        assert (rootfs / "etc" / "keep").read_text() == "the container's data"
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(target)], capture_output=True, check=False)
+
+
+def test_host_share_mounts_and_removes_a_container(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs" / "bin").mkdir(parents=True)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    (tmp_path / "pod").mkdir()
+    share = HostShare(tmp_path / "pod" / "shared")
+
+    async def run() -> None:
+        await share.open()
+        prepared = await share.add("c1", bundle, (), [
+            {"destination": "/etc/hosts", "source": str(hosts), "type": "bind"},
+            {"destination": "/proc", "source": "proc", "type": "proc"}])
+        assert prepared.root_path == str(GUEST_SHARED / "c1" / "rootfs")
+        assert prepared.mounts[0]["source"] == str(GUEST_SHARED / "c1" / "mount-0-hosts")
+        assert prepared.mounts[1]["source"] == "proc"  # not a bind: left for the guest
+        assert (share.host_dir / "c1" / "rootfs" / "bin").is_dir()
+        assert len(mounts_under(share.host_dir / "c1")) == 2
+        await share.remove("c1")
+        assert not (share.host_dir / "c1").exists()
+        await share.close()
+        assert not share.host_dir.exists()
+
+    asyncio.run(run())
+
+
+def test_a_rootfs_mount_failure_is_reported_as_such(tmp_path: Path) -> None:
+    share = HostShare(tmp_path / "shared")
+
+    async def run() -> None:
+        await share.open()
+        broken = Mount("overlay", "overlay", options=(f"lowerdir={tmp_path / 'nope'}",))
+        with pytest.raises(Internal, match="container c1: mounting its rootfs failed: mount"):
+            await share.add("c1", tmp_path, (broken,), [])
+        assert not (share.host_dir / "c1").exists()
+        with pytest.raises(InvalidArgument, match="bind mount source /nonexistent"):
+            await share.add("c2", tmp_path, (Mount("bind", str(tmp_path)),), [
+                {"destination": "/x", "source": "/nonexistent", "type": "bind"}])
+        assert not (share.host_dir / "c2").exists() and mounts_under(share.host_dir) == []
+        await share.close()
+
+    asyncio.run(run())

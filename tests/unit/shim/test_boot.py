@@ -1,0 +1,317 @@
+"""The boot script (shim/pod/boot.py) with fakes for the networking, QEMU launch and agent:
+its steps in order, the crash record written as each thing comes to exist, taps before QEMU
+(their fds on its command line, closed by us after), interfaces/routes/neighbours after the
+agent answers and before CreateSandbox, and rollback of every earlier step on any failure."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from hypervisor.errors import QemuError
+from hypervisor.profile import RuntimeProfile
+from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine
+from shim.core import paths
+from shim.core.crash_record import ShimState
+from shim.core.errors import FailedPrecondition, InvalidArgument, RpcError, Unavailable
+from shim.core.timeouts import Timeouts
+from shim.network.tcfilter import (
+    FAMILY_V4,
+    Endpoint,
+    IpAddress,
+    Neighbor,
+    PodNetwork,
+    Route,
+    WiredNetwork,
+)
+from shim.pod.agent import Agent
+from shim.pod.boot import BootEnv, VmBooter
+from shim.pod.vm import PodConfig
+from tests.unit.shim.fakes import FakeAgent, FakeVm
+from tests.unit.shim.helpers import FAST
+
+POD_NETWORK = PodNetwork(
+    netns="",  # set per test
+    endpoints=(Endpoint("eth0", "02:42:c6:12:00:02", 1450, "tap0_eth0",
+                        (IpAddress(FAMILY_V4, "198.18.0.2", 24),)),),
+    routes=(Route("", "198.18.0.1", "eth0", "", 0, FAMILY_V4),),
+    neighbors=(Neighbor("198.18.0.9", "02:00:00:00:00:09", "eth0", 0x80),))
+POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
+
+
+@dataclass
+class FakeNetworking:
+    log: list[str]
+    setups: list[Path] = field(default_factory=list)
+    teardowns: int = 0
+    fds: list[int] = field(default_factory=list)
+
+    async def setup(self, netns: Path) -> WiredNetwork:
+        self.log.append("network setup")
+        self.setups.append(netns)
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.fds.append(fd)
+        return WiredNetwork(PodNetwork(str(netns), POD_NETWORK.endpoints, POD_NETWORK.routes,
+                                       POD_NETWORK.neighbors), [fd])
+
+    async def teardown(self, wired: WiredNetwork) -> None:
+        wired.close_fds()
+        self.log.append("network teardown")
+        self.teardowns += 1
+
+
+class LoggingVm(FakeVm):
+    def __init__(self, log: list[str], pid: int) -> None:
+        super().__init__(pid)
+        self.log = log
+
+    async def aclose(self) -> None:
+        self.log.append("vm close")
+        await super().aclose()
+
+
+class LoggingAgent(FakeAgent):
+    def __init__(self, log: list[str], fail: str = "") -> None:
+        super().__init__()
+        self.log = log
+        self.fail = fail
+
+    def _step(self, method: str) -> None:
+        self.log.append(method)
+        if method == self.fail:
+            raise RpcError(f"agent {method}: refused")
+
+    async def set_policy(self, policy: str) -> None:
+        self._step("SetPolicy")
+        await super().set_policy(policy)
+
+    async def update_interface(self, interface: Any) -> None:
+        self._step("UpdateInterface")
+        await super().update_interface(interface)
+
+    async def update_routes(self, routes: Any) -> None:
+        self._step("UpdateRoutes")
+        await super().update_routes(routes)
+
+    async def add_arp_neighbors(self, neighbors: Any) -> None:
+        self._step("AddARPNeighbors")
+        await super().add_arp_neighbors(neighbors)
+
+    async def create_sandbox(self, sandbox_id: str, hostname: str, dns: Any,
+                             storages: Any) -> None:
+        self._step("CreateSandbox")
+        await super().create_sandbox(sandbox_id, hostname, dns, storages)
+
+    async def close(self) -> None:
+        self.log.append("agent close")
+        await super().close()
+
+
+@dataclass
+class Harness:
+    log: list[str]
+    networking: FakeNetworking
+    launches: list[LaunchOptions]
+    agent: LoggingAgent
+    tmp: Path
+    annotations: tuple[str, ...] = ()
+    launch_fails: bool = False
+    helper: int = 0  # a process standing for vhost-device-vsock (a real pid, for the record)
+    vm: LoggingVm | None = None
+
+    def config(self, netns: str | None, sandbox_id: str = "pod1",
+               annotations: dict[str, str] | None = None) -> PodConfig:
+        namespaces: list[dict[str, str]] = [{"type": "pid"}]
+        if netns is not None:
+            namespaces.append({"type": "network", "path": netns})
+        return PodConfig(sandbox_id=sandbox_id, namespace="default",
+                         bundle=self.tmp / "bundle",
+                         spec={"hostname": "pod1", "linux": {"namespaces": namespaces},
+                               "annotations": annotations or {}})
+
+    def booter(self) -> VmBooter:
+        profile = SimpleNamespace(tee=SimpleNamespace(confidential=False),
+                                  enable_annotations=self.annotations, source="fake.toml",
+                                  dial_timeout=1.0)
+
+        async def accelerator(profile: object, cache: Path) -> str:
+            return "tcg"
+
+        async def launch(profile: object, options: LaunchOptions) -> VirtualMachine:
+            # QEMU needs the tap fds open while it starts.
+            for nic in options.nics:
+                os.fstat(nic.tap_fd)
+            assert options.on_spawn is not None and options.timeouts == FAST.vm
+            options.on_spawn(self.helper)  # the vsock backend, then QEMU, as they spawn
+            self.log.append("launch")
+            self.launches.append(options)
+            if self.launch_fails:
+                raise QemuError("no QEMU today")
+            self.vm = LoggingVm(self.log, os.getpid())
+            options.on_spawn(os.getpid())
+            return self.vm
+
+        async def dial(channel: AgentChannel, dial_timeout: float,
+                       exited: asyncio.Future[object], timeouts: Timeouts) -> Agent:
+            self.log.append("agent connect")
+            return self.agent
+
+        return VmBooter(BootEnv(
+            networking=self.networking,
+            profile=lambda options: cast(RuntimeProfile, profile),
+            accelerator=accelerator, vhost_device_vsock=lambda: None, launch=launch,
+            dial=dial, timeouts=FAST))
+
+
+@pytest.fixture
+def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    log: list[str] = []
+    monkeypatch.setenv(paths.RUN_ROOT_ENV, str(tmp_path / "run"))
+    monkeypatch.setenv(paths.STATE_DIR_ENV, str(tmp_path / "state"))
+    return Harness(log, FakeNetworking(log), [], LoggingAgent(log), tmp_path,
+                   helper=os.getppid())
+
+
+def netns_file(h: Harness) -> Path:
+    path = h.tmp / "podns"
+    path.touch()
+    return path
+
+
+def pod_dir(h: Harness) -> Path:
+    return paths.pod_run_dir("default", "pod1")
+
+
+async def test_steps_are_in_order_and_recorded(harness: Harness) -> None:
+    netns = netns_file(harness)
+    vm = await harness.booter().boot(harness.config(str(netns)))
+    assert harness.log == ["network setup", "launch", "agent connect", "UpdateInterface",
+                           "UpdateRoutes", "AddARPNeighbors", "CreateSandbox"]
+    (nic,) = harness.launches[0].nics
+    assert nic.mac == "02:42:c6:12:00:02" and nic.tap_fd == harness.networking.fds[0]
+    with pytest.raises(OSError):  # our copy is closed once QEMU has its own
+        os.fstat(nic.tap_fd)
+    (iface, routes, neighbors) = harness.agent.network
+    assert (iface.name, iface.hwAddr, iface.mtu) == ("eth0", "02:42:c6:12:00:02", 1450)
+    assert [r.gateway for r in routes] == ["198.18.0.1"]
+    assert [n.lladdr for n in neighbors] == ["02:00:00:00:00:09"]
+    assert harness.agent.sandbox is not None
+    assert harness.agent.sandbox[:2] == ("pod1", "pod1")  # sandbox id, hostname
+    # The crash record, for delete should this daemon die: every pid, the run dir, the netns.
+    state = ShimState.of("default", "pod1")
+    assert [pid for pid, _ in state.pids()] == [harness.helper, os.getpid()]
+    assert state.dirs() == [pod_dir(harness)] and pod_dir(harness).is_dir()
+    assert state.network() is not None
+
+    await vm.destroy(vm_gone=False)
+    assert harness.log[-3:] == ["agent close", "vm close", "network teardown"]
+    assert state.network() is None
+    assert not pod_dir(harness).exists()
+
+
+@pytest.mark.parametrize("failing", ["UpdateInterface", "UpdateRoutes", "AddARPNeighbors",
+                                     "CreateSandbox"])
+async def test_a_failure_after_wiring_unwires(harness: Harness, failing: str) -> None:
+    harness.agent.fail = failing
+    with pytest.raises(RpcError, match=failing):
+        await harness.booter().boot(harness.config(str(netns_file(harness))))
+    assert harness.networking.teardowns == 1
+    assert harness.log[-3:] == ["agent close", "vm close", "network teardown"]
+    assert not pod_dir(harness).exists()
+    assert ShimState.of("default", "pod1").network() is None
+
+
+async def test_a_failed_launch_unwires(harness: Harness) -> None:
+    harness.launch_fails = True
+    with pytest.raises(Unavailable, match="no QEMU today"):
+        await harness.booter().boot(harness.config(str(netns_file(harness))))
+    assert harness.log == ["network setup", "launch", "network teardown"]
+    with pytest.raises(OSError):
+        os.fstat(harness.networking.fds[0])
+    assert not pod_dir(harness).exists()
+    # What spawned before the failure is on the record (delete finds it dead: harmless).
+    assert [pid for pid, _ in ShimState.of("default", "pod1").pids()] == [harness.helper]
+
+
+async def test_a_cancelled_boot_undoes_itself(harness: Harness) -> None:
+    """Cancelled while the agent is dialled (an early boot that CreateSandbox discards)."""
+    dialling, hang = asyncio.Event(), asyncio.Event()
+    booter = harness.booter()
+
+    async def dial(*args: object) -> Agent:
+        harness.log.append("agent connect")
+        dialling.set()
+        await hang.wait()
+        raise AssertionError("not reached")
+
+    booter.env.dial = dial
+    boot = asyncio.ensure_future(booter.boot(harness.config(None)))
+    async with asyncio.timeout(2):
+        await dialling.wait()
+    boot.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await boot
+    assert harness.log == ["launch", "agent connect", "vm close"]
+    assert harness.vm is not None and harness.vm.stopped
+    assert not pod_dir(harness).exists()
+
+
+async def test_no_netns_means_no_nic(harness: Harness) -> None:
+    await harness.booter().boot(harness.config(None))
+    assert harness.networking.setups == [] and harness.launches[0].nics == ()
+    assert "UpdateInterface" not in harness.log
+
+
+async def test_missing_netns_is_refused_before_anything(harness: Harness) -> None:
+    gone = harness.tmp / "gone"
+    with pytest.raises(FailedPrecondition, match=f"network namespace {gone} does not exist"):
+        await harness.booter().boot(harness.config(str(gone)))
+    assert harness.log == []
+    assert not pod_dir(harness).exists()
+    assert not ShimState.of("default", "pod1").path.exists()
+
+
+async def test_an_existing_run_dir_is_refused(harness: Harness) -> None:
+    pod_dir(harness).mkdir(parents=True)
+    with pytest.raises(FailedPrecondition, match="exists"):
+        await harness.booter().boot(harness.config(None))
+    assert harness.log == []
+
+
+async def test_the_policy_annotation_is_set_before_the_sandbox(harness: Harness) -> None:
+    harness.annotations = (POLICY_ANNOTATION,)
+    policy = 'package agent_policy\ndefault CreateContainerRequest := true\n'
+    await harness.booter().boot(harness.config(None, annotations={
+        POLICY_ANNOTATION: base64.b64encode(policy.encode()).decode()}))
+    assert harness.log[-2:] == ["SetPolicy", "CreateSandbox"]
+    assert harness.agent.policy == policy
+
+
+@pytest.mark.parametrize(("value", "why"), [("%%% not base64", "not base64"),
+                                            (base64.b64encode(b"\xff\xfe").decode(),
+                                             "not UTF-8")])
+async def test_a_malformed_policy_annotation_is_invalid_argument(
+        harness: Harness, value: str, why: str) -> None:
+    harness.annotations = (POLICY_ANNOTATION,)
+    with pytest.raises(InvalidArgument, match=f"{POLICY_ANNOTATION}: .*{why}"):
+        await harness.booter().boot(harness.config(None, annotations={POLICY_ANNOTATION: value}))
+    assert harness.log == []  # refused before anything was made
+
+
+async def test_annotations_off_the_allow_list_are_refused(harness: Harness) -> None:
+    with pytest.raises(InvalidArgument, match=r"not allowed by runtime profile fake\.toml"):
+        await harness.booter().boot(harness.config(None, annotations={
+            "io.katacontainers.config.hypervisor.kernel_params": "quiet"}))
+
+
+def test_the_real_boot_env_wires_through_the_helper_process() -> None:
+    env = BootEnv()
+    assert type(env.networking).__name__ == "HelperNetworking"  # pyroute2 stays out
+    assert env.dial.__name__ == "dial_agent"
