@@ -81,6 +81,7 @@ class TaskManager:
         self._on_created = on_created
         self._clock_ns = clock_ns
         self._containers: dict[str, Container] = {}
+        self._reserved: set[str] = set()  # ids whose Create is under way
         pod.listen(self)
 
     # -- lookups --
@@ -109,8 +110,15 @@ class TaskManager:
             raise InvalidArgument("container id must not be empty")
         if request.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported in a pod VM")
-        if request.id in self._containers:
+        if request.id in self._containers or request.id in self._reserved:
             raise AlreadyExists(f"container {request.id} already exists")
+        self._reserved.add(request.id)  # before any await: a concurrent Create is refused
+        try:
+            return await self._create(request)
+        finally:
+            self._reserved.discard(request.id)
+
+    async def _create(self, request: CreateTask) -> int:
         bundle = Path(request.bundle)
         spec = read_spec(bundle)
         vm = await self._pod.ensure_booted(PodConfig(
@@ -364,7 +372,7 @@ class TaskManager:
     async def shutdown(self, now: bool) -> bool:
         """Shutdown: honoured only once the pod has no containers left and no sandbox API pod
         is running (or ``now``)."""
-        busy = self._containers or self._pod.holds_the_daemon
+        busy = self._containers or self._reserved or self._pod.holds_the_daemon
         if busy and not now:
             return False
         self._pod.shutdown_requested.set()

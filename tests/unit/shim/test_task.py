@@ -281,6 +281,24 @@ async def test_slow_boot_is_shared_by_concurrent_creates(h: Harness) -> None:
     assert h.publisher.topics() == ["/tasks/create", "/tasks/create"]
 
 
+async def test_concurrent_creates_of_one_id_exactly_one_wins(h: Harness) -> None:
+    """The id is reserved before the boot is awaited (runc's ReserveProcess): the second
+    Create of the same id is AlreadyExists at once, however long the first one takes."""
+    h.booter.delay = 0.2
+    results = await asyncio.gather(create(h, "c1"), create(h, "c1"), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["AlreadyExists", "int"]
+    assert [c for c in h.agent.calls if c[0] == "CreateContainer"] == [
+        ("CreateContainer", "c1", "")]
+    assert h.publisher.topics() == ["/tasks/create"]
+    assert len(h.booter.configs) == 1
+
+
+async def test_a_failed_create_releases_its_id(h: Harness) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        await h.tasks.create(CreateTask(id="c1", bundle=str(h.root / "missing")))
+    assert await create(h, "c1") == 4242  # the id is free again
+
+
 async def test_cancelled_boot_rolls_back_and_propagates(h: Harness) -> None:
     h.booter.delay = 10
     creating = asyncio.create_task(create(h))
