@@ -29,10 +29,11 @@ def delete(flags: Flags) -> bytes:
     """Clean up whatever a dead shim left for ``-id``; return a serialised DeleteResponse.
 
     "Dead" means its socket no longer accepts connections (gone, or unreachable after a failed
-    reload): then the daemon (if still there) and the recorded helper processes (QEMU …) are
-    SIGKILLed, the pod network unwired, the recorded directories unmounted and removed, socket
-    and state removed. A daemon that still serves is
-    left alone, like containerd-shim-runc-v2's delete never kills its shim.
+    reload): then the daemon (if still there), the recorded helper processes (QEMU …) and any
+    process naming a recorded directory on its command line are SIGKILLed, the pod network
+    unwired, the recorded directories unmounted and removed, socket and state removed. A
+    daemon that still serves is left alone, like containerd-shim-runc-v2's delete never kills
+    its shim.
     The answer is runc-v2's: pid of the recorded init process, exit status 137 (128 + SIGKILL),
     exited_at now.
     """
@@ -50,7 +51,10 @@ def delete(flags: Flags) -> bytes:
     killed: list[tuple[int, int]] = []
     if isinstance(pid, int) and isinstance(start_time, int) and kill_if_same(pid, start_time):
         killed.append((pid, start_time))
-    for helper, helper_start in state.pids():
+    # The daemon is gone now: nothing new can start. Its helpers are on the record; one that
+    # spawned in the instant before the daemon could record it names the pod's (recorded) run
+    # directory on its command line.
+    for helper, helper_start in [*state.pids(), *_processes_naming(state.dirs())]:
         if kill_if_same(helper, helper_start):
             killed.append((helper, helper_start))
     _wait_gone(killed, TIMEOUTS.kill_wait)
@@ -84,6 +88,28 @@ def _delete_response(init_pid: int) -> bytes:
     return (wire.varint_field(1, init_pid)
             + wire.varint_field(2, SIGKILL_EXIT_STATUS)
             + wire.message_field(3, wire.timestamp(now // 1_000_000_000, now % 1_000_000_000)))
+
+
+def _processes_naming(directories: list[Path]) -> list[tuple[int, int]]:
+    """(pid, start time) of each process whose command line names a path below one of
+    ``directories`` (QEMU and vhost-device-vsock name their sockets there)."""
+    markers = [os.fsencode(directory) + b"/" for directory in directories]
+    found: list[tuple[int, int]] = []
+    if not markers:
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if any(marker in cmdline for marker in markers):
+            start = process_start_time(int(entry.name))
+            if start is not None:
+                found.append((int(entry.name), start))
+    return found
 
 
 def _wait_gone(processes: list[tuple[int, int]], timeout: float) -> None:

@@ -5,7 +5,9 @@ group), ``init.pid``, ``pids`` (QEMU, vhost-device-vsock: ``<pid> <start time>``
 ``dirs`` (the pod's run directory) and ``network.json`` (the wired pod netns). ``start`` writes
 the daemon's entry; the pod's boot script adds each pid right after the process exists and
 each directory just before it is made, so a daemon killed at any point of a boot leaves
-``delete`` everything it needs to reap. A clean daemon exit removes the record.
+``delete`` everything it needs to reap (a helper spawned in the instant before its pid could be
+written still names the recorded run directory on its command line: ``delete`` reaps those
+too). A clean daemon exit removes the record.
 """
 
 from __future__ import annotations

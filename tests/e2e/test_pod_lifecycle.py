@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.e2e.conftest import RUNTIME, CocoContainerd
@@ -134,6 +135,75 @@ def test_shim_killed_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
     # containerd's own `delete` run for this id is short-lived: wait for it, then nothing of
     # this container may remain.
     wait_for(lambda: not processes_of(coco, cid), "every process of the container to exit", 30)
+
+
+def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
+    """kill -9 of the daemon after QEMU spawned and before the agent answered: containerd's
+    `delete` reaps QEMU and vhost-device-vsock (recorded as they spawned) and removes the
+    socket, the pod's run directory and the state; the same pod can be created again."""
+    cid = name("bootdie")
+    pod_dir = str(coco.pod_dir(cid)).encode()
+    run = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address", str(coco.cd.address),
+                            "run", "-d", "--runtime", RUNTIME, BUSYBOX_REF, cid, "sleep", "600"],
+                           env=coco.cd.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        daemon = _spawned_qemu(pod_dir, 60)  # the daemon dies right after QEMU spawned
+        os.kill(daemon, signal.SIGKILL)
+        assert f"pod {cid}: agent answered" not in coco.cd.log_path.read_text(errors="replace")
+        _, err = run.communicate(timeout=120)
+        assert run.returncode != 0, err
+
+        def left() -> list[str]:
+            found = [f"process {pid}" for pid in coco_processes(coco.base)
+                     if pod_dir in _cmdline(pid) or cid.encode() in _cmdline(pid)]
+            found += [str(p) for p in (coco.pod_dir(cid), coco.base / "state" / "default" / cid)
+                      if p.exists()]
+            found += [str(p) for p in coco.socket_dir.iterdir() if p.is_socket()
+                      and not _listening(p)]
+            return found
+
+        wait_for(lambda: not left(), "delete to reap QEMU, helper, socket and directories", 60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        cleanup(coco, cid)
+    # The same pod id boots again.
+    out = coco.run(cid, "echo", "again", flags=("--rm",))
+    assert out.stdout.decode().strip() == "again"
+
+
+def _spawned_qemu(pod_dir: bytes, timeout: float) -> int:
+    """As soon as a QEMU naming ``pod_dir`` exists (polled every few ms): its parent's pid
+    (the shim daemon that launched it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            cmdline = _cmdline(int(entry.name))
+            if b"qemu-system" in cmdline.split(b"\0")[0] and pod_dir in cmdline:
+                return psutil.Process(int(entry.name)).ppid()
+        time.sleep(0.002)
+    raise AssertionError(f"no QEMU for {pod_dir!r} within {timeout} s")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile
+        return b""
+
+
+def _listening(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def processes_of(coco: CocoContainerd, cid: str) -> list[int]:

@@ -285,16 +285,22 @@ def test_delete_cleans_up_after_a_dead_shim(env: Env) -> None:
     state = env.state / "default" / "c1"
     (state / "init.pid").write_text("4242")
     helper = subprocess.Popen(["sleep", "60"])  # stands for a QEMU the dead shim left behind
+    run_dir = env.root / "run" / "pod"
+    (run_dir / "vm-1").mkdir(parents=True)
+    # A vhost-device-vsock the daemon spawned but died before recording: it names the run dir.
+    unrecorded = subprocess.Popen(["sh", "-c", "sleep 60", f"{run_dir}/vm-1/vhu.sock"])
     try:
         from shim.core.crash_record import ShimState
 
         ShimState(state).add_pid(helper.pid)
+        ShimState(state).add_dir(run_dir)
         # A daemon that still serves is left alone (containerd 2.1.9 calls delete spuriously).
         done = env.run("-namespace", "default", "-address", ADDRESS, "-id", "c1",
                        "-bundle", str(bundle), "delete", cwd=bundle)
         assert done.returncode == 0, done.stderr.decode()
         assert task_v3.DeleteResponse.FromString(done.stdout).pid == 4242
-        assert _alive(pid) and helper.poll() is None and state.exists()
+        assert _alive(pid) and helper.poll() is None and unrecorded.poll() is None
+        assert state.exists() and run_dir.exists()
         # Its socket gone (a failed reload): now it is dead to containerd and is reaped.
         Path(boot["address"].removeprefix("unix://")).unlink()
         before = time.time_ns()
@@ -305,13 +311,15 @@ def test_delete_cleans_up_after_a_dead_shim(env: Env) -> None:
         assert (response.pid, response.exit_status) == (4242, 137)
         assert response.exited_at.ToNanoseconds() >= before
         assert helper.wait(timeout=10) == -signal.SIGKILL
+        assert unrecorded.wait(timeout=10) == -signal.SIGKILL
         _wait_gone(pid)
-        assert not state.exists()
+        assert not state.exists() and not run_dir.exists()
         assert not Path(boot["address"].removeprefix("unix://")).exists()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            helper.kill()
-        helper.wait()
+        for process in (helper, unrecorded):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
 
 
 def test_delete_without_state_still_answers(env: Env) -> None:
