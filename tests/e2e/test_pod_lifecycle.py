@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -147,7 +148,9 @@ def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContai
                             "run", "-d", "--runtime", RUNTIME, BUSYBOX_REF, cid, "sleep", "600"],
                            env=coco.cd.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        daemon = _spawned_qemu(pod_dir, 60)  # the daemon dies right after QEMU spawned
+        # The daemon dies right after QEMU spawned, once containerd talks to it (a shim that
+        # dies before containerd connected leaves containerd 1.7 dialling, not deleting).
+        daemon = _spawned_qemu(pod_dir, _shim_socket(coco, cid), 60)
         os.kill(daemon, signal.SIGKILL)
         assert f"pod {cid}: agent answered" not in coco.cd.log_path.read_text(errors="replace")
         _, err = run.communicate(timeout=120)
@@ -173,17 +176,33 @@ def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContai
     assert out.stdout.decode().strip() == "again"
 
 
-def _spawned_qemu(pod_dir: bytes, timeout: float) -> int:
-    """As soon as a QEMU naming ``pod_dir`` exists (polled every few ms): its parent's pid
-    (the shim daemon that launched it)."""
+def _shim_socket(coco: CocoContainerd, cid: str) -> Path:
+    """The pod's shim socket, by containerd's convention."""
+    joined = os.path.normpath(os.path.join(str(coco.cd.address), "default", cid))
+    return coco.socket_dir / hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _connected(sock: Path) -> bool:
+    """Has a client connected to ``sock``? (an accepted socket carries the listener's name; a
+    gRPC daemon's listener is bound under a staging name and renamed.)"""
+    names = {str(sock), str(sock.with_name(f".{sock.name}.grpc"))}
+    with open("/proc/net/unix") as table:
+        bound = [line.split()[-1] for line in table if len(line.split()) == 8]
+    return sum(name in names for name in bound) >= 2
+
+
+def _spawned_qemu(pod_dir: bytes, sock: Path, timeout: float) -> int:
+    """As soon as a QEMU naming ``pod_dir`` exists and containerd has connected to ``sock``
+    (polled every few ms): QEMU's parent, the shim daemon that launched it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            cmdline = _cmdline(int(entry.name))
-            if b"qemu-system" in cmdline.split(b"\0")[0] and pod_dir in cmdline:
-                return psutil.Process(int(entry.name)).ppid()
+        if _connected(sock):
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                cmdline = _cmdline(int(entry.name))
+                if b"qemu-system" in cmdline.split(b"\0")[0] and pod_dir in cmdline:
+                    return psutil.Process(int(entry.name)).ppid()
         time.sleep(0.002)
     raise AssertionError(f"no QEMU for {pod_dir!r} within {timeout} s")
 
