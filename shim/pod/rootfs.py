@@ -25,6 +25,7 @@ from hypervisor.cmdline import NinePShare, Share
 from hypervisor.profile import RuntimeProfile
 from protocols.api.kata import agent_pb2
 from shim.core.errors import FailedPrecondition, Internal, InvalidArgument
+from shim.pod.guest_spec import spec_mounts
 from shim.pod.mounts import Mount, mount, remove_tree
 
 SHARE_TAG: Final = "kataShared"
@@ -55,9 +56,11 @@ class RootfsStrategy(Protocol):
         """Make the pod's host side (before the VM is launched)."""
         ...
 
-    async def add(self, container_id: str, bundle: Path, rootfs: Sequence[Mount],
-                  spec_mounts: Sequence[Mapping[str, Any]]) -> ContainerRootfs:
-        """Prepare one container; on failure nothing of it is left on the host."""
+    async def add(self, container_id: str, bundle: Path, spec: Mapping[str, object],
+                  rootfs: Sequence[Mount]) -> ContainerRootfs:
+        """Prepare one container from its OCI spec as containerd wrote it (annotations name
+        its image, mounts name host paths) and the rootfs mounts containerd prepared; on
+        failure nothing of it is left on the host."""
         ...
 
     async def remove(self, container_id: str) -> None:
@@ -101,8 +104,8 @@ class HostShare:
     async def open(self) -> None:
         self.host_dir.mkdir(mode=0o700)
 
-    async def add(self, container_id: str, bundle: Path, rootfs: Sequence[Mount],
-                  spec_mounts: Sequence[Mapping[str, Any]]) -> ContainerRootfs:
+    async def add(self, container_id: str, bundle: Path, spec: Mapping[str, object],
+                  rootfs: Sequence[Mount]) -> ContainerRootfs:
         """Mount the container's rootfs and its host bind mounts under the share."""
         if len(rootfs) > 1:
             raise InvalidArgument(f"container {container_id}: {len(rootfs)} rootfs mounts "
@@ -112,7 +115,7 @@ class HostShare:
             (base / "rootfs").mkdir(parents=True)
         except FileExistsError as err:
             raise FailedPrecondition(f"container {container_id}: {base} exists") from err
-        mounts = [dict(entry) for entry in spec_mounts]
+        mounts = [dict(entry) for entry in spec_mounts(spec)]
         try:
             # containerd may leave the rootfs in the bundle (e.g. ctr run --rootfs).
             root = rootfs[0] if rootfs else Mount("bind", str(bundle / "rootfs"))

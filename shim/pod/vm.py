@@ -75,8 +75,7 @@ class PodVm:
                                spec: Mapping[str, object], rootfs: Sequence[Mount]) -> None:
         """Host side (the rootfs strategy), then CreateContainer with the guest's spec; the
         host side is undone if the agent refuses."""
-        mounts = guest_spec.spec_mounts(spec)
-        prepared = await self.rootfs.add(container_id, bundle, rootfs, mounts)
+        prepared = await self.rootfs.add(container_id, bundle, spec, rootfs)
         try:
             oci = guest_spec.for_guest(spec, prepared.root_path, prepared.mounts)
             await self.agent.create_container(container_id, oci, prepared.storages)

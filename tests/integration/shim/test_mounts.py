@@ -63,9 +63,9 @@ def test_host_share_mounts_and_removes_a_container(tmp_path: Path) -> None:
 
     async def run() -> None:
         await share.open()
-        prepared = await share.add("c1", bundle, (), [
+        prepared = await share.add("c1", bundle, {"mounts": [
             {"destination": "/etc/hosts", "source": str(hosts), "type": "bind"},
-            {"destination": "/proc", "source": "proc", "type": "proc"}])
+            {"destination": "/proc", "source": "proc", "type": "proc"}]}, ())
         assert prepared.root_path == str(GUEST_SHARED / "c1" / "rootfs")
         assert prepared.mounts[0]["source"] == str(GUEST_SHARED / "c1" / "mount-0-hosts")
         assert prepared.mounts[1]["source"] == "proc"  # not a bind: left for the guest
@@ -86,11 +86,12 @@ def test_a_rootfs_mount_failure_is_reported_as_such(tmp_path: Path) -> None:
         await share.open()
         broken = Mount("overlay", "overlay", options=(f"lowerdir={tmp_path / 'nope'}",))
         with pytest.raises(Internal, match="container c1: mounting its rootfs failed: mount"):
-            await share.add("c1", tmp_path, (broken,), [])
+            await share.add("c1", tmp_path, {}, (broken,))
         assert not (share.host_dir / "c1").exists()
         with pytest.raises(InvalidArgument, match="bind mount source /nonexistent"):
-            await share.add("c2", tmp_path, (Mount("bind", str(tmp_path)),), [
-                {"destination": "/x", "source": "/nonexistent", "type": "bind"}])
+            await share.add("c2", tmp_path, {"mounts": [
+                {"destination": "/x", "source": "/nonexistent", "type": "bind"}]},
+                (Mount("bind", str(tmp_path)),))
         assert not (share.host_dir / "c2").exists() and mounts_under(share.host_dir) == []
         await share.close()
 

@@ -19,6 +19,7 @@ from hypervisor.vm import AgentChannel
 from protocols.api.kata import agent_pb2, oci_pb2, types_pb2
 from shim.core.errors import NotFound, Unavailable
 from shim.pod.agent import Agent
+from shim.pod.guest_spec import spec_mounts
 from shim.pod.mounts import Mount
 from shim.pod.rootfs import ContainerRootfs, RootfsStrategy
 from shim.pod.vm import PodConfig, PodVm
@@ -274,11 +275,11 @@ class FakeRootfs:
     async def open(self) -> None:
         pass
 
-    async def add(self, container_id: str, bundle: Path, rootfs: Sequence[Mount],
-                  spec_mounts: Sequence[Mapping[str, Any]]) -> ContainerRootfs:
+    async def add(self, container_id: str, bundle: Path, spec: Mapping[str, object],
+                  rootfs: Sequence[Mount]) -> ContainerRootfs:
         self.added.append(container_id)
         return ContainerRootfs(root_path=f"/run/fake/{container_id}/rootfs",
-                               mounts=[dict(m) for m in spec_mounts])
+                               mounts=[dict(m) for m in spec_mounts(spec)])
 
     async def remove(self, container_id: str) -> None:
         self.removed.append(container_id)
