@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -22,7 +23,9 @@ from hypervisor.choice import accelerator_for, vsock_kind
 from hypervisor.errors import ProbeError, QemuError
 from hypervisor.monitor import QmpMonitor
 from hypervisor.profile import RuntimeProfile, TeeKind, VmInstance, confidential_object
-from hypervisor.timeouts import TIMEOUTS
+from hypervisor.timeouts import TIMEOUTS, Timeouts
+
+log = logging.getLogger(__name__)
 
 TEE_TYPES = ("sev-guest", "sev-snp-guest", "tdx-guest", "s390-pv-guest", "pef-guest")
 
@@ -301,3 +304,59 @@ def which_vhost_device_vsock(explicit: str | None = None) -> Path | None:
         if c and Path(c).is_file():
             return Path(c)
     return None
+
+
+# --- what "auto" is here, with a real probe -------------------------------------------------
+
+KVM_DEVICE = Path("/dev/kvm")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+async def resolve_accelerator(profile: RuntimeProfile, *, cache: Path | None = None,
+                              kvm_device: Path = KVM_DEVICE,
+                              timeouts: Timeouts = TIMEOUTS) -> str:
+    """The accelerator ``profile`` gets here; ``auto`` costs a probe boot (≤ the table's
+    ``kvm_probe_boot``) unless ``cache`` holds the answer for this QEMU and this host boot."""
+    if profile.accel != "auto":
+        return profile.accel
+    key = _cache_key(profile) if cache is not None else ""
+    cached = _cached(cache, key)
+    if cached is not None:
+        return cached
+    usable = _exists(kvm_device) and (await probe_kvm(
+        profile.qemu, qemu_root=profile.qemu_root, bound=timeouts.kvm_probe_boot)).ok
+    accel = accelerator_for("auto", kvm_usable=usable)
+    _remember(cache, key, accel)
+    log.info("accelerator auto → %s", accel)
+    return accel
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _cache_key(profile: RuntimeProfile) -> str:
+    return f"{profile.qemu}:{profile.qemu.stat().st_mtime_ns}:{_boot_id()}"
+
+
+def _cached(cache: Path | None, key: str) -> str | None:
+    if cache is None:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(cache.read_text())
+        if record.get("key") == key:
+            return str(record["accel"])
+    return None
+
+
+def _remember(cache: Path | None, key: str, accel: str) -> None:
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "accel": accel}))
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""

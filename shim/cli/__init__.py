@@ -1,0 +1,1 @@
+"""``coco-shim``: operator and debugging commands (check, vm, measure, install)."""

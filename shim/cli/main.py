@@ -249,8 +249,7 @@ def _print_cmdline(args: argparse.Namespace, profile: Any, initdata: Any) -> int
 
 
 async def _boot(args: argparse.Namespace, profile: Any, initdata: Any) -> int:
-    from hypervisor.choice import resolve_accelerator
-    from hypervisor.probe import which_vhost_device_vsock
+    from hypervisor.probe import resolve_accelerator, which_vhost_device_vsock
     from hypervisor.vm import LaunchOptions, launch_vm
 
     if profile.qemu_root != Path("/"):

@@ -19,10 +19,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypervisor.choice import resolve_accelerator
 from hypervisor.cmdline import VirtioNetTap
 from hypervisor.errors import ConfigError, InvariantError, QemuError
-from hypervisor.probe import which_vhost_device_vsock
+from hypervisor.probe import resolve_accelerator, which_vhost_device_vsock
 from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
 from shim.core import paths

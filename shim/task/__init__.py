@@ -1,0 +1,1 @@
+"""The task domain: the containers and processes of one pod, their stdio, their events."""

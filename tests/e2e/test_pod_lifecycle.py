@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shim.binary.bootstrap import can_connect
 from tests.e2e.conftest import RUNTIME, CocoContainerd
 from tests.e2e.test_ctr import wait_stopped
 from tests.support.containerd import coco_processes
@@ -162,7 +163,7 @@ def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContai
             found += [str(p) for p in (coco.pod_dir(cid), coco.base / "state" / "default" / cid)
                       if p.exists()]
             found += [str(p) for p in coco.socket_dir.iterdir() if p.is_socket()
-                      and not _listening(p)]
+                      and not can_connect(p)]
             return found
 
         wait_for(lambda: not left(), "delete to reap QEMU, helper, socket and directories", 60)
@@ -212,17 +213,6 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # exited meanwhile
         return b""
-
-
-def _listening(path: Path) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 def processes_of(coco: CocoContainerd, cid: str) -> list[int]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hypervisor.choice import accelerator_for, resolve_accelerator, vsock_kind
+from hypervisor.choice import accelerator_for, vsock_kind
+from hypervisor.probe import resolve_accelerator
 from hypervisor.profile import RuntimeProfile, TeeKind
 
 
