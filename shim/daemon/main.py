@@ -92,9 +92,8 @@ class Owner:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)  # their own cancellations end there; ours propagates
 
 
 def _notify(fd: int, message: str) -> None:

@@ -11,7 +11,6 @@ initdata disk, size the VM from the pod's limits, …) is one more method and on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -216,8 +215,7 @@ class BootScript:
                                              exited, self.env.timeouts)
         finally:
             exited.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await exited
+            await asyncio.wait({exited})
         self.undo.push_async_callback(self.agent.close)
         log.info("pod %s: agent answered after %.3f s", self.config.sandbox_id,
                  self._elapsed())

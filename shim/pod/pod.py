@@ -287,16 +287,14 @@ class Pod:
         try:
             await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for future in (waiting, gone):
-                if not future.done():
-                    future.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await future
-        if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+            waiting.cancel()
+            gone.cancel()
+            await asyncio.wait({waiting, gone})  # a cancellation of ours still propagates
+        error = None if waiting.cancelled() else waiting.exception()
+        if not waiting.cancelled() and error is None:
             return waiting.result()
         if vm.exited.is_set():
             return VM_KILLED_STATUS
-        error = waiting.exception()
         assert error is not None
         if isinstance(error, Unavailable):
             # The connection drops as the VM dies: give the watcher a moment to see it.
