@@ -1,0 +1,67 @@
+"""Bytes that are not the request's message are INVALID_ARGUMENT on both transports (grpcio's
+own deserializer failure would be UNKNOWN), and nothing is created."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+
+from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
+from protocols.status import Code
+from protocols.ttrpc import Client, TtrpcError
+from shim.daemon.grpc_server import serve_grpc
+from shim.daemon.sandbox_service import SandboxService
+from shim.daemon.ttrpc_server import serve_ttrpc
+from tests.unit.shim.conftest import make_harness
+
+GARBAGE = b"\x0a\xff"  # field 1, length 255, then nothing: not a message
+# Field 1 (every task request's string id) holding bytes that are not UTF-8.
+NOT_UTF8 = wrappers_pb2.BytesValue(value=b"\xff\xfe")
+
+
+@pytest.mark.parametrize("method", ["Create", "State", "Kill"])
+async def test_grpc(tmp_path: Path, method: str) -> None:
+    h = make_harness(tmp_path)
+    short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
+    server = await serve_grpc(h.tasks, SandboxService(h.pod, "default"), short / "s.sock")
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{short / 's.sock'}") as channel:
+            call = channel.unary_unary(f"/containerd.task.v3.Task/{method}",
+                                       request_serializer=lambda raw: raw,
+                                       response_deserializer=lambda raw: raw)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(GARBAGE)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{method}: request is not a containerd.task.v3." in (caught.value.details() or "")
+        assert not h.booter.configs
+    finally:
+        await server.stop(0)
+        await h.aclose()
+        shutil.rmtree(short)
+
+
+async def test_ttrpc(tmp_path: Path) -> None:
+    h = make_harness(tmp_path)
+    short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(short / "s.sock"))
+    listener.listen()
+    server = await serve_ttrpc(h.tasks, SandboxService(h.pod, "default"), listener)
+    client = await Client.connect_unix(short / "s.sock")
+    try:
+        with pytest.raises(TtrpcError) as caught:
+            await client.call("containerd.task.v3.Task", "Create", NOT_UTF8,
+                              task_v3.CreateTaskResponse)
+        assert caught.value.code is Code.INVALID_ARGUMENT
+        assert not h.booter.configs
+    finally:
+        await client.close()
+        await server.close()
+        await h.aclose()
+        shutil.rmtree(short)
