@@ -21,7 +21,6 @@ from typing import Final, Literal
 from shim.core import paths
 from shim.core.config import Protocol
 from shim.core.errors import InvalidArgument
-from shim.core.timeouts import TIMEOUTS
 
 # sockaddr_un.sun_path is 108 bytes; containerd keeps shim socket paths to 106.
 MAX_SOCKET_PATH: Final = 106
@@ -120,6 +119,8 @@ def _run_version(binary: str) -> str:
     finally:
         os.close(write_end)
     chunks: list[bytes] = []
+    from shim.core.timeouts import TIMEOUTS  # once per containerd binary (then cached)
+
     deadline = time.monotonic() + TIMEOUTS.version_probe
     try:
         while (left := deadline - time.monotonic()) > 0:

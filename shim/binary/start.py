@@ -24,7 +24,6 @@ from shim.core.bundle import group_id, read_spec
 from shim.core.config import config_source, decode_runtime_options, shim_config
 from shim.core.crash_record import ShimState
 from shim.core.errors import Unavailable
-from shim.core.timeouts import TIMEOUTS
 
 
 class StartError(Unavailable):
@@ -137,6 +136,8 @@ def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> No
 
 def _read_ready(fd: int) -> str:
     chunks: list[bytes] = []
+    from shim.core.timeouts import TIMEOUTS  # a gRPC start only: a ttrpc one never waits
+
     deadline = time.monotonic() + TIMEOUTS.daemon_ready
     while (left := deadline - time.monotonic()) > 0:
         ready, _, _ = select.select([fd], [], [], left)
