@@ -103,6 +103,7 @@ async def test_every_rpc(wire: tuple[Harness, ModuleType, Call], tmp_path: Path)
     pod, pb, call = wire
     connected = await call("Connect", pb.ConnectRequest(id="c1"))
     assert (connected.shim_pid, connected.task_pid) == (os.getpid(), 0)
+    assert connected.version.startswith("coco-shim ")
 
     fifos = make_fifos(tmp_path)
     out = asyncio.create_task(read_to_eof(fifos.stdout))
@@ -227,3 +228,11 @@ async def test_an_agent_status_reaches_containerd_with_its_code(
     message = await expect(grpc.StatusCode.PERMISSION_DENIED,
                            call("Start", pb.StartRequest(id="c1")))
     assert "blocked by the agent policy" in message
+
+
+def test_connect_reports_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    from shim.daemon.task_service import shim_version
+
+    assert shim_version() == f"coco-shim {version('coco-shim')}"
