@@ -23,9 +23,9 @@ from protocols.errors import (
 )
 
 __all__ = [
-    "AgentError", "AlreadyExists", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument",
-    "NotFound", "PermissionDenied", "ResourceExhausted", "RuntimeFailure", "Unavailable",
-    "Unimplemented", "from_os_error",
+    "AgentError", "AlreadyExists", "DataLoss", "DeadlineExceeded", "FailedPrecondition",
+    "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "RuntimeFailure",
+    "Unavailable", "Unimplemented", "from_os_error",
 ]
 
 AgentError = RpcError  # the agent's name for the base of every error it reports
