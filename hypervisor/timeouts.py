@@ -18,6 +18,7 @@ class Timeouts:
     probe: float = 10.0  # one capability-probe QEMU run
     kvm_probe_boot: float = 2.0  # bounded KVM boot attempt
     hybrid_connect: float = 5.0  # CONNECT <port> handshake on a hybrid vsock socket
+    guest_ready_line: float = 2.0  # reading the guest's "READY <port>" once it connected
 
 
 TIMEOUTS = Timeouts()

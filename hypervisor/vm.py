@@ -62,6 +62,9 @@ class AgentChannel:
 
     guest_cid: int
     hybrid_socket: Path | None  # unix socket speaking CONNECT <port>, for hybrid vsock
+    # Hybrid vsock: until the guest announced that its agent listens; dial only after it
+    # (see hypervisor.vsock). None: dial at will (kernel vhost-vsock).
+    wait_guest_ready: Callable[[], Awaitable[None]] | None = None
 
 
 class VirtualMachine(Protocol):
@@ -399,6 +402,7 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
 
         vsock: KernelVsock | HybridVsock | None = None
         channel: AgentChannel | None = None
+        kernel_params = options.extra_kernel_params
         pass_fds: list[int] = [fd for nic in options.nics
                                for fd in (nic.tap_fd, nic.vhost_fd) if fd is not None]
         kind = profile_vsock(profile)
@@ -417,11 +421,13 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
             await backend.start(options.on_spawn)
             stack.push_async_callback(backend.stop)
             vsock = HybridVsock(backend.vhost_user_socket)
-            channel = AgentChannel(backend.guest_cid, backend.uds_path)
+            channel = AgentChannel(backend.guest_cid, backend.uds_path,
+                                   backend.wait_guest_ready)
+            kernel_params = " ".join(p for p in (kernel_params, backend.kernel_params) if p)
 
         instance = VmInstance(run_dir=run_dir, name=options.name, vsock=vsock,
                               disks=options.disks, nics=options.nics, shares=options.shares,
-                              extra_kernel_params=options.extra_kernel_params,
+                              extra_kernel_params=kernel_params,
                               accel=options.accel, log_dir=options.log_dir,
                               sev_cbitpos=cbitpos, sev_reduced_phys_bits=reduced_phys_bits,
                               initdata=options.initdata)

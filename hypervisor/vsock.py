@@ -7,6 +7,16 @@
   vhost-user; the host reaches guest port P by writing ``CONNECT P`` on its unix socket.
   Needs shared guest memory, so only for non-confidential profiles; chosen automatically when
   ``/dev/vhost-vsock`` is absent.
+
+Hybrid vsock has one trap: vhost-device-vsock (0.3.0, Debian's) stops serving for good when a
+host connection reaches it while the guest driver is starting the device (guest memory known,
+RX ring not yet set up): its vring worker fails on the half-configured ring and exits, and
+every later ``CONNECT`` hangs unanswered. A host that dials while the guest boots hits that
+window now and then (1 boot in 74 here; every third boot when dialing without pause). So the
+guest says when its agent listens: it connects to the host (CID 2) on
+:data:`GUEST_READY_PORT`, which vhost-device-vsock turns into a connection to
+``<uds_path>_<port>``, where :class:`HybridVsockBackend` listens from before QEMU starts. Dial
+only after :meth:`HybridVsockBackend.wait_guest_ready`: by then the device is running.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ from hypervisor.timeouts import TIMEOUTS, Timeouts
 VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60  # _IOW(VHOST_VIRTIO, 0x60, __u64)
 FIRST_GUEST_CID = 3  # 0-2 are reserved (hypervisor, local, host)
+GUEST_READY_PORT = 1029  # host port the guest connects to once its agent listens (hybrid)
+GUEST_READY_PARAM = "coco.agent.ready_port"  # kernel parameter telling the guest that port
+READY_LINE_MAX = 64
 MAX_GUEST_CID = 0xFFFFFFFF - 1  # U32_MAX is VMADDR_CID_ANY
 
 
@@ -84,13 +97,20 @@ class HybridVsockBackend:
     """A supervised ``vhost-device-vsock`` serving one VM."""
 
     def __init__(self, binary: Path, run_dir: Path, guest_cid: int = 3,
-                 log_path: Path | None = None, timeouts: Timeouts = TIMEOUTS) -> None:
+                 log_path: Path | None = None, timeouts: Timeouts = TIMEOUTS,
+                 ready_port: int | None = GUEST_READY_PORT) -> None:
         self.binary = binary
         self.guest_cid = guest_cid
         self.vhost_user_socket = run_dir / "vhu.sock"
         self.uds_path = run_dir / "vsock.sock"
         self.log_path = log_path or run_dir / "vhost-device-vsock.log"
         self._timeouts = timeouts
+        self.ready_port = ready_port
+        # vhost-device-vsock's name for guest-initiated connections to host port P.
+        self.ready_socket = None if ready_port is None else run_dir / f"vsock.sock_{ready_port}"
+        self.ready_line = ""  # what the guest said when it announced its agent
+        self._ready_listener: socket.socket | None = None
+        self._ready = False
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -130,6 +150,45 @@ class HybridVsockBackend:
         except Exception:
             await self.stop()
             raise
+        if self.ready_socket is not None:
+            try:
+                self._ready_listener = _listen_unix(self.ready_socket)
+            except OSError as err:
+                await self.stop()
+                raise VsockError(f"cannot listen on {self.ready_socket}: {err.strerror}") from err
+
+    @property
+    def kernel_params(self) -> str:
+        """What the guest must be told to announce its agent (empty: no announcement)."""
+        return "" if self.ready_port is None else f"{GUEST_READY_PARAM}={self.ready_port}"
+
+    @property
+    def guest_ready(self) -> bool:
+        return self._ready
+
+    async def wait_guest_ready(self) -> None:
+        """Until the guest has announced that its agent listens (no deadline: callers own it).
+
+        The first connection on the ready socket is the announcement; its first line (``READY
+        <agent port>``) is kept in :attr:`ready_line`.
+        """
+        if self._ready:
+            return
+        listener = self._ready_listener
+        if listener is None:
+            raise VsockError("the guest's ready announcement is not awaited on this backend "
+                             "(no ready port, or the backend is stopped)")
+        conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        with conn:
+            try:
+                async with asyncio.timeout(self._timeouts.guest_ready_line):
+                    line = await _read_line(conn, READY_LINE_MAX)
+            except (TimeoutError, OSError):
+                line = b""  # the connection itself is the announcement
+        self.ready_line = line.decode(errors="replace").strip()
+        self._ready = True
+        listener.close()
+        self._ready_listener = None
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -152,9 +211,41 @@ class HybridVsockBackend:
                     proc.kill()
                 await proc.wait()
         self._proc = None
-        for path in (self.vhost_user_socket, self.uds_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        if self._ready_listener is not None:
+            self._ready_listener.close()
+            self._ready_listener = None
+        for path in (self.vhost_user_socket, self.uds_path, self.ready_socket):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+def _listen_unix(path: Path) -> socket.socket:
+    """A non-blocking listening unix socket at ``path``, mode 0600 before anyone can connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise
+    return sock
+
+
+async def _read_line(conn: socket.socket, limit: int) -> bytes:
+    conn.setblocking(False)
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        chunk = await loop.sock_recv(conn, limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
 
 
 async def hybrid_connect(uds_path: Path, port: int,

@@ -28,12 +28,14 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guest.agent import initdata
+from guest.agent.bootlog import KMSG, BootLog
 from guest.agent.errors import InvalidArgument
 from guest.agent.network import Network
 from guest.agent.policy import AllowAll, Policy, RegoPolicy, confidential_default
@@ -55,6 +57,8 @@ AGENT_PORT = 1024
 WAIT_FOR_TIMEOUT = 120.0  # module loading under TCG takes seconds, never minutes
 REFUSE_FOR = 60.0  # seconds the refusal is served: longer than a shim's dial timeout
 REFUSED_EXIT = 2
+VMADDR_CID_HOST = 2
+READY_ANNOUNCE_TIMEOUT = 10.0  # the host listens from before the VM starts: one try will do
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,6 +119,13 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="listen only once this file exists (init creates it when modules are loaded)",
+    )
+    p.add_argument(
+        "--ready-vsock-port",
+        type=int,
+        default=None,
+        help="once listening, connect to the host (CID 2) on this port and say READY (the "
+        "host dials hybrid vsock only after it: see hypervisor/vsock.py)",
     )
     p.add_argument("--debug", action="store_true")
     return p
@@ -233,23 +244,54 @@ class RefusingHealth:
         raise self._refuse()
 
 
-async def _listen(server: Server, args: argparse.Namespace) -> None:
+async def _listen(server: Server, args: argparse.Namespace, boot: BootLog) -> None:
     if args.vsock:
         await server.serve_vsock(args.vsock_port)
+        boot.mark(f"listening on vsock port {args.vsock_port}")
         log.info("serving on vsock port %d", args.vsock_port)
     if args.unix is not None:
         await server.serve_unix(args.unix)
         log.info("serving on %s", args.unix)
+    if args.vsock and args.ready_vsock_port is not None:
+        await announce_ready(args.ready_vsock_port, args.vsock_port)
+        boot.mark("ready announced")
 
 
-async def refuse(args: argparse.Namespace, reason: str, stop: asyncio.Event) -> int:
+async def announce_ready(
+    port: int, agent_port: int, bound: float = READY_ANNOUNCE_TIMEOUT
+) -> None:
+    """Tell the host the agent listens: connect to CID 2 ``port``, send ``READY <agent port>``.
+
+    A failure is logged, not fatal: the host then reports that the guest never announced.
+    """
+    loop = asyncio.get_running_loop()
+    last: OSError | None = None
+    try:
+        async with asyncio.timeout(bound):
+            while True:
+                with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as sock:
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, (VMADDR_CID_HOST, port))
+                        await loop.sock_sendall(sock, f"READY {agent_port}\n".encode())
+                        return
+                    except OSError as err:  # the host is not listening (yet): reset
+                        last = err
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        log.warning("could not announce readiness on host vsock port %d: %s", port, last)
+
+
+async def refuse(
+    args: argparse.Namespace, reason: str, stop: asyncio.Event, boot: BootLog
+) -> int:
     message = f"guest refused to start: {reason}"
     print(f"coco-agent: {message}", file=sys.stderr, flush=True)
     health = RefusingHealth(message)
     server = Server()
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     try:
-        await _listen(server, args)
+        await _listen(server, args, boot)
         print(f"coco-agent: refusing for {args.refuse_for:g} s", file=sys.stderr, flush=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.refuse_for):
@@ -259,7 +301,8 @@ async def refuse(args: argparse.Namespace, reason: str, stop: asyncio.Event) -> 
     return REFUSED_EXIT
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, boot: BootLog | None = None) -> int:
+    boot = boot or BootLog(None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -281,7 +324,7 @@ async def serve(args: argparse.Namespace) -> int:
                 f"root {args.shared_root}: the host may write there (CopyFile, storages)"
             )
     except (initdata.InitdataError, InvalidArgument, GuestComponentsError) as err:
-        return await refuse(args, str(err), stop)
+        return await refuse(args, str(err), stop, boot)
 
     reaper = Reaper()
     reaper.install()
@@ -306,10 +349,11 @@ async def serve(args: argparse.Namespace) -> int:
     agent = AgentService(sandbox, Network(), startup.policy)
 
     server = Server()
-    server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
+    health = HealthService(on_check=lambda: boot.mark_once("first Check answered"))
+    server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
     try:
-        await _listen(server, args)
+        await _listen(server, args, boot)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
         waiters = [
             asyncio.ensure_future(stop.wait()),
@@ -346,6 +390,8 @@ def _uptime() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    boot = BootLog(KMSG if args.vsock else None)  # in the VM
+    boot.mark("imports done")
     if not args.vsock and args.unix is None:
         parser().error("give --vsock and/or --unix PATH")
     logging.basicConfig(
@@ -353,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         format="coco-agent %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return asyncio.run(serve(args))
+    return asyncio.run(serve(args, boot))
 
 
 if __name__ == "__main__":

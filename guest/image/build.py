@@ -36,6 +36,7 @@ PAYLOAD_DIR = "opt/coco-guest"  # PYTHONPATH of the agent inside the image
 DEVICES = (
     DeviceNode("dev/console", stat.S_IFCHR | 0o600, 5, 1),
     DeviceNode("dev/null", stat.S_IFCHR | 0o666, 1, 3),
+    DeviceNode("dev/kmsg", stat.S_IFCHR | 0o644, 1, 11),  # init's milestones before devtmpfs
 )
 # Directories of the project copied into the image (with only what the agent imports).
 PROJECT_PACKAGES = ("guest", "protocols")

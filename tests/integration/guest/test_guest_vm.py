@@ -74,6 +74,7 @@ def vm(guest_image: BuildResult) -> Iterator[GuestVM]:
 @pytest.fixture
 async def agent(vm: GuestVM) -> AsyncIterator[AgentClient]:
     deadline = time.monotonic() + BOOT_TIMEOUT
+    await asyncio.to_thread(vm.wait_agent_ready, BOOT_TIMEOUT)
     while True:
         try:
             client = await Client.connect_hybrid_vsock(vm.vsock_uds, AGENT_PORT, timeout=5)

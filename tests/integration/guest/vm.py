@@ -1,7 +1,10 @@
 """A throwaway QEMU (TCG) VM running the reference guest image, for tests and the benchmark.
 
 Independent of the project's hypervisor package on purpose: it launches vhost-device-vsock and
-qemu-system-x86_64 itself and cleans both up (processes, sockets, temp dir) on exit.
+qemu-system-x86_64 itself and cleans both up (processes, sockets, temp dir) on exit. Like the
+hypervisor package, it dials the agent only after the guest announced it (the ready port, see
+hypervisor/vsock.py): a CONNECT while the guest starts its vsock device can stall
+vhost-device-vsock for good.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 AGENT_PORT = 1024
+READY_PORT = 1029  # hypervisor.vsock.GUEST_READY_PORT: the guest's "my agent listens"
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,17 @@ class GuestVM:
     vhost: subprocess.Popen[bytes] | None = None
     qemu: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    ready_listener: socket.socket | None = None
+    ready_at: float | None = None  # monotonic time of the guest's announcement
 
     @property
     def vsock_uds(self) -> Path:
         return self.workdir / "vsock.sock"
+
+    @property
+    def ready_socket(self) -> Path:
+        """Where vhost-device-vsock delivers the guest's connection to host port READY_PORT."""
+        return self.workdir / f"vsock.sock_{READY_PORT}"
 
     @property
     def console_log(self) -> Path:
@@ -73,7 +84,9 @@ class GuestVM:
             "-device", "vhost-user-vsock-pci,chardev=c0",
             "-kernel", str(self.kernel),
             "-initrd", str(self.initrd),
-            "-append", f"console=ttyS0 panic=-1 quiet {self.append}".strip(),
+            "-append",
+            f"console=ttyS0 panic=-1 quiet coco.agent.ready_port={READY_PORT} {self.append}"
+            .strip(),
             "-nographic", "-no-reboot",
             "-serial", f"file:{self.console_log}",
             "-monitor", "none",
@@ -117,6 +130,9 @@ class GuestVM:
             if self.vhost.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vhost-device-vsock did not start: {self.logs()}")
             time.sleep(0.02)
+        self.ready_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ready_listener.bind(str(self.ready_socket))
+        self.ready_listener.listen(4)
         self.started_at = time.monotonic()
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.qemu = subprocess.Popen(
@@ -126,9 +142,33 @@ class GuestVM:
             stderr=subprocess.STDOUT,
         )
 
-    def connect(self, port: int = AGENT_PORT, timeout: float = 120.0) -> socket.socket:
-        """A connected hybrid-vsock stream to the guest port (retried until the guest listens)."""
+    def wait_agent_ready(self, timeout: float = 120.0) -> float:
+        """Until the guest announced its agent; seconds since QEMU started. Idempotent."""
+        if self.ready_at is not None:
+            return self.ready_at - self.started_at
+        assert self.ready_listener is not None, "start() first"
         deadline = time.monotonic() + timeout
+        while True:
+            if self.qemu is not None and self.qemu.poll() is not None:
+                raise RuntimeError(f"QEMU exited ({self.qemu.returncode}): {self.logs()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the guest did not announce its agent within {timeout} s\n"
+                                   f"{self.logs()}")
+            self.ready_listener.settimeout(min(left, 0.5))
+            try:
+                conn, _ = self.ready_listener.accept()
+            except TimeoutError:
+                continue
+            self.ready_at = time.monotonic()
+            conn.close()
+            return self.ready_at - self.started_at
+
+    def connect(self, port: int = AGENT_PORT, timeout: float = 120.0) -> socket.socket:
+        """A connected hybrid-vsock stream to the guest port (after the guest announced its
+        agent; retried a few times if the first attempts fail)."""
+        deadline = time.monotonic() + timeout
+        self.wait_agent_ready(timeout)
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.qemu is not None and self.qemu.poll() is not None:
@@ -168,6 +208,8 @@ class GuestVM:
         return "\n".join(parts)
 
     def stop(self) -> None:
+        if self.ready_listener is not None:
+            self.ready_listener.close()
         for proc in (self.qemu, self.vhost):
             if proc is None or proc.poll() is not None:
                 continue

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import shutil
+import stat
 import struct
+import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from hypervisor.probe import Fact, QemuCapabilities, assess, probe_host
 from hypervisor.profile import RuntimeProfile, SnpParams, TeeKind
 from hypervisor.vsock import (
     VHOST_VSOCK_SET_GUEST_CID,
+    HybridVsockBackend,
     allocate_guest_cid,
     hybrid_connect,
     hybrid_connect_blocking,
@@ -154,3 +159,47 @@ def test_assess_snp_profile(tmp_path: Path) -> None:
     no_tee = assess(snp, probe_host(tmp_path / "empty"), _qemu(sev_snp_guest=SNP_PROPS),
                     Fact(True, "ok"), None)
     assert any(p.startswith("host lacks snp") for p in no_tee.problems)
+
+
+FAKE_VHOST_DEVICE_VSOCK = """#!{python}
+import socket, sys, time
+opts = dict(kv.split("=", 1) for kv in sys.argv[2].split(","))
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(opts["socket"])
+sock.listen(1)
+time.sleep(60)
+"""
+
+
+async def test_hybrid_backend_awaits_the_guests_announcement(tmp_path: Path) -> None:
+    """The ready socket listens (0600) before QEMU could start; the guest's connection there
+    (vhost-device-vsock's form of a guest connect to host port 1029) is the announcement."""
+    binary = tmp_path / "vhost-device-vsock"
+    binary.write_text(FAKE_VHOST_DEVICE_VSOCK.format(python=sys.executable))
+    binary.chmod(0o755)
+    run = Path(tempfile.mkdtemp(prefix="coco-hv-"))  # short: unix socket paths
+    backend = HybridVsockBackend(binary, run)
+    await backend.start()
+    try:
+        assert backend.kernel_params == "coco.agent.ready_port=1029"
+        assert backend.ready_socket == run / "vsock.sock_1029"
+        assert stat.S_IMODE(backend.ready_socket.stat().st_mode) == 0o600
+        waiting = asyncio.ensure_future(backend.wait_guest_ready())
+        await asyncio.sleep(0.1)
+        assert not waiting.done() and not backend.guest_ready
+        _, writer = await asyncio.open_unix_connection(str(backend.ready_socket))
+        writer.write(b"READY 1024\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await waiting
+        writer.close()
+        assert backend.guest_ready and backend.ready_line == "READY 1024"
+        await backend.wait_guest_ready()  # idempotent
+    finally:
+        await backend.stop()
+    assert not backend.ready_socket.exists() and not backend.uds_path.exists()
+    shutil.rmtree(run)
+    without = HybridVsockBackend(binary, tmp_path, ready_port=None)
+    assert without.kernel_params == "" and without.ready_socket is None
+    with pytest.raises(VsockError, match="not awaited"):
+        await without.wait_guest_ready()
