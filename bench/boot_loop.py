@@ -5,7 +5,7 @@
 
 Each boot is what the shim does for a pod, minus containerd: the development profile's exact
 QEMU argv (hypervisor.launch_vm, the 9p rootfs share, hybrid vsock), then the shim's own dial
-(shim.agent.AgentClient.dial: the guest's ready announcement, per-attempt bounds) up to
+(shim.pod.agent.AgentClient.dial: the guest's ready announcement, per-attempt bounds) up to
 Health.Check, then DestroySandbox and the VM's stop. A boot fails when the dial raises or the VM
 does not go away; its console, QEMU and vhost-device-vsock logs are copied to --keep.
 ``--hammer N`` adds N extra hybrid-vsock dialers that CONNECT without pause from QEMU's start
@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
-from protocols.api.kata import agent_pb2
-from shim.agent import AgentClient
-from shim.vm_sandbox import RootfsShare
+from shim.pod.agent import AgentClient
+from shim.pod.rootfs import HostShare
 from tests import envinfo
 from tests.support.guest import dev_profile_text, guest_image
 
@@ -70,7 +69,7 @@ async def one_boot(profile_path: Path, run_root: Path, vhost: Path,
     started = time.monotonic()
     vm = await launch_vm(profile, LaunchOptions(
         run_root=run_root, name="loop", accel="tcg", vhost_device_vsock=vhost,
-        log_dir=run_root / "logs", shares=(RootfsShare(share).device(),)))
+        log_dir=run_root / "logs", shares=HostShare(share).vm_shares()))
     outcomes: dict[str, int] = {}
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as group:
@@ -80,16 +79,13 @@ async def one_boot(profile_path: Path, run_root: Path, vhost: Path,
             assert vm.channel is not None
             exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
             try:
-                agent = await AgentClient.dial(
-                    hybrid_socket=vm.channel.hybrid_socket, guest_cid=vm.channel.guest_cid,
-                    dial_timeout=DIAL_TIMEOUT, exited=exited,
-                    guest_ready=vm.channel.wait_guest_ready)
+                agent = await AgentClient.dial(vm.channel, DIAL_TIMEOUT, exited=exited)
             finally:
                 exited.cancel()
             seconds = time.monotonic() - started
             stop.set()
             with contextlib.suppress(Exception):
-                await agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(), limit=10)
+                await agent.destroy_sandbox()
             await agent.close()
         finally:
             stop.set()

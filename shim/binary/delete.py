@@ -80,6 +80,9 @@ def delete(flags: Flags) -> bytes:
         with contextlib.suppress(OSError):
             os.unlink(sock)
     state.remove()
+    from shim.core import failed_boot
+
+    failed_boot.prune(failed_boot.root())
     return _delete_response(init_pid)
 
 

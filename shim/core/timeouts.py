@@ -46,6 +46,7 @@ AGENT_RPC: Final[Mapping[str, float | None]] = MappingProxyType({
 class Timeouts:
     agent: Mapping[str, float | None] = field(default_factory=lambda: AGENT_RPC)
     agent_dial_retry_pause: float = 0.1  # between two dial attempts while the guest boots
+    agent_dial_attempt: float = 5.0  # one dial attempt: connect (+ the hybrid CONNECT reply)
     boot: float = 180.0  # boot the pod VM up to CreateSandbox (TCG boots are slow)
     vm_stop: float = 30.0  # DestroySandbox, VM stop and host cleanup of a pod
     # A WaitProcess cut short by a lost connection: how long until the VM's exit is known.

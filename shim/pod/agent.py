@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Final, Protocol, TypeVar
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -34,6 +34,7 @@ MAX_AGENT_MESSAGE: Final = 1024  # characters of an agent's error message passed
 READ_CHUNK: Final = 1 << 20  # kata: max data chunk 1 MiB
 
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
 
 
 class Agent(Protocol):
@@ -114,35 +115,45 @@ class AgentClient:
                    exited: asyncio.Future[object] | None = None,
                    timeouts: Timeouts = TIMEOUTS, port: int = AGENT_PORT) -> AgentClient:
         """Connect and pass Health.Check, retrying until ``dial_timeout`` (the guest boots
-        meanwhile). ``exited`` (the VM's exit) ends the wait early with the reason."""
+        meanwhile). On hybrid vsock the guest's announcement (``channel.wait_guest_ready``) is
+        awaited before the first attempt: dialing earlier can stall vhost-device-vsock for good
+        (see hypervisor.vsock). Each attempt has its own bounds (connect + handshake, then
+        Check); ``exited`` (the VM's exit) ends the wait early with the reason. The error names
+        what the last attempt saw."""
         hybrid = channel.hybrid_socket
         name = f"hvsock:{hybrid}:{port}" if hybrid else f"vsock:{channel.guest_cid}:{port}"
         deadline = time.monotonic() + dial_timeout
-        check_bound = timeouts.agent["Check"]
-        last: BaseException | None = None
+        check_bound = timeouts.agent["Check"] or dial_timeout
+        if channel.wait_guest_ready is not None:
+            await _await_guest(channel.wait_guest_ready(), name, deadline, dial_timeout, exited)
+        attempts = 0
+        last = ""  # what the last attempt that ran its course saw
         while True:
             if exited is not None and exited.done():
-                raise Unavailable(f"agent at {name}: the VM exited before the agent answered "
-                                  f"({exited.result() if not exited.cancelled() else 'cancelled'})")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Unavailable(f"agent at {name} did not answer within {dial_timeout:g} s"
-                                  + (f" (last error: {last})" if last else ""))
+                raise Unavailable(f"agent at {name}: {_exit_text(exited)} before the agent "
+                                  "answered" + (f" (last attempt: {last})" if last else ""))
+            if deadline - time.monotonic() <= 0:
+                raise Unavailable(f"agent at {name} did not answer within {dial_timeout:g} s "
+                                  f"({attempts} attempts; last attempt: {last or 'none'})")
+            attempts += 1
             try:
-                async with asyncio.timeout(min(remaining, check_bound or remaining)):
-                    if hybrid is not None:
-                        client = await Client.connect_hybrid_vsock(hybrid, port)
-                    else:
-                        client = await Client.connect_vsock(channel.guest_cid, port)
-                    agent = cls(client, name, timeouts)
-                    try:
-                        await agent.check()
-                    except BaseException:
-                        await client.close()
-                        raise
-                    return agent
+                client = await _bounded(_connect(channel, port), timeouts.agent_dial_attempt,
+                                        deadline, f"no reply to CONNECT {port}" if hybrid
+                                        else "not connected")
+            except (OSError, TimeoutError) as err:
+                last = _describe(err, last)
+                await asyncio.sleep(timeouts.agent_dial_retry_pause)
+                continue
+            agent = cls(client, name, timeouts)
+            try:
+                await _bounded(agent.check(), check_bound, deadline, "Health.Check not answered")
+                return agent
             except (OSError, TimeoutError, RpcError) as err:
-                last = err
+                last = _describe(err, last)
+                await client.close()
+            except BaseException:
+                await client.close()
+                raise
             await asyncio.sleep(timeouts.agent_dial_retry_pause)
 
     async def close(self) -> None:
@@ -290,3 +301,70 @@ class AgentClient:
         reply = await self._call("GetOOMEvent", agent_pb2.GetOOMEventRequest(),
                                  agent_pb2.OOMEvent)
         return reply.container_id
+
+
+class _AttemptTimeout(TimeoutError):
+    """One bounded step of a dial attempt ran out of time (the message says which)."""
+
+    def __init__(self, message: str, cut: bool) -> None:
+        super().__init__(message)
+        self.cut = cut  # by the dial's deadline, before the step's own bound
+
+
+async def _bounded(step: Coroutine[Any, Any, T], bound: float, deadline: float,
+                   what: str) -> T:
+    """``step`` within its own ``bound``, or what is left until ``deadline`` if less."""
+    left = deadline - time.monotonic()
+    try:
+        async with asyncio.timeout(max(min(bound, left), 0.0)):
+            return await step
+    except TimeoutError as err:
+        if isinstance(err, _AttemptTimeout):
+            raise
+        if left < bound:
+            raise _AttemptTimeout(f"{what} when the dial timeout ran out", True) from err
+        raise _AttemptTimeout(f"{what} within {bound:g} s", False) from err
+
+
+async def _connect(channel: AgentChannel, port: int) -> Client:
+    if channel.hybrid_socket is not None:
+        return await Client.connect_hybrid_vsock(channel.hybrid_socket, port)
+    return await Client.connect_vsock(channel.guest_cid, port)
+
+
+def _describe(err: BaseException, before: str) -> str:
+    """What an attempt saw, never empty (a bare TimeoutError or EOF has no message); an
+    attempt cut short by the dial's deadline says less than the one before it."""
+    if isinstance(err, _AttemptTimeout) and err.cut and before:
+        return f"{before}; one more attempt was cut short by the dial timeout"
+    text = str(err) or type(err).__name__
+    return text if isinstance(err, RpcError | _AttemptTimeout) else f"{type(err).__name__}: {text}"
+
+
+def _exit_text(exited: asyncio.Future[object]) -> str:
+    return "the VM exited" + ("" if exited.cancelled() else f" ({exited.result()})")
+
+
+async def _await_guest(ready: Awaitable[None], name: str, deadline: float, dial_timeout: float,
+                       exited: asyncio.Future[object] | None) -> None:
+    """Wait for the guest's announcement, bounded by the dial deadline and the VM's exit."""
+    announced = asyncio.ensure_future(ready)
+    waiters: set[asyncio.Future[Any]] = {announced}
+    if exited is not None:
+        waiters.add(exited)
+    try:
+        await asyncio.wait(waiters, timeout=max(deadline - time.monotonic(), 0.0),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not announced.done():
+            announced.cancel()
+            await asyncio.wait([announced])
+    if announced.done() and not announced.cancelled():
+        announced.result()  # the backend's own failure, if any, surfaces here
+        return
+    if exited is not None and exited.done():
+        raise Unavailable(f"agent at {name}: {_exit_text(exited)} before the guest announced "
+                          "its agent")
+    raise Unavailable(f"agent at {name}: the guest did not announce its agent within "
+                      f"{dial_timeout:g} s (hybrid vsock: the guest connects to the host's "
+                      "ready port once its agent listens; nothing was dialed before that)")

@@ -23,7 +23,7 @@ from hypervisor.errors import ConfigError, InvariantError, QemuError
 from hypervisor.probe import resolve_accelerator, which_vhost_device_vsock
 from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
-from shim.core import paths
+from shim.core import failed_boot, paths
 from shim.core.config import RuntimeOptions
 from shim.core.crash_record import ShimState
 from shim.core.errors import FailedPrecondition, Unavailable
@@ -163,6 +163,9 @@ class BootScript:
                 f"pod {self.config.sandbox_id}: {self.pod_dir} exists (a VM of this pod is "
                 "running or was not cleaned up)") from err
         self.undo.callback(remove_tree, self.pod_dir)
+        # Unwound before the run directory goes: a failed boot's log tails are kept.
+        self.undo.enter_context(failed_boot.kept_on_failure(
+            self.config.namespace, self.config.sandbox_id, self.pod_dir / "logs"))
 
     async def prepare_rootfs(self) -> None:
         await self.rootfs.open()

@@ -123,6 +123,7 @@ class Harness:
     tmp: Path
     annotations: tuple[str, ...] = ()
     launch_fails: bool = False
+    console: str = ""  # written to the VM's console log at launch
     helper: int = 0  # a process standing for vhost-device-vsock (a real pid, for the record)
     vm: LoggingVm | None = None
 
@@ -152,6 +153,9 @@ class Harness:
             options.on_spawn(self.helper)  # the vsock backend, then QEMU, as they spawn
             self.log.append("launch")
             self.launches.append(options)
+            if self.console and options.log_dir is not None:
+                options.log_dir.mkdir(parents=True, exist_ok=True)
+                (options.log_dir / "console.log").write_text(self.console)
             if self.launch_fails:
                 raise QemuError("no QEMU today")
             self.vm = LoggingVm(self.log, os.getpid())
@@ -226,6 +230,18 @@ async def test_a_failure_after_wiring_unwires(harness: Harness, failing: str) ->
     assert harness.log[-3:] == ["agent close", "vm close", "network teardown"]
     assert not pod_dir(harness).exists()
     assert ShimState.of("default", "pod1").network() is None
+
+
+async def test_a_failed_boot_keeps_its_logs_and_names_them(harness: Harness) -> None:
+    harness.agent.fail = "CreateSandbox"
+    harness.console = "coco-init: stage 2\n"
+    with pytest.raises(RpcError) as info:
+        await harness.booter().boot(harness.config(None))
+    kept = harness.tmp / "state/.failed-boots/default/pod1"
+    assert str(info.value) == f"agent CreateSandbox: refused (console and QEMU logs kept in {kept})"
+    assert (kept / "console.log").read_text() == "coco-init: stage 2\n"
+    assert "agent CreateSandbox: refused" in (kept / "error.txt").read_text()
+    assert not pod_dir(harness).exists()  # rolled back all the same
 
 
 async def test_a_failed_launch_unwires(harness: Harness) -> None:
