@@ -50,9 +50,10 @@ bench: env
 bench-cri: env
 	@$(PY) bench/cri.py
 
-# Reference guest alone: image size, VM boot to agent Check OK (median of 5), agent RSS.
+# Reference guest alone, the pod's QEMU argv: boot to agent Check next to the bare kernel boot
+# (medians of 5, interleaved), the boot timeline on the guest's clock, QEMU's memory by kind.
 bench-guest: env
-	@$(PY) -m tests.integration.guest.bench_boot --runs 5
+	@$(PY) bench/guest.py --runs 5
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

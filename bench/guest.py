@@ -1,0 +1,392 @@
+#!/usr/bin/env python3
+"""`make bench-guest`: the reference guest's boot next to the bare kernel boot, where the time
+goes (on the guest's own clock), and what the pod VM costs the host in memory.
+
+    heavy $COCO_CACHE/venv/bin/python bench/guest.py [--runs 5] [--initrd NAME=PATH ...]
+        [--importtime] [--no-memory]
+
+Every sample boots the development profile's exact QEMU argv (hypervisor.launch_vm: 1 vCPU,
+512 MiB, TCG, hybrid vsock, the pod's 9p rootfs share), and the series are interleaved, so
+that each sees the same (shared, noisy) machine; every figure is a ratio within one run:
+
+  bare    the same argv with a trivial initramfs whose /init powers off: launch → QEMU gone;
+  agent   the reference image: launch → the shim's dial (the guest's ready announcement, then
+          Health.Check OK);
+  NAME    each --initrd variant, the same way (before/after of a change).
+
+The timeline comes from the guest's kernel log (init and the agent mark their steps in it;
+`dmesg` runs in a container with CAP_SYSLOG after the boot): kernel clock 0, initramfs unpacked,
+/init, modules loaded, agent imports done, listening, first Check. The host's time of that
+first Check puts the guest's clock 0 on the host's clock. ``--importtime`` boots once more with
+``python -X importtime`` and lists the agent's costliest imports.
+
+Memory (the first agent boot): once an idle busybox pod runs (CreateSandbox, a `sleep`
+container) and the guest had time to return free pages, QEMU's /proc/<pid>/smaps is split into
+guest RAM (the memfd backend), the TCG translation cache (anonymous executable mappings), QEMU's
+heap and other anonymous memory, its binary and shared libraries, and other mapped files (RSS;
+PSS beside it). "On a KVM host" is everything but the TCG cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guest.image.cpio import DeviceNode, write_initramfs
+from hypervisor.config import load_profile
+from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
+from protocols.api.kata import agent_pb2, oci_pb2
+from shim.agent import AgentClient
+from shim.vm_sandbox import GUEST_SHARED, RootfsShare
+from tests import envinfo
+from tests.integration.guest.support import make_busybox_rootfs, spec
+from tests.support.guest import dev_profile_text, guest_image
+
+MEMORY_MIB = 512  # firmware-configs/qemu-none.toml's guest
+DIAL_TIMEOUT = 180.0
+SETTLE_S = 8.0  # idle pod: free page reporting waits 2 s after pages are freed, then works
+MIB = 2**20
+POWEROFF_INIT = r"""
+#include <sys/reboot.h>
+#include <unistd.h>
+int main(void) { reboot(RB_POWER_OFF); return 1; }
+"""
+# (kernel log text, timeline label); the agent's and init's marks come from bootlog.py / init.
+MARKS = (
+    ("Trying to unpack rootfs image as initramfs", "unpack"),
+    ("Freeing initrd memory", "unpacked"),
+    ("Run /init as init process", "init"),
+    ("coco-init: stage 2", "stage2"),
+    ("coco-init: modules loaded", "modules"),
+    ("coco-init: starting agent", "agent-exec"),
+    ("coco-agent: imports done", "imports"),
+    ("coco-agent: listening on vsock port", "listening"),
+    ("coco-agent: first Check answered", "check"),
+)
+STEPS = (  # (row, from, to): the timeline's rows, on the guest's clock
+    ("kernel: clock 0 → initramfs unpack starts", "0", "unpack"),
+    ("kernel: initramfs unpack (decompress + cpio)", "unpack", "unpacked"),
+    ("kernel: rest of init → /init", "unpacked", "init"),
+    ("init: stage 1 + 2 → modules loaded", "init", "modules"),
+    ("init: → agent started (python exec)", "modules", "agent-exec"),
+    ("agent: interpreter + imports", "agent-exec", "imports"),
+    ("agent: → listening (waits for modules)", "imports", "listening"),
+    ("agent: listening → first Check answered", "listening", "check"),
+)
+MEMINFO = (  # the guest's memory, and the agent's RSS as one more "key: value kB" line
+    "cat /proc/meminfo; for p in /proc/[0-9]*; do "
+    "grep -q guest.agent $p/cmdline 2>/dev/null && "
+    "sed -n 's/^VmRSS:/AgentRSS:/p' $p/status; done")
+DMESG = re.compile(r"^\[\s*(\d+\.\d+)\]\s(.*)$")
+
+
+@dataclass
+class Boot:
+    seconds: float  # launch → Check OK (agent) or → QEMU gone (bare)
+    marks: dict[str, float] = field(default_factory=dict)  # guest clock, seconds
+    launched: float = 0.0  # launch → QEMU running (cont)
+    memory: dict[str, Any] | None = None
+    importtime: list[tuple[int, str]] | None = None
+
+
+def build_bare_initrd(folder: Path) -> Path:
+    """An initramfs holding only a static /init that powers the VM off."""
+    source = folder / "poweroff.c"
+    source.write_text(POWEROFF_INIT)
+    tree = folder / "bare-tree"
+    tree.mkdir()
+    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(tree / "init"), str(source)],
+                   check=True, capture_output=True)
+    out = folder / "bare.initrd"
+    write_initramfs(tree, out, mtime=0,
+                    devices=(DeviceNode("dev/console", 0o020600, 5, 1),))
+    return out
+
+
+def profile_for(folder: Path, name: str, initrd: Path) -> Path:
+    env = envinfo.load()
+    path = folder / f"profile-{name}.toml"
+    path.write_text(dev_profile_text(env.kernel, initrd, memory_mib=MEMORY_MIB))
+    return path
+
+
+async def launch(profile: Path, run_root: Path, extra: str = "") -> tuple[QemuVm, float, float]:
+    env = envinfo.load()
+    share = run_root / "shared"
+    share.mkdir(parents=True, exist_ok=True)
+    rootfs = share / "bench-rootfs"
+    if not rootfs.exists():
+        make_busybox_rootfs(rootfs)
+    started = time.monotonic()
+    vm = await launch_vm(load_profile(profile), LaunchOptions(
+        run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=env.vhost_device_vsock,
+        log_dir=run_root / "logs", shares=(RootfsShare(share).device(),),
+        extra_kernel_params=extra))
+    return vm, started, time.monotonic() - started
+
+
+async def bare_boot(profile: Path, run_root: Path) -> Boot:
+    vm, started, launched = await launch(profile, run_root)
+    try:
+        async with asyncio.timeout(DIAL_TIMEOUT):
+            reason = await vm.wait()
+        seconds = time.monotonic() - started
+        if not reason.clean:
+            raise RuntimeError(f"the bare VM did not power off cleanly: {reason}")
+        return Boot(seconds, launched=launched)
+    finally:
+        await vm.aclose()
+
+
+def _storage() -> agent_pb2.Storage:
+    return agent_pb2.Storage(driver="9p", source="kataShared", fstype="9p",
+                             options=["trans=virtio", "version=9p2000.L"],
+                             mount_point=str(GUEST_SHARED))
+
+
+async def run_container(agent: AgentClient, cid: str, args: list[str], *,
+                        capabilities: Iterable[str] = (), wait: bool = True,
+                        guest_pids: bool = False) -> bytes:
+    oci = spec(f"{GUEST_SHARED}/bench-rootfs", args)
+    if guest_pids:  # no PID namespace: see the guest's processes (the agent)
+        del oci.Linux.Namespaces[0]
+    caps = list(capabilities)
+    if caps:
+        oci.Process.Capabilities.CopyFrom(oci_pb2.LinuxCapabilities(
+            Bounding=caps, Effective=caps, Permitted=caps))
+    await agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
+        container_id=cid, storages=[_storage()], OCI=oci), limit=60)
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid),
+                     limit=30)
+    if not wait:
+        return b""
+    out = b""
+    while chunk := await agent.read_stream("ReadStdout", cid, "", 65536):
+        out += chunk
+    await agent.call("WaitProcess", agent_pb2.WaitProcessRequest(container_id=cid),
+                     agent_pb2.WaitProcessResponse)
+    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id=cid),
+                     limit=30)
+    return out
+
+
+def parse_marks(dmesg: str) -> dict[str, float]:
+    marks: dict[str, float] = {}
+    for line in dmesg.splitlines():
+        found = DMESG.match(line)
+        if not found:
+            continue
+        stamp, text = float(found.group(1)), found.group(2)
+        for needle, label in MARKS:
+            if needle in text and label not in marks:
+                marks[label] = stamp
+    return marks
+
+
+def smaps_breakdown(pid: int) -> dict[str, Any]:
+    """RSS and PSS of QEMU's mappings, by kind (MiB)."""
+    kinds: dict[str, dict[str, float]] = {}
+    current = "other"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            perms = head[1]
+            path = " ".join(head[5:]) if len(head) > 5 else ""
+            if path.startswith("/memfd:"):
+                current = "guest RAM (memfd backend)"
+            elif not path and "x" in perms:
+                current = "TCG translation cache"
+            elif not path or path in ("[heap]", "[stack]") or path.startswith("[anon"):
+                current = "QEMU heap and anonymous"
+            elif ".so" in path or path.endswith("qemu-system-x86_64"):
+                current = "QEMU binary and shared libraries"
+            else:
+                current = "other mappings"
+            kinds.setdefault(current, {"rss": 0.0, "pss": 0.0})
+        elif head[0] in ("Rss:", "Pss:"):
+            kinds[current][head[0][:-1].lower()] += int(head[1]) / 1024
+    total = {k: sum(v[k] for v in kinds.values()) for k in ("rss", "pss")}
+    kvm = sum(v["rss"] for k, v in kinds.items() if k != "TCG translation cache")
+    return {"kinds": kinds, "total": total, "kvm_host_rss": kvm}
+
+
+async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
+                     memory: bool = False, importtime: bool = False) -> Boot:
+    extra = "coco.agent.importtime=1" if importtime else ""
+    vm, started, launched = await launch(profile, run_root, extra)
+    try:
+        assert vm.channel is not None
+        exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
+        try:
+            agent = await AgentClient.dial(
+                hybrid_socket=vm.channel.hybrid_socket, guest_cid=vm.channel.guest_cid,
+                dial_timeout=DIAL_TIMEOUT, exited=exited,
+                guest_ready=vm.channel.wait_guest_ready if gate else None)
+        finally:
+            exited.cancel()
+        boot = Boot(time.monotonic() - started, launched=launched)
+        try:
+            if memory:
+                await agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
+                    hostname="bench", sandbox_id="bench", storages=[_storage()]), limit=60)
+                await run_container(agent, "idle", ["sleep", "3600"], wait=False)
+                await asyncio.sleep(SETTLE_S)
+                assert vm.pid is not None
+                boot.memory = smaps_breakdown(vm.pid)
+                meminfo = await run_container(agent, "meminfo", ["sh", "-c", MEMINFO],
+                                              guest_pids=True)
+                boot.memory["guest_meminfo_kib"] = {
+                    k: int(v.split()[0]) for k, v in (
+                        line.split(":", 1) for line in meminfo.decode().splitlines()
+                        if ":" in line)
+                    if k in ("MemTotal", "MemFree", "Buffers", "Cached", "Shmem", "Slab",
+                             "AnonPages", "KernelStack", "PageTables", "AgentRSS")}
+            out = await run_container(agent, "dmesg", ["dmesg"], capabilities=["CAP_SYSLOG"])
+            boot.marks = parse_marks(out.decode(errors="replace"))
+            with contextlib.suppress(Exception):
+                await agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(), limit=10)
+        finally:
+            await agent.close()
+        if importtime:
+            boot.importtime = parse_importtime((run_root / "logs/console.log").read_text(
+                errors="replace"))
+        return boot
+    finally:
+        await vm.aclose()
+
+
+def parse_importtime(console: str) -> list[tuple[int, str]]:
+    """(cumulative µs, module indented by its import depth), costliest first."""
+    rows: list[tuple[int, str]] = []
+    for line in console.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        parts = line[len("import time:"):].split("|")
+        if len(parts) != 3:
+            continue
+        name = parts[2][1:]  # one space after the bar; then two per level of nesting
+        rows.append((int(parts[1]), name.rstrip()))
+    return sorted(rows, reverse=True)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def timeline(boots: list[Boot]) -> list[tuple[str, float]]:
+    """Median seconds of each step; the host part first."""
+    rows: list[tuple[str, float]] = [
+        ("host: vhost-device-vsock, QEMU, QMP → running", med([b.launched for b in boots])),
+        ("firmware + kernel load + decompression → clock 0",
+         med([b.seconds - b.marks["check"] - b.launched for b in boots if "check" in b.marks])),
+    ]
+    for label, start, end in STEPS:
+        spans = [b.marks[end] - (0.0 if start == "0" else b.marks[start])
+                 for b in boots if end in b.marks and (start == "0" or start in b.marks)]
+        rows.append((label, med(spans)))
+    return rows
+
+
+def image_facts(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{path} ({size / MIB:.1f} MiB)"
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--initrd", action="append", default=[], metavar="NAME=PATH[:nogate]",
+                        help="also boot this image in every round (':nogate': an image from "
+                        "before the ready announcement, dialed without waiting for it)")
+    parser.add_argument("--importtime", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
+    args = parser.parse_args()
+    image = guest_image()
+    base = Path(tempfile.mkdtemp(prefix="coco-bench-guest-", dir="/tmp"))
+    series: dict[str, list[Boot]] = {"bare": [], "agent": []}
+    variants: dict[str, tuple[Path, bool]] = {}
+    for item in args.initrd:
+        name, _, rest = item.partition("=")
+        path, _, flag = rest.partition(":")
+        variants[name] = (Path(path), flag != "nogate")
+        series[name] = []
+    imports: list[tuple[int, str]] = []
+    try:
+        profiles = {"bare": profile_for(base, "bare", build_bare_initrd(base)),
+                    "agent": profile_for(base, "agent", image.image),
+                    **{n: profile_for(base, n, p) for n, (p, _) in variants.items()}}
+        for run in range(args.runs):
+            for name, profile in profiles.items():
+                root = base / f"{name}-{run}"
+                if name == "bare":
+                    boot = await bare_boot(profile, root)
+                else:
+                    gate = variants[name][1] if name in variants else True
+                    boot = await agent_boot(profile, root, gate=gate,
+                                            memory=name == "agent" and run == 0
+                                            and not args.no_memory)
+                series[name].append(boot)
+                print(f"run {run + 1} {name}: {boot.seconds:.2f} s", flush=True)
+                shutil.rmtree(root, ignore_errors=True)
+        if args.importtime:
+            boot = await agent_boot(profiles["agent"], base / "importtime", importtime=True)
+            imports = boot.importtime or []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    bare = med([b.seconds for b in series["bare"]])
+    print(f"\nreference guest: {image_facts(image.image)}")
+    print(f"{args.runs} rounds, QEMU TCG, 1 vCPU, {MEMORY_MIB} MiB, interleaved\n")
+    print(f"  {'series':<28} {'median':>8} {'÷ bare':>8}   samples")
+    for name, boots in series.items():
+        values = [b.seconds for b in boots]
+        print(f"  {name:<28} {med(values):>7.2f}s {med(values) / bare:>7.2f}x   "
+              + " ".join(f"{v:.2f}" for v in values))
+    print("  target: agent ÷ bare <= 1.3x")
+    for name, boots in series.items():
+        if name == "bare":
+            continue
+        print(f"\ntimeline of '{name}' (medians; guest steps on the guest's kernel clock)")
+        for label, seconds in timeline(boots):
+            print(f"  {label:<52} {seconds:>6.2f} s")
+    memory = series["agent"][0].memory if series["agent"] else None
+    if memory:
+        print("\nQEMU memory, idle busybox pod, 512 MiB guest (MiB, RSS / PSS)")
+        for kind, v in sorted(memory["kinds"].items(), key=lambda kv: -kv[1]["rss"]):
+            print(f"  {kind:<40} {v['rss']:>7.1f} / {v['pss']:>7.1f}")
+        print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
+        print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
+              "   target <= 120")
+        print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
+    if imports:
+        print("\nagent imports, costliest (cumulative, python -X importtime, one boot)")
+        for micros, name in imports[:25]:
+            print(f"  {micros / 1000:>8.1f} ms  {name}")
+    args.out.write_text(json.dumps({
+        "command": " ".join([sys.executable, *sys.argv]),
+        "image": str(image.image), "image_bytes": image.size,
+        "series": {n: [vars(b) for b in boots] for n, boots in series.items()},
+        "importtime": imports}, indent=1, default=str))
+    print(f"\nraw samples: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
