@@ -257,6 +257,67 @@ def strip_tree(root: Path, patterns: list[str]) -> int:
     return removed
 
 
+# Shared libraries loaded with dlopen(), which no DT_NEEDED names: glibc's NSS modules and
+# libgcc_s (pthread_cancel, unwinding), and everything in a subfolder of a library folder
+# (OpenSSL's engines and providers...). Everything else must be reachable from an executable
+# or a Python extension module, or it goes.
+DLOPENED = ("libnss_*", "libgcc_s.so*", "ld-linux*")
+LIBRARY_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
+ELF_MAGIC = b"\x7fELF"
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
+def needed_libraries(root: Path, binaries: list[Path]) -> set[str]:
+    """Library file names the image's own dynamic loader resolves for ``binaries`` (paths
+    inside the image), transitively (``ld.so --list``, run in a chroot)."""
+    found: set[str] = set()
+    loader = "/lib64/ld-linux-x86-64.so.2"
+    for binary in binaries:
+        result = subprocess.run([_chroot(), str(root), loader, "--list", f"/{binary}"],
+                                capture_output=True, text=True, check=False)
+        for line in result.stdout.splitlines():
+            if "=>" in line:
+                target = line.split("=>", 1)[1].split("(", 1)[0].strip()
+                if target == "not found":
+                    raise RuntimeError(f"/{binary}: {line.strip()} (image {root})")
+                found.add(Path(target).name)
+    return found
+
+
+def prune_libraries(root: Path) -> list[str]:
+    """Remove the shared and static libraries nothing in the image loads; their names."""
+    lib_dirs = [root / d for d in LIBRARY_DIRS]
+    roots: list[Path] = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink() or not path.is_file() or path.parent in lib_dirs:
+            continue
+        if _is_elf(path):
+            roots.append(path.relative_to(root))
+    needed = needed_libraries(root, roots)
+    keep: set[str] = set()
+    for lib_dir in lib_dirs:
+        for path in lib_dir.iterdir():
+            if path.name in needed or any(path.match(g) for g in DLOPENED):
+                keep.add(path.name)
+                if path.is_symlink():  # the soname link: keep what it points to
+                    keep.add(Path(os.readlink(path)).name)
+    removed: list[str] = []
+    for lib_dir in lib_dirs:
+        for path in sorted(lib_dir.iterdir()):
+            library = ".so" in path.name or path.suffix == ".a"
+            if library and not path.is_dir() and path.name not in keep:
+                path.unlink()
+                removed.append(f"{lib_dir.relative_to(root)}/{path.name}")
+    return removed
+
+
 def busybox_applets(root: Path) -> list[str]:
     """The applet paths the guest's own busybox reports (run in a chroot of the image)."""
     result = subprocess.run(
@@ -386,11 +447,13 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     (stage / "etc/hostname").write_text("coco-guest\n")
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\ntty:x:5:\n")
+    pruned = prune_libraries(stage)
     compiled = precompile(stage)
     return {
         "precompiled_modules": compiled,
         "modules": [m.name for m in order],
         "stripped_paths": removed,
+        "pruned_libraries": pruned,
         "busybox_links": links,
         "payload_files": copied,
         "ca_certificates": ca_certificates,
