@@ -411,6 +411,21 @@ _CONSOLE_MODEL = {Arch.X86_64: "isa-serial", Arch.PPC64: "spapr-vty",
 
 
 @dataclass(frozen=True)
+class VirtioBalloon:
+    """virtio-balloon used only for free page reporting: the guest hands pages it freed back to
+    the host (QEMU discards them), so the host keeps only what the guest uses. Never for
+    confidential guests: the host cannot take their private pages (a profile invariant)."""
+
+    id: str = "balloon0"
+    free_page_reporting: bool = True
+    transport: str = "pci"
+
+    def to_argv(self) -> list[str]:
+        return ["-device", opts(f"virtio-balloon-{self.transport}", ("id", self.id),
+                                ("free-page-reporting", self.free_page_reporting))]
+
+
+@dataclass(frozen=True)
 class SerialConsole:
     """The guest console, written to a file the host can read."""
 

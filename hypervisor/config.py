@@ -60,6 +60,7 @@ _HYPERVISOR_KEYS: dict[str, tuple[type, bool]] = {
     "vsock": (str, False),
     "allow_debug": (bool, False),
     "debug_console_bytes": (int, False),
+    "free_page_reporting": (bool, False),
 }
 _RUNTIME_KEYS: dict[str, tuple[type, bool]] = {
     "dial_timeout": (float, False),
@@ -357,6 +358,7 @@ def parse_profile(
         dial_timeout=dial_timeout,
         enable_annotations=tuple(annotations),
         vsock=h.choice("vsock", VSOCK_KINDS, "auto"),
+        free_page_reporting=h.get("free_page_reporting", bool, False),
         source=source,
         qemu_root=qemu_root,
         allow_debug=h.get("allow_debug", bool, False),

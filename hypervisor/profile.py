@@ -49,6 +49,7 @@ from hypervisor.cmdline import (
     UnixSocketAddress,
     VhostUserVsock,
     VhostVsock,
+    VirtioBalloon,
     VirtioBlk,
     VirtioFsShare,
     VirtioNetTap,
@@ -207,6 +208,7 @@ class RuntimeProfile:
     dial_timeout: float = 30.0
     enable_annotations: tuple[str, ...] = ()
     vsock: str = "auto"  # "kernel" | "hybrid" | "auto" | "none"
+    free_page_reporting: bool = False  # virtio-balloon returning free guest pages (no TEE)
     source: str = "<code>"
     qemu_root: Path = Path("/")  # filesystem root QEMU sees (chroot); paths are inside it
     # TEE escape hatches, each explicit in the profile and logged for every VM that uses it.
@@ -463,6 +465,9 @@ def _check_confidential(chk: _Checker, profile: RuntimeProfile, vm: VmInstance,
     chk.require(not consoles or profile.debug_console_bytes is not None,
                 f"extra kernel parameters {' '.join(consoles)} send guest output to the host; "
                 "a TEE console needs the explicit, capped debug_console_bytes")
+    chk.require(not profile.free_page_reporting,
+                "free_page_reporting (virtio-balloon) would hand the guest's private pages to "
+                "the host")
 
 
 def _check_sev(chk: _Checker, profile: RuntimeProfile, params: SevParams) -> None:
@@ -598,7 +603,7 @@ def _with_transport(device: QemuArgs, transport: str, iommu: bool) -> QemuArgs:
     """Re-render a device for the architecture's virtio transport and the TEE's DMA rules."""
     if isinstance(device, VirtioBlk | VirtioNetTap | VhostVsock):
         return replace(device, transport=transport, iommu_platform=iommu or device.iommu_platform)
-    if isinstance(device, VhostUserVsock | NinePShare | VirtioFsShare):
+    if isinstance(device, VhostUserVsock | NinePShare | VirtioFsShare | VirtioBalloon):
         return replace(device, transport=transport)
     return device
 
@@ -640,6 +645,8 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
         # Read-only and tiny: QEMU's default cache (no O_DIRECT, which tmpfs may refuse).
         devices.append(VirtioBlk("initdata", vm.initdata_disk, readonly=True, cache=None))
     devices += list(vm.disks) + list(vm.nics)
+    if profile.free_page_reporting:
+        devices.append(VirtioBalloon())
     if isinstance(vm.vsock, KernelVsock):
         devices.append(VhostVsock("vsock0", vm.vsock.guest_cid, vm.vsock.vhost_fd))
     elif isinstance(vm.vsock, HybridVsock):

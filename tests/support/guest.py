@@ -43,6 +43,7 @@ accelerator = "tcg"
 vcpus = 1
 memory_mib = {memory_mib}
 vsock = "hybrid"
+free_page_reporting = true
 
 [runtime]
 dial_timeout = 120

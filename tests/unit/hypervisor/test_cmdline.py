@@ -19,6 +19,7 @@ from hypervisor.cmdline import (
     TdxGuest,
     UnixSocketAddress,
     VhostUserVsock,
+    VirtioBalloon,
     VirtioBlk,
     VirtioFsShare,
     VirtioNetTap,
@@ -67,6 +68,9 @@ def test_devices() -> None:
     assert VirtioFsShare("fs1", "share", Path("/v.sock")).to_argv() == [
         "-chardev", "socket,id=char-fs1,path=/v.sock",
         "-device", "vhost-user-fs-pci,id=fs1,chardev=char-fs1,tag=share"]
+    assert VirtioBalloon().to_argv() == [
+        "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+    assert VirtioBalloon(transport="ccw").to_argv()[1].startswith("virtio-balloon-ccw,")
     assert SerialConsole(Path("/c.log"), Arch.S390X).to_argv()[-1] == "sclpconsole,chardev=console0"
     assert SerialConsole(Path("/c.log"), Arch.PPC64).to_argv()[-1] == "spapr-vty,chardev=console0"
 

@@ -220,3 +220,9 @@ def test_tee_sections_parse(root: Path) -> None:
                                quote_generation_socket=UnixSocketAddress(Path("/run/qgs.sock")))
     snp = getattr(p, "tee_params", None)
     assert isinstance(snp, SnpParams) and snp.host_data == bytes(range(32))
+
+
+def test_shipped_none_profile_returns_free_pages(root: Path) -> None:
+    p = load_profile(CONFIGS / "qemu-none.toml", variables={"guest_image_dir": "/guest"},
+                     qemu_root=root)
+    assert p.free_page_reporting is True and p.memory_mib == 512

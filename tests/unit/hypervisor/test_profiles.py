@@ -214,6 +214,8 @@ VIOLATIONS: list[tuple[str, RuntimeProfile, dict[str, object], str]] = [
      "shared filesystems"),
     ("snp-hybrid-vsock", S["snp"], {"vsock": HybridVsock(RUN / "vhu.sock")}, "hybrid vsock"),
     ("tdx-profile-hybrid", replace(S["tdx"], vsock="hybrid"), {}, 'vsock = "hybrid"'),
+    ("snp-free-page-reporting", replace(S["snp"], free_page_reporting=True), {},
+     "free_page_reporting (virtio-balloon) would hand the guest's private pages"),
     ("sev-es-bit-in-sev", replace(S["sev"], tee_params=SevParams(policy=0x5, cbitpos=47,
                                                                 reduced_phys_bits=1)),
      {}, "sets the SEV-ES bit 0x4: use profile sev-es"),
@@ -296,3 +298,12 @@ def test_pod_nic_is_a_tap_fd_virtio_net_on_every_profile(name: str) -> None:
               + (",iommu_platform=on" if PROFILES[name].tee.confidential else ""))
     assert ["-netdev", "tap,id=netdev-net0,fd=11", "-device", device] == argv[
         argv.index("-netdev"):argv.index("-netdev") + 4]
+
+
+def test_free_page_reporting_adds_the_balloon_on_the_none_profile() -> None:
+    device = "virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+    argv = build_command_line(replace(S["none"], free_page_reporting=True),
+                              instance("none")).to_argv()
+    assert argv[argv.index(device) - 1] == "-device"
+    plain = build_command_line(S["none"], instance("none")).to_argv()
+    assert not any("balloon" in a for a in plain)
