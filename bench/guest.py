@@ -314,11 +314,13 @@ async def main() -> int:
     parser.add_argument("--initrd", action="append", default=[], metavar="NAME=PATH[:nogate]",
                         help="also boot this image in every round (':nogate': an image from "
                         "before the ready announcement, dialed without waiting for it)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="the 'agent' image (default: build the reference image)")
     parser.add_argument("--importtime", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
     args = parser.parse_args()
-    image = guest_image()
+    image = args.image or guest_image().image
     base = Path(tempfile.mkdtemp(prefix="coco-bench-guest-", dir="/tmp"))
     series: dict[str, list[Boot]] = {"bare": [], "agent": []}
     variants: dict[str, tuple[Path, bool]] = {}
@@ -330,7 +332,7 @@ async def main() -> int:
     imports: list[tuple[int, str]] = []
     try:
         profiles = {"bare": profile_for(base, "bare", build_bare_initrd(base)),
-                    "agent": profile_for(base, "agent", image.image),
+                    "agent": profile_for(base, "agent", image),
                     **{n: profile_for(base, n, p) for n, (p, _) in variants.items()}}
         for run in range(args.runs):
             for name, profile in profiles.items():
@@ -352,7 +354,7 @@ async def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
 
     bare = med([b.seconds for b in series["bare"]])
-    print(f"\nreference guest: {image_facts(image.image)}")
+    print(f"\nreference guest: {image_facts(image)}")
     print(f"{args.runs} rounds, QEMU TCG, 1 vCPU, {MEMORY_MIB} MiB, interleaved\n")
     print(f"  {'series':<28} {'median':>8} {'÷ bare':>8}   samples")
     for name, boots in series.items():
@@ -381,7 +383,7 @@ async def main() -> int:
             print(f"  {micros / 1000:>8.1f} ms  {name}")
     args.out.write_text(json.dumps({
         "command": " ".join([sys.executable, *sys.argv]),
-        "image": str(image.image), "image_bytes": image.size,
+        "image": str(image), "image_bytes": image.stat().st_size,
         "series": {n: [vars(b) for b in boots] for n, boots in series.items()},
         "importtime": imports}, indent=1, default=str))
     print(f"\nraw samples: {args.out}")
