@@ -132,6 +132,8 @@ async def launch(profile: Path, run_root: Path, extra: str = "") -> tuple[QemuVm
     rootfs = share / "bench-rootfs"
     if not rootfs.exists():
         make_busybox_rootfs(rootfs)
+        for applet in ("dmesg", "sed"):
+            (rootfs / "bin" / applet).symlink_to("busybox")
     started = time.monotonic()
     vm = await launch_vm(load_profile(profile), LaunchOptions(
         run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=env.vhost_device_vsock,
