@@ -93,6 +93,13 @@ async def one_boot(profile_path: Path, run_root: Path, vhost: Path,
     return seconds, outcomes
 
 
+def _leaf(err: Exception) -> Exception:
+    """The first real error inside (nested) exception groups (the hammer's TaskGroup)."""
+    while isinstance(err, ExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return err
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +127,7 @@ async def main() -> int:
                 print(f"boot {index + 1}/{args.boots}: Check OK after {seconds:.2f} s"
                       + (f" {outcomes}" if outcomes else ""), flush=True)
             except Exception as err:  # a failed boot is the figure: record it, go on
+                err = _leaf(err)
                 kept = args.keep / f"boot-{index}"
                 kept.mkdir(parents=True, exist_ok=True)
                 for log in (run_root / "logs").glob("*.log"):
