@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guest.image.cpio import DeviceNode, write_initramfs
+from guest.image.cpio import DeviceNode, lz4_library_version, write_initramfs
 from guest.image.kmod import ModuleTree
 
 IMAGE_NAME = "coco-guest.initrd"
@@ -149,6 +149,7 @@ class Recipe:
         feed("base", self.base_key().encode())
         feed("epoch", str(self.epoch).encode())
         feed("kernel", self.kernel_version.encode())
+        feed("lz4", lz4_library_version().encode())
         for name in ("packages.txt", "modules.txt", "strip.txt", "init", "image-pull.toml"):
             feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
         for label, path in [
@@ -566,7 +567,7 @@ def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
             facts["tree_bytes"] = tree_size(stage)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp_image = out_dir / f".{IMAGE_NAME}.{os.getpid()}"
-        with progress.step("writing the sorted cpio, gzip -n") as update:
+        with progress.step("writing the sorted cpio, LZ4 (legacy format)") as update:
             entries = write_initramfs(
                 stage,
                 tmp_image,

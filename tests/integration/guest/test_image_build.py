@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import subprocess
@@ -10,6 +9,7 @@ import subprocess
 import pytest
 
 from guest.image.build import BuildResult, build
+from guest.image.cpio import read_initramfs
 from tests import envinfo
 from tests.integration.guest.conftest import REPO
 from tests.support.guest import guest_recipe
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def listing(result: BuildResult) -> list[str]:
-    raw = gzip.decompress(result.image.read_bytes())
+    raw = read_initramfs(result.image.read_bytes())
     out = subprocess.run(["cpio", "-it", "--quiet"], input=raw, capture_output=True, check=True)
     return out.stdout.decode().splitlines()
 
