@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest.image.cpio import DeviceNode, lz4_library_version, write_initramfs
-from guest.image.kmod import ModuleTree
+from guest.image.kmod import KernelModule, ModuleTree, modules_alias, modules_dep
 
 IMAGE_NAME = "coco-guest.initrd"
 DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z; override with SOURCE_DATE_EPOCH
@@ -42,6 +42,8 @@ DEVICES = (
 PROJECT_PACKAGES = ("guest", "protocols")
 EXCLUDED_PROJECT_DIRS = {"guest/image"}
 PROTOBUF_DIRS = ("google/protobuf", "google/_upb")
+RECIPE_FILES = ("packages.txt", "modules.txt", "modules-on-demand.txt", "strip.txt", "init",
+                "image-pull.toml")
 # Pure-Python libraries copied from the venv (no Debian bookworm package): RFC 8785 JCS.
 VENDORED_DIRS = ("rfc8785",)
 # Debian's python3-* packages live here; the agent runs with -S (no site), so it is on
@@ -79,6 +81,15 @@ class Recipe:
     @property
     def modules(self) -> list[str]:
         return _lines(self.recipe_dir / "modules.txt")
+
+    @property
+    def modules_on_demand(self) -> list[str]:
+        return _lines(self.recipe_dir / "modules-on-demand.txt")
+
+    def module_order(self, tree: ModuleTree) -> tuple[list[KernelModule], list[KernelModule]]:
+        """(modules loaded at boot, every module in the image), dependencies first."""
+        boot = tree.load_order(self.modules)
+        return boot, tree.load_order([*self.modules, *self.modules_on_demand])
 
     @property
     def strip(self) -> list[str]:
@@ -150,7 +161,7 @@ class Recipe:
         feed("epoch", str(self.epoch).encode())
         feed("kernel", self.kernel_version.encode())
         feed("lz4", lz4_library_version().encode())
-        for name in ("packages.txt", "modules.txt", "strip.txt", "init", "image-pull.toml"):
+        for name in RECIPE_FILES:
             feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
         for label, path in [
             *self.builder_files(),
@@ -422,27 +433,26 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     copied = _copy(recipe.project_files(), payload)
     copied += _copy(recipe.protobuf_files(), payload)
     copied += _copy(recipe.policy_engine_files(), payload)
-    order = tree.load_order(recipe.modules)
+    order, every = recipe.module_order(tree)
     mod_dir = stage / "lib/modules/coco"
     mod_dir.mkdir(parents=True, exist_ok=True)
-    for module in order:
+    for module in every:
         (mod_dir / f"{module.name}.ko").write_bytes(module.load_bytes())
     etc = stage / "etc/coco"
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "image-pull.toml").write_bytes((recipe.recipe_dir / "image-pull.toml").read_bytes())
     (etc / "modules.order").write_text("".join(f"{m.name}\n" for m in order))
-    # modules.dep for busybox modprobe, which loads the whole list in one process.
+    # modules.dep and modules.alias for busybox modprobe: init loads the boot list, then a
+    # driver for each virtio device present (its modalias); filesystems load when first
+    # mounted (the kernel's request_module() runs /sbin/modprobe fs-9p, fs-ext4, ...).
     kver_dir = stage / "lib/modules" / recipe.kernel_version
     kver_dir.mkdir(parents=True, exist_ok=True)
     (kver_dir / "coco").symlink_to("../coco")
-    lines = []
-    for m in order:
-        deps = "".join(f" coco/{d}.ko" for d in m.depends if d not in tree.builtin)
-        lines.append(f"coco/{m.name}.ko:{deps}\n")
-    (kver_dir / "modules.dep").write_text("".join(lines))
+    (kver_dir / "modules.dep").write_text(modules_dep(every, tree.builtin, "coco/"))
+    (kver_dir / "modules.alias").write_text(modules_alias(every))
     (stage / "init").write_bytes(recipe.init.read_bytes())
     (stage / "init").chmod(0o755)
-    for sub in ("dev", "proc", "sys", "run", "tmp", "mnt", "root", "var/run"):
+    for sub in ("dev", "proc", "sys", "run", "tmp", "mnt", "root", "var/run", "newroot"):
         (stage / sub).mkdir(parents=True, exist_ok=True)
     (stage / "tmp").chmod(0o1777)
     (stage / "etc/hostname").write_text("coco-guest\n")
@@ -453,6 +463,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     return {
         "precompiled_modules": compiled,
         "modules": [m.name for m in order],
+        "modules_on_demand": [m.name for m in every if m not in order],
         "stripped_paths": removed,
         "pruned_libraries": pruned,
         "busybox_links": links,
@@ -543,8 +554,8 @@ def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
     tree = ModuleTree(recipe.modules_dir)
 
     with progress.step("computing the cache key of the inputs"):
-        order = tree.load_order(recipe.modules)
-        key = recipe.key(m.path for m in order)
+        _, every = recipe.module_order(tree)
+        key = recipe.key(m.path for m in every)
     out_dir = guest_cache / key
     image = out_dir / IMAGE_NAME
     manifest_path = out_dir / "manifest.json"

@@ -29,6 +29,7 @@ class KernelModule:
     name: str  # canonical name
     path: Path  # the file in the kernel tree (.ko or .ko.xz)
     depends: tuple[str, ...]  # canonical names
+    aliases: tuple[str, ...] = ()  # what request_module() and modaliases ask for (modinfo)
 
     def load_bytes(self) -> bytes:
         """The uncompressed object, as insmod wants it."""
@@ -94,11 +95,13 @@ class ModuleTree:
             path = self._files.get(key)
             if path is None:
                 raise ModuleError(f"kernel module {name!r} not found under {self.modules_dir}")
-            deps = modinfo(read_module(path)).get("depends", [""])[0]
+            info = modinfo(read_module(path))
+            deps = info.get("depends", [""])[0]
             self._cache[key] = KernelModule(
                 name=key,
                 path=path,
                 depends=tuple(canonical(d) for d in deps.split(",") if d),
+                aliases=tuple(info.get("alias", [])),
             )
         return self._cache[key]
 
@@ -130,3 +133,28 @@ class ModuleTree:
         for name in wanted:
             visit(name)
         return order
+
+
+def modules_dep(order: list[KernelModule], builtin: frozenset[str], prefix: str) -> str:
+    """A modules.dep (depmod's format) for ``order`` (dependencies first, as load_order):
+    each line lists every module the module needs, transitively, the one to load first last
+    (busybox modprobe loads a module's whole list and expects it complete)."""
+    position = {m.name: i for i, m in enumerate(order)}
+    by_name = {m.name: m for m in order}
+    lines = []
+    for module in order:
+        needed: set[str] = set()
+        stack = [d for d in module.depends if d not in builtin]
+        while stack:
+            dep = stack.pop()
+            if dep not in needed:
+                needed.add(dep)
+                stack.extend(d for d in by_name[dep].depends if d not in builtin)
+        deps = sorted(needed, key=lambda name: position[name], reverse=True)
+        lines.append(f"{prefix}{module.name}.ko:" + "".join(f" {prefix}{d}.ko" for d in deps))
+    return "".join(f"{line}\n" for line in lines)
+
+
+def modules_alias(order: list[KernelModule]) -> str:
+    """A modules.alias: ``alias <pattern> <module>`` for every alias of every module."""
+    return "".join(f"alias {alias} {m.name}\n" for m in order for alias in m.aliases)
