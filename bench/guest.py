@@ -332,6 +332,7 @@ async def main() -> int:
         variants[name] = (Path(path), flag != "nogate")
         series[name] = []
     imports: list[tuple[int, str]] = []
+    failures: list[str] = []
     try:
         profiles = {"bare": profile_for(base, "bare", build_bare_initrd(base)),
                     "agent": profile_for(base, "agent", image),
@@ -339,22 +340,30 @@ async def main() -> int:
         for run in range(args.runs):
             for name, profile in profiles.items():
                 root = base / f"{name}-{run}"
-                if name == "bare":
-                    boot = await bare_boot(profile, root)
-                else:
-                    gate = variants[name][1] if name in variants else True
-                    boot = await agent_boot(profile, root, gate=gate,
-                                            memory=name == "agent" and run == 0
-                                            and not args.no_memory)
+                try:
+                    if name == "bare":
+                        boot = await bare_boot(profile, root)
+                    else:
+                        gate = variants[name][1] if name in variants else True
+                        boot = await agent_boot(profile, root, gate=gate,
+                                                memory=name == "agent" and run == 0
+                                                and not args.no_memory)
+                except Exception as err:  # one broken variant must not hide the others
+                    failures.append(f"run {run + 1} {name}: {err}")
+                    print(f"run {run + 1} {name}: FAILED: {err}", flush=True)
+                    continue
+                finally:
+                    shutil.rmtree(root, ignore_errors=True)
                 series[name].append(boot)
                 print(f"run {run + 1} {name}: {boot.seconds:.2f} s", flush=True)
-                shutil.rmtree(root, ignore_errors=True)
         if args.importtime:
             boot = await agent_boot(profiles["agent"], base / "importtime", importtime=True)
             imports = boot.importtime or []
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+    for failure in failures:
+        print(f"FAILED {failure}")
     bare = med([b.seconds for b in series["bare"]])
     print(f"\nreference guest: {image_facts(image)}")
     print(f"{args.runs} rounds, QEMU TCG, 1 vCPU, {MEMORY_MIB} MiB, interleaved\n")
@@ -365,7 +374,7 @@ async def main() -> int:
               + " ".join(f"{v:.2f}" for v in values))
     print("  target: agent ÷ bare <= 1.3x")
     for name, boots in series.items():
-        if name == "bare":
+        if name == "bare" or not boots:
             continue
         print(f"\ntimeline of '{name}' (medians; guest steps on the guest's kernel clock)")
         for label, seconds in timeline(boots):
@@ -387,9 +396,9 @@ async def main() -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "image": str(image), "image_bytes": image.stat().st_size,
         "series": {n: [vars(b) for b in boots] for n, boots in series.items()},
-        "importtime": imports}, indent=1, default=str))
+        "importtime": imports, "failures": failures}, indent=1, default=str))
     print(f"\nraw samples: {args.out}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
