@@ -290,7 +290,8 @@ def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
     Every profile: ``machine_type``/``cpu_model`` limited to ``[A-Za-z0-9._-]`` (a comma would
     smuggle extra QEMU options in). TEE profiles: debug policy bits (unless ``allow_debug``),
     SNP MIGRATE_MA, direct kernel boot without ``kernel_hashes``, a console without the capped
-    ``debug_console_bytes``, vsock ``none``, the kernel_params annotation, and a default
+    ``debug_console_bytes``, vsock ``none``, free page reporting (virtio-balloon), the
+    kernel_params annotation, and a default
     initdata file where no launch field can bind it (unless ``allow_unbound_initdata``).
     """
     out: list[Conflict] = []
@@ -343,6 +344,9 @@ def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
     if profile.vsock == "none":
         out.append(Conflict("hypervisor.vsock", "a TEE guest without vsock cannot be reached "
                             "by the shim (use \"kernel\")", profile.vsock))
+    if profile.free_page_reporting:
+        out.append(Conflict("hypervisor.free_page_reporting", "virtio-balloon would hand the "
+                            "guest's private pages to the host", True))
     if KERNEL_PARAMS_ANNOTATION in profile.enable_annotations:
         out.append(Conflict("runtime.enable_annotations", f"{KERNEL_PARAMS_ANNOTATION} would "
                             "let a pod change the measured kernel command line",
@@ -465,9 +469,6 @@ def _check_confidential(chk: _Checker, profile: RuntimeProfile, vm: VmInstance,
     chk.require(not consoles or profile.debug_console_bytes is not None,
                 f"extra kernel parameters {' '.join(consoles)} send guest output to the host; "
                 "a TEE console needs the explicit, capped debug_console_bytes")
-    chk.require(not profile.free_page_reporting,
-                "free_page_reporting (virtio-balloon) would hand the guest's private pages to "
-                "the host")
 
 
 def _check_sev(chk: _Checker, profile: RuntimeProfile, params: SevParams) -> None:

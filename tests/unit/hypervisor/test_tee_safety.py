@@ -84,6 +84,8 @@ REFUSED: list[tuple[str, RuntimeProfile, str, str]] = [
      "hypervisor.kernel_params", "console=hvc0 sends guest output"),
     ("snp-vsock-none", replace(S["snp"], vsock="none"), "hypervisor.vsock",
      "a TEE guest without vsock cannot be reached"),
+    ("tdx-free-page-reporting", replace(S["tdx"], free_page_reporting=True),
+     "hypervisor.free_page_reporting", "virtio-balloon would hand the guest's private pages"),
     ("tdx-kernel-params-annotation", replace(S["tdx"], enable_annotations=(
         "io.katacontainers.config.hypervisor.kernel_params",)),
      "runtime.enable_annotations", "would let a pod change the measured kernel command line"),
