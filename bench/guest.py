@@ -102,6 +102,7 @@ class Boot:
     launched: float = 0.0  # launch → QEMU running (cont)
     memory: dict[str, Any] | None = None
     importtime: list[tuple[int, str]] | None = None
+    importtime_raw: list[str] | None = None  # in import order, for the nesting
 
 
 def build_bare_initrd(folder: Path) -> Path:
@@ -265,8 +266,10 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
         finally:
             await agent.close()
         if importtime:
-            boot.importtime = parse_importtime((run_root / "logs/console.log").read_text(
-                errors="replace"))
+            console = (run_root / "logs/console.log").read_text(errors="replace")
+            boot.importtime = parse_importtime(console)
+            boot.importtime_raw = [line for line in console.splitlines()
+                                   if line.startswith("import time:")]
         return boot
     finally:
         await vm.aclose()
@@ -332,6 +335,7 @@ async def main() -> int:
         variants[name] = (Path(path), flag != "nogate")
         series[name] = []
     imports: list[tuple[int, str]] = []
+    imports_raw: list[str] = []
     failures: list[str] = []
     try:
         profiles = {"bare": profile_for(base, "bare", build_bare_initrd(base)),
@@ -359,6 +363,7 @@ async def main() -> int:
         if args.importtime:
             boot = await agent_boot(profiles["agent"], base / "importtime", importtime=True)
             imports = boot.importtime or []
+            imports_raw = boot.importtime_raw or []
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -396,7 +401,7 @@ async def main() -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "image": str(image), "image_bytes": image.stat().st_size,
         "series": {n: [vars(b) for b in boots] for n, boots in series.items()},
-        "importtime": imports, "failures": failures}, indent=1, default=str))
+        "importtime": imports, "importtime_raw": imports_raw, "failures": failures}, indent=1, default=str))
     print(f"\nraw samples: {args.out}")
     return 1 if failures else 0
 
