@@ -401,7 +401,8 @@ async def main() -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "image": str(image), "image_bytes": image.stat().st_size,
         "series": {n: [vars(b) for b in boots] for n, boots in series.items()},
-        "importtime": imports, "importtime_raw": imports_raw, "failures": failures}, indent=1, default=str))
+        "importtime": imports, "importtime_raw": imports_raw,
+        "failures": failures}, indent=1, default=str))
     print(f"\nraw samples: {args.out}")
     return 1 if failures else 0
 
