@@ -22,7 +22,6 @@ for ``--refuse-for`` seconds, so the host's dial loop learns the reason over the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -32,6 +31,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from guest.agent import initdata
@@ -49,6 +49,8 @@ from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
 
 if TYPE_CHECKING:
+    import argparse
+
     from guest.attestation.components import GuestComponents
 
 log = logging.getLogger("guest.agent")
@@ -61,74 +63,108 @@ VMADDR_CID_HOST = 2
 READY_ANNOUNCE_TIMEOUT = 10.0  # the host listens from before the VM starts: one try will do
 
 
+@dataclass(frozen=True)
+class Option:
+    """One command-line option: argparse is built from these, and so is the fast path."""
+
+    flags: tuple[str, ...]
+    dest: str
+    kind: str  # "flag" (store_true), "bool" (--x / --no-x), "int", "float", "path", "str"
+    default: object = None
+    help: str = ""
+
+
+OPTIONS = (
+    Option(("--vsock",), "vsock", "flag", False, "serve on vsock (inside the guest)"),
+    Option(("--vsock-port",), "vsock_port", "int", AGENT_PORT),
+    Option(("--unix",), "unix", "path", None, "also/instead serve on this socket"),
+    Option(("--state-dir",), "state_dir", "path", Path("/run/coco-agent")),
+    Option(("--shared-root",), "shared_root", "path", Path("/run/kata-containers")),
+    Option(("--resolv-conf",), "resolv_conf", "path", Path("/etc/resolv.conf")),
+    Option(("--cgroup-parent",), "cgroup_parent", "str", "/coco",
+           "cgroup of the containers' cgroups"),
+    Option(("--runtime", "--runc"), "runtime", "str", "runc",
+           "the OCI runtime CLI containers run with: runc or crun"),
+    Option(("--policy",), "policy", "path", None,
+           "Rego policy replacing the built-in default (initdata's policy.rego replaces it)"),
+    Option(("--confidential",), "confidential", "flag", False,
+           "a confidential guest even without TEE or initdata (coco-dev)"),
+    Option(("--initdata",), "initdata", "str", None,
+           '"scan" /dev/vd* and /dev/sd* (default with --vsock), "none" (default otherwise), '
+           "or the path of an initdata disk image"),
+    Option(("--initdata-dir",), "initdata_dir", "path", initdata.OUTPUT_DIR),
+    Option(("--refuse-for",), "refuse_for", "float", REFUSE_FOR,
+           "seconds the refusal is served (SECONDS)"),
+    Option(("--image-pull-config",), "image_pull_config", "path", DEFAULT_CONFIG_PATH,
+           "guest pull settings (TOML, cdh.toml's [image] shape); defaults when missing"),
+    Option(("--pause-bundle",), "pause_bundle", "path", PAUSE_BUNDLE,
+           "bundle (config.json + rootfs/) of the pod's sandbox container"),
+    Option(("--manage-system",), "manage_system", "bool", None,
+           "set hostname/DNS on CreateSandbox (default: only with --vsock)"),
+    Option(("--wait-for",), "wait_for", "path", None,
+           "listen only once this file exists (init creates it when modules are loaded)"),
+    Option(("--ready-vsock-port",), "ready_vsock_port", "int", None,
+           "once listening, connect to the host (CID 2) on this port and say READY (the host "
+           "dials hybrid vsock only after it: see hypervisor/vsock.py)"),
+    Option(("--debug",), "debug", "flag", False),
+)
+_CONVERT = {"int": int, "float": float, "path": Path, "str": str}
+
+
 def parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="python -m guest.agent", description=__doc__)
-    p.add_argument("--vsock", action="store_true", help="serve on vsock (inside the guest)")
-    p.add_argument("--vsock-port", type=int, default=AGENT_PORT)
-    p.add_argument("--unix", type=Path, default=None, help="also/instead serve on this socket")
-    p.add_argument("--state-dir", type=Path, default=Path("/run/coco-agent"))
-    p.add_argument("--shared-root", type=Path, default=Path("/run/kata-containers"))
-    p.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
-    p.add_argument("--cgroup-parent", default="/coco", help="cgroup of the containers' cgroups")
-    p.add_argument(
-        "--runtime",
-        "--runc",
-        dest="runtime",
-        default="runc",
-        help="the OCI runtime CLI containers run with: runc or crun",
-    )
-    p.add_argument(
-        "--policy",
-        type=Path,
-        default=None,
-        help="Rego policy replacing the built-in default (initdata's policy.rego replaces it)",
-    )
-    p.add_argument(
-        "--confidential",
-        action="store_true",
-        help="a confidential guest even without TEE or initdata (coco-dev)",
-    )
-    p.add_argument(
-        "--initdata",
-        default=None,
-        help='"scan" /dev/vd* and /dev/sd* (default with --vsock), "none" (default otherwise), '
-        "or the path of an initdata disk image",
-    )
-    p.add_argument("--initdata-dir", type=Path, default=initdata.OUTPUT_DIR)
-    p.add_argument("--refuse-for", type=float, default=REFUSE_FOR, metavar="SECONDS")
-    p.add_argument(
-        "--image-pull-config",
-        type=Path,
-        default=DEFAULT_CONFIG_PATH,
-        help="guest pull settings (TOML, cdh.toml's [image] shape); defaults when missing",
-    )
-    p.add_argument(
-        "--pause-bundle",
-        type=Path,
-        default=PAUSE_BUNDLE,
-        help="bundle (config.json + rootfs/) of the pod's sandbox container",
-    )
-    p.add_argument(
-        "--manage-system",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="set hostname/DNS on CreateSandbox (default: only with --vsock)",
-    )
-    p.add_argument(
-        "--wait-for",
-        type=Path,
-        default=None,
-        help="listen only once this file exists (init creates it when modules are loaded)",
-    )
-    p.add_argument(
-        "--ready-vsock-port",
-        type=int,
-        default=None,
-        help="once listening, connect to the host (CID 2) on this port and say READY (the "
-        "host dials hybrid vsock only after it: see hypervisor/vsock.py)",
-    )
-    p.add_argument("--debug", action="store_true")
+    for option in OPTIONS:
+        if option.kind == "flag":
+            p.add_argument(*option.flags, dest=option.dest, action="store_true",
+                           help=option.help or None)
+        elif option.kind == "bool":
+            p.add_argument(*option.flags, dest=option.dest,
+                           action=argparse.BooleanOptionalAction, default=option.default,
+                           help=option.help or None)
+        else:
+            p.add_argument(*option.flags, dest=option.dest, type=_CONVERT[option.kind],
+                           default=option.default, help=option.help or None)
     return p
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """The command line. When every word is a known ``--option [value]`` (init's command line)
+    it is read without argparse, whose import costs ≈ 0.27 s of a TCG boot; anything else
+    (--help, an unknown or malformed option) goes to argparse, which says what is wrong."""
+    fast = _parse_fast(argv)
+    return fast if fast is not None else SimpleNamespace(**vars(parser().parse_args(argv)))
+
+
+def _parse_fast(argv: list[str]) -> SimpleNamespace | None:
+    by_flag = {flag: option for option in OPTIONS for flag in option.flags}
+    values = {option.dest: option.default for option in OPTIONS}
+    words = iter(argv)
+    for word in words:
+        flag, has_value, value = word.partition("=")
+        option = by_flag.get(flag)
+        if option is None and flag.startswith("--no-"):
+            negated = by_flag.get("--" + flag[len("--no-"):])
+            if negated is not None and negated.kind == "bool" and not has_value:
+                values[negated.dest] = False
+                continue
+        if option is None:
+            return None
+        if option.kind in ("flag", "bool"):
+            if has_value:
+                return None
+            values[option.dest] = True
+            continue
+        if not has_value:
+            value = next(words, "")
+            if not value or value.startswith("--"):
+                return None
+        try:
+            values[option.dest] = _CONVERT[option.kind](value)
+        except ValueError:
+            return None
+    return SimpleNamespace(**values)
 
 
 @dataclass(frozen=True)
@@ -169,7 +205,7 @@ def evidence_source() -> TeeEvidence:
     return TeeEvidence()
 
 
-def initdata_device(args: argparse.Namespace) -> Path | None:
+def initdata_device(args: SimpleNamespace) -> Path | None:
     choice = args.initdata or ("scan" if args.vsock else "none")
     if choice == "none":
         return None
@@ -178,7 +214,7 @@ def initdata_device(args: argparse.Namespace) -> Path | None:
     return Path(choice)
 
 
-def prepare(args: argparse.Namespace, evidence: initdata.EvidenceSource) -> Startup:
+def prepare(args: SimpleNamespace, evidence: initdata.EvidenceSource) -> Startup:
     """Initdata, the guest's kind and its policy. Raises InitdataError or InvalidArgument when
     the guest must refuse to start."""
     found = initdata.load(initdata_device(args), evidence)
@@ -244,7 +280,7 @@ class RefusingHealth:
         raise self._refuse()
 
 
-async def _listen(server: Server, args: argparse.Namespace, boot: BootLog) -> None:
+async def _listen(server: Server, args: SimpleNamespace, boot: BootLog) -> None:
     if args.vsock:
         await server.serve_vsock(args.vsock_port)
         boot.mark(f"listening on vsock port {args.vsock_port}")
@@ -283,7 +319,7 @@ async def announce_ready(
 
 
 async def refuse(
-    args: argparse.Namespace, reason: str, stop: asyncio.Event, boot: BootLog
+    args: SimpleNamespace, reason: str, stop: asyncio.Event, boot: BootLog
 ) -> int:
     message = f"guest refused to start: {reason}"
     print(f"coco-agent: {message}", file=sys.stderr, flush=True)
@@ -301,7 +337,7 @@ async def refuse(
     return REFUSED_EXIT
 
 
-async def serve(args: argparse.Namespace, boot: BootLog | None = None) -> int:
+async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     boot = boot or BootLog(None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -389,7 +425,7 @@ def _uptime() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     boot = BootLog(KMSG if args.vsock else None)  # in the VM
     boot.mark("imports done")
     if not args.vsock and args.unix is None:

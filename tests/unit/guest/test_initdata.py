@@ -3,18 +3,18 @@ to the TEE's evidence field, the files written, and what the agent settles befor
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from guest.agent import initdata
-from guest.agent.__main__ import RefusingHealth, parser, prepare
+from guest.agent.__main__ import RefusingHealth, parse_args, prepare
 from guest.agent.errors import InvalidArgument
 from guest.agent.initdata import Initdata, InitdataError, NoTee
 from protocols import initdata as format_
@@ -150,8 +150,8 @@ def test_write_out_puts_the_files_for_the_guest_components(tmp_path: Path) -> No
 # -- what the agent settles before serving ----------------------------------------------------
 
 
-def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
-    return parser().parse_args(
+def args_for(tmp_path: Path, *extra: str) -> SimpleNamespace:
+    return parse_args(
         ["--unix", str(tmp_path / "s"), "--initdata-dir", str(tmp_path / "out"), *extra]
     )
 
