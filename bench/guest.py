@@ -255,8 +255,8 @@ def _guest_ram(breakdown: dict[str, Any]) -> float:
 
 
 async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
-                     memory: bool = False, importtime: bool = False) -> Boot:
-    extra = "coco.agent.importtime=1" if importtime else ""
+                     memory: bool = False, importtime: bool = False, append: str = "") -> Boot:
+    extra = " ".join(p for p in (append, "coco.agent.importtime=1" if importtime else "") if p)
     vm, started, launched = await launch(profile, run_root, extra)
     try:
         assert vm.channel is not None
@@ -350,6 +350,8 @@ async def main() -> int:
     parser.add_argument("--image", type=Path, default=None,
                         help="the 'agent' image (default: build the reference image)")
     parser.add_argument("--importtime", action="store_true")
+    parser.add_argument("--append", default="", help="extra kernel parameters for every agent "
+                        "boot (e.g. coco.agent.confidential=1)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
     args = parser.parse_args()
@@ -379,7 +381,7 @@ async def main() -> int:
                         gate = variants[name][1] if name in variants else True
                         boot = await agent_boot(profile, root, gate=gate,
                                                 memory=name == "agent" and run == 0
-                                                and not args.no_memory)
+                                                and not args.no_memory, append=args.append)
                 except Exception as err:  # one broken variant must not hide the others
                     failures.append(f"run {run + 1} {name}: {err}")
                     print(f"run {run + 1} {name}: FAILED: {err}", flush=True)
@@ -389,7 +391,8 @@ async def main() -> int:
                 series[name].append(boot)
                 print(f"run {run + 1} {name}: {boot.seconds:.2f} s", flush=True)
         if args.importtime:
-            boot = await agent_boot(profiles["agent"], base / "importtime", importtime=True)
+            boot = await agent_boot(profiles["agent"], base / "importtime", importtime=True,
+                                    append=args.append)
             imports = boot.importtime or []
             imports_raw = boot.importtime_raw or []
     finally:
