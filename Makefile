@@ -23,12 +23,14 @@ lint: env
 
 typecheck: env
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench  # the benchmark scripts (not a package) use the same APIs
 
 # The README's test command: installs, then lint + types + generated-code freshness + all tests.
 test: env
 	$(PY) scripts/gen-protos.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: env

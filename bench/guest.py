@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -51,8 +52,8 @@ from guest.image.cpio import DeviceNode, write_initramfs
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from protocols.api.kata import agent_pb2, oci_pb2
-from shim.agent import AgentClient
-from shim.vm_sandbox import GUEST_SHARED, RootfsShare
+from shim.pod.agent import AgentClient
+from shim.pod.rootfs import GUEST_SHARED, HostShare
 from tests import envinfo
 from tests.integration.guest.support import make_busybox_rootfs, spec
 from tests.support.guest import dev_profile_text, guest_image
@@ -140,7 +141,7 @@ async def launch(profile: Path, run_root: Path, extra: str = "") -> tuple[QemuVm
     started = time.monotonic()
     vm = await launch_vm(load_profile(profile), LaunchOptions(
         run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=env.vhost_device_vsock,
-        log_dir=run_root / "logs", shares=(RootfsShare(share).device(),),
+        log_dir=run_root / "logs", shares=HostShare(share).vm_shares(),
         extra_kernel_params=extra))
     return vm, started, time.monotonic() - started
 
@@ -174,19 +175,15 @@ async def run_container(agent: AgentClient, cid: str, args: list[str], *,
     if caps:
         oci.Process.Capabilities.CopyFrom(oci_pb2.LinuxCapabilities(
             Bounding=caps, Effective=caps, Permitted=caps))
-    await agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
-        container_id=cid, storages=[_storage()], OCI=oci), limit=60)
-    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid),
-                     limit=30)
+    await agent.create_container(cid, oci, [_storage()])
+    await agent.start_container(cid)
     if not wait:
         return b""
     out = b""
-    while chunk := await agent.read_stream("ReadStdout", cid, "", 65536):
+    while chunk := await agent.read_stdout(cid, "", 65536):
         out += chunk
-    await agent.call("WaitProcess", agent_pb2.WaitProcessRequest(container_id=cid),
-                     agent_pb2.WaitProcessResponse)
-    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id=cid),
-                     limit=30)
+    await agent.wait_process(cid, "")
+    await agent.remove_container(cid)
     return out
 
 
@@ -262,17 +259,15 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
         assert vm.channel is not None
         exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
         try:
-            agent = await AgentClient.dial(
-                hybrid_socket=vm.channel.hybrid_socket, guest_cid=vm.channel.guest_cid,
-                dial_timeout=DIAL_TIMEOUT, exited=exited,
-                guest_ready=vm.channel.wait_guest_ready if gate else None)
+            channel = vm.channel if gate else dataclasses.replace(vm.channel,
+                                                                  wait_guest_ready=None)
+            agent = await AgentClient.dial(channel, DIAL_TIMEOUT, exited=exited)
         finally:
             exited.cancel()
         boot = Boot(time.monotonic() - started, launched=launched)
         try:
             if memory:
-                await agent.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
-                    hostname="bench", sandbox_id="bench", storages=[_storage()]), limit=60)
+                await agent.create_sandbox("bench", "bench", (), [_storage()])
                 await run_container(agent, "idle", ["sleep", "3600"], wait=False)
                 assert vm.pid is not None
                 boot.memory = await settled_memory(vm.pid)
@@ -290,7 +285,7 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
             out = await run_container(agent, "dmesg", ["dmesg"], capabilities=["CAP_SYSLOG"])
             boot.marks = parse_marks(out.decode(errors="replace"))
             with contextlib.suppress(Exception):
-                await agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(), limit=10)
+                await agent.destroy_sandbox()
         finally:
             await agent.close()
         if importtime:
