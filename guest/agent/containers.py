@@ -13,6 +13,7 @@ import contextlib
 import copy
 import enum
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import shutil
 import signal
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CGROUP_PARENT = "/coco"
 KILL_GRACE = 10.0  # RemoveContainer without a timeout waits this long after SIGKILL
+EXEC_WAIT = 5.0  # StartContainer waits at most this long for the workload's exec
+# A signal the container's init would drop (see Process.deliver) waits at most this long after
+# the start for the workload to install its handler.
+SIGNAL_HOLD = 2.0
+_console_numbers = itertools.count()  # console sockets: unique names, short whatever the ids
 
 
 class SecretUnsealer(Protocol):
@@ -94,17 +100,24 @@ def oci_version(version: str) -> str:
 
 
 def prepare_spec(
-    spec: dict[str, Any], container_id: str, rootfs: Path, cgroup_parent: str = CGROUP_PARENT
+    spec: dict[str, Any],
+    container_id: str,
+    rootfs: Path,
+    cgroup_parent: str = CGROUP_PARENT,
+    pod_namespaces: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """The spec the OCI runtime (crun, runc) gets inside the guest.
 
     The container shares the guest's network (the VM is the pod's network boundary), so a
-    network namespace entry is dropped; namespace paths name host files and are dropped; hooks
+    network namespace entry is dropped; namespace paths name host files: a namespace of a type
+    in ``pod_namespaces`` (the pod's IPC and UTS namespaces, and its PID namespace when the
+    container shares it) joins the pod's, the others are new; hooks
     would run host binaries and are dropped; AppArmor/SELinux labels are dropped (no LSM in the
     guest); cgroup-v1-only kernel memory limits are dropped; the cgroup is /coco/<id>.
     ``ociVersion`` says at most 1.1.0: crun 1.8 refuses newer versions outright ("unknown
     version specified", a prefix check), although nothing the agent passes on needs them.
     """
+    joined = pod_namespaces or {}
     out = copy.deepcopy(spec)
     out.pop("hooks", None)
     out["ociVersion"] = oci_version(str(out.get("ociVersion") or ""))
@@ -117,9 +130,13 @@ def prepare_spec(
     if not process.get("args"):
         raise InvalidArgument("the spec's process has no args")
     linux = out.setdefault("linux", {})
-    namespaces = [
-        {"type": ns["type"]} for ns in linux.get("namespaces", []) if ns.get("type") != "network"
-    ]
+    namespaces: list[dict[str, str]] = []
+    for ns in linux.get("namespaces", []):
+        kind = ns.get("type")
+        if kind == "network":
+            continue
+        shared = joined.get(kind)
+        namespaces.append({"type": kind, "path": str(shared)} if shared else {"type": kind})
     linux["namespaces"] = namespaces
     linux["cgroupsPath"] = f"{cgroup_parent}/{container_id}"
     linux.pop("mountLabel", None)
@@ -135,6 +152,63 @@ def prepare_spec(
 
 def read_pid(pid_file: Path) -> int:
     return int(pid_file.read_text().strip())
+
+
+def read_exe(pid: int) -> str | None:
+    """What ``/proc/<pid>/exe`` names (None once the process is gone or a zombie)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+async def wait_for_exec(
+    process: Process,
+    before: str,
+    exe_of: Callable[[int], str | None] = read_exe,
+    limit: float = EXEC_WAIT,
+) -> bool:
+    """Until ``process`` runs another executable than ``before`` (it exec'd), or it exited.
+
+    Polls ``/proc/<pid>/exe``, from 1 ms up to 10 ms apart: the exec follows ``runc start``
+    within milliseconds. False if it did not happen within ``limit`` (the start stands).
+    """
+    pause = 0.001
+    deadline = asyncio.get_running_loop().time() + limit
+    while not process.exited.done():
+        now = exe_of(process.pid)
+        if now is None or now != before:
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("%s: no exec within %.1f s of start", process.name, limit)
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    return True
+
+
+def would_drop(status: str, signum: int) -> bool:
+    """Whether the kernel drops ``signum`` sent to the process whose /proc status this is.
+
+    The init process of a PID namespace receives, from the agent's ancestor namespace, only the
+    signals it handles (and SIGKILL, SIGSTOP): one with the default disposition is discarded.
+    """
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    ns_pids = fields.get("NSpid", "").split()
+    if signum in (signal.SIGKILL, signal.SIGSTOP) or not ns_pids or ns_pids[-1] != "1":
+        return False
+    bit = 1 << (signum - 1)
+    caught = int(fields.get("SigCgt", "0").strip() or "0", 16)
+    ignored = int(fields.get("SigIgn", "0").strip() or "0", 16)
+    return not (caught | ignored) & bit
+
+
+def read_status(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def write_bundle(bundle: Path, rootfs: Path, config: dict[str, Any]) -> None:
@@ -161,6 +235,8 @@ class Process:
     stderr: OutputBuffer | None
     stdin: InputPipe | None
     console_fd: int | None = None
+    hold_signals_until: float = 0.0  # loop time; see deliver
+    status_of: Callable[[int], str | None] = read_status
 
     @property
     def state(self) -> ProcessState:
@@ -177,6 +253,26 @@ class Process:
             os.kill(self.pid, signum)
         except ProcessLookupError as err:
             raise NotFound(f"process {self.name} already finished") from err
+
+    async def deliver(self, signum: int) -> None:
+        """Send ``signum``; right after the start, hold one the workload would drop.
+
+        A container's init is the init of its PID namespace: a signal it has no handler for is
+        discarded. A workload that handles SIGTERM installs its handler a moment after the
+        exec, so a StopContainer sent right after StartContainer would be lost and the stop
+        would wait for its whole grace period. For :data:`SIGNAL_HOLD` seconds after the start,
+        such a signal waits (polling ``/proc/<pid>/status``) until a handler appears, then goes;
+        after that it is sent (and dropped) at once, as runc does.
+        """
+        loop = asyncio.get_running_loop()
+        pause = 0.002
+        while not self.exited.done() and loop.time() < self.hold_signals_until:
+            status = self.status_of(self.pid)
+            if status is None or not would_drop(status, signum):
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        self.signal(signum)
 
     async def wait(self) -> int:
         return await asyncio.shield(self.exited)
@@ -290,6 +386,9 @@ class Container:
     oom_kills_seen: int = 0
     init_exec_id: str = ""
     cgroup_parent: str = CGROUP_PARENT
+    sockets: Path | None = None  # where console sockets go (None: beside the process's files)
+    exe_of: Callable[[int], str | None] = read_exe  # how the exec after start is seen
+    on_exit: Callable[[Container], None] | None = None  # any process of the container exited
 
     def require(self, action: str) -> None:
         allowed = CONTAINER_ACTIONS[action]
@@ -301,6 +400,23 @@ class Container:
     def _on_init_exit(self, future: asyncio.Future[int]) -> None:
         self.state = ContainerState.STOPPED
         log.info("container %s exited with %s", self.id, future.result())
+        self._on_process_exit(future)
+
+    def _on_process_exit(self, _future: asyncio.Future[int]) -> None:
+        # Runs before any WaitProcess caller resumes (the first done callback of the exit):
+        # an OOM kill behind this exit is queued before the exit is answered.
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    def console_socket(self, exec_id: str, fallback: Path) -> Path:
+        """Where runc sends a terminal's pty master: a short name under ``sockets``.
+
+        Paths built from ids do not fit a unix socket (108 bytes): CRI ids are 64 characters,
+        so ``<bundles>/<container id>/execs/<exec id>/console.sock`` is over 150.
+        """
+        if self.sockets is None:
+            return fallback
+        return self.sockets / f"{os.getpid()}-{next(_console_numbers)}.sock"
 
     @classmethod
     async def create(
@@ -315,8 +431,11 @@ class Container:
         reaper: Reaper,
         cgroup_parent: str = CGROUP_PARENT,
         secrets: SecretUnsealer | None = None,
+        pod_namespaces: Mapping[str, Path] | None = None,
+        sockets: Path | None = None,
+        on_exit: Callable[[Container], None] | None = None,
     ) -> Container:
-        config = prepare_spec(spec, container_id, rootfs, cgroup_parent)
+        config = prepare_spec(spec, container_id, rootfs, cgroup_parent, pod_namespaces)
         write_bundle(bundle, rootfs, config)
         if secrets is not None:  # sealed values are opened here, in the guest, before start
             try:
@@ -326,7 +445,16 @@ class Container:
             if unsealed is not config:
                 (bundle / "config.json").write_text(json.dumps(unsealed))
                 config = unsealed
-        container = cls(container_id, bundle, runc, reaper, storages, cgroup_parent=cgroup_parent)
+        container = cls(
+            container_id,
+            bundle,
+            runc,
+            reaper,
+            storages,
+            cgroup_parent=cgroup_parent,
+            sockets=sockets,
+            on_exit=on_exit,
+        )
         terminal = bool(config["process"].get("terminal"))
 
         async def launch(stdio: Stdio | None, console: Path | None) -> int | None:
@@ -345,7 +473,7 @@ class Container:
             reaper=reaper,
             launch=launch,
             pid_file=bundle / "init.pid",
-            console_socket=bundle / "console.sock",
+            console_socket=container.console_socket("", bundle / "console.sock"),
         )
         container.init.exited.add_done_callback(container._on_init_exit)
         return container
@@ -362,11 +490,26 @@ class Container:
         return found
 
     async def start(self) -> None:
+        """``runc start``, then wait until the init process has exec'd the workload.
+
+        ``runc start`` returns once the runtime's init was told to go on, before it exec's the
+        workload; a signal sent in between reaches the runtime's code (PID 1 of its namespace,
+        no handlers) and is dropped. StopContainer right after StartContainer would then wait
+        for its whole timeout. Answering only after the exec closes that window (the workload
+        may still need a moment to install its own handlers).
+        """
         self.require("start")
-        await self.runc.start(self.id)
         assert self.init is not None
+        before = self.exe_of(self.init.pid)
+        await self.runc.start(self.id)
         if not self.init.exited.done():
             self.state = ContainerState.RUNNING
+            started = asyncio.get_running_loop().time()
+            if before is not None:
+                await wait_for_exec(self.init, before, self.exe_of)
+            now = asyncio.get_running_loop().time()
+            log.info("container %s: exec seen %.1f ms after start", self.id, 1000 * (now - started))
+            self.init.hold_signals_until = now + SIGNAL_HOLD
 
     async def exec(self, exec_id: str, process: dict[str, Any]) -> Process:
         validate_id("exec", exec_id)
@@ -398,11 +541,12 @@ class Container:
                 reaper=self.reaper,
                 launch=launch,
                 pid_file=workdir / "pid",
-                console_socket=workdir / "console.sock",
+                console_socket=self.console_socket(exec_id, workdir / "console.sock"),
             )
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        started.exited.add_done_callback(self._on_process_exit)
         self.execs[exec_id] = started
         return started
 

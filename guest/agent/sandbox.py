@@ -23,6 +23,7 @@ from typing import Any
 from guest.agent import beneath
 from guest.agent.containers import Container, Process, SecretUnsealer, validate_id
 from guest.agent.errors import (
+    AgentError,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -30,13 +31,14 @@ from guest.agent.errors import (
     PermissionDenied,
     from_os_error,
 )
+from guest.agent.inotify import Inotify
+from guest.agent.namespaces import PodNamespaces, create_pod_namespaces
 from guest.agent.reaper import Reaper
 from guest.agent.runc import Runc
 from guest.agent.storage import GuestPull, StorageManager, StorageSpec
 
 log = logging.getLogger(__name__)
 
-OOM_POLL_INTERVAL = 0.5
 AGENT_VERSION = "0.1.0"
 
 
@@ -60,6 +62,16 @@ class AgentPaths:
     @property
     def runc_root(self) -> Path:
         return self.state_dir / "runc"
+
+    @property
+    def sockets(self) -> Path:
+        """Console sockets: short names, whatever the length of the ids."""
+        return self.state_dir / "sock"
+
+    @property
+    def namespaces(self) -> Path:
+        """The pod's IPC and UTS namespaces, pinned as files."""
+        return self.state_dir / "ns"
 
 
 @dataclass(frozen=True)
@@ -102,8 +114,14 @@ class Sandbox:
         self.containers: dict[str, Container] = {}
         self._sandbox_storages: list[str] = []
         self._creating: set[str] = set()
+        self._pod_namespaces: PodNamespaces | None = None
+        # Kata's rule: the first container's PID namespace (the pause container's, under CRI)
+        # is the one containers created with sandbox_pidns join.
+        self._pid_namespace: Path | None = None
+        self._oom_events: asyncio.Queue[str] = asyncio.Queue()
+        self._oom_watch = Inotify(self._on_memory_events)
         self.shutdown = asyncio.Event()
-        for directory in (paths.bundles, paths.runc_root):
+        for directory in (paths.bundles, paths.runc_root, paths.sockets):
             directory.mkdir(parents=True, exist_ok=True)
 
     # -- sandbox ---------------------------------------------------------------------------
@@ -117,6 +135,10 @@ class Sandbox:
     ) -> None:
         if self.state is not SandboxState.EMPTY:
             raise FailedPrecondition(f"cannot create sandbox in state {self.state.value}")
+        if self._pod_namespaces is None:
+            self._pod_namespaces = create_pod_namespaces(self.paths.namespaces, hostname)
+        else:  # a container came first (allowed, as with Kata): its namespaces are the pod's
+            log.warning("sandbox created after its first container: hostname not applied")
         mounted = await self.storage.add_all(storages)
         try:
             if self.manage_system:
@@ -141,7 +163,26 @@ class Sandbox:
                 log.exception("destroy sandbox: removing container %s failed", container_id)
         self.storage.release_all(self._sandbox_storages)
         self._sandbox_storages = []
+        self._oom_watch.close()
+        if self._pod_namespaces is not None:
+            self._pod_namespaces.release()
+            self._pod_namespaces = None
         self.state = SandboxState.DESTROYED
+
+    def pod_namespaces(self) -> PodNamespaces:
+        """The pod's IPC and UTS namespaces, made on first use (CreateSandbox, or the first
+        CreateContainer when that comes first)."""
+        if self._pod_namespaces is None:
+            self._pod_namespaces = create_pod_namespaces(self.paths.namespaces)
+        return self._pod_namespaces
+
+    def _joined_namespaces(self, sandbox_pidns: bool) -> dict[str, Path]:
+        joined = dict(self.pod_namespaces().paths)
+        # The first container of a pod sharing its PID namespace (no pause container: the
+        # sandbox API) makes the namespace the others join.
+        if sandbox_pidns and self._pid_namespace is not None:
+            joined["pid"] = self._pid_namespace
+        return joined
 
     # -- containers ------------------------------------------------------------------------
 
@@ -161,11 +202,13 @@ class Sandbox:
         storages: list[StorageSpec],
         *,
         init_exec_id: str = "",
+        sandbox_pidns: bool = False,
     ) -> None:
         validate_id("container", container_id)
         self._require_alive("create a container")
         if container_id in self.containers or container_id in self._creating:
             raise AlreadyExists(f"container {container_id} already exists")
+        joined = self._joined_namespaces(sandbox_pidns)
         self._creating.add(container_id)
         bundle = self.paths.bundles / container_id
         try:
@@ -188,10 +231,16 @@ class Sandbox:
                     reaper=self.reaper,
                     cgroup_parent=self.paths.cgroup_parent,
                     secrets=self.secrets,
+                    pod_namespaces=joined,
+                    sockets=self.paths.sockets,
+                    on_exit=self._check_oom,
                 )
                 undo.pop_all()
             container.init_exec_id = init_exec_id
+            if self._pid_namespace is None and not self.containers and container.init:
+                self._pid_namespace = Path(f"/proc/{container.init.pid}/ns/pid")
             self.containers[container_id] = container
+            self._watch_oom(container)
         finally:
             self._creating.discard(container_id)
 
@@ -225,6 +274,7 @@ class Sandbox:
     ) -> None:
         container = self.container(container_id)
         del self.containers[container_id]
+        self._oom_watch.unwatch(container_id)
         try:
             await container.destroy(timeout)
         finally:
@@ -233,10 +283,10 @@ class Sandbox:
     async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> None:
         await self.container(container_id).exec(exec_id, process)
 
-    def signal_process(self, container_id: str, exec_id: str, signum: int) -> None:
+    async def signal_process(self, container_id: str, exec_id: str, signum: int) -> None:
         if not 0 < signum < 65:
             raise InvalidArgument(f"invalid signal {signum}")
-        self.process(container_id, exec_id).signal(signum)
+        await self.process(container_id, exec_id).deliver(signum)
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:
         return await self.process(container_id, exec_id).wait()
@@ -266,14 +316,31 @@ class Sandbox:
         return await self.container(container_id).stats()
 
     async def next_oom_event(self) -> str:
-        """Wait until some container's cgroup records a new OOM kill; return its id."""
-        while True:
-            for container in list(self.containers.values()):
-                count = container.oom_kills()
-                if count > container.oom_kills_seen:
-                    container.oom_kills_seen = count
-                    return container.id
-            await asyncio.sleep(OOM_POLL_INTERVAL)
+        """Wait until some container's cgroup records a new OOM kill; return its id.
+
+        Kills are queued when ``memory.events`` changes (inotify) and, synchronously, when a
+        process of the container exits: an OOM kill behind an exit is queued before
+        WaitProcess answers, so the host can report the OOM before the exit.
+        """
+        return await self._oom_events.get()
+
+    def _watch_oom(self, container: Container) -> None:
+        events = container.cgroup() / "memory.events"
+        try:
+            self._oom_watch.watch(container.id, events)
+        except AgentError as err:  # no memory controller here: exits still find OOM kills
+            log.info("container %s: OOM kills found at exit only (%s)", container.id, err)
+
+    def _on_memory_events(self, container_id: str) -> None:
+        container = self.containers.get(container_id)
+        if container is not None:
+            self._check_oom(container)
+
+    def _check_oom(self, container: Container) -> None:
+        count = container.oom_kills()
+        if count > container.oom_kills_seen:
+            container.oom_kills_seen = count
+            self._oom_events.put_nowait(container.id)
 
     # -- files and time --------------------------------------------------------------------
 

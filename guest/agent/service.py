@@ -370,6 +370,7 @@ class AgentService:
             oci.spec_to_json(req.OCI),
             [storage_spec(s) for s in req.storages],
             init_exec_id=req.exec_id,
+            sandbox_pidns=req.sandbox_pidns,
         )
         return Empty()
 
@@ -394,7 +395,7 @@ class AgentService:
 
     @rpc
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest) -> Empty:
-        self.sandbox.signal_process(req.container_id, req.exec_id, req.signal)
+        await self.sandbox.signal_process(req.container_id, req.exec_id, req.signal)
         return Empty()
 
     @rpc

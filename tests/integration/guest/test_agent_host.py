@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,59 @@ async def test_terminal_exec_and_resize(agent: AgentClient, rootfs: Path) -> Non
         agent_pb2.TtyWinResizeRequest(container_id="c1", row=1, column=1),
     )
     await remove(agent, "c1")
+
+
+async def test_pod_namespaces_sysctls_and_a_tty_exec_with_cri_ids(
+    agent: AgentClient, rootfs: Path
+) -> None:
+    """CRI ids are 64 hex characters: the exec's console socket must still fit a unix socket
+    path. Containers share the pod's IPC and UTS namespaces (the first one's IPC sysctl is seen
+    by the second) and, with sandbox_pidns, the first container's PID namespace."""
+    first, second, exec_id = (uuid.uuid4().hex * 2 for _ in range(3))
+    oci = spec(str(rootfs), ["sleep", "301"])
+    oci.Linux.Sysctl["kernel.shm_rmid_forced"] = "1"
+    await agent.call(
+        "CreateContainer", agent_pb2.CreateContainerRequest(container_id=first, OCI=oci)
+    )
+    await start(agent, first)
+    await agent.call(
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(
+            container_id=second, OCI=spec(str(rootfs), ["sleep", "302"]), sandbox_pidns=True
+        ),
+    )
+    await start(agent, second)
+    report = (
+        "cat /proc/sys/kernel/shm_rmid_forced; readlink /proc/self/ns/ipc;"
+        " readlink /proc/self/ns/uts"
+    )
+    await agent.call(
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(
+            container_id=first, exec_id="report", process=process(["sh", "-c", report])
+        ),
+    )
+    in_first = await agent.read_all(first, "report")
+    await agent.call(
+        "ExecProcess",
+        agent_pb2.ExecProcessRequest(
+            container_id=second,
+            exec_id=exec_id,
+            process=process(
+                ["sh", "-c", f"read x; {report}; tr '\\0' ' ' </proc/1/cmdline"], terminal=True
+            ),
+        ),
+    )
+    await agent.call(
+        "WriteStdin",
+        agent_pb2.WriteStreamRequest(container_id=second, exec_id=exec_id, data=b"go\n"),
+    )
+    in_second = (await agent.read_all(second, exec_id)).replace(b"\r\n", b"\n")
+    assert await agent.wait(second, exec_id) == 0
+    assert in_first.startswith(b"1\nipc:[") and in_second.startswith(b"go\n")
+    assert in_second.removeprefix(b"go\n") == in_first + b"sleep 301 "
+    for cid in (second, first):
+        await remove(agent, cid)
 
 
 async def test_pause_resume_stats_update(agent: AgentClient, rootfs: Path) -> None:

@@ -50,6 +50,7 @@ class FakeRunc(Runc):
 def container() -> Container:
     runc = FakeRunc()
     c = Container("c1", Path("/nonexistent"), runc, runc._reaper, [])
+    c.exe_of = lambda pid: None  # no /proc entry: start does not wait for an exec
     return c
 
 
@@ -58,6 +59,9 @@ def state_of(c: Container) -> ContainerState:
 
 
 class FakeInit:
+    pid = 4242
+    name = "c1"
+
     def __init__(self) -> None:
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
