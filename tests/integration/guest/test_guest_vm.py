@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from guest.image.build import BuildResult
-from protocols.api.kata import agent_pb2, health_pb2, types_pb2
+from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from protocols.ttrpc import Client, Code, TtrpcError
 from tests import envinfo
 from tests.integration.guest.support import AgentClient, make_busybox_rootfs, process, spec
@@ -283,6 +283,48 @@ async def test_oom_kill_is_reported(agent: AgentClient) -> None:
     assert await agent.wait("oom") == 128 + signal.SIGKILL
     assert b"survived" not in await agent.read_all("oom")
     await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="oom"))
+
+
+async def test_sigterm_right_after_start_reaches_the_workload(agent: AgentClient) -> None:
+    """The workload is the init of its PID namespace: a SIGTERM before its handler exists
+    would be dropped. StartContainer answers after the exec, and a signal it would drop waits
+    (briefly) for the handler, so a stop right after the start ends it gracefully."""
+    await create(agent, "trapper", ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"])
+    await start(agent, "trapper")
+    await agent.call(
+        "SignalProcess",
+        agent_pb2.SignalProcessRequest(container_id="trapper", signal=signal.SIGTERM),
+    )
+    assert await asyncio.wait_for(agent.wait("trapper"), 10) == 0
+    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="trapper"))
+
+
+async def test_kernel_modules_load_on_demand(agent: AgentClient) -> None:
+    """Not loaded at boot, loaded when a container first needs them: the kernel runs the
+    guest's modprobe, which finds "bridge" in modules.dep and "rtnl-link-veth" (what
+    `ip link add type veth` asks for) in modules.alias; both go away with their links."""
+    storage, rootfs = share_storage("netadmin")
+    script = (
+        "grep -qw -e ^bridge -e ^veth /proc/modules && echo loaded-at-boot;"
+        " brctl addbr br-coco && ip link add vc0 type veth peer name vc1"
+        " && ip -o link show br-coco && ip -o link show vc0"
+        " && ip link del vc0 && brctl delbr br-coco && echo done"
+    )
+    oci = spec(rootfs, ["sh", "-c", script])
+    caps = ["CAP_NET_ADMIN"]
+    oci.Process.Capabilities.CopyFrom(
+        oci_pb2.LinuxCapabilities(Bounding=caps, Effective=caps, Permitted=caps)
+    )
+    await agent.call(
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(container_id="netadmin", storages=[storage], OCI=oci),
+    )
+    await start(agent, "netadmin")
+    output, code = await asyncio.gather(agent.read_all("netadmin"), agent.wait("netadmin"))
+    assert code == 0, output
+    assert b"loaded-at-boot" not in output
+    assert b": br-coco: " in output and b": vc0@" in output and output.endswith(b"done\n")
+    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="netadmin"))
 
 
 async def test_stats_pause_resume_on_cgroup2(agent: AgentClient) -> None:

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from guest.image.kmod import ModuleError, ModuleTree, canonical, modinfo, read_module
+from guest.image.kmod import (
+    ModuleError,
+    ModuleTree,
+    canonical,
+    modinfo,
+    modules_alias,
+    modules_dep,
+    read_module,
+)
 from tests import envinfo
 
 RECIPE = Path(__file__).resolve().parents[3] / "packaging/guest-image/modules.txt"
+ON_DEMAND = RECIPE.with_name("modules-on-demand.txt")
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +83,41 @@ def test_unknown_module_is_an_error(tree: ModuleTree) -> None:
 def test_not_elf() -> None:
     with pytest.raises(ModuleError):
         modinfo(b"not an elf at all")
+
+
+def on_demand() -> list[str]:
+    return [
+        line.strip()
+        for line in ON_DEMAND.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
+def test_modules_dep_lists_every_dependency_the_one_to_load_first_last(tree: ModuleTree) -> None:
+    order = tree.load_order([*wanted(), *on_demand()])
+    lines = dict(line.split(":", 1) for line in modules_dep(order, tree.builtin, "c/").splitlines())
+    assert len(lines) == len(order)
+    deps = lines["c/xt_MASQUERADE.ko"].split()
+    # transitive: x_tables and nf_nat directly, nf_conntrack and libcrc32c through nf_nat
+    assert {"c/x_tables.ko", "c/nf_nat.ko", "c/nf_conntrack.ko", "c/libcrc32c.ko"} <= set(deps)
+    position = {f"c/{m.name}.ko": i for i, m in enumerate(order)}
+    assert [position[d] for d in deps] == sorted((position[d] for d in deps), reverse=True)
+    assert lines["c/bridge.ko"].split() == ["c/stp.ko", "c/llc.ko"]
+
+
+def test_modules_alias_resolves_what_the_kernel_requests(tree: ModuleTree) -> None:
+    order = tree.load_order(on_demand())
+    aliases = {
+        line.split()[1]: line.split()[2] for line in modules_alias(order).splitlines()
+    }
+    # what `ip link add type veth`, nft's nat chains and the socket family of
+    # iptables-legacy make the kernel ask for
+    assert aliases["rtnl-link-veth"] == "veth"
+    assert aliases["rtnl-link-bridge"] == "bridge"
+    assert aliases["nft-chain-2-nat"] == "nft_chain_nat"
+    assert aliases["ipt_MASQUERADE"] == "xt_MASQUERADE"
+
+
+def test_on_demand_modules_exist_and_common_ones_are_among_them(tree: ModuleTree) -> None:
+    names = {m.name for m in tree.load_order(on_demand())}
+    assert {"bridge", "veth", "tun", "nf_tables", "ip_tables", "br_netfilter"} <= names
