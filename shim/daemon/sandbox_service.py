@@ -40,10 +40,12 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp | None:
 
 def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
     """The pod's VM is made from what a pause container's spec would carry: annotations (CRI
-    sends the pod's in its PodSandboxConfig, the request's own map is empty), hostname and the
+    sends the pod's in its PodSandboxConfig, the request's own map is empty), hostname, the
+    pod's sysctls (given to its containers: see ``shim.task.with_pod_sysctls``) and the
     network namespace CNI set up."""
     annotations = dict(request.annotations)
     spec: dict[str, object] = {}
+    linux: dict[str, object] = {}
     if request.options.type_url.rsplit("/", 1)[-1] == POD_CONFIG_TYPE:
         from protocols.api.cri import api_pb2 as cri  # only CRI's CreateSandbox carries one
 
@@ -54,10 +56,14 @@ def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
         annotations.update(config.annotations)
         if config.hostname:
             spec["hostname"] = config.hostname
+        if config.linux.sysctls:  # a pause container would apply them to the pod's namespaces
+            linux["sysctl"] = dict(config.linux.sysctls)
     annotations[SANDBOX_ID_ANNOTATION] = request.sandbox_id
     spec["annotations"] = annotations
     if request.netns_path:
-        spec["linux"] = {"namespaces": [{"type": "network", "path": request.netns_path}]}
+        linux["namespaces"] = [{"type": "network", "path": request.netns_path}]
+    if linux:
+        spec["linux"] = linux
     return spec
 
 

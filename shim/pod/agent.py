@@ -54,7 +54,10 @@ class Agent(Protocol):
     async def add_arp_neighbors(self, neighbors: Sequence[types_pb2.ARPNeighbor]) -> None: ...
 
     async def create_container(self, container_id: str, spec: oci_pb2.Spec,
-                               storages: Sequence[agent_pb2.Storage]) -> None: ...
+                               storages: Sequence[agent_pb2.Storage], *,
+                               sandbox_pidns: bool = False) -> None:
+        """``sandbox_pidns``: the container joins the pod's PID namespace in the guest."""
+        ...
 
     async def start_container(self, container_id: str) -> None: ...
 
@@ -218,10 +221,11 @@ class AgentClient:
     # --- containers and processes ---------------------------------------------------------
 
     async def create_container(self, container_id: str, spec: oci_pb2.Spec,
-                               storages: Sequence[agent_pb2.Storage]) -> None:
+                               storages: Sequence[agent_pb2.Storage], *,
+                               sandbox_pidns: bool = False) -> None:
         await self._empty("CreateContainer", agent_pb2.CreateContainerRequest(
             container_id=container_id, exec_id=container_id, OCI=spec,
-            storages=list(storages)))
+            storages=list(storages), sandbox_pidns=sandbox_pidns))
 
     async def start_container(self, container_id: str) -> None:
         await self._empty("StartContainer",

@@ -57,6 +57,41 @@ def without_network_sysctls(spec: dict[str, object]) -> dict[str, object]:
     return {**spec, "linux": {**linux, "sysctl": kept}}
 
 
+def with_pod_sysctls(spec: dict[str, object],
+                     pod_spec: Mapping[str, object]) -> dict[str, object]:
+    """``spec`` plus the pod's sysctls it does not set itself (not the ``net.*`` ones).
+
+    With a pause container (CRI ``podsandbox`` mode) the pod's sysctls are in the pause
+    container's spec and apply to the pod's IPC and UTS namespaces, which every container of
+    the pod joins in the guest. A pod made through the sandbox API has no pause container: its
+    containers carry the pod's sysctls instead, so the OCI runtime applies them to those same
+    shared namespaces (again, with the same values) as each container starts.
+    """
+    pod_linux = pod_spec.get("linux")
+    pod_sysctl = pod_linux.get("sysctl") if isinstance(pod_linux, dict) else None
+    if not isinstance(pod_sysctl, dict):
+        return spec
+    wanted = {k: v for k, v in pod_sysctl.items() if not str(k).startswith("net.")}
+    if not wanted:
+        return spec
+    linux = spec.get("linux")
+    linux = dict(linux) if isinstance(linux, dict) else {}
+    own = linux.get("sysctl")
+    linux["sysctl"] = {**wanted, **(own if isinstance(own, dict) else {})}
+    return {**spec, "linux": linux}
+
+
+def joins_pod_pid_namespace(spec: Mapping[str, object]) -> bool:
+    """The spec joins an existing PID namespace: CRI names the pod's for every container of a
+    pod with a shared process namespace. In the guest that is the pod's PID namespace (Kata's
+    ``sandbox_pidns``); the host path itself is cleared by :func:`for_guest`."""
+    linux = spec.get("linux")
+    namespaces = linux.get("namespaces") if isinstance(linux, Mapping) else None
+    return isinstance(namespaces, list) and any(
+        isinstance(ns, Mapping) and ns.get("type") == "pid" and bool(ns.get("path"))
+        for ns in namespaces)
+
+
 def _object(doc: Mapping[str, Any], key: str, where: str) -> dict[str, Any] | None:
     value = doc.get(key)
     if value is None:

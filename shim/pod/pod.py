@@ -38,6 +38,7 @@ from shim.core.errors import (
 )
 from shim.core.state_machine import Transition, check
 from shim.core.timeouts import TIMEOUTS, Timeouts
+from shim.pod import guest_spec
 from shim.pod.mounts import Mount
 from shim.pod.vm import VM_KILLED_STATUS, Booter, PodConfig, PodVm
 
@@ -307,6 +308,8 @@ class Pod:
 
     async def create_container(self, container_id: str, bundle: Path,
                                spec: dict[str, object], rootfs: tuple[Mount, ...]) -> None:
+        if self.sandbox_api and self._config is not None:  # no pause container: see there
+            spec = guest_spec.with_pod_sysctls(spec, self._config.spec)
         await self.ready_vm().create_container(container_id, bundle, spec, rootfs)
 
     async def remove_container(self, container_id: str, *, in_guest: bool) -> None:

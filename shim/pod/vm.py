@@ -78,7 +78,9 @@ class PodVm:
         prepared = await self.rootfs.add(container_id, bundle, spec, rootfs)
         try:
             oci = guest_spec.for_guest(spec, prepared.root_path, prepared.mounts)
-            await self.agent.create_container(container_id, oci, prepared.storages)
+            await self.agent.create_container(
+                container_id, oci, prepared.storages,
+                sandbox_pidns=guest_spec.joins_pod_pid_namespace(spec))
         except BaseException:
             await self.rootfs.remove(container_id)
             raise

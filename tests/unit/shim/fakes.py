@@ -78,6 +78,7 @@ class FakeAgent:
         self.processes: dict[tuple[str, str], FakeProcess] = {}
         self.containers: dict[str, oci_pb2.Spec] = {}
         self.storages: dict[str, list[agent_pb2.Storage]] = {}
+        self.sandbox_pidns: dict[str, bool] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.paused: set[str] = set()
         self.updates: list[tuple[str, oci_pb2.LinuxResources]] = []
@@ -143,9 +144,11 @@ class FakeAgent:
         self.network.append(list(neighbors))
 
     async def create_container(self, container_id: str, spec: oci_pb2.Spec,
-                               storages: Sequence[agent_pb2.Storage]) -> None:
+                               storages: Sequence[agent_pb2.Storage], *,
+                               sandbox_pidns: bool = False) -> None:
         self.calls.append(("CreateContainer", container_id, ""))
         self.containers[container_id] = spec
+        self.sandbox_pidns[container_id] = sandbox_pidns
         self.storages[container_id] = list(storages)
         self.processes[(container_id, "")] = FakeProcess(container_id, "", echo=self.echo)
 

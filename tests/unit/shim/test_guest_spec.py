@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 
 from shim.core.errors import InvalidArgument
-from shim.pod.guest_spec import for_guest, process, spec_mounts, without_network_sysctls
+from shim.pod.guest_spec import (
+    for_guest,
+    joins_pod_pid_namespace,
+    process,
+    spec_mounts,
+    with_pod_sysctls,
+    without_network_sysctls,
+)
 
 
 def test_network_sysctls_are_dropped_others_kept() -> None:
@@ -85,3 +92,29 @@ def test_an_exec_process_of_the_wrong_shape_names_the_exec() -> None:
     assert list(process({"args": ["ls"]}, "exec e1").Args) == ["ls"]
     with pytest.raises(InvalidArgument, match=r"exec e1: .*terminal"):
         process({"terminal": "yes"}, "exec e1")
+
+
+def test_a_pod_without_pause_container_gives_its_sysctls_to_its_containers() -> None:
+    pod = {"linux": {"sysctl": {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100",
+                                "net.ipv4.ping_group_range": "0 1"}}}
+    spec: dict[str, object] = {"linux": {"sysctl": {"fs.mqueue.msg_max": "50"}},
+                               "process": {"args": ["sh"]}}
+    out = with_pod_sysctls(spec, pod)
+    # The container's own value wins; the network one stays out (the VM's network is shared).
+    assert out["linux"] == {"sysctl": {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "50"}}
+    assert out["process"] == {"args": ["sh"]}
+    assert spec["linux"] == {"sysctl": {"fs.mqueue.msg_max": "50"}}  # input untouched
+    assert with_pod_sysctls(spec, {}) is spec
+    assert with_pod_sysctls({}, pod)["linux"] == {"sysctl": {
+        "kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}}
+
+
+def test_a_pid_namespace_path_means_the_pods_pid_namespace() -> None:
+    shared = {"linux": {"namespaces": [{"type": "pid", "path": "/proc/12/ns/pid"},
+                                       {"type": "ipc", "path": "/proc/12/ns/ipc"}]}}
+    own = {"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]}}
+    assert joins_pod_pid_namespace(shared)
+    assert not joins_pod_pid_namespace(own)
+    assert not joins_pod_pid_namespace({})
+    request = for_guest(shared, "/rootfs", [])  # the host path itself never reaches the guest
+    assert [(ns.Type, ns.Path) for ns in request.Linux.Namespaces] == [("pid", ""), ("ipc", "")]

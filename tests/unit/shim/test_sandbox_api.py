@@ -4,6 +4,8 @@ StopSandbox, containers created in between share it, Shutdown waits for the pod.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,33 @@ def test_pod_spec_without_cri_options() -> None:
     assert spec == {"annotations": {"x": "y", "io.kubernetes.cri.sandbox-id": "p"}}
     spec = pod_spec(pb.CreateSandboxRequest(sandbox_id="p", netns_path="/n"))
     assert spec["linux"] == {"namespaces": [{"type": "network", "path": "/n"}]}
+
+
+def test_pod_spec_carries_the_pods_sysctls() -> None:
+    config = cri.PodSandboxConfig(linux=cri.LinuxPodSandboxConfig(
+        sysctls={"kernel.shm_rmid_forced": "1"}))
+    options = any_pb2.Any(type_url="type.googleapis.com/runtime.v1.PodSandboxConfig",
+                          value=config.SerializeToString())
+    spec = pod_spec(pb.CreateSandboxRequest(sandbox_id="p", options=options, netns_path="/n"))
+    assert spec["linux"] == {"sysctl": {"kernel.shm_rmid_forced": "1"},
+                             "namespaces": [{"type": "network", "path": "/n"}]}
+
+
+async def test_a_sandbox_api_pods_containers_carry_its_sysctls(h: Harness) -> None:
+    """No pause container applies the pod's sysctls: each container of the pod carries them
+    (its own values win, network ones stay out)."""
+    pod = dataclasses.replace(config(h), spec={**config(h).spec, "linux": {"sysctl": {
+        "kernel.shm_rmid_forced": "1", "kernel.msgmax": "9000", "net.ipv4.ip_forward": "1"}}})
+    await h.pod.create_sandbox(pod)
+    await h.pod.start_sandbox("pod1")
+    bundle = h.bundle("c1", {"io.kubernetes.cri.sandbox-id": "pod1"})
+    doc = json.loads((bundle / "config.json").read_text())
+    doc["linux"] = {"sysctl": {"kernel.msgmax": "8192"}}
+    (bundle / "config.json").write_text(json.dumps(doc))
+    await h.tasks.create(CreateTask(id="c1", bundle=str(bundle)))
+    assert dict(h.agent.containers["c1"].Linux.Sysctl) == {
+        "kernel.shm_rmid_forced": "1", "kernel.msgmax": "8192"}
+    await h.pod.stop_sandbox("pod1")
 
 
 async def test_sandbox_metrics_report_the_vm_process_footprint(tmp_path: Path) -> None:

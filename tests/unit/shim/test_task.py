@@ -4,6 +4,7 @@ semantics, and what the pod's VM dying means for its processes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
@@ -263,6 +264,36 @@ async def test_oom_events_are_published_for_known_containers(h: Harness) -> None
         await asyncio.sleep(0.01)
     assert h.publisher.events[-1] == events.TaskOOM("c1")
     assert h.publisher.topics().count("/tasks/oom") == 1
+
+
+async def test_an_oom_kill_answered_before_the_exit_is_published_before_it(h: Harness) -> None:
+    """The agent queues an OOM kill before it answers the killed process's WaitProcess (both
+    on one connection, in that order). /tasks/oom must then reach containerd before
+    /tasks/exit: CRI deletes the task on its exit, and the container is OOMKilled only if the
+    OOM event found it."""
+    await create(h)
+    await h.tasks.start("c1")
+    await asyncio.sleep(0)  # the reaper is waiting for the exit
+    h.agent.oom_events.put_nowait("c1")  # both answers arrive in the same loop step
+    await h.agent.finish("c1", status=137)
+    await h.tasks.wait("c1")
+    topics = h.publisher.topics()
+    assert topics[-2:] == ["/tasks/oom", "/tasks/exit"], topics
+
+
+async def test_a_container_joining_the_pods_pid_namespace_asks_for_sandbox_pidns(
+        h: Harness) -> None:
+    """CRI shareProcessNamespace: every container's spec names the pod's PID namespace path;
+    in the guest that is the pod's PID namespace (sandbox_pidns), the path itself stays out."""
+    bundle = h.bundle("c1")
+    doc = json.loads((bundle / "config.json").read_text())
+    doc["linux"] = {"namespaces": [{"type": "pid", "path": "/proc/77/ns/pid"}]}
+    (bundle / "config.json").write_text(json.dumps(doc))
+    await h.tasks.create(CreateTask(id="c1", bundle=str(bundle), stdio=Stdio()))
+    await create(h, "c2")
+    assert h.agent.sandbox_pidns == {"c1": True, "c2": False}
+    assert [(ns.Type, ns.Path) for ns in h.agent.containers["c1"].Linux.Namespaces] == [
+        ("pid", "")]
 
 
 async def test_wait_on_a_task_deleted_before_start_is_released(h: Harness) -> None:
