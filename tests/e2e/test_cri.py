@@ -39,8 +39,10 @@ from tests.support.cri import (
     PAUSE_REF,
     CniNetwork,
     CriClient,
+    TerminalSession,
     container_config,
     cri_config,
+    exit_code_of,
     pod_config,
 )
 from tests.support.guest import dev_profile_text
@@ -281,3 +283,107 @@ def wait_exec(client: CriClient, cid: str, cmd: list[str],
         if result.exit_code == 0 or time.monotonic() > deadline:
             return result
         time.sleep(0.5)
+
+
+# A pod-level safe sysctl and an unsafe one, both scoped to the IPC namespace.
+POD_SYSCTLS = {"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}
+IPC_MAKER = ["sh", "-c", "touch /dev/mqueue/coco-ipc && trap 'exit 0' TERM && "
+             "while :; do sleep 1; done", "coco-ipc-maker"]
+NAMESPACE_REPORT = ["sh", "-c", "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max"
+                    " && readlink /proc/self/ns/ipc && readlink /proc/self/ns/uts && hostname"
+                    " && ls /dev/mqueue"]
+OOM_LIMIT = 24 << 20
+MEMORY_HOG = ["sh", "-c", "a=xxxxxxxx; while :; do a=$a$a; done"]  # doubles past any limit
+EXIT_WAIT = 60.0
+STOP_TIMEOUT = 30  # StopContainer's grace period: a dropped SIGTERM would wait all of it
+PROMPT_STOP = 10.0
+
+
+def wait_exited(client: CriClient, cid: str) -> cri.ContainerStatus:
+    deadline = time.monotonic() + EXIT_WAIT
+    while (status := client.container_status(cid)).state != cri.CONTAINER_EXITED:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    return status
+
+
+def test_what_the_kubelet_relies_on(crictd: CriContainerd) -> None:
+    """One pod, the behaviours a kubelet depends on: pod sysctls seen by every container
+    through the pod's shared IPC namespace (and UTS, PID with shareProcessNamespace); `exec -it`
+    with containerd's 64-character ids; OOMKilled with exit 137; a privileged container
+    creating and deleting a bridge (kernel modules loaded on demand); StopContainer right
+    after StartContainer."""
+    client, log_dir = crictd.client, crictd.base / "kubelet-logs"
+    log_dir.mkdir()
+    pod = pod_config("kubelet-pod", uuid.uuid4().hex, log_dir, sysctls=POD_SYSCTLS,
+                     privileged=True, share_pid=True)
+    pod_id = client.run_pod(pod)
+    try:
+        maker, reader = (client.create_container(pod_id, container_config(
+            name, BUSYBOX_REF, command, pod=pod, privileged=privileged), pod)
+            for name, command, privileged in (("ipc-maker", IPC_MAKER, False),
+                                              ("reader", SLEEPER, True)))
+        assert len(pod_id) == len(maker) == len(reader) == 64  # real CRI ids
+        for cid in (maker, reader):
+            client.start_container(cid)
+        wait_exec(client, maker, ["test", "-e", "/dev/mqueue/coco-ipc"])
+
+        # Sysctls, IPC and UTS: both containers are in the pod's namespaces, where the pod's
+        # sysctls apply and the message queue made by one is seen by the other.
+        reports = [client.exec_sync(cid, NAMESPACE_REPORT) for cid in (maker, reader)]
+        for report in reports:
+            assert report.exit_code == 0, report
+            lines = report.stdout.decode().split()
+            assert lines[:2] == ["1", "100"], report
+            assert lines[2].startswith("ipc:[") and lines[3].startswith("uts:["), report
+            assert lines[4:] == ["kubelet-pod", "coco-ipc"], report
+        assert reports[0].stdout == reports[1].stdout
+        # shareProcessNamespace: the reader sees the maker's process (the pattern does not
+        # match itself; processes may come and go during the scan).
+        seen = client.exec_sync(reader, ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do"
+                                         " grep -qs 'coco-ipc-make[r]' $f && echo $f; done; true"])
+        assert seen.exit_code == 0 and seen.stdout.startswith(b"/proc/"), seen
+
+        # A privileged container uses the kernel's bridge support (loaded on demand).
+        bridge = client.exec_sync(reader, ["sh", "-c",
+                                           "brctl addbr foobar && ip -o link show foobar"
+                                           " && brctl delbr foobar && echo deleted"])
+        assert bridge.exit_code == 0, bridge
+        assert b": foobar: " in bridge.stdout and bridge.stdout.endswith(b"deleted\n"), bridge
+
+        # exec -it: containerd's 64-character container and exec ids, an interactive round
+        # trip over the terminal, and the exit code at the end.
+        session = TerminalSession(client.exec(reader, ["sh"], tty=True, stdin=True))
+        try:
+            session.send(b"echo $((6 * 7))-from-the-tty\n")
+            assert b"42-from-the-tty" in session.read_until(b"42-from-the-tty")
+            session.send(b"exit 3\n")
+            assert exit_code_of(session.wait_status()) == 3
+        finally:
+            session.close()
+
+        # A container past its memory limit is OOMKilled (exit 137), as the kubelet reports.
+        hog = client.create_container(pod_id, container_config(
+            "hog", BUSYBOX_REF, MEMORY_HOG, pod=pod, memory_limit=OOM_LIMIT), pod)
+        client.start_container(hog)
+        status = wait_exited(client, hog)
+        assert (status.reason, status.exit_code) == ("OOMKilled", 137), status
+
+        # StopContainer a moment after StartContainer: the SIGTERM reaches the workload, which
+        # is the init of its own PID namespace (it would drop a signal it has no handler for).
+        quick = client.create_container(pod_id, container_config(
+            "quick", BUSYBOX_REF, SLEEPER), pod)
+        started = time.monotonic()
+        client.start_container(quick)
+        client.stop_container(quick, timeout=STOP_TIMEOUT)
+        stopped_in = time.monotonic() - started
+        status = client.container_status(quick)
+        assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 0), status
+        assert stopped_in < PROMPT_STOP, f"StopContainer took {stopped_in:.1f} s"
+
+        for cid in (maker, reader, hog, quick):
+            client.stop_container(cid, timeout=5)
+            client.remove_container(cid)
+    finally:
+        client.stop_pod(pod_id)
+        client.remove_pod(pod_id)

@@ -91,18 +91,34 @@ def cri_config(version: str, *, profile: Path | None, cni_conf_dir: Path,
 
 
 def pod_config(name: str, uid: str, log_dir: Path, *,
-               annotations: Mapping[str, str] | None = None) -> cri.PodSandboxConfig:
+               annotations: Mapping[str, str] | None = None,
+               sysctls: Mapping[str, str] | None = None, privileged: bool = False,
+               share_pid: bool = False) -> cri.PodSandboxConfig:
+    """``share_pid``: the pod's containers share one PID namespace (shareProcessNamespace)."""
+    namespaces = cri.NamespaceOption(pid=cri.POD if share_pid else cri.CONTAINER)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
         hostname=name, log_directory=str(log_dir), annotations=dict(annotations or {}),
-        linux=cri.LinuxPodSandboxConfig())
+        linux=cri.LinuxPodSandboxConfig(
+            sysctls=dict(sysctls or {}),
+            security_context=cri.LinuxSandboxSecurityContext(
+                namespace_options=namespaces, privileged=privileged)))
 
 
-def container_config(name: str, image: str, command: Sequence[str]) -> cri.ContainerConfig:
+def container_config(name: str, image: str, command: Sequence[str], *,
+                     pod: cri.PodSandboxConfig | None = None, privileged: bool = False,
+                     memory_limit: int = 0) -> cri.ContainerConfig:
+    """A container as the kubelet describes it; ``pod`` lends its namespace options (the
+    kubelet copies the pod's into every container)."""
+    namespaces = (pod.linux.security_context.namespace_options if pod is not None
+                  else cri.NamespaceOption(pid=cri.CONTAINER))
     return cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name=name, attempt=0),
         image=cri.ImageSpec(image=image), command=list(command),
-        log_path=f"{name}.log", linux=cri.LinuxContainerConfig())
+        log_path=f"{name}.log", linux=cri.LinuxContainerConfig(
+            resources=cri.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
+            security_context=cri.LinuxContainerSecurityContext(
+                privileged=privileged, namespace_options=namespaces)))
 
 
 class CriClient:
@@ -180,6 +196,15 @@ class CriClient:
             timeout=self.timeout)
         return response
 
+    def exec(self, container_id: str, cmd: Sequence[str], *, tty: bool,
+             stdin: bool) -> str:
+        """Exec: the URL of containerd's streaming server for this exec (as the kubelet
+        hands it to the API server for `kubectl exec`)."""
+        response: cri.ExecResponse = self.runtime.Exec(
+            cri.ExecRequest(container_id=container_id, cmd=list(cmd), tty=tty, stdin=stdin,
+                            stdout=True, stderr=not tty), timeout=self.timeout)
+        return response.url
+
     def container_stats(self, container_id: str) -> cri.ContainerStats:
         response: cri.ContainerStatsResponse = self.runtime.ContainerStats(
             cri.ContainerStatsRequest(container_id=container_id), timeout=self.timeout)
@@ -199,3 +224,78 @@ class CriClient:
             cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)),
             timeout=self.timeout)
         return list(response.containers)
+
+
+# --- remotecommand over WebSocket (what `kubectl exec -it` speaks to the streaming server) ----
+
+STDIN, STDOUT, STDERR, ERROR = 0, 1, 2, 3
+REMOTECOMMAND_PROTOCOL: Final = "v4.channel.k8s.io"  # one channel byte before each payload
+
+
+class TerminalSession:
+    """An interactive exec: stdin in, the terminal's output out, the exit status at the end.
+
+    containerd's streaming server (the kubelet's remotecommand code) speaks the channel
+    protocol over WebSocket: every binary message starts with its channel number; v4 ends with
+    a JSON status on the error channel (``{"status": "Success"}`` or a NonZeroExitCode
+    failure whose cause carries the exit code).
+    """
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        import websocket  # test dependency (websocket-client)
+
+        ws_url = "ws" + url.removeprefix("http")
+        self._ws = websocket.create_connection(ws_url, timeout=timeout,
+                                               subprotocols=[REMOTECOMMAND_PROTOCOL])
+        self.output = bytearray()
+        self.status: dict[str, object] | None = None
+
+    def send(self, data: bytes) -> None:
+        self._ws.send_binary(bytes([STDIN]) + data)
+
+    def read_until(self, marker: bytes) -> bytes:
+        """Terminal output until ``marker`` has appeared (raises if the stream ends first)."""
+        while marker not in self.output:
+            if not self._receive():
+                raise EOFError(f"exec ended before {marker!r}; output {bytes(self.output)!r}")
+        return bytes(self.output)
+
+    def wait_status(self) -> dict[str, object]:
+        while self.status is None and self._receive():
+            pass
+        if self.status is None:
+            raise EOFError(f"exec ended without a status; output {bytes(self.output)!r}")
+        return self.status
+
+    def _receive(self) -> bool:
+        import websocket
+
+        try:
+            message = self._ws.recv()
+        except websocket.WebSocketConnectionClosedException:
+            return False
+        if isinstance(message, str):
+            message = message.encode()
+        if not message:
+            return True
+        channel, payload = message[0], message[1:]
+        if channel in (STDOUT, STDERR):
+            self.output += payload
+        elif channel == ERROR and payload:
+            self.status = json.loads(payload)
+        return True
+
+    def close(self) -> None:
+        self._ws.close()
+
+
+def exit_code_of(status: Mapping[str, object]) -> int:
+    """The exit code a remotecommand v4 status reports (0 for Success)."""
+    if status.get("status") == "Success":
+        return 0
+    details = status.get("details")
+    causes = details.get("causes", []) if isinstance(details, dict) else []
+    for cause in causes:
+        if isinstance(cause, dict) and cause.get("reason") == "ExitCode":
+            return int(cause["message"])
+    raise ValueError(f"no exit code in {status}")

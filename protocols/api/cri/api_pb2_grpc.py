@@ -99,6 +99,11 @@ class RuntimeServiceStub:
                 request_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
                 response_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncResponse.FromString,
                 _registered_method=True)
+        self.Exec = channel.unary_unary(
+                '/runtime.v1.RuntimeService/Exec',
+                request_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecRequest.SerializeToString,
+                response_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecResponse.FromString,
+                _registered_method=True)
         self.ContainerStats = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ContainerStats',
                 request_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ContainerStatsRequest.SerializeToString,
@@ -192,6 +197,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContainerStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -271,6 +282,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ExecSync,
                     request_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncRequest.FromString,
                     response_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncResponse.SerializeToString,
+            ),
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecRequest.FromString,
+                    response_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecResponse.SerializeToString,
             ),
             'ContainerStats': grpc.unary_unary_rpc_method_handler(
                     servicer.ContainerStats,
@@ -634,6 +650,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ExecSync',
             protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
             protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/Exec',
+            protocols_dot_api_dot_cri_dot_api__pb2.ExecRequest.SerializeToString,
+            protocols_dot_api_dot_cri_dot_api__pb2.ExecResponse.FromString,
             options,
             channel_credentials,
             insecure,
