@@ -41,12 +41,16 @@ class PodNamespaces:
         return self.paths.get(kind)
 
     def release(self) -> None:
-        """Unmount and remove the files: the namespaces die with their last member."""
+        """Unmount and remove the files (and their directory once empty): the namespaces die
+        with their last member."""
         for path in self.paths.values():
             with contextlib.suppress(AgentError):
                 mounts.umount(str(path))
             with contextlib.suppress(OSError):
                 path.unlink()
+        for directory in {path.parent for path in self.paths.values()}:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _unshare_and_pin(flags: int, targets: dict[str, Path], hostname: str) -> None:

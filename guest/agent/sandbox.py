@@ -135,20 +135,28 @@ class Sandbox:
     ) -> None:
         if self.state is not SandboxState.EMPTY:
             raise FailedPrecondition(f"cannot create sandbox in state {self.state.value}")
-        if self._pod_namespaces is None:
-            self._pod_namespaces = create_pod_namespaces(self.paths.namespaces, hostname)
-        else:  # a container came first (allowed, as with Kata): its namespaces are the pod's
-            log.warning("sandbox created after its first container: hostname not applied")
+        # Storages first: a refused one (policy, confinement) leaves nothing behind.
         mounted = await self.storage.add_all(storages)
+        made: PodNamespaces | None = None
         try:
+            if self._pod_namespaces is None:
+                self._pod_namespaces = made = create_pod_namespaces(self.paths.namespaces,
+                                                                    hostname)
+            else:  # a container came first (allowed, as with Kata): its namespaces are the pod's
+                log.warning("sandbox created after its first container: hostname not applied")
             if self.manage_system:
                 if hostname:
                     socket.sethostname(hostname)
                 if dns:
                     self.paths.resolv_conf.write_text("".join(f"{line}\n" for line in dns))
-        except OSError as err:
+        except BaseException as err:
+            if made is not None:
+                made.release()
+                self._pod_namespaces = None
             self.storage.release_all(mounted)
-            raise from_os_error(err, "configure the sandbox") from err
+            if isinstance(err, OSError):
+                raise from_os_error(err, "configure the sandbox") from err
+            raise
         self._sandbox_storages = mounted
         self.sandbox_id = sandbox_id
         self.state = SandboxState.READY
