@@ -166,7 +166,13 @@ def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContai
                       and not can_connect(p)]
             return found
 
-        wait_for(lambda: not left(), "delete to reap QEMU, helper, socket and directories", 60)
+        try:
+            wait_for(lambda: not left(), "delete to reap QEMU, helper, socket and directories", 60)
+        except AssertionError as err:
+            log = coco.cd.log_path.read_text(errors="replace").splitlines()
+            said = [line for line in log if cid in line and "level=debug" not in line][-20:]
+            raise AssertionError(f"{err}: left {left()}; containerd said:\n" + "\n".join(said)
+                                 ) from None
     finally:
         if run.poll() is None:
             run.kill()
@@ -184,12 +190,14 @@ def _shim_socket(coco: CocoContainerd, cid: str) -> Path:
 
 
 def _connected(sock: Path) -> bool:
-    """Has a client connected to ``sock``? (an accepted socket carries the listener's name; a
-    gRPC daemon's listener is bound under a staging name and renamed.)"""
+    """Has a client connected to ``sock``? The daemon's side of an accepted connection carries
+    the listener's name in /proc/net/unix with state SS_CONNECTED (03); a listener is
+    SS_UNCONNECTED (01). (A gRPC daemon's listener is bound under a staging name and renamed;
+    the start binary and the daemon may both hold listeners, so counting names is not enough.)"""
     names = {str(sock), str(sock.with_name(f".{sock.name}.grpc"))}
     with open("/proc/net/unix") as table:
-        bound = [line.split()[-1] for line in table if len(line.split()) == 8]
-    return sum(name in names for name in bound) >= 2
+        rows = [line.split() for line in table]
+    return any(len(row) == 8 and row[-1] in names and row[5] == "03" for row in rows)
 
 
 def _spawned_qemu(pod_dir: bytes, sock: Path, timeout: float) -> int:
