@@ -292,6 +292,8 @@ def parse_profile(
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, "<toml>", f"not valid TOML: {err}") from err
+    except RecursionError as err:  # tomllib recurses once per level of arrays/inline tables
+        raise ConfigError(source, "<toml>", "arrays or tables nested too deeply") from err
     for section, value in doc.items():
         if section not in _SECTIONS:
             raise ConfigError(source, section,

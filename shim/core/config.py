@@ -148,6 +148,9 @@ def shim_config(found: ConfigSource) -> ShimConfig:
         table = tomllib.loads(found.text).get("shim", {})
     except tomllib.TOMLDecodeError as err:
         raise InvalidArgument(f"runtime config {found.source} is not valid TOML: {err}") from err
+    except RecursionError as err:  # tomllib recurses once per level of arrays/inline tables
+        raise InvalidArgument(
+            f"runtime config {found.source}: arrays or tables nested too deeply") from err
     if not isinstance(table, dict):
         raise InvalidArgument(f"runtime config {found.source}: [shim] must be a table")
     protocol = table.get("protocol", "auto")

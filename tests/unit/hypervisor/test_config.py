@@ -226,3 +226,9 @@ def test_shipped_none_profile_returns_free_pages(root: Path) -> None:
     p = load_profile(CONFIGS / "qemu-none.toml", variables={"guest_image_dir": "/guest"},
                      qemu_root=root)
     assert p.free_page_reporting is True and p.memory_mib == 512
+
+
+def test_deeply_nested_profile_is_a_config_error(root: Path) -> None:
+    # Found by `make fuzz`: tomllib's RecursionError used to escape parse_profile.
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse("[hypervisor]\nx = " + "[" * 5000 + "]" * 5000 + "\n", root)

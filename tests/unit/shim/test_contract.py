@@ -173,3 +173,14 @@ def test_mounts_under_lists_nested_mount_points_deepest_first() -> None:
     depths = [len(p.parts) for p in found]
     assert depths == sorted(depths, reverse=True)
     assert mounts_under(Path("/nonexistent-coco-dir")) == []
+
+
+# Found by `make fuzz`'s structured run: tomllib recurses once per nesting level, so a config
+# body of a few thousand `[` (or `{a=`) escaped start and the daemon as a RecursionError.
+@pytest.mark.parametrize("nested", ["a = " + "[" * 5000 + "]" * 5000,
+                                    "a = " + "{b = " * 3000 + "1" + "}" * 3000],
+                         ids=["arrays", "inline-tables"])
+def test_deeply_nested_config_body_is_invalid_argument(nested: str) -> None:
+    data = _any(api_pb2.Options(config_body=nested.encode()))
+    with pytest.raises(InvalidArgument, match="nested too deeply"):
+        shim_config(config_source(config.decode_runtime_options(data), {}))
