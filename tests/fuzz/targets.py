@@ -323,6 +323,9 @@ async def _receive_once(data: bytes) -> None:
             result if isinstance(result, BaseException) else None)
     if client._pending:
         raise Violation(f"pending calls left after close: {sorted(client._pending)}")
+    if client._closed is not None and client._closed.__cause__ is not None:
+        # _receive turns a bug of its own into ConnectionClosed; here that is a crash.
+        raise Violation(f"receive loop crashed: {client._closed}") from client._closed.__cause__
     if not client.closed:
         raise Violation("client not closed after the agent's EOF")
 
