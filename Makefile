@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-guest bench-cri clean
+	bench-guest bench-cri soak fuzz clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -56,6 +56,19 @@ bench-cri: env
 # (medians of 5, interleaved), the boot timeline on the guest's clock, QEMU's memory by kind.
 bench-guest: env
 	@$(PY) bench/guest.py --runs 5
+
+# Leak soak: CYCLES create/start/exec/delete cycles of a pod through a private containerd
+# (ctr, containerd 2.1.9); per-cycle counters; last line `soak: <N> cycles, <L> leaks`.
+CYCLES ?= 200
+soak: env
+	@$(PY) -m tests.soak.soak --cycles $(CYCLES)
+
+# Coverage-guided fuzzing (atheris) of the ttrpc frame decoder, server request path, client
+# receive path, start's stdin and the runtime options; last line `fuzz: <N> inputs, <C> crashes`.
+FUZZ_INPUTS ?= 1000000
+FUZZ_TIME ?= 1200
+fuzz: env
+	@$(PY) -m tests.fuzz.run --inputs $(FUZZ_INPUTS) --max-time $(FUZZ_TIME)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
