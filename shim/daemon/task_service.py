@@ -74,6 +74,8 @@ def _json_any(value: any_pb2.Any, what: str) -> dict[str, object]:
         decoded = json.loads(value.value)
     except ValueError as err:
         raise InvalidArgument(f"{what} is not JSON ({value.type_url}): {err}") from err
+    except RecursionError as err:  # json recurses once per level of arrays/objects
+        raise InvalidArgument(f"{what}: arrays or objects nested too deeply") from err
     if not isinstance(decoded, dict):
         raise InvalidArgument(f"{what} is not a JSON object")
     return decoded

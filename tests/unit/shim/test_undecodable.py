@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import wrappers_pb2
+from google.protobuf import any_pb2, empty_pb2, wrappers_pb2
 
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.status import Code
@@ -60,6 +60,32 @@ async def test_ttrpc(tmp_path: Path) -> None:
                               task_v3.CreateTaskResponse)
         assert caught.value.code is Code.INVALID_ARGUMENT
         assert not h.booter.configs
+    finally:
+        await client.close()
+        await server.close()
+        await h.aclose()
+        shutil.rmtree(short)
+
+
+# Found by `make fuzz`'s structured run: json.loads recurses once per nesting level, so an exec
+# spec or resources of a few thousand `[` left the edge as a RecursionError (status UNKNOWN).
+@pytest.mark.parametrize("method", ["Exec", "Update"])
+async def test_deeply_nested_json_is_invalid_argument(tmp_path: Path, method: str) -> None:
+    h = make_harness(tmp_path)
+    short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(short / "s.sock"))
+    listener.listen()
+    server = await serve_ttrpc(h.tasks, SandboxService(h.pod, "default"), listener)
+    client = await Client.connect_unix(short / "s.sock")
+    nested = any_pb2.Any(type_url="x", value=b"[" * 50000 + b"]" * 50000)
+    request = (task_v3.ExecProcessRequest(id="c", exec_id="e", spec=nested) if method == "Exec"
+               else task_v3.UpdateTaskRequest(id="c", resources=nested))
+    try:
+        with pytest.raises(TtrpcError) as caught:
+            await client.call("containerd.task.v3.Task", method, request, empty_pb2.Empty)
+        assert caught.value.code is Code.INVALID_ARGUMENT
+        assert "nested too deeply" in caught.value.message
     finally:
         await client.close()
         await server.close()
