@@ -53,8 +53,10 @@ from shim.core.config import (
     decode_runtime_options,
     shim_config,
 )
-from shim.core.errors import RpcError
+from shim.core.errors import NotFound, RpcError
+from shim.daemon.task_service import TaskService
 from shim.daemon.task_service import runtime_options as daemon_runtime_options
+from shim.daemon.ttrpc_server import TtrpcTaskService
 from shim.pod.profile import runtime_profile
 
 ECHO = "fuzz.v1.Echo"
@@ -212,23 +214,27 @@ def _responses(output: bytes) -> list[Response]:
 # --- server request path ---------------------------------------------------------------------
 
 
-class _TaskImpl:
-    """Every containerd task v3 RPC answers its empty response: the server decodes the request
-    type the descriptor names, which is what the fuzz exercises."""
+class _NoTasks:
+    """A TaskManager with no task: every call is NotFound, as a fresh daemon answers ids it does
+    not know. The shim's own edge (TaskService behind the ttrpc adapter) translates each request
+    first: runtime options, mounts, the exec spec and resources JSON."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        async def missing(*args: object, **kwargs: object) -> None:
+            raise NotFound(f"{name}: no such task")
+
+        return missing
 
 
-def _task_impl() -> _TaskImpl:
-    impl = _TaskImpl()
-    for method in task_v3.DESCRIPTOR.services_by_name["Task"].methods:
-        output = method.output_type.full_name.rsplit(".", 1)[-1]
-        response_type = getattr(task_v3, output, None) or Empty
+class _FuzzEdge(TtrpcTaskService):
+    """The shim's ttrpc task edge, recording what left it unmapped (a crash of the edge)."""
 
-        async def handler(request: Any, context: RequestContext,
-                          _response: Any = response_type) -> Any:
-            return _response()
+    unexpected: list[Exception] = []
 
-        setattr(impl, method.name, handler)
-    return impl
+    async def fail(self, err: Exception, context: Any) -> None:
+        if not isinstance(err, RpcError | TtrpcError):
+            self.unexpected.append(err)
+        await super().fail(err, context)
 
 
 async def _echo(request: StringValue, context: RequestContext) -> StringValue:
@@ -261,7 +267,8 @@ def _fuzz_server() -> Server:
         _server.register(ECHO, "Fail", StringValue, _fail)
         _server.register(ECHO, "Crash", Empty, _crash)
         _server.register(ECHO, "Deadline", Empty, _deadline)
-        _server.register_service(task_v3.DESCRIPTOR.services_by_name["Task"], _task_impl())
+        _server.register_service(task_v3.DESCRIPTOR.services_by_name["Task"],
+                                 _FuzzEdge(TaskService(_NoTasks(), task_v3)))  # type: ignore[arg-type]
     return _server
 
 
@@ -284,7 +291,11 @@ async def _serve_once(data: bytes) -> bytes:
 
 
 def fuzz_server(data: bytes) -> None:
+    _FuzzEdge.unexpected.clear()
     output = _run(_serve_once(data))
+    if _FuzzEdge.unexpected:
+        err = _FuzzEdge.unexpected[0]
+        raise Violation(f"the task edge let {err!r} through unmapped") from err
     sent, _ = _reference_frames(data, MAX_DATA_LENGTH)
     responses = _responses(output)
     # At most one answer per frame received: the output is bounded by the input.

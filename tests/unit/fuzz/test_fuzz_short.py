@@ -46,6 +46,34 @@ methods = st.sampled_from(["Echo", "Fail", "Crash", "Deadline", "Create", "State
                            "Delete", "Exec", "Nope", ""])
 
 
+json_bodies = st.one_of(
+    st.builds(lambda d: ("[" * d + "]" * d).encode(), st.integers(min_value=1, max_value=20000)),
+    st.builds(lambda d: ('{"a":' * d + "1" + "}" * d).encode(),
+              st.integers(min_value=1, max_value=20000)),
+    st.sampled_from([b'{"args": ["sh"]}', b"[]", b"null", b"{", b"\xff"]),
+)
+
+
+@st.composite
+def task_requests(draw: st.DrawFn) -> bytes:
+    """Task requests the shim's edge translates: JSON in Exec's spec and Update's resources,
+    runtime options in Create."""
+    from google.protobuf import any_pb2
+
+    from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
+
+    body = any_pb2.Any(type_url=draw(st.sampled_from(["types.containerd.io/opencontainers/"
+                                                      "runtime-spec/1/Process", "x"])),
+                       value=draw(json_bodies))
+    method, message = draw(st.sampled_from([
+        ("Exec", task_v3.ExecProcessRequest(id="c", exec_id="e", spec=body)),
+        ("Update", task_v3.UpdateTaskRequest(id="c", resources=body)),
+        ("Create", task_v3.CreateTaskRequest(id="c", bundle="/nonexistent", options=any_pb2.Any(
+            type_url="runtimeoptions.v1.Options", value=draw(garbage)))),
+    ]))
+    return targets.request_frame(1, targets.TASK, method, message.SerializeToString())
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> bytes:
     parts = []
@@ -117,6 +145,12 @@ def test_frame_decoder(seed: int, data: bytes) -> None:
 @SHORT
 @given(data=requests())
 def test_server_request_path(data: bytes) -> None:
+    targets.fuzz_server(data)
+
+
+@SHORT
+@given(data=task_requests())
+def test_task_edge_request_path(data: bytes) -> None:
     targets.fuzz_server(data)
 
 
