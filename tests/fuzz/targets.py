@@ -434,7 +434,12 @@ def seeds(target: str) -> list[bytes]:
                 request_frame(1, TASK, "Create", create.SerializeToString())
                 + request_frame(3, TASK, "State", b"\x0a\x02c1", timeout_nano=10**6),
                 request_frame(1, ECHO, "Crash") + request_frame(2, ECHO, "Echo")
-                + encode_frame(1, 3, 0, b"")]
+                + encode_frame(1, 3, 0, b""),
+                request_frame(1, TASK, "Exec", task_v3.ExecProcessRequest(
+                    id="c1", exec_id="e1", spec=any_pb2.Any(
+                        type_url="x", value=b'{"args": [["sh"]]}')).SerializeToString())
+                + request_frame(3, TASK, "Update", task_v3.UpdateTaskRequest(
+                    id="c1", resources=any_pb2.Any(value=b"[{}]")).SerializeToString())]
     if target == "client":
         return [response_frame(1, payload=StringValue(value="a").SerializeToString())
                 + response_frame(3, code=5, message="nope") + response_frame(5, payload=b"\xff"),
