@@ -33,6 +33,7 @@ import contextlib
 import csv
 import itertools
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -68,6 +69,8 @@ class Sample:
     exec_s: float
     delete_s: float  # ctr task rm -f, ctr container rm
     settle_s: float  # until the pod's shim, QEMU and helper have exited
+    boot_s: float  # of run_s, from the shim's log: boot start → agent answered (TCG boot)
+    sandbox_s: float  # of run_s, from the shim's log: boot start → sandbox created
     host_processes: int
     run_processes: int
     containerd_fds: int
@@ -86,6 +89,8 @@ class SoakRun:
     base: Path
     pair: VethPair
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    log_offset: int = 0
+    boot_seconds: tuple[float, float] = (-1.0, -1.0)
 
     def ctr(self, *args: str, timeout: float = 240) -> str:
         return self.cd.ctr(*args, timeout=timeout).stdout.decode(errors="replace")
@@ -110,8 +115,23 @@ class SoakRun:
             marks.append(time.monotonic())
         self.settle()
         marks.append(time.monotonic())
+        self.boot_seconds = self.logged_seconds(cid)
         run_s, exec_s, delete_s, settle_s = (round(b - a, 2) for a, b in itertools.pairwise(marks))
         return self.sample(index, marks[-1] - marks[0], (run_s, exec_s, delete_s, settle_s), rss)
+
+    def logged_seconds(self, cid: str) -> tuple[float, float]:
+        """What the shim logged of the pod's boot (containerd's log carries the shim's): seconds
+        until the agent answered and until the sandbox was created (-1: not logged)."""
+        found = {"agent answered": -1.0, "sandbox created": -1.0}
+        with self.cd.log_path.open(errors="replace") as log:
+            log.seek(self.log_offset)
+            for line in log:
+                for what in found:
+                    if (match := re.search(rf"pod {re.escape(cid)}: {what} after ([0-9.]+) s",
+                                           line)):
+                        found[what] = float(match.group(1))
+            self.log_offset = log.tell()
+        return found["agent answered"], found["sandbox created"]
 
     def shim_rss_mib(self) -> float:
         daemons = shim_daemons(self.base / "run")
@@ -135,7 +155,8 @@ class SoakRun:
         links = self.pair.pod_links()
         return Sample(
             cycle=index, seconds=round(seconds, 2), run_s=phases[0], exec_s=phases[1],
-            delete_s=phases[2], settle_s=phases[3], host_processes=len(psutil.pids()),
+            delete_s=phases[2], settle_s=phases[3], boot_s=self.boot_seconds[0],
+            sandbox_s=self.boot_seconds[1], host_processes=len(psutil.pids()),
             run_processes=len(self.run_processes()),
             containerd_fds=len(os.listdir(f"/proc/{self.cd.process.pid}/fd")),
             taps=sum(name.startswith("tap") for name in links),
@@ -271,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = [s.seconds for s in samples]
         print(f"soak: containerd {args.containerd}, {time.monotonic() - started:.0f}s in all, "
               f"cycle median {statistics.median(seconds):.1f}s (min {min(seconds):.1f}, "
-              f"max {max(seconds):.1f}), warm-up {warmup_for(args.cycles)} cycles")
+              f"max {max(seconds):.1f}; of it ctr run "
+              f"{statistics.median(s.run_s for s in samples):.1f}s, VM boot to agent "
+              f"{statistics.median(s.boot_s for s in samples):.1f}s), "
+              f"warm-up {warmup_for(args.cycles)} cycles")
     print(f"soak: {len(samples)} cycles, {len(found)} leaks")
     return 1 if found or failed or len(samples) < args.cycles else 0
 

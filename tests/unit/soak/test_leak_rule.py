@@ -7,6 +7,7 @@ from dataclasses import replace
 from tests.soak.soak import Sample, growth, leaks, warmup_for
 
 BASE = Sample(cycle=0, seconds=10.0, run_s=8.0, exec_s=0.5, delete_s=1.0, settle_s=0.5,
+              boot_s=7.5, sandbox_s=8.0,
               host_processes=300, run_processes=1, containerd_fds=14, taps=0, ingress_qdiscs=0,
               mounts=0, dirs=2, shim_rss_mib=31.5)
 
