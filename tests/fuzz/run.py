@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-time", type=int, default=1200, help="seconds in all")
     parser.add_argument("--rss-limit-mb", type=int, default=512)
     parser.add_argument("--target", action="append", choices=sorted(TARGETS))
-    parser.add_argument("--work", type=Path, help="keep corpora and logs here (default: temp)")
+    parser.add_argument("--work", type=Path,
+                        help="keep corpora and logs here (default: a temp dir, removed after "
+                             "a clean run)")
     args = parser.parse_args(argv)
 
     names = args.target or list(TARGETS)
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
     print(f"fuzz: peak RSS {peak:.0f} MiB (bound {args.rss_limit_mb} MiB), "
           f"{sum(o.seconds for o in outcomes):.0f}s")
+    if args.work is None and not failed:
+        shutil.rmtree(work)  # nothing to replay; a failed run keeps its inputs and logs
     print(f"fuzz: {total} inputs, {crashes} crashes")
     return 1 if failed else 0
 
