@@ -23,7 +23,10 @@ with atheris.instrument_imports(include=["protocols", "shim", "hypervisor", "tes
 
 
 def signature(err: BaseException) -> str:
-    """Where the exception came from: its type and the innermost frame of our code."""
+    """Where the exception came from: its type and the innermost frame of our code (for an
+    invariant violation caused by an exception, the cause's)."""
+    if isinstance(err, targets.Violation) and err.__cause__ is not None:
+        return f"Violation from {signature(err.__cause__)}"
     frames = [f for f in traceback.extract_tb(err.__traceback__)
               if "/site-packages/" not in f.filename and "/lib/python3" not in f.filename]
     where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
