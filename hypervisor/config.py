@@ -28,6 +28,7 @@ from hypervisor.profile import (
     TdxParams,
     TeeKind,
     TeeParams,
+    confidential_conflicts,
     tee_safety_conflicts,
 )
 from protocols import initdata
@@ -67,6 +68,7 @@ _RUNTIME_KEYS: dict[str, tuple[type, bool]] = {
     "enable_annotations": (list, False),
     "initdata": (str, False),
     "allow_unbound_initdata": (bool, False),
+    "confidential": (bool, False),
 }
 _SEV_KEYS: dict[str, tuple[type, bool]] = {
     "policy": (int, False),
@@ -367,8 +369,12 @@ def parse_profile(
         debug_console_bytes=h.opt("debug_console_bytes", int),
         allow_unbound_initdata=rt.get("allow_unbound_initdata", bool, False),
         initdata=initdata_file,
+        confidential_without_tee=not tee.confidential and rt.get("confidential", bool, False),
     )
-    for conflict in tee_safety_conflicts(profile):
+    if tee.confidential and rt.opt("confidential", bool) is False:
+        raise ConfigError(source, "runtime.confidential", f"a {tee.value} profile is "
+                          "confidential: remove the key or set it true", False)
+    for conflict in [*tee_safety_conflicts(profile), *confidential_conflicts(profile)]:
         raise ConfigError(source, conflict.key, conflict.message, conflict.value)
     return profile
 

@@ -216,6 +216,14 @@ class RuntimeProfile:
     debug_console_bytes: int | None = None  # console kept in a QEMU ring of this many bytes
     allow_unbound_initdata: bool = False  # deliver initdata where no launch field binds it
     initdata: Path | None = None  # default initdata TOML (host path) when a pod brings none
+    # coco-dev: the confidential code path on a host without TEE hardware ([runtime]
+    # confidential = true on tee "none"). It protects nothing: development and CI only.
+    confidential_without_tee: bool = False
+
+    @property
+    def confidential(self) -> bool:
+        """The confidential code path: every TEE profile, and coco-dev."""
+        return self.tee.confidential or self.confidential_without_tee
 
 
 @dataclass(frozen=True)
@@ -290,8 +298,8 @@ def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
     Every profile: ``machine_type``/``cpu_model`` limited to ``[A-Za-z0-9._-]`` (a comma would
     smuggle extra QEMU options in). TEE profiles: debug policy bits (unless ``allow_debug``),
     SNP MIGRATE_MA, direct kernel boot without ``kernel_hashes``, a console without the capped
-    ``debug_console_bytes``, vsock ``none``, free page reporting (virtio-balloon), the
-    kernel_params annotation, and a default
+    ``debug_console_bytes``, vsock ``none``, free page reporting (virtio-balloon), and a
+    default
     initdata file where no launch field can bind it (unless ``allow_unbound_initdata``).
     """
     out: list[Conflict] = []
@@ -347,10 +355,6 @@ def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
     if profile.free_page_reporting:
         out.append(Conflict("hypervisor.free_page_reporting", "virtio-balloon would hand the "
                             "guest's private pages to the host", True))
-    if KERNEL_PARAMS_ANNOTATION in profile.enable_annotations:
-        out.append(Conflict("runtime.enable_annotations", f"{KERNEL_PARAMS_ANNOTATION} would "
-                            "let a pod change the measured kernel command line",
-                            KERNEL_PARAMS_ANNOTATION))
     if profile.initdata is not None and tee.initdata_field is None and (
             not profile.allow_unbound_initdata):
         out.append(Conflict("runtime.initdata", unbound_initdata_message(tee),
@@ -362,6 +366,62 @@ def unbound_initdata_message(tee: TeeKind) -> str:
     return (f"{tee.value} has no launch field to bind initdata to (only snp host-data and tdx "
             "mrconfigid do): the guest could not tell it from the host's; set "
             "allow_unbound_initdata = true to deliver it unmeasured anyway")
+
+
+GUEST_CONFIDENTIAL_PARAM = "coco.agent.confidential=1"
+
+
+@dataclass(frozen=True)
+class ConfidentialInvariant:
+    """One rule every confidential profile obeys, coco-dev and each TEE alike."""
+
+    name: str
+    rule: str
+
+
+# The confidential invariants, in one place. A TEE adds hardware rules of its own (KVM, no
+# hybrid vsock, no console, measured boot: tee_safety_conflicts / _check_tee); these hold for
+# every profile whose pods take the confidential code path, with or without TEE hardware.
+CONFIDENTIAL_INVARIANTS: tuple[ConfidentialInvariant, ...] = (
+    ConfidentialInvariant("no-host-share", "no host filesystem share (9p/virtio-fs): the "
+                          "container's rootfs is pulled in the guest"),
+    ConfidentialInvariant("static-sizing", "no memory or CPU hotplug (memory_slots, "
+                          "max_memory_mib, max_vcpus above vcpus)"),
+    ConfidentialInvariant("measured-cmdline", f"pods cannot change the kernel command line "
+                          f"({KERNEL_PARAMS_ANNOTATION} is not allow-listed)"),
+    ConfidentialInvariant("guest-knows", f"the guest knows it is confidential: a TEE it "
+                          f"detects, or {GUEST_CONFIDENTIAL_PARAM} on the kernel command line"),
+)
+
+
+def confidential_conflicts(profile: RuntimeProfile,
+                           shares: Sequence[Share] = ()) -> list[Conflict]:
+    """The :data:`CONFIDENTIAL_INVARIANTS` a confidential profile (or one VM of it, with its
+    ``shares``) breaks; nothing for a development profile."""
+    if not profile.confidential:
+        return []
+    out: list[Conflict] = []
+    if shares:
+        out.append(Conflict("shares", "(no-host-share) shared filesystems (9p/virtio-fs) "
+                            "would expose guest data to the host", [s.id for s in shares]))
+    if profile.memory_slots is not None or profile.max_memory_mib is not None:
+        out.append(Conflict("hypervisor.memory_slots", "(static-sizing) memory hotplug "
+                            "(memory_slots/max_memory_mib) is not possible in a confidential "
+                            "guest", profile.memory_slots or profile.max_memory_mib))
+    if profile.max_vcpus not in (None, profile.vcpus):
+        out.append(Conflict("hypervisor.max_vcpus", f"(static-sizing) CPU hotplug (max_vcpus="
+                            f"{profile.max_vcpus} > vcpus={profile.vcpus}) is not possible in a "
+                            "confidential guest", profile.max_vcpus))
+    if KERNEL_PARAMS_ANNOTATION in profile.enable_annotations:
+        out.append(Conflict("runtime.enable_annotations", f"(measured-cmdline) "
+                            f"{KERNEL_PARAMS_ANNOTATION} would let a pod change the measured "
+                            "kernel command line", KERNEL_PARAMS_ANNOTATION))
+    if not profile.tee.confidential and (
+            GUEST_CONFIDENTIAL_PARAM not in profile.kernel_params.split()):
+        out.append(Conflict("hypervisor.kernel_params", f"(guest-knows) no TEE for the guest "
+                            f"to detect: kernel_params must carry {GUEST_CONFIDENTIAL_PARAM}",
+                            profile.kernel_params))
+    return out
 
 
 @dataclass
@@ -416,8 +476,10 @@ def check_invariants(profile: RuntimeProfile, vm: VmInstance) -> None:
         chk.conflicts.append(f"{conflict.key}: {conflict.message}")
     if vm.initdata is not None:
         _check_initdata(chk, profile, vm.initdata)
+    for conflict in confidential_conflicts(profile, vm.shares):
+        chk.conflicts.append(f"{conflict.key}: {conflict.message}")
     if tee.confidential:
-        _check_confidential(chk, profile, vm, accel)
+        _check_tee(chk, profile, vm, accel)
     params = profile.tee_params
     if tee in (TeeKind.SEV, TeeKind.SEV_ES) and isinstance(params, SevParams):
         _check_sev(chk, profile, params)
@@ -449,17 +511,9 @@ def _check_initdata(chk: _Checker, profile: RuntimeProfile, initdata: Initdata) 
                     "binds it too: remove tdx.mrconfigid")
 
 
-def _check_confidential(chk: _Checker, profile: RuntimeProfile, vm: VmInstance,
-                        accel: str) -> None:
+def _check_tee(chk: _Checker, profile: RuntimeProfile, vm: VmInstance, accel: str) -> None:
+    """What TEE hardware needs beyond the :data:`CONFIDENTIAL_INVARIANTS`."""
     chk.require(accel == "kvm", f"confidential guests need accelerator kvm, got {accel!r}")
-    chk.require(profile.memory_slots is None and profile.max_memory_mib is None,
-                "memory hotplug (memory_slots/max_memory) is not possible in a confidential "
-                "guest")
-    chk.require(profile.max_vcpus in (None, profile.vcpus),
-                f"CPU hotplug (max_vcpus={profile.max_vcpus} > vcpus={profile.vcpus}) is not "
-                "possible in a confidential guest")
-    chk.require(not vm.shares,
-                "shared filesystems (9p/virtio-fs) would expose guest data to the host")
     chk.require(not isinstance(vm.vsock, HybridVsock),
                 "hybrid vsock needs shared guest memory (vhost-user); confidential guests use "
                 "kernel vhost-vsock only")
@@ -683,7 +737,9 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
 
 
 __all__ = [
+    "CONFIDENTIAL_INVARIANTS",
     "Bios",
+    "ConfidentialInvariant",
     "Conflict",
     "HybridVsock",
     "KernelVsock",
@@ -698,6 +754,7 @@ __all__ = [
     "VmInstance",
     "build_command_line",
     "check_invariants",
+    "confidential_conflicts",
     "kernel_append",
     "tee_safety_conflicts",
 ]

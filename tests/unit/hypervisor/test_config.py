@@ -22,7 +22,8 @@ from hypervisor.profile import (
 from hypervisor.profile import build_command_line as build
 
 CONFIGS = Path(__file__).resolve().parents[3] / "firmware-configs"
-SHIPPED = ["qemu-none", "qemu-snp", "qemu-tdx", "qemu-sev", "qemu-sev-es", "qemu-se", "qemu-pef"]
+SHIPPED = ["qemu-none", "qemu-coco-dev", "qemu-snp", "qemu-tdx", "qemu-sev", "qemu-sev-es",
+           "qemu-se", "qemu-pef"]
 GUEST_FILES = ["vmlinuz", "initrd.img", "vmlinuz-confidential", "initrd-confidential.img",
                "vmlinux-confidential", "kata-containers-se.img"]
 

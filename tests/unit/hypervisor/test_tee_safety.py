@@ -33,6 +33,7 @@ from hypervisor.profile import (
     TeeKind,
     VmInstance,
     build_command_line,
+    confidential_conflicts,
     tee_safety_conflicts,
 )
 from protocols import initdata
@@ -106,7 +107,8 @@ REFUSED: list[tuple[str, RuntimeProfile, str, str]] = [
                          ids=[r[0] for r in REFUSED])
 def test_refused_setting_names_key_and_cause(case: str, prof: RuntimeProfile, key: str,
                                              message: str) -> None:
-    found = {(c.key, c.message) for c in tee_safety_conflicts(prof)}
+    found = {(c.key, c.message)
+             for c in [*tee_safety_conflicts(prof), *confidential_conflicts(prof)]}
     assert any(k == key and message in m for k, m in found), found
     with pytest.raises(InvariantError) as info:
         argv(prof, accel="tcg" if prof.tee is TeeKind.NONE else None)
