@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
+INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
+POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
+# What the host gave the VM itself (kata removes both from the spec the guest receives): the
+# guest must not learn them from a host-written spec, only from initdata and SetPolicy.
+HOST_ONLY_ANNOTATIONS = frozenset({INITDATA_ANNOTATION, POLICY_ANNOTATION})
+
 
 def spec_mounts(spec: Mapping[str, object]) -> list[Mapping[str, Any]]:
     """The spec's ``mounts``, each an object."""
@@ -41,6 +47,11 @@ def annotations_of(spec: Mapping[str, object]) -> dict[str, str]:
     if not isinstance(raw, Mapping):
         raise InvalidArgument("config.json: annotations must be an object")
     return {str(k): str(v) for k, v in raw.items()}
+
+
+def for_guest_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
+    """The annotations the guest may see (initdata and the policy removed)."""
+    return {k: v for k, v in annotations.items() if k not in HOST_ONLY_ANNOTATIONS}
 
 
 def without_network_sysctls(spec: dict[str, object]) -> dict[str, object]:
@@ -118,9 +129,12 @@ def _namespaces(linux: dict[str, Any]) -> list[dict[str, Any]]:
 def for_guest(spec: Mapping[str, object], root_path: str,
               mounts: Sequence[Mapping[str, Any]]) -> oci_pb2.Spec:
     """The container's grpc.Spec: root at ``root_path``, ``mounts`` (sources already guest
-    paths), host-only parts cleared."""
+    paths), host-only parts cleared (hooks, host namespaces and devices, the initdata and
+    policy annotations)."""
     doc: dict[str, Any] = json.loads(json.dumps(without_network_sysctls(dict(spec))))
     doc.pop("hooks", None)
+    if isinstance(doc.get("annotations"), dict):
+        doc["annotations"] = for_guest_annotations(doc["annotations"])
     doc["root"] = {**(_object(doc, "root", "root") or {}), "path": root_path}
     doc["mounts"] = [dict(m) for m in mounts]
     linux = _object(doc, "linux", "linux")

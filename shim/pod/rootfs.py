@@ -7,15 +7,21 @@ sources made guest paths (:class:`ContainerRootfs`); ``remove`` undoes one conta
 side, ``close`` the whole pod's. All host unmounts go through :mod:`shim.pod.mounts`, which
 ``delete`` uses too.
 
-Today's strategy is :class:`HostShare` (development profile): one host directory per pod
-exported over virtio-9p (tag ``kataShared``); each container's rootfs (the snapshot containerd
-prepared) is mounted under it and the agent sees it at
-``/run/kata-containers/shared/containers/<id>/rootfs``. Confidential profiles refuse host
-sharing: their rootfs must come from inside the guest (guest image pull, the next strategy).
+:class:`HostShare` (development profile): one host directory per pod exported over virtio-9p
+(tag ``kataShared``); each container's rootfs (the snapshot containerd prepared) is mounted
+under it and the agent sees it at ``/run/kata-containers/shared/containers/<id>/rootfs``.
+
+:class:`GuestPull` (every confidential profile, coco-dev included): the image is pulled,
+verified and unpacked inside the guest. Each container gets the Storage kata builds for it
+(driver ``image_guest_pull``), so upstream guests work; nothing of the host snapshot is
+mounted, shared or opened, and host bind mounts are not passed on (they would name host files
+the guest cannot see).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,11 +31,18 @@ from hypervisor.cmdline import NinePShare, Share
 from hypervisor.profile import RuntimeProfile
 from protocols.api.kata import agent_pb2
 from shim.core.errors import FailedPrecondition, Internal, InvalidArgument
-from shim.pod.guest_spec import spec_mounts
+from shim.pod.guest_spec import annotations_of, for_guest_annotations, spec_mounts
 from shim.pod.mounts import Mount, mount, remove_tree
+
+log = logging.getLogger(__name__)
 
 SHARE_TAG: Final = "kataShared"
 GUEST_SHARED: Final = PurePosixPath("/run/kata-containers/shared/containers")
+GUEST_CONTAINERS: Final = PurePosixPath("/run/kata-containers")
+GUEST_PULL_DRIVER: Final = "image_guest_pull"
+IMAGE_NAME_ANNOTATION: Final = "io.kubernetes.cri.image-name"
+CONTAINER_TYPE_ANNOTATION: Final = "io.kubernetes.cri.container-type"
+PAUSE_SOURCE: Final = "pause"  # kata: the sandbox container's image is the guest's own pause
 
 
 @dataclass(frozen=True)
@@ -73,11 +86,10 @@ class RootfsStrategy(Protocol):
 
 
 def rootfs_for(profile: RuntimeProfile, pod_dir: Path) -> RootfsStrategy:
-    """The strategy a runtime profile calls for."""
-    if profile.tee.confidential:
-        raise FailedPrecondition(
-            f"runtime profile {profile.source} is confidential ({profile.tee.value}): it "
-            "refuses host filesystem sharing, and guest image pull is not implemented yet")
+    """The strategy a runtime profile calls for: guest pull for every confidential profile
+    (TEE or coco-dev), the 9p host share for development ones."""
+    if profile.confidential:
+        return GuestPull()
     return HostShare(pod_dir / "shared")
 
 
@@ -162,3 +174,69 @@ class HostShare:
     async def close(self) -> None:
         if self.host_dir.exists():
             remove_tree(self.host_dir)
+
+
+class GuestPull:
+    """The image is pulled in the guest: the host only names it (confidential profiles).
+
+    The Storage is kata's (runtime/virtcontainers ``handleImageGuestPullBlockVolume``):
+    ``driver`` ``image_guest_pull``, ``driver_options`` ``["image_guest_pull=" + JSON
+    {"metadata": annotations}]``, ``source`` the image reference (the literal ``pause`` for a
+    CRI sandbox container), ``fstype`` ``overlay``, ``mount_point``
+    ``/run/kata-containers/<cid>/rootfs``, which is the guest spec's root too.
+    """
+
+    def vm_shares(self) -> tuple[Share, ...]:
+        return ()
+
+    def sandbox_storages(self) -> list[agent_pb2.Storage]:
+        return []
+
+    async def open(self) -> None:
+        return None
+
+    async def add(self, container_id: str, bundle: Path, spec: Mapping[str, object],
+                  rootfs: Sequence[Mount]) -> ContainerRootfs:
+        """The Storage for ``container_id``; ``bundle`` and ``rootfs`` (the host snapshot) are
+        deliberately left untouched."""
+        del bundle, rootfs
+        storage = guest_pull_storage(container_id, annotations_of(spec))
+        mounts: list[dict[str, Any]] = []
+        dropped: list[str] = []
+        for entry in spec_mounts(spec):
+            if _is_bind(entry):
+                dropped.append(str(entry.get("destination", "?")))
+            else:
+                mounts.append(dict(entry))
+        if dropped:
+            log.info("container %s: host bind mounts not passed to the confidential guest: %s",
+                     container_id, ", ".join(dropped))
+        return ContainerRootfs(root_path=storage.mount_point, storages=(storage,),
+                               mounts=mounts)
+
+    async def remove(self, container_id: str) -> None:
+        return None  # nothing on the host; the agent's RemoveContainer unmounts the overlay
+
+    async def close(self) -> None:
+        return None
+
+
+def guest_pull_storage(container_id: str, annotations: Mapping[str, str]) -> agent_pb2.Storage:
+    """Kata's guest-pull Storage for one container. No image reference is InvalidArgument
+    naming the annotation (``ctr run`` users pass ``--annotation
+    io.kubernetes.cri.image-name=<ref>``)."""
+    if annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox":
+        source = PAUSE_SOURCE
+    else:
+        source = annotations.get(IMAGE_NAME_ANNOTATION, "")
+        if not source:
+            raise InvalidArgument(
+                f"container {container_id}: no image reference for the guest to pull: the "
+                f"annotation {IMAGE_NAME_ANNOTATION} is missing (CRI sets it; with ctr run pass "
+                f"--annotation {IMAGE_NAME_ANNOTATION}=<ref>)")
+    metadata = for_guest_annotations(annotations)
+    mount_point = str(GUEST_CONTAINERS / container_id / "rootfs")
+    return agent_pb2.Storage(
+        driver=GUEST_PULL_DRIVER,
+        driver_options=[f"{GUEST_PULL_DRIVER}=" + json.dumps({"metadata": metadata})],
+        source=source, fstype="overlay", mount_point=mount_point)
