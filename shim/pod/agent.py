@@ -22,7 +22,13 @@ from google.protobuf.message import Message
 from hypervisor.vm import AgentChannel
 from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from protocols.ttrpc import Client, ConnectionClosed, TtrpcError
-from shim.core.errors import DeadlineExceeded, RpcError, Unavailable, error_for
+from shim.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    RpcError,
+    Unavailable,
+    error_for,
+)
 from shim.core.timeouts import TIMEOUTS, Timeouts
 
 log = logging.getLogger(__name__)
@@ -122,7 +128,10 @@ class AgentClient:
         awaited before the first attempt: dialing earlier can stall vhost-device-vsock for good
         (see hypervisor.vsock). Each attempt has its own bounds (connect + handshake, then
         Check); ``exited`` (the VM's exit) ends the wait early with the reason. The error names
-        what the last attempt saw."""
+        what the last attempt saw. A guest that refuses to start (bad initdata, a digest
+        that does not match its evidence) answers Check with FAILED_PRECONDITION ``guest
+        refused to start: <why>``: that ends the dial at once as FailedPrecondition with the
+        guest's words."""
         hybrid = channel.hybrid_socket
         name = f"hvsock:{hybrid}:{port}" if hybrid else f"vsock:{channel.guest_cid}:{port}"
         deadline = time.monotonic() + dial_timeout
@@ -151,6 +160,9 @@ class AgentClient:
             try:
                 await _bounded(agent.check(), check_bound, deadline, "Health.Check not answered")
                 return agent
+            except FailedPrecondition as err:
+                await client.close()
+                raise FailedPrecondition(f"agent at {name}: {err}") from err
             except (OSError, TimeoutError, RpcError) as err:
                 last = _describe(err, last)
                 await client.close()

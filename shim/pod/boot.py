@@ -20,13 +20,16 @@ from pathlib import Path
 
 from hypervisor.cmdline import VirtioNetTap
 from hypervisor.errors import ConfigError, InvariantError, QemuError
+from hypervisor.initdata import resolve_initdata
 from hypervisor.probe import resolve_accelerator, which_vhost_device_vsock
 from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
+from protocols.initdata import ANNOTATION as INITDATA_ANNOTATION
+from protocols.initdata import Initdata, InitdataError
 from shim.core import failed_boot, paths
 from shim.core.config import RuntimeOptions
 from shim.core.crash_record import ShimState
-from shim.core.errors import FailedPrecondition, Unavailable
+from shim.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.network.tcfilter import (
     PodNetworking,
@@ -90,6 +93,7 @@ class BootScript:
 
     profile: RuntimeProfile
     annotations: PodAnnotations
+    initdata: Initdata | None = None
     rootfs: RootfsStrategy
     netns: Path | None
     accel: str
@@ -109,6 +113,7 @@ class BootScript:
         async with self.undo:
             self.read_profile()
             self.check_annotations()
+            self.resolve_initdata()
             self.choose_rootfs()
             self.find_network()
             await self.resolve_accelerator()
@@ -121,7 +126,7 @@ class BootScript:
             await self.configure_guest_network()
             await self.create_sandbox()
             return PodVm(self.config.sandbox_id, self.vm, self.agent, self.rootfs,
-                         self.undo.pop_all())
+                         self.undo.pop_all(), profile=self.profile)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _elapsed(self) -> float:
@@ -136,6 +141,16 @@ class BootScript:
     def check_annotations(self) -> None:
         """Only annotations on the profile's allow-list, each well formed."""
         self.annotations = pod_annotations(self.config.spec, self.profile)
+
+    def resolve_initdata(self) -> None:
+        """The pod's initdata (its annotation if allow-listed, else the profile's default
+        file), validated before anything boots: a bad one is InvalidArgument naming why."""
+        try:
+            self.initdata = resolve_initdata(self.profile, self.annotations.raw)
+        except InitdataError as err:
+            where = (f" (annotation {INITDATA_ANNOTATION})"
+                     if INITDATA_ANNOTATION in self.annotations.raw else "")
+            raise InvalidArgument(f"pod {self.config.sandbox_id}: {err}{where}") from err
 
     def choose_rootfs(self) -> None:
         """The rootfs strategy the profile calls for (confidential ones refuse host sharing)."""
@@ -196,7 +211,7 @@ class BootScript:
                 run_root=self.pod_dir, name="vm", accel=self.accel,
                 vhost_device_vsock=self.env.vhost_device_vsock(),
                 log_dir=self.pod_dir / "logs", shares=self.rootfs.vm_shares(), nics=nics,
-                extra_kernel_params=self.annotations.kernel_params,
+                extra_kernel_params=self.annotations.kernel_params, initdata=self.initdata,
                 timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid))
         except (QemuError, InvariantError, ConfigError, OSError) as err:
             raise Unavailable(f"pod {self.config.sandbox_id}: VM did not start: {err}") from err
@@ -224,6 +239,8 @@ class BootScript:
                  self._elapsed())
 
     async def set_policy(self) -> None:
+        """The policy annotation, after Check and before CreateSandbox; the guest's policy in
+        force decides (its denial is PermissionDenied with the agent's message)."""
         if self.annotations.policy is not None:
             await self.agent.set_policy(self.annotations.policy)
 

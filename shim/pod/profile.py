@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from hypervisor.config import parse_profile
@@ -14,10 +14,9 @@ from hypervisor.errors import ConfigError
 from hypervisor.profile import RuntimeProfile
 from shim.core.config import CONFIG_ENV, RuntimeOptions, config_source
 from shim.core.errors import InvalidArgument
-from shim.pod.guest_spec import annotations_of
+from shim.pod.guest_spec import POLICY_ANNOTATION, annotations_of
 
 KATA_ANNOTATIONS: Final = "io.katacontainers."
-POLICY_ANNOTATION: Final = "io.katacontainers.config.agent.policy"
 KERNEL_PARAMS_ANNOTATION: Final = "io.katacontainers.config.hypervisor.kernel_params"
 
 
@@ -40,18 +39,26 @@ class PodAnnotations:
 
     policy: str | None = None  # the agent policy (Rego), decoded
     kernel_params: str = ""  # appended to the profile's kernel command line
+    raw: Mapping[str, str] = field(default_factory=dict)  # all of the pod's annotations
+
+
+def check_allowed(annotations: Mapping[str, str], profile: RuntimeProfile,
+                  what: str = "pod") -> None:
+    """Kata-style annotations only from the profile's allow-list (for the pod and for every
+    container of it: a later container must not bring what the pod could not)."""
+    allowed = set(profile.enable_annotations)
+    for key in sorted(annotations):
+        if key.startswith(KATA_ANNOTATIONS) and key not in allowed:
+            raise InvalidArgument(
+                f"{what}: annotation {key} is not allowed by runtime profile {profile.source} "
+                f"(enable_annotations: {', '.join(sorted(allowed)) or 'none'})")
 
 
 def pod_annotations(spec: Mapping[str, object], profile: RuntimeProfile) -> PodAnnotations:
     """Kata-style annotations change the VM: only those on the profile's allow-list pass, and
     each must be well formed."""
     annotations = annotations_of(spec)
-    allowed = set(profile.enable_annotations)
-    for key in sorted(annotations):
-        if key.startswith(KATA_ANNOTATIONS) and key not in allowed:
-            raise InvalidArgument(
-                f"annotation {key} is not allowed by runtime profile {profile.source} "
-                f"(enable_annotations: {', '.join(sorted(allowed)) or 'none'})")
+    check_allowed(annotations, profile)
     policy = annotations.get(POLICY_ANNOTATION)
     if policy is not None:
         try:
@@ -62,4 +69,5 @@ def pod_annotations(spec: Mapping[str, object], profile: RuntimeProfile) -> PodA
             raise InvalidArgument(f"annotation {POLICY_ANNOTATION}: the policy is not UTF-8: "
                                   f"{err}") from err
     return PodAnnotations(policy=policy,
-                          kernel_params=annotations.get(KERNEL_PARAMS_ANNOTATION, ""))
+                          kernel_params=annotations.get(KERNEL_PARAMS_ANNOTATION, ""),
+                          raw=annotations)

@@ -237,3 +237,42 @@ async def test_dial_retries_until_the_agent_answers(tmp_path: Path) -> None:
         for server in served:
             server.close()
         shutil.rmtree(short)
+
+
+async def test_a_guest_that_refuses_to_start_ends_the_dial_at_once() -> None:
+    """Check answered FAILED_PRECONDITION ``guest refused to start: …`` is the answer, not a
+    reason to retry until the dial timeout."""
+    import time
+
+    from hypervisor.vm import AgentChannel
+
+    short = Path(tempfile.mkdtemp(prefix="ag", dir="/tmp"))
+    path = short / "vsock.sock"
+    agent = ScriptedAgent()
+    why = "guest refused to start: initdata digest sha384:ab… does not match HOST_DATA"
+
+    async def refuse(request: Message) -> Message | None:
+        raise TtrpcError(Code.FAILED_PRECONDITION, why)
+
+    agent.scripts["Check"] = refuse
+    server = Server()
+    agent.register(server)
+
+    async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"OK 1024\n")
+        await writer.drain()
+        await server.handle_connection(reader, writer)
+
+    listener = await asyncio.start_unix_server(handshake, path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(errors.FailedPrecondition) as info:
+            await AgentClient.dial(AgentChannel(3, path), 30.0,
+                                   timeouts=Timeouts(agent_dial_retry_pause=0.01))
+        assert time.monotonic() - started < 5.0
+        assert why in str(info.value)
+        assert agent.calls == ["Check"]
+    finally:
+        listener.close()
+        shutil.rmtree(short)

@@ -10,13 +10,12 @@ import base64
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from hypervisor.errors import QemuError
-from hypervisor.profile import RuntimeProfile
+from hypervisor.profile import RuntimeProfile, TeeKind
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine
 from shim.core import paths
 from shim.core.crash_record import ShimState
@@ -126,6 +125,7 @@ class Harness:
     console: str = ""  # written to the VM's console log at launch
     helper: int = 0  # a process standing for vhost-device-vsock (a real pid, for the record)
     vm: LoggingVm | None = None
+    coco_dev: bool = False  # the confidential path without a TEE (guest pull, initdata)
 
     def config(self, netns: str | None, sandbox_id: str = "pod1",
                annotations: dict[str, str] | None = None) -> PodConfig:
@@ -138,9 +138,11 @@ class Harness:
                                "annotations": annotations or {}})
 
     def booter(self) -> VmBooter:
-        profile = SimpleNamespace(tee=SimpleNamespace(confidential=False),
-                                  enable_annotations=self.annotations, source="fake.toml",
-                                  dial_timeout=1.0)
+        profile = RuntimeProfile(
+            name="fake", tee=TeeKind.NONE, qemu=Path("/usr/bin/qemu-system-x86_64"),
+            kernel=None, enable_annotations=self.annotations, source="fake.toml",
+            dial_timeout=1.0, confidential_without_tee=self.coco_dev,
+            kernel_params="coco.agent.confidential=1" if self.coco_dev else "")
 
         async def accelerator(profile: object, cache: Path) -> str:
             return "tcg"
@@ -169,7 +171,7 @@ class Harness:
 
         return VmBooter(BootEnv(
             networking=self.networking,
-            profile=lambda options: cast(RuntimeProfile, profile),
+            profile=lambda options: profile,
             accelerator=accelerator, vhost_device_vsock=lambda: None, launch=launch,
             dial=dial, timeouts=FAST))
 
@@ -331,3 +333,89 @@ def test_the_real_boot_env_wires_through_the_helper_process() -> None:
     env = BootEnv()
     assert type(env.networking).__name__ == "HelperNetworking"  # pyroute2 stays out
     assert env.dial.__name__ == "dial_agent"
+
+
+# --- the confidential path (coco-dev): initdata before anything boots, guest pull ---------
+
+INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
+INITDATA_TOML = b'version = "0.1.0"\nalgorithm = "sha384"\n[data]\n"policy.rego" = "x"\n'
+
+
+def initdata_value(doc: bytes = INITDATA_TOML) -> str:
+    import gzip
+
+    return base64.b64encode(gzip.compress(doc)).decode()
+
+
+async def test_coco_dev_launches_with_its_initdata_and_no_share(harness: Harness) -> None:
+    harness.coco_dev = True
+    harness.annotations = (INITDATA_ANNOTATION,)
+    vm = await harness.booter().boot(harness.config(None, annotations={
+        INITDATA_ANNOTATION: initdata_value()}))
+    (launched,) = harness.launches
+    assert launched.initdata is not None and launched.initdata.toml == INITDATA_TOML
+    assert launched.shares == ()
+    assert harness.agent.sandbox is not None and harness.agent.sandbox[3] == []
+    assert type(vm.rootfs).__name__ == "GuestPull"
+    assert not (pod_dir(harness) / "shared").exists()
+    await vm.destroy(vm_gone=False)
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("%%%", "base64"),
+    (base64.b64encode(b"not gzip").decode(), "gzip"),
+    (initdata_value(b'version = "9"\nalgorithm = "sha384"\n[data]\n'), "version"),
+    (initdata_value(b"x = '" + b"a" * (2 << 20) + b"'\n"), "exceeds 1048576 bytes"),
+])
+async def test_bad_initdata_is_refused_before_anything_boots(harness: Harness, value: str,
+                                                             why: str) -> None:
+    harness.coco_dev = True
+    harness.annotations = (INITDATA_ANNOTATION,)
+    with pytest.raises(InvalidArgument) as info:
+        await harness.booter().boot(harness.config(None, annotations={
+            INITDATA_ANNOTATION: value}))
+    assert why in str(info.value).lower() and INITDATA_ANNOTATION in str(info.value)
+    assert harness.log == [] and harness.launches == []
+    assert not pod_dir(harness).exists()
+
+
+async def test_initdata_off_the_allow_list_is_refused(harness: Harness) -> None:
+    harness.coco_dev = True
+    with pytest.raises(InvalidArgument, match="not allowed"):
+        await harness.booter().boot(harness.config(None, annotations={
+            INITDATA_ANNOTATION: initdata_value()}))
+    assert harness.launches == []
+
+
+async def test_a_refused_set_policy_is_permission_denied_and_undone(harness: Harness) -> None:
+    from shim.core.errors import PermissionDenied
+
+    harness.coco_dev = True
+    harness.annotations = (POLICY_ANNOTATION,)
+
+    async def deny(policy: str) -> None:
+        harness.log.append("SetPolicy")
+        raise PermissionDenied("agent SetPolicy: policy denied SetPolicyRequest (rule "
+                               "SetPolicyRequest)")
+
+    harness.agent.set_policy = deny  # type: ignore[method-assign]
+    with pytest.raises(PermissionDenied, match="SetPolicyRequest"):
+        await harness.booter().boot(harness.config(None, annotations={
+            POLICY_ANNOTATION: base64.b64encode(b"package agent_policy\n").decode()}))
+    assert "CreateSandbox" not in harness.log
+    assert harness.log[-2:] == ["agent close", "vm close"]
+    assert not pod_dir(harness).exists()
+
+
+async def test_every_container_is_checked_against_the_allow_list(harness: Harness) -> None:
+    harness.coco_dev = True
+    vm = await harness.booter().boot(harness.config(None))
+    with pytest.raises(InvalidArgument, match=r"container c2: annotation .*kernel_params"):
+        await vm.create_container("c2", harness.tmp, {
+            "annotations": {"io.kubernetes.cri.image-name": "r/x:1",
+                            "io.katacontainers.config.hypervisor.kernel_params": "x=1"},
+            "process": {"args": ["sh"], "cwd": "/"}}, [])
+    await vm.create_container("c3", harness.tmp, {
+        "annotations": {"io.kubernetes.cri.image-name": "r/x:1"},
+        "process": {"args": ["sh"], "cwd": "/"}}, [])
+    await vm.destroy(vm_gone=False)
