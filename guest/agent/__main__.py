@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -106,9 +107,10 @@ OPTIONS = (
     Option(("--ready-vsock-port",), "ready_vsock_port", "int", None,
            "once listening, connect to the host (CID 2) on this port and say READY (the host "
            "dials hybrid vsock only after it: see hypervisor/vsock.py)"),
+    Option(("--dev-evidence-field",), "dev_evidence_field", "evidence", None,
+           "without a TEE only (coco-dev tests): the evidence field initdata must match (HEX)"),
     Option(("--debug",), "debug", "flag", False),
 )
-_CONVERT = {"int": int, "float": float, "path": Path, "str": str}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -177,9 +179,17 @@ class Startup:
 
 
 class TeeEvidence:
-    """:class:`guest.agent.initdata.EvidenceSource` over :mod:`guest.tee` (configfs-tsm)."""
+    """:class:`guest.agent.initdata.EvidenceSource` over :mod:`guest.tee` (configfs-tsm).
 
-    def __init__(self) -> None:
+    ``dev_field`` (``--dev-evidence-field HEX``, from coco-dev's kernel command line
+    ``coco.agent.dev_evidence_field=HEX``) stands in for the evidence field only when no TEE
+    is detected, so tests can boot a coco-dev guest whose "evidence" does not match its
+    initdata and see it refuse. It cannot weaken anything: on a TEE it is ignored (the field
+    comes from the hardware report), and it only ever adds a check that can fail, never
+    removes one; on coco-dev the host controls the guest anyway (coco-dev protects nothing).
+    """
+
+    def __init__(self, dev_field: bytes | None = None) -> None:
         from guest.tee import Tee, TeeError, detect
 
         try:
@@ -187,6 +197,10 @@ class TeeEvidence:
         except TeeError as err:
             raise initdata.InitdataError(f"the TEE cannot be used: {err}") from err
         self._none = Tee.SAMPLE
+        self.dev_field = dev_field if self.tee is Tee.SAMPLE else None
+        if dev_field is not None and self.dev_field is None:
+            log.warning("--dev-evidence-field ignored: a %s TEE reports the evidence",
+                        self.tee.value)
 
     @property
     def platform(self) -> str | None:
@@ -195,14 +209,29 @@ class TeeEvidence:
     def init_data_field(self) -> bytes | None:
         from guest.tee import TeeError, bound_field
 
+        if self.dev_field is not None:
+            return self.dev_field
         try:
             return bound_field(self.tee)
         except TeeError as err:
             raise initdata.InitdataError(f"reading the TEE's evidence failed: {err}") from err
 
 
-def evidence_source() -> TeeEvidence:
-    return TeeEvidence()
+def evidence_source(dev_field: bytes | None = None) -> TeeEvidence:
+    return TeeEvidence(dev_field)
+
+
+def dev_evidence_field(text: str) -> bytes:
+    """``--dev-evidence-field``: hex, 32 or 48 bytes (an SNP or TDX field's size); ValueError
+    otherwise (argparse then names the option)."""
+    field = bytes.fromhex(text)
+    if len(field) not in (32, 48):
+        raise ValueError(f"{len(field)} bytes, expected 32 or 48")
+    return field
+
+
+_CONVERT: dict[str, Callable[[str], object]] = {
+    "int": int, "float": float, "path": Path, "str": str, "evidence": dev_evidence_field}
 
 
 def initdata_device(args: SimpleNamespace) -> Path | None:
@@ -346,7 +375,7 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     if args.wait_for is not None:
         await _wait_for_file(args.wait_for, WAIT_FOR_TIMEOUT)
     try:
-        evidence = evidence_source()
+        evidence = evidence_source(args.dev_evidence_field)
         startup = prepare(args, evidence)
         components = start_components(startup, evidence, args.initdata_dir)
         pull_config = guest_pull_config(

@@ -238,3 +238,25 @@ def test_the_evidence_comes_from_guest_tee(monkeypatch: pytest.MonkeyPatch) -> N
         evidence.init_data_field()
     monkeypatch.setattr(guest.tee, "detect", lambda: guest.tee.Tee.SAMPLE)
     assert TeeEvidence().platform is None  # coco-dev: no TEE, nothing bound
+
+
+def test_the_dev_evidence_field_counts_only_without_a_tee(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """coco-dev tests give a no-TEE guest a field to mismatch; a TEE's report always wins."""
+    import guest.tee
+    from guest.agent.__main__ import TeeEvidence, dev_evidence_field, parser
+
+    field = b"\x5a" * 48
+    monkeypatch.setattr(guest.tee, "detect", lambda: guest.tee.Tee.SAMPLE)
+    evidence = TeeEvidence(field)
+    assert evidence.platform is None and evidence.init_data_field() == field
+    found = Initdata(format_.from_toml(DOC), "/dev/vdb")
+    with pytest.raises(InitdataError, match="initdata digest mismatch"):
+        initdata.verify(found, evidence)
+    initdata.verify(found, TeeEvidence(format_.fit_digest(found.digest, 48)))  # a match passes
+    monkeypatch.setattr(guest.tee, "detect", lambda: guest.tee.Tee.TDX)
+    monkeypatch.setattr(guest.tee, "bound_field", lambda tee: b"\x07" * 48)
+    assert TeeEvidence(field).init_data_field() == b"\x07" * 48  # ignored on a TEE
+    assert dev_evidence_field("ab" * 32) == b"\xab" * 32
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--dev-evidence-field", "abcd"])
