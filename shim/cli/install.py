@@ -4,8 +4,10 @@ What gets written, under a prefix (``/`` on a real node):
 
 - ``etc/coco-shim/qemu-*.toml``: the runtime profiles (from ``firmware-configs/``);
 - ``etc/containerd/conf.d/50-coco-shim.toml``: a containerd drop-in with one runtime handler per
-  profile (``coco-snp``, ``coco-tdx``, ``coco-se``, ``coco-pef``, ``coco-dev``), each pointing at
-  its profile through the runtime options' ``ConfigPath``;
+  profile (``coco-snp``, ``coco-tdx``, ``coco-se``, ``coco-pef``, ``coco-dev``, ``coco-none``),
+  each pointing at its profile through the runtime options' ``ConfigPath``. ``coco-dev`` (the
+  confidential code path without TEE hardware) protects nothing and says so in the drop-in and
+  its RuntimeClass;
 - ``usr/share/coco-shim/kubernetes/runtimeclasses.yaml``: a ``RuntimeClass`` per handler, with
   the pod overhead of its VM.
 
@@ -55,6 +57,7 @@ class Handler:
     profile: str  # file name in firmware-configs/
     overhead_memory: str  # Kubernetes quantity
     overhead_cpu: str
+    warning: str = ""  # said above the handler and its RuntimeClass
 
 
 HANDLERS: Final = (
@@ -62,7 +65,13 @@ HANDLERS: Final = (
     Handler("coco-tdx", "qemu-tdx.toml", "2Gi", "1"),
     Handler("coco-se", "qemu-se.toml", "2Gi", "1"),
     Handler("coco-pef", "qemu-pef.toml", "2Gi", "1"),
-    Handler("coco-dev", "qemu-none.toml", "512Mi", "1"),
+    Handler("coco-dev", "qemu-coco-dev.toml", "1Gi", "1",
+            "coco-dev PROTECTS NOTHING: the confidential code path (guest pull, initdata, "
+            "agent policy) without TEE hardware; the host can read and change everything in "
+            "the VM. Development and CI only."),
+    Handler("coco-none", "qemu-none.toml", "512Mi", "1",
+            "coco-none is not confidential: a development VM whose container rootfs is shared "
+            "from the host over 9p."),
 )
 
 
@@ -99,7 +108,7 @@ def render_dropin(version: ContainerdVersion, profile_dir: Path, dropin_dir: Pat
                  "  runtime_type = \"io.containerd.runc.v2\""]
         extra = []
     for handler in handlers:
-        lines += ["",
+        lines += ["", *_comment(handler.warning),
                   f"[{table}.{handler.name}]",
                   f"  runtime_type = \"{RUNTIME_TYPE}\"",
                   *extra,
@@ -107,6 +116,15 @@ def render_dropin(version: ContainerdVersion, profile_dir: Path, dropin_dir: Pat
                   f"[{table}.{handler.name}.options]",
                   f"  ConfigPath = {_toml_string(str(profile_dir / handler.profile))}"]
     return "\n".join(lines) + "\n"
+
+
+def _comment(text: str) -> list[str]:
+    """``text`` as ``#`` lines of at most 96 characters."""
+    if not text:
+        return []
+    import textwrap
+
+    return [f"# {line}" for line in textwrap.wrap(text, 94)]
 
 
 def _toml_string(value: str) -> str:
@@ -119,7 +137,8 @@ def render_runtimeclasses(handlers: Sequence[Handler] = HANDLERS) -> str:
     docs = []
     for handler in handlers:
         docs.append(
-            "apiVersion: node.k8s.io/v1\n"
+            "".join(f"{line}\n" for line in _comment(handler.warning))
+            + "apiVersion: node.k8s.io/v1\n"
             "kind: RuntimeClass\n"
             "metadata:\n"
             f"  name: {handler.name}\n"

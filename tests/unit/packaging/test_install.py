@@ -145,4 +145,19 @@ def test_runtimeclasses_name_every_handler_with_its_overhead() -> None:
     for doc, handler in zip(docs, HANDLERS, strict=True):
         assert f"  name: {handler.name}\nhandler: {handler.name}\n" in doc
         assert f'memory: "{handler.overhead_memory}"' in doc
-        assert doc.startswith("apiVersion: node.k8s.io/v1\nkind: RuntimeClass\n")
+        body = "".join(line + "\n" for line in doc.splitlines() if not line.startswith("#"))
+        assert body.startswith("apiVersion: node.k8s.io/v1\nkind: RuntimeClass\n")
+
+
+def test_coco_dev_says_it_protects_nothing() -> None:
+    """The coco-dev handler runs the confidential path without a TEE: its drop-in entry and
+    its RuntimeClass say plainly that it protects nothing."""
+    (dev,) = [h for h in HANDLERS if h.name == "coco-dev"]
+    assert dev.profile == "qemu-coco-dev.toml"
+    for text in (render_dropin("2", Path("/etc/coco-shim"), Path("/etc/containerd/conf.d")),
+                 render_dropin("1.7", Path("/etc/coco-shim"), Path("/etc/containerd/conf.d")),
+                 render_runtimeclasses()):
+        warning = text.index("coco-dev PROTECTS NOTHING")
+        # right above coco-dev's entry: after coco-pef's, before coco-dev's own lines
+        assert text.rindex("coco-pef", 0, warning) < warning < text.index("coco-dev", warning + 1)
+        assert text.find("coco-dev", 0, warning) == -1
