@@ -37,15 +37,19 @@ class CniNetwork:
     bridge: str  # at most 15 characters (IFNAMSIZ)
     subnet: str  # inside 198.18.0.0/15
     data_dir: Path
+    default_route: bool = False  # pods route everything through the bridge (the host)
 
     def conflist(self) -> str:
+        ipam: dict[str, object] = {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
+                                   "dataDir": str(self.data_dir)}
+        if self.default_route:
+            ipam["routes"] = [{"dst": "0.0.0.0/0"}]
         return json.dumps({
             "cniVersion": "1.0.0",
             "name": self.name,
             "plugins": [{
                 "type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
-                         "dataDir": str(self.data_dir)},
+                "ipam": ipam,
             }],
         }, indent=2)
 
@@ -61,14 +65,19 @@ class CniNetwork:
 
 def cri_config(version: str, *, profile: Path | None, cni_conf_dir: Path,
                pause_ref: str = PAUSE_REF, handler: str = HANDLER,
-               sandboxer: str = "podsandbox") -> str:
+               sandboxer: str = "podsandbox", registry_config_path: Path | None = None,
+               pod_annotations: Sequence[str] = ()) -> str:
     """The CRI part of a private containerd config: runtime handler, pause image, CNI.
 
     2.x (config version 3) splits CRI into ``io.containerd.cri.v1.images`` and
     ``io.containerd.cri.v1.runtime``; 1.7 (version 2) keeps it all under
     ``io.containerd.grpc.v1.cri`` with ``sandbox_image``. ``profile`` None leaves out the
     handler's ``options`` table (the shim then reads ``$COCO_SHIM_CONFIG``).
+    ``registry_config_path``: a directory of ``<host>/hosts.toml`` for CRI's image pulls;
+    ``pod_annotations``: the pod annotations CRI passes to the runtime (e.g. kata's).
     """
+    passed = ("  pod_annotations = [" + ", ".join(json.dumps(a) for a in pod_annotations)
+              + "]\n") if pod_annotations else ""
     if version.startswith("1."):
         cri_plugin = '[plugins."io.containerd.grpc.v1.cri"]'
         runtime = f'{cri_plugin[:-1]}.containerd.runtimes.{handler}]'
@@ -78,8 +87,10 @@ def cri_config(version: str, *, profile: Path | None, cni_conf_dir: Path,
                 f'{cri_plugin[:-1]}.cni]\n  bin_dir = "{CNI_BIN_DIR}"\n'
                 f'  conf_dir = "{cni_conf_dir}"\n'
                 f'{runc}\n  runtime_type = "io.containerd.runc.v2"\n'
-                f'{runtime}\n  runtime_type = "{RUNTIME_TYPE}"\n'
-                + (f'{runtime[:-1]}.options]\n  ConfigPath = "{profile}"\n' if profile else ""))
+                f'{runtime}\n  runtime_type = "{RUNTIME_TYPE}"\n{passed}'
+                + (f'{runtime[:-1]}.options]\n  ConfigPath = "{profile}"\n' if profile else "")
+                + (f'{cri_plugin[:-1]}.registry]\n  config_path = "{registry_config_path}"\n'
+                   if registry_config_path else ""))
     images = "[plugins.'io.containerd.cri.v1.images'.pinned_images]"
     runtime_plugin = "plugins.'io.containerd.cri.v1.runtime'"
     runtime = f"[{runtime_plugin}.containerd.runtimes.{handler}]"
@@ -87,7 +98,10 @@ def cri_config(version: str, *, profile: Path | None, cni_conf_dir: Path,
             f"[{runtime_plugin}.cni]\n  bin_dirs = ['{CNI_BIN_DIR}']\n"
             f"  conf_dir = '{cni_conf_dir}'\n"
             f"{runtime}\n  runtime_type = '{RUNTIME_TYPE}'\n  sandboxer = '{sandboxer}'\n"
-            + (f"{runtime[:-1]}.options]\n  ConfigPath = '{profile}'\n" if profile else ""))
+            f"{passed}"
+            + (f"{runtime[:-1]}.options]\n  ConfigPath = '{profile}'\n" if profile else "")
+            + ("[plugins.'io.containerd.cri.v1.images'.registry]\n"
+               f"  config_path = '{registry_config_path}'\n" if registry_config_path else ""))
 
 
 def pod_config(name: str, uid: str, log_dir: Path, *,
@@ -148,6 +162,14 @@ class CriClient:
         response: cri.ImageStatusResponse = self.images.ImageStatus(
             cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=self.timeout)
         return response.image if response.HasField("image") else None
+
+    def pull_image(self, ref: str, pod: cri.PodSandboxConfig | None = None) -> str:
+        """CRI PullImage (on the host, as the kubelet asks it); the image's reference."""
+        request = cri.PullImageRequest(image=cri.ImageSpec(image=ref))
+        if pod is not None:
+            request.sandbox_config.CopyFrom(pod)
+        response: cri.PullImageResponse = self.images.PullImage(request, timeout=self.timeout)
+        return response.image_ref
 
     def run_pod(self, config: cri.PodSandboxConfig, handler: str = HANDLER) -> str:
         response: cri.RunPodSandboxResponse = self.runtime.RunPodSandbox(

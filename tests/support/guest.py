@@ -49,3 +49,32 @@ free_page_reporting = true
 dial_timeout = 120
 enable_annotations = [{allowed}]
 """
+
+
+def coco_dev_profile_text(kernel: Path, initrd: Path, *, kernel_params: str = "",
+                          dial_timeout: float = 120) -> str:
+    """firmware-configs/qemu-coco-dev.toml pinned to this machine (TCG, hybrid vsock): the
+    confidential code path without a TEE. ``kernel_params`` are added to the profile's own
+    (a pod cannot add any on a confidential profile)."""
+    params = " ".join(p for p in ("console=ttyS0 panic=-1 quiet coco.agent.confidential=1",
+                                  kernel_params) if p)
+    return f"""# coco-dev profile pointed at the reference guest image (TCG, hybrid vsock)
+[hypervisor]
+tee = "none"
+qemu_path = "/usr/bin/qemu-system-x86_64"
+kernel = "{kernel}"
+initrd = "{initrd}"
+kernel_params = "{params}"
+accelerator = "tcg"
+vcpus = 1
+memory_mib = 1024
+vsock = "hybrid"
+
+[runtime]
+confidential = true
+dial_timeout = {dial_timeout}
+enable_annotations = [
+    "io.katacontainers.config.hypervisor.cc_init_data",
+    "io.katacontainers.config.agent.policy",
+]
+"""

@@ -87,3 +87,29 @@ def veth_pair(subnet: int = 0, mtu: int = 1500) -> Iterator[VethPair]:
 
 def netns_exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
+
+
+@contextlib.contextmanager
+def host_link(subnet: int, mtu: int = 1500) -> Iterator[VethPair]:
+    """A peer netns wired to the host's own namespace: ``peer0`` 198.18.<subnet>.1/24 there,
+    the host end 198.18.<subnet>.2/24 (named ``cocoh<tag>``) here, and the peer's default
+    route back through the host, so anything the host routes (a CNI bridge's pods, with the
+    host forwarding) reaches the peer and is answered. ``pod`` is the host end's name."""
+    tag = uuid.uuid4().hex[:8]
+    host_end = f"cocoh{tag}"
+    pair = VethPair(pod=host_end, peer=f"coco-peer-{tag}", pod_ip=f"198.18.{subnet}.2",
+                    peer_ip=f"198.18.{subnet}.1")
+    try:
+        sh("ip", "netns", "add", pair.peer)
+        sh("ip", "link", "add", host_end, "mtu", str(mtu), "type", "veth", "peer", "name",
+           "peer0", "netns", pair.peer, "mtu", str(mtu))
+        sh("ip", "addr", "add", f"{pair.pod_ip}/24", "dev", host_end)
+        sh("ip", "-n", pair.peer, "addr", "add", f"{pair.peer_ip}/24", "dev", "peer0")
+        sh("ip", "link", "set", host_end, "up")
+        for dev in ("peer0", "lo"):
+            sh("ip", "-n", pair.peer, "link", "set", dev, "up")
+        sh("ip", "-n", pair.peer, "route", "add", "default", "via", pair.pod_ip)
+        yield pair
+    finally:
+        sh("ip", "netns", "del", pair.peer, check=False)  # takes the veth (both ends) along
+        sh("ip", "link", "del", host_end, check=False)

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +154,21 @@ class RegistryEnv:
             f"{registries}"
         )
 
+    def containerd_hosts(self, config_dir: Path) -> Path:
+        """A containerd ``config_path`` directory (``hosts.toml`` per registry) that lets the
+        host's containerd pull from both registries: the TLS one against the test CA, the
+        plain one over HTTP. CRI pulls on the host too (image metadata)."""
+        for reg in (self.secure, self.plain):
+            folder = config_dir / reg.host
+            folder.mkdir(parents=True, exist_ok=True)
+            scheme = "https" if reg.tls else "http"
+            ca = f'  ca = "{self.ca.cert_path}"\n' if reg.tls else ""
+            (folder / "hosts.toml").write_text(
+                f'server = "{scheme}://{reg.host}"\n'
+                f'[host."{scheme}://{reg.host}"]\n'
+                '  capabilities = ["pull", "resolve"]\n' + ca)
+        return config_dir
+
     def token_requests(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.token_log.read_text().splitlines() if line]
 
@@ -220,13 +236,18 @@ def _spawn(netns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def registry_env(subnet: int = 77) -> Iterator[RegistryEnv]:
+def registry_env(subnet: int = 77, *,
+                 link: Callable[[int], AbstractContextManager[VethPair]] = veth_pair
+                 ) -> Iterator[RegistryEnv]:
+    """``link`` makes the registries' namespace: by default a pod/peer pair
+    (tests/support/netns.py ``veth_pair``); ``host_link`` wires the peer to the host instead,
+    so pods on a CNI bridge reach it through the host's routing."""
     require(REGISTRY_BIN)
     require(SKOPEO)
     folder = Path(tempfile.mkdtemp(prefix="coco-registry-"))
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        with veth_pair(subnet=subnet) as pair:
+        with link(subnet) as pair:
             ca = make_ca(folder / "pki")
             ip = pair.peer_ip
             server = ca.issue("registry", ips=(ip,))
