@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-guest bench-cri soak fuzz clean
+	bench-coco bench-guest bench-cri soak fuzz clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -51,6 +51,11 @@ bench: env
 # CRI pods with networking: RunPodSandbox+CreateContainer+StartContainer, shim memory.
 bench-cri: env
 	@$(PY) bench/cri.py
+
+# coco-dev (no TEE; protects nothing): guest pull of a 64 MiB image vs busybox wget of its
+# blobs in the same guest, and pod start against the development profile.
+bench-coco: env
+	@$(PY) bench/coco_dev.py
 
 # Reference guest alone, the pod's QEMU argv: boot to agent Check next to the bare kernel boot
 # (medians of 5, interleaved), the boot timeline on the guest's clock, QEMU's memory by kind.

@@ -228,10 +228,11 @@ def _push_images(registries: RegistryEnv) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def coco_dev_cri(version: str, sandboxer: str, guest_image: BuildResult
-                 ) -> Iterator[CocoDevCri]:
+def coco_dev_cri(version: str, sandboxer: str, guest_image: BuildResult, *,
+                 extra_handlers: Mapping[str, Path] | None = None) -> Iterator[CocoDevCri]:
     """The environment described in the module docstring; everything removed on exit, and
-    no process, pod run directory or mount may be left behind by the shim."""
+    no process, pod run directory or mount may be left behind by the shim.
+    ``extra_handlers`` (podsandbox mode only): more CRI handlers, name → profile file."""
     env = envinfo.load()
     base = Path(tempfile.mkdtemp(prefix="coco-dev-", dir="/tmp"))
     profile = base / "coco-dev.toml"
@@ -259,7 +260,12 @@ def coco_dev_cri(version: str, sandboxer: str, guest_image: BuildResult
                                 registry_config_path=hosts,
                                 pod_annotations=("io.katacontainers.*",))
             if not shim_mode:
-                config += _second_handler(version, mismatch)
+                handlers = {MISMATCH_HANDLER: mismatch, **(extra_handlers or {})}
+                config += "".join(_handler(version, name, path)
+                                  for name, path in handlers.items())
+            elif extra_handlers:
+                raise ValueError("extra handlers need podsandbox mode (2.1.9's shim "
+                                 "sandboxer takes no handler options)")
             with private_containerd(version, extra_config=config, extra_path=extra_path,
                                     env=shim_vars) as cd:
                 _import_pause(cd, base)
@@ -283,14 +289,14 @@ def coco_dev_cri(version: str, sandboxer: str, guest_image: BuildResult
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _second_handler(version: str, profile: Path) -> str:
-    """Handler ``coco-mismatch``: same runtime, the mismatching-evidence profile."""
+def _handler(version: str, name: str, profile: Path) -> str:
+    """One more CRI handler on our runtime with its own profile (podsandbox mode)."""
     if version.startswith("1."):
-        table = f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{MISMATCH_HANDLER}]'
+        table = f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}]'
         return (f'{table}\n  runtime_type = "io.containerd.coco.v2"\n'
                 '  pod_annotations = ["io.katacontainers.*"]\n'
                 f'{table[:-1]}.options]\n  ConfigPath = "{profile}"\n')
-    table = f"[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{MISMATCH_HANDLER}]"
+    table = f"[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{name}]"
     return (f"{table}\n  runtime_type = 'io.containerd.coco.v2'\n  sandboxer = 'podsandbox'\n"
             "  pod_annotations = ['io.katacontainers.*']\n"
             f"{table[:-1]}.options]\n  ConfigPath = '{profile}'\n")

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""`make bench-coco`: the confidential path on coco-dev (no TEE hardware; it protects nothing).
+
+1. **Guest pull vs plain download.** In a fresh coco-dev pod (containerd 2.1.9 CRI, podsandbox,
+   QEMU TCG), three containers are started and waited for, each timed from StartContainer
+   to its exit as seen through CRI:
+   - ``base``: busybox (already in the guest's layer cache) running ``true``;
+   - ``pull``: the ≥ 64 MiB image (busybox layer cached + one 64 MiB gzip layer) running
+     ``true``: the guest fetches its manifest, config and big layer, verifies and unpacks it;
+   - ``wget``: busybox running ``wget -O /dev/null`` of that image's manifest, config and big
+     layer from the same registry (plain HTTP, in its netns), from the same guest.
+   ratio = (pull - base) / (wget - base): what the puller costs beyond the network (target
+   ≤ 1.3). Each run is a new pod (an empty layer cache).
+2. **Pod start**: RunPodSandbox + CreateContainer + StartContainer (busybox sleeper), coco-dev
+   (the guest pulls busybox from the registry) against the development profile (handler
+   ``coco-none`` in the same containerd: the host's snapshot over 9p), interleaved.
+
+Medians of ``--runs``; raw samples as JSON on the last line. Leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import envinfo
+from tests.e2e.coco_dev import CocoDevCri, coco_dev_cri
+from tests.support import oci
+from tests.support.cri import container_config, pod_config
+from tests.support.guest import dev_profile_text, guest_image
+
+SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
+DEV_HANDLER = "coco-none"
+
+
+def timed_run(env: CocoDevCri, pod: str, name: str, image: str, command: list[str]) -> float:
+    container = env.create(pod, name, image, command)
+    started = time.monotonic()
+    env.client.start_container(container)
+    status = env.wait_exit(container, wait=600)
+    took = time.monotonic() - started
+    if status != 0:
+        raise SystemExit(f"{name} exited {status}: {env.logs(pod, name, wait=1)}")
+    return took
+
+
+def pull_vs_wget(env: CocoDevCri, run: int, large_ref: str, large: oci.Image) -> dict[str, float]:
+    pod = env.run_pod(f"pull-{run}", initdata=env.initdata())
+    try:
+        env.start(pod, "warm", env.refs["busybox"], ["true"])  # busybox into the layer cache
+        host = env.registries.plain.host
+        repository = large_ref.split("/", 1)[1].rsplit(":", 1)[0]
+        urls = [f"http://{host}/v2/{repository}/manifests/{large.manifest_digest}",
+                f"http://{host}/v2/{repository}/blobs/{oci.sha256(large.config_bytes())}",
+                f"http://{host}/v2/{repository}/blobs/{large.layers[-1].digest}"]
+        # The registry serves an OCI manifest only to a client that accepts its type.
+        accept = f"--header 'Accept: {oci.OCI_MANIFEST}'"
+        fetch = " && ".join(f"wget -q {accept if '/manifests/' in url else ''} -O /dev/null "
+                            f"{url}" for url in urls)
+        base = timed_run(env, pod, "base", env.refs["busybox"], ["true"])
+        pull = timed_run(env, pod, "pull", large_ref, ["true"])
+        wget = timed_run(env, pod, "wget", env.refs["busybox"], ["sh", "-c", fetch])
+    finally:
+        env.remove_pod(pod)
+    return {"base": base, "pull": pull, "wget": wget,
+            "ratio": (pull - base) / (wget - base)}
+
+
+def pod_start(env: CocoDevCri, handler: str, run: int) -> float:
+    name = f"start-{handler}-{run}"
+    logs = env.base / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    config = pod_config(name, uuid.uuid4().hex, logs)
+    from tests.e2e.coco_dev import INITDATA_ANNOTATION, initdata_annotation
+
+    if handler != DEV_HANDLER:
+        config.annotations[INITDATA_ANNOTATION] = initdata_annotation(env.initdata())
+    started = time.monotonic()
+    pod = env.client.run_pod(config, handler)
+    container = env.client.create_container(pod, container_config(
+        "c", env.refs["busybox"], SLEEPER), config)
+    env.client.start_container(container)
+    took = time.monotonic() - started
+    env.client.stop_container(container, timeout=5)
+    env.client.remove_container(container)
+    env.client.stop_pod(pod)
+    env.client.remove_pod(pod)
+    return took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    env_info = envinfo.load()
+    image = guest_image()
+    large = oci.large()
+    pulls: list[dict[str, float]] = []
+    starts: dict[str, list[float]] = {"coco": [], DEV_HANDLER: []}
+    dev_profile = Path(f"/tmp/coco-bench-dev-{uuid.uuid4().hex[:6]}.toml")
+    dev_profile.write_text(dev_profile_text(env_info.kernel, image.image))
+    try:
+        with coco_dev_cri("2.1.9", "podsandbox", image,
+                          extra_handlers={DEV_HANDLER: dev_profile}) as env:
+            large_ref = env.registries.push([large], env.registries.plain, "coco/large")
+            env.client.pull_image(large_ref)
+            for run in range(args.runs):
+                pulls.append(pull_vs_wget(env, run, large_ref, large))
+                for handler in ("coco", DEV_HANDLER):
+                    starts[handler].append(pod_start(env, handler, run))
+    finally:
+        dev_profile.unlink(missing_ok=True)
+    size = sum(len(b) for b in large.blobs().values()) / 2**20
+    print(f"\ncoco-dev, containerd 2.1.9 CRI podsandbox, QEMU TCG, {args.runs} runs (medians)")
+    for key in ("base", "pull", "wget"):
+        print(f"  {key:5} start→exit            {statistics.median(p[key] for p in pulls):7.2f} s")
+    print(f"  guest pull / wget of the {size:.0f} MiB image (minus base)  "
+          f"{statistics.median(p['ratio'] for p in pulls):.2f}x  (target ≤ 1.3)")
+    coco, dev = (statistics.median(starts[h]) for h in ("coco", DEV_HANDLER))
+    print(f"  pod start (RunPodSandbox+CreateContainer+StartContainer): coco-dev {coco:.2f} s, "
+          f"dev profile {dev:.2f} s ({coco / dev:.2f}x)")
+    print(json.dumps({"pull": pulls, "pod_start": starts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
