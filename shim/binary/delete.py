@@ -18,7 +18,7 @@ from typing import Final
 
 from shim.binary.bootstrap import can_connect
 from shim.binary.flags import Flags, UsageError
-from shim.core import wire
+from shim.core import identifiers, wire
 from shim.core.crash_record import ShimState, kill_if_same, process_start_time
 from shim.core.timeouts import TIMEOUTS
 
@@ -39,6 +39,8 @@ def delete(flags: Flags) -> bytes:
     """
     if not flags.namespace or not flags.id:
         raise UsageError("delete needs -namespace and -id")
+    identifiers.validate("namespace", flags.namespace)
+    identifiers.validate("id", flags.id)
     state = ShimState.of(flags.namespace, flags.id)
     init_pid = state.read_init_pid()
     record = state.read_shim()

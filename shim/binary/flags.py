@@ -61,9 +61,10 @@ class Flags:
     bootstrap_version: int = 3
     group: str = ""
     # serve only: boot the pod VM at once (from the bundle and ``start``'s runtime options,
-    # hex-encoded) instead of when containerd's Create arrives.
+    # read from an inherited memfd: never on the argv, where /proc shows it to anyone and
+    # execve refuses more than 128 KiB per argument) instead of when containerd's Create arrives.
     early_boot: bool = False
-    runtime_options: str = ""
+    runtime_options_fd: int = -1
 
 
 _STRING_FLAGS: Final = {
@@ -75,10 +76,10 @@ _STRING_FLAGS: Final = {
     "socket": "socket",
     "group": "group",
     "protocol": "protocol",
-    "runtime-options": "runtime_options",
 }
 _INT_FLAGS: Final = {"listen-fd": "listen_fd", "ready-fd": "ready_fd",
-                     "bootstrap-version": "bootstrap_version"}
+                     "bootstrap-version": "bootstrap_version",
+                     "runtime-options-fd": "runtime_options_fd"}
 _BOOL_FLAGS: Final = {"debug": "debug", "v": "version", "version": "version", "h": "help",
                       "help": "help", "early-boot": "early_boot"}
 

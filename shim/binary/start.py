@@ -20,6 +20,7 @@ from pathlib import Path
 
 from shim.binary import bootstrap
 from shim.binary.flags import Flags, UsageError, to_argv
+from shim.core import identifiers
 from shim.core.bundle import group_id, read_spec
 from shim.core.config import config_source, decode_runtime_options, shim_config
 from shim.core.crash_record import ShimState
@@ -50,6 +51,8 @@ def start(flags: Flags, stdin: bytes) -> str:
     """Bring up (or find) the pod's shim and return the bootstrap line for containerd."""
     if not flags.namespace or not flags.id:
         raise UsageError("start needs -namespace and -id")
+    identifiers.validate("namespace", flags.namespace)
+    identifiers.validate("id", flags.id)
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
     config = shim_config(config_source(decode_runtime_options(stdin)))
     if config.bootstrap_version == "auto":
@@ -83,15 +86,34 @@ def start(flags: Flags, stdin: bytes) -> str:
         early = config.early_boot and bool(spec) and group == flags.id
         serve = replace(flags, action="serve", bundle=str(bundle), socket=str(path),
                         protocol=protocol, bootstrap_version=version, group=group,
-                        listen_fd=listener.fileno(), early_boot=early,
-                        runtime_options=stdin.hex() if early else "")
+                        listen_fd=listener.fileno(), early_boot=early)
+        options_fd = _options_memfd(stdin) if early else -1
         try:
-            _spawn_daemon(serve, listener, ShimState.of(flags.namespace, flags.id))
+            _spawn_daemon(replace(serve, runtime_options_fd=options_fd), listener,
+                          ShimState.of(flags.namespace, flags.id))
         except BaseException:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
+        finally:
+            if options_fd >= 0:
+                os.close(options_fd)
     return answer
+
+
+def _options_memfd(options: bytes) -> int:
+    """An inheritable memfd holding ``start``'s runtime options for the daemon (not its argv:
+    E2BIG above 128 KiB, and world-readable in /proc/<pid>/cmdline)."""
+    fd = os.memfd_create("coco-shim-runtime-options", 0)  # no MFD_CLOEXEC: the daemon inherits
+    try:
+        view = memoryview(options)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> None:

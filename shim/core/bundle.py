@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from shim.core import identifiers
 from shim.core.errors import InvalidArgument
 
 SANDBOX_ID_ANNOTATION: Final = "io.kubernetes.cri.sandbox-id"
@@ -35,5 +36,5 @@ def group_id(spec: Mapping[str, object], task_id: str) -> str:
     if isinstance(annotations, Mapping):
         sandbox = annotations.get(SANDBOX_ID_ANNOTATION)
         if isinstance(sandbox, str) and sandbox:
-            return sandbox
-    return task_id
+            return identifiers.validate(f"annotation {SANDBOX_ID_ANNOTATION}", sandbox)
+    return identifiers.validate("container id", task_id)

@@ -105,13 +105,21 @@ def _notify(fd: int, message: str) -> None:
         os.close(fd)
 
 
+def read_options_fd(fd: int) -> bytes:
+    """The runtime options ``start`` passed in an inherited memfd (closed here); none if -1."""
+    if fd < 0:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def early_boot(pod: Pod, flags: Flags) -> None:
     """The pod's first container: boot its VM now, from start's bundle and runtime options."""
     bundle = Path(flags.bundle or os.getcwd())
     try:
         spec = read_spec(bundle)
-        options = decode_runtime_options(bytes.fromhex(flags.runtime_options))
-    except (RpcError, ValueError) as err:
+        options = decode_runtime_options(read_options_fd(flags.runtime_options_fd))
+    except (RpcError, ValueError, OSError) as err:
         log.info("no early boot: %s", err)  # Create reports it
         return
     pod.boot_early(PodConfig(sandbox_id=flags.group or flags.id, namespace=flags.namespace,

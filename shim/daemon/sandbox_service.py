@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
+from shim.core import identifiers
 from shim.core.bundle import SANDBOX_ID_ANNOTATION
 from shim.core.errors import FailedPrecondition, InvalidArgument
 from shim.daemon.task_service import runtime_options
@@ -77,6 +78,7 @@ class SandboxService:
         self._namespace = namespace
 
     async def CreateSandbox(self, request: Any, context: object) -> Any:
+        identifiers.validate("sandbox id", request.sandbox_id)
         await self._pod.create_sandbox(PodConfig(
             sandbox_id=request.sandbox_id, namespace=self._namespace,
             bundle=Path(request.bundle_path), spec=pod_spec(request),

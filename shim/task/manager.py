@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shim.core import identifiers
 from shim.core.bundle import group_id, read_spec
 from shim.core.errors import (
     AlreadyExists,
@@ -106,8 +107,7 @@ class TaskManager:
     # -- create --
 
     async def create(self, request: CreateTask) -> int:
-        if not request.id:
-            raise InvalidArgument("container id must not be empty")
+        identifiers.validate("container id", request.id)
         if request.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported in a pod VM")
         if request.id in self._containers or request.id in self._reserved:
@@ -294,8 +294,7 @@ class TaskManager:
 
     async def exec(self, request: ExecTask) -> None:
         container = self._container(request.container_id)
-        if not request.exec_id:
-            raise InvalidArgument("exec id must not be empty")
+        identifiers.validate("exec id", request.exec_id)
         async with container.lock:
             if container.init.state is not ProcessState.RUNNING:
                 raise FailedPrecondition(

@@ -236,6 +236,46 @@ def test_bad_runtime_options_are_a_clear_start_error(env: Env) -> None:
     assert not (env.state / "default" / "c1").exists() and not env.socket("c1").exists()
 
 
+def test_large_runtime_options_reach_the_daemon_off_its_argv(env: Env) -> None:
+    """200 KiB of runtime options: on the daemon's argv that was E2BIG (one argument may not
+    exceed 128 KiB) and readable by anyone in /proc/<pid>/cmdline."""
+    body = TTRPC_PROFILE + b"# " + b"x" * (200 << 10) + b"\n"
+    boot = env.start("c1", env.bundle("c1"), _options(body))
+    assert boot["protocol"] == "ttrpc"
+    pid = env.daemon_pid("c1")
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"-early-boot" in argv and b"xxxx" not in argv and len(argv) < 4096
+
+
+@pytest.mark.parametrize("flag,value", [("-id", "../.."), ("-id", "a/b"), ("-id", "x" * 77),
+                                        ("-id", ".hidden"), ("-namespace", "..")])
+def test_start_and_delete_refuse_ids_outside_containerds_rules(
+        env: Env, flag: str, value: str) -> None:
+    """An id becomes a host path (state record, run dir): ``../..`` must never get there."""
+    bundle = env.bundle("c1")
+    args = {"-namespace": "default", "-id": "c1", flag: value}
+    argv = [arg for pair in args.items() for arg in pair]
+    victim = env.state / "victim"
+    victim.mkdir(parents=True)
+    for action in ("start", "delete"):
+        done = env.run("-address", ADDRESS, *argv, action, cwd=bundle,
+                       stdin=_options(TTRPC_PROFILE))
+        assert done.returncode == 1, done
+        assert b"containerd's identifier rules" in done.stderr or b"longer than 76" in done.stderr
+        assert b"Traceback" not in done.stderr
+    assert victim.is_dir()
+    assert sorted(p.name for p in env.state.iterdir()) == ["victim"]
+    assert list(env.sockets.iterdir()) == [env.sockets / "containerd.sock.ttrpc"]
+
+
+def test_start_refuses_a_sandbox_id_annotation_outside_the_rules(env: Env) -> None:
+    done = env.run("-namespace", "default", "-address", ADDRESS, "-id", "c1", "start",
+                   cwd=env.bundle("c1", sandbox_id="../../etc"), stdin=_options(TTRPC_PROFILE))
+    assert done.returncode == 1
+    assert b"io.kubernetes.cri.sandbox-id '../../etc' must match" in done.stderr
+    assert not env.state.exists() or not any(env.state.iterdir())
+
+
 def test_start_ttrpc_groups_a_pod_and_runs_a_task(env: Env) -> None:
     sandbox = env.bundle("pod")
     boot = env.start("pod", sandbox, _options(TTRPC_PROFILE))
@@ -246,7 +286,9 @@ def test_start_ttrpc_groups_a_pod_and_runs_a_task(env: Env) -> None:
     # The pod's first container: the daemon boots the VM at once, from start's options.
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"-early-boot" in argv
-    assert argv[argv.index(b"-runtime-options") + 1] == _options(TTRPC_PROFILE).hex().encode()
+    # start's runtime options reach it through an inherited memfd, never on its argv.
+    assert b"-runtime-options-fd" in argv
+    assert not any(_options(TTRPC_PROFILE).hex().encode() in arg for arg in argv)
     # A container of the same pod: start prints the running shim's address, spawns nothing.
     app = env.bundle("app", sandbox_id="pod")
     assert env.start("app", app, _options(TTRPC_PROFILE)) == boot

@@ -41,7 +41,7 @@ def test_daemon_flags_round_trip() -> None:
                   socket="/s", group="g", listen_fd=3, ready_fd=5, protocol="ttrpc",
                   bootstrap_version=2, debug=True)
     assert parse_flags(to_argv(flags)) == flags
-    early = replace(flags, early_boot=True, runtime_options=b"\x0a\x01x".hex())
+    early = replace(flags, early_boot=True, runtime_options_fd=7)
     assert parse_flags(to_argv(early)) == early
 
 

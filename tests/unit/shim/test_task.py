@@ -397,3 +397,21 @@ async def test_vm_death_reports_every_process_killed_then_tears_down(h: Harness)
     await h.tasks.delete("c1")
     assert ("DestroySandbox", "", "") not in h.agent.calls  # the VM was gone
     assert await h.tasks.shutdown(now=False)
+
+
+@pytest.mark.parametrize("bad", ["../..", "a/b", "-x", "x" * 77, "a..b", "with space"])
+async def test_ids_outside_containerds_rules_are_refused_before_any_path(
+        h: Harness, bad: str) -> None:
+    """A container, exec or sandbox id becomes a host path: refused, naming it, and the pod is
+    never booted for it."""
+    with pytest.raises(errors.InvalidArgument, match="container id"):
+        await h.tasks.create(CreateTask(id=bad, bundle=str(h.bundle("ok"))))
+    with pytest.raises(errors.InvalidArgument, match=r"io\.kubernetes\.cri\.sandbox-id"):
+        await h.tasks.create(CreateTask(id="app", bundle=str(h.bundle(
+            "app", {"io.kubernetes.cri.sandbox-id": bad}))))
+    assert h.booter.configs == []
+    await create(h)
+    await h.tasks.start("c1")
+    with pytest.raises(errors.InvalidArgument, match="exec id"):
+        await h.tasks.exec(ExecTask(container_id="c1", exec_id=bad, spec={"args": ["true"]}))
+    assert h.publisher.topics() == ["/tasks/create", "/tasks/start"]
