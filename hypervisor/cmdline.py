@@ -464,7 +464,12 @@ Console = SerialConsole | RingbufConsole
 
 @dataclass(frozen=True)
 class NinePShare:
-    """virtio-9p: exposes a host directory; never for confidential guests."""
+    """virtio-9p: exposes a host directory; never for confidential guests.
+
+    ``mapped-xattr``: the guest's owners, modes and device nodes live in xattrs of files
+    QEMU creates with its own credentials and mode 0600/0700, so a guest cannot leave a
+    setuid, device or foreign-owned file on the host (``none`` and ``passthrough`` apply the
+    guest's chown/chmod to the host file)."""
 
     id: str
     tag: str
@@ -475,7 +480,7 @@ class NinePShare:
         fsdev = f"fsdev-{self.id}"
         return [
             "-fsdev", opts("local", ("id", fsdev), ("path", self.path),
-                           ("security_model", "none")),
+                           ("security_model", "mapped-xattr")),
             "-device", opts(f"virtio-9p-{self.transport}", ("id", self.id), ("fsdev", fsdev),
                             ("mount_tag", self.tag)),
         ]
@@ -516,6 +521,28 @@ class QmpSocket:
                              ("wait", False))]
 
 
+@dataclass(frozen=True)
+class SeccompSandbox:
+    """QEMU's own seccomp filter (``-sandbox``), on every profile: a compromised device model
+    cannot use obsolete syscalls, gain privileges (setuid & co.), spawn processes (fork,
+    execve) or change scheduling and resource limits. Accepted by QEMU 7.2 and 11.1; QEMU
+    needs none of these once running (taps and vsock arrive as fds or sockets)."""
+
+    obsolete: bool = True
+    elevate_privileges: bool = True
+    spawn: bool = True
+    resource_control: bool = True
+
+    def to_argv(self) -> list[str]:
+        def deny(on: bool) -> str | None:
+            return "deny" if on else None
+
+        return ["-sandbox", opts("on", ("obsolete", deny(self.obsolete)),
+                                 ("elevateprivileges", deny(self.elevate_privileges)),
+                                 ("spawn", deny(self.spawn)),
+                                 ("resourcecontrol", deny(self.resource_control)))]
+
+
 # --- the whole command line ------------------------------------------------------------------
 
 
@@ -537,10 +564,12 @@ class QemuCommandLine:
     qmp: QmpSocket | None = None
     no_reboot: bool = True
     start_paused: bool = True
+    sandbox: SeccompSandbox = field(default_factory=SeccompSandbox)
 
     def to_argv(self) -> list[str]:
         argv = [str(self.binary), "-name", opts(escape(self.name))]
         argv += ["-no-user-config", "-nodefaults", "-display", "none"]
+        argv += self.sandbox.to_argv()
         argv += self.machine.to_argv() + self.accel.to_argv()
         if self.cpu is not None:
             argv += self.cpu.to_argv()

@@ -8,7 +8,6 @@ and are synchronous and cheap to import so that ``delete`` (a short-lived proces
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import re
@@ -55,7 +54,8 @@ def mounts_under(directory: Path) -> list[Path]:
     CRI's resolv.conf/hostname/hosts usually are): mountinfo knows every mount point."""
     prefix = os.fsencode(directory.resolve())
     found: list[bytes] = []
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo", "rb") as info:
+    # Unreadable mountinfo raises: "no mounts" is never assumed before a removal.
+    with open("/proc/self/mountinfo", "rb") as info:
         for line in info:
             fields = line.split()
             if len(fields) > 4:
@@ -83,8 +83,21 @@ def unmount(target: Path) -> None:
                 raise OSError(code, f"umount {point}: {os.strerror(code)}")
 
 
+async def remount_read_only(target: Path) -> None:
+    """Make ``target`` and every mount below it read-only on the host (an ``ro`` bind): a bind
+    mount takes ``ro`` only through a remount, and ``rbind`` copies submounts writable."""
+    for point in reversed(mounts_under(target)):  # the top first, then what is below it
+        await mount(Mount("none", "none", options=("remount", "bind", "ro")), point)
+
+
 def remove_tree(directory: Path) -> None:
     """Unmount everything below ``directory``, then remove it: a rootfs mounted inside is
-    detached first, so the removal never descends into a container's filesystem."""
+    detached first, so the removal never descends into a container's filesystem. If a mount
+    is still there afterwards (an unmount that failed or raced), nothing is removed: OSError
+    names the mounts, and the caller reports it."""
     unmount(directory)
+    left = mounts_under(directory)
+    if left:
+        raise OSError(errno.EBUSY, f"not removing {directory}: still mounted below it: "
+                      + ", ".join(str(point) for point in left))
     shutil.rmtree(directory, ignore_errors=True)

@@ -32,7 +32,7 @@ from hypervisor.profile import RuntimeProfile
 from protocols.api.kata import agent_pb2
 from shim.core.errors import FailedPrecondition, Internal, InvalidArgument
 from shim.pod.guest_spec import annotations_of, for_guest_annotations, spec_mounts
-from shim.pod.mounts import Mount, mount, remove_tree
+from shim.pod.mounts import Mount, mount, remount_read_only, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,10 @@ class HostShare:
                 self._bind_target(container_id, source, base / name)
                 await self._mount(container_id, f"bind mount {source}",
                                   Mount("bind", str(source), options=("rbind",)), base / name)
+                if "ro" in (entry.get("options") or []):
+                    # Read-only on the host side of the share too: the guest's own ro bind
+                    # is only as good as the guest.
+                    await self._read_only(container_id, source, base / name)
                 entry["source"] = str(GUEST_SHARED / container_id / name)
         except BaseException:
             await self.remove(container_id)
@@ -154,6 +158,14 @@ class HostShare:
         except OSError as err:
             raise Internal(f"container {container_id}: mounting its {what} failed: "
                            f"{err}") from err
+
+    @staticmethod
+    async def _read_only(container_id: str, source: Path, target: Path) -> None:
+        try:
+            await remount_read_only(target)
+        except OSError as err:
+            raise Internal(f"container {container_id}: making bind mount {source} read-only "
+                           f"failed: {err}") from err
 
     @staticmethod
     def _bind_target(container_id: str, source: Path, host: Path) -> None:

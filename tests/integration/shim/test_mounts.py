@@ -5,6 +5,7 @@ container is left)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -96,3 +97,64 @@ def test_a_rootfs_mount_failure_is_reported_as_such(tmp_path: Path) -> None:
         await share.close()
 
     asyncio.run(run())
+
+
+def test_remove_tree_never_removes_below_a_mount_it_could_not_unmount(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unmount that failed (or raced) must not turn into an rmtree of live data."""
+    import shim.pod.mounts as mounts
+
+    rootfs = tmp_path / "snapshot"
+    rootfs.mkdir()
+    (rootfs / "keep").write_text("live data")
+    target = tmp_path / "pod" / "shared" / "c1" / "rootfs"
+    target.mkdir(parents=True)
+    subprocess.run(["mount", "--rbind", str(rootfs), str(target)], check=True)
+    monkeypatch.setattr(mounts, "unmount", lambda directory: None)  # the failed unmount
+    try:
+        with pytest.raises(OSError, match=r"still mounted below it: .*c1/rootfs"):
+            remove_tree(tmp_path / "pod")
+        assert (rootfs / "keep").read_text() == "live data"
+        assert (target / "keep").exists()
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(target)], capture_output=True, check=False)
+
+
+def test_a_read_only_bind_is_read_only_on_the_host_side_of_the_share(tmp_path: Path) -> None:
+    """An ``ro`` bind mount (and what is mounted below its source) cannot be written through
+    the host directory QEMU exports."""
+    source = tmp_path / "data"
+    (source / "sub").mkdir(parents=True)
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    subprocess.run(["mount", "--bind", str(inner), str(source / "sub")], check=True)
+    writable = tmp_path / "scratch"
+    writable.mkdir()
+    share = HostShare(tmp_path / "pod" / "shared")
+    (tmp_path / "pod").mkdir()
+
+    async def run() -> None:
+        await share.open()
+        prepared = await share.add("c1", tmp_path, {"mounts": [
+            {"destination": "/data", "source": str(source), "type": "bind",
+             "options": ["rbind", "ro"]},
+            {"destination": "/scratch", "source": str(writable), "type": "bind",
+             "options": ["rbind", "rw"]}]}, (Mount("bind", str(tmp_path / "snapshot")),))
+        host = share.host_dir / "c1"
+        ro, rw = (host / Path(m["source"]).name for m in prepared.mounts)
+        try:
+            for path in (ro / "new", ro / "sub" / "new"):
+                with pytest.raises(OSError) as err:
+                    path.write_text("x")
+                assert err.value.errno == errno.EROFS
+            (rw / "new").write_text("ok")  # rw binds stay writable
+            assert (writable / "new").read_text() == "ok"
+        finally:
+            await share.close()
+        assert not share.host_dir.exists()
+
+    (tmp_path / "snapshot").mkdir()
+    try:
+        asyncio.run(run())
+    finally:
+        subprocess.run(["umount", "-l", str(source / "sub")], capture_output=True, check=False)

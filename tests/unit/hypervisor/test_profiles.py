@@ -65,7 +65,8 @@ PROFILES: dict[str, RuntimeProfile] = {
     "pef": profile(TeeKind.PEF, arch=Arch.PPC64, qemu=Path("/usr/bin/qemu-system-ppc64")),
 }
 
-COMMON_HEAD = "-name coco -no-user-config -nodefaults -display none"
+COMMON_HEAD = ("-name coco -no-user-config -nodefaults -display none "
+               "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 COMMON_TAIL = "-qmp unix:/run/vm/qmp.sock,server=on,wait=off -no-reboot -S"
 DISK = "-drive if=none,id=drive-disk0,file=/d.img,format=raw,cache=none,aio=threads"
 SERIAL_X86 = ("-chardev file,id=console0,path=/run/vm/console.log "
