@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from shim.core.errors import Unavailable
 
@@ -45,8 +47,31 @@ class Streams(Protocol):
     async def close_stdin(self, container_id: str, exec_id: str) -> None: ...
 
 
+# Log URIs containerd may pass instead of FIFOs (``ctr run --log-uri``, CRI never does).
+LOG_URI_SCHEMES: Final = ("binary://", "file://", "fifo://")
+
+
+def _open_checked(path: str, flags: int) -> int:
+    """Open ``path`` only if it is a FIFO: a regular file or a device named as stdio is refused
+    (never written over, never opened with a device's side effects), and so is a symlink."""
+    if path.startswith(LOG_URI_SCHEMES):
+        raise OSError(errno.EINVAL, f"{path}: log URIs (binary://, file://) are not supported "
+                                    "by this shim: give FIFOs")
+    try:
+        info = os.lstat(path)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: {err.strerror}") from err
+    if not stat.S_ISFIFO(info.st_mode):
+        raise OSError(errno.EINVAL, f"{path} is not a FIFO (mode {stat.filemode(info.st_mode)})")
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # replaced between lstat and open
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a FIFO")
+    return fd
+
+
 def open_fifo(path: str) -> int:
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    return _open_checked(path, os.O_RDWR | os.O_NONBLOCK)
 
 
 async def _wait_fd(fd: int, *, write: bool, wake: asyncio.Event | None = None) -> None:
@@ -107,7 +132,7 @@ class ProcessIO:
         stdin, stdout, stderr = self._paths
         try:
             if stdin:
-                self._stdin_fd = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._stdin_fd = _open_checked(stdin, os.O_RDONLY | os.O_NONBLOCK)
                 self._fds.append(self._stdin_fd)
             if stdout:
                 self._stdout_fd = open_fifo(stdout)

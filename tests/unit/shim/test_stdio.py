@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from protocols.api.kata import oci_pb2
 from shim.task.stdio import ProcessIO
 from tests.unit.shim.fakes import FakeAgent
@@ -158,3 +160,30 @@ async def test_stdin_ends_when_containerd_closes_its_writer(tmp_path: Path) -> N
     assert await out_reader == b"piped into `ctr run`\n"
     await io.aclose()
     await owner.aclose()
+
+
+@pytest.mark.parametrize("which", ["stdin", "stdout", "stderr"])
+def test_only_fifos_are_opened_as_stdio(tmp_path: Path, which: str) -> None:
+    """A regular file, a device or a symlink named as stdio is refused, never written over."""
+    fifos = make_fifos(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = tmp_path / "link"
+    link.symlink_to(fifos.stdout)
+    for bad in (str(victim), "/dev/null", str(link)):
+        paths = {"stdin": str(fifos.stdin), "stdout": str(fifos.stdout),
+                 "stderr": str(fifos.stderr), which: bad}
+        io = ProcessIO(FakeAgent(), "c1", "", stdin=paths["stdin"], stdout=paths["stdout"],
+                       stderr=paths["stderr"])
+        with pytest.raises(OSError, match="is not a FIFO"):
+            io.open()
+        assert io._fds == []  # what was opened before the refusal is closed again
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("uri", ["binary:///usr/bin/logger?x=1", "file:///var/log/c1.log"])
+def test_log_uris_are_refused_by_name(tmp_path: Path, uri: str) -> None:
+    io = ProcessIO(FakeAgent(), "c1", "", stdout=uri)
+    with pytest.raises(OSError, match=r"log URIs \(binary://, file://\) are not supported"):
+        io.open()
+    assert not Path("/var/log/c1.log").exists()
