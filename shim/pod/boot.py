@@ -40,7 +40,12 @@ from shim.network.tcfilter import (
 )
 from shim.pod.agent import Agent, AgentClient
 from shim.pod.mounts import remove_tree
-from shim.pod.profile import PodAnnotations, pod_annotations, runtime_profile
+from shim.pod.profile import (
+    AnnotationPolicy,
+    PodAnnotations,
+    pod_annotations,
+    runtime_profile,
+)
 from shim.pod.rootfs import RootfsStrategy, rootfs_for
 from shim.pod.vm import PodConfig, PodVm
 
@@ -126,7 +131,7 @@ class BootScript:
             await self.configure_guest_network()
             await self.create_sandbox()
             return PodVm(self.config.sandbox_id, self.vm, self.agent, self.rootfs,
-                         self.undo.pop_all(), profile=self.profile)
+                         self.undo.pop_all(), AnnotationPolicy.of(self.profile))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _elapsed(self) -> float:

@@ -42,23 +42,41 @@ class PodAnnotations:
     raw: Mapping[str, str] = field(default_factory=dict)  # all of the pod's annotations
 
 
-def check_allowed(annotations: Mapping[str, str], profile: RuntimeProfile,
+def check_allowed(annotations: Mapping[str, str], policy: AnnotationPolicy,
                   what: str = "pod") -> None:
     """Kata-style annotations only from the profile's allow-list (for the pod and for every
     container of it: a later container must not bring what the pod could not)."""
-    allowed = set(profile.enable_annotations)
     for key in sorted(annotations):
-        if key.startswith(KATA_ANNOTATIONS) and key not in allowed:
+        if key.startswith(KATA_ANNOTATIONS) and key not in policy.allowed:
             raise InvalidArgument(
-                f"{what}: annotation {key} is not allowed by runtime profile {profile.source} "
-                f"(enable_annotations: {', '.join(sorted(allowed)) or 'none'})")
+                f"{what}: annotation {key} is not allowed by runtime profile {policy.source} "
+                f"(enable_annotations: {', '.join(sorted(policy.allowed)) or 'none'})")
 
 
-def pod_annotations(spec: Mapping[str, object], profile: RuntimeProfile) -> PodAnnotations:
+@dataclass(frozen=True)
+class AnnotationPolicy:
+    """A profile's annotation allow-list, applied to every container of the pod (the first
+    one's annotations shape the VM; any later one is held to the same list)."""
+
+    allowed: frozenset[str]
+    source: str
+
+    @classmethod
+    def of(cls, profile: RuntimeProfile) -> AnnotationPolicy:
+        return cls(frozenset(profile.enable_annotations), str(profile.source))
+
+    def check(self, spec: Mapping[str, object], what: str = "pod") -> PodAnnotations:
+        return pod_annotations(spec, self, what)
+
+
+def pod_annotations(spec: Mapping[str, object],
+                    profile: RuntimeProfile | AnnotationPolicy,
+                    what: str = "pod") -> PodAnnotations:
     """Kata-style annotations change the VM: only those on the profile's allow-list pass, and
     each must be well formed."""
+    allow = profile if isinstance(profile, AnnotationPolicy) else AnnotationPolicy.of(profile)
     annotations = annotations_of(spec)
-    check_allowed(annotations, profile)
+    check_allowed(annotations, allow, what)
     policy = annotations.get(POLICY_ANNOTATION)
     if policy is not None:
         try:

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from hypervisor.errors import QemuError
-from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import VirtualMachine
 from shim.core.config import RuntimeOptions
 from shim.core.errors import RpcError
 from shim.pod import guest_spec
 from shim.pod.agent import Agent
 from shim.pod.mounts import Mount
-from shim.pod.profile import check_allowed
+from shim.pod.profile import AnnotationPolicy
 from shim.pod.rootfs import RootfsStrategy
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class PodVm:
     agent: Agent
     rootfs: RootfsStrategy
     undo: AsyncExitStack
-    profile: RuntimeProfile | None = None  # its annotation allow-list binds every container
+    annotations: AnnotationPolicy
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     _teardown_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _torn_down: bool = False
@@ -77,11 +76,9 @@ class PodVm:
     async def create_container(self, container_id: str, bundle: Path,
                                spec: Mapping[str, object], rootfs: Sequence[Mount]) -> None:
         """Host side (the rootfs strategy), then CreateContainer with the guest's spec; the
-        host side is undone if the agent refuses. Every container's annotations pass the
-        profile's allow-list, not only the pod's."""
-        if self.profile is not None:
-            check_allowed(guest_spec.annotations_of(spec), self.profile,
-                          f"container {container_id}")
+        host side is undone if the agent refuses. Every container is held to the profile's
+        annotation allow-list, not only the one that booted the VM."""
+        self.annotations.check(spec, f"container {container_id}")
         prepared = await self.rootfs.add(container_id, bundle, spec, rootfs)
         try:
             oci = guest_spec.for_guest(spec, prepared.root_path, prepared.mounts)

@@ -21,6 +21,7 @@ from shim.core.errors import NotFound, Unavailable
 from shim.pod.agent import Agent
 from shim.pod.guest_spec import spec_mounts
 from shim.pod.mounts import Mount
+from shim.pod.profile import AnnotationPolicy
 from shim.pod.rootfs import ContainerRootfs, RootfsStrategy
 from shim.pod.vm import PodConfig, PodVm
 from shim.task import events
@@ -297,8 +298,9 @@ class FakeBooter:
     """Boots FakeVms with the given agent (a new one each boot when none is given)."""
 
     def __init__(self, agent: FakeAgent | None = None, delay: float = 0.0,
-                 pid: int | None = None) -> None:
+                 pid: int | None = None, enable_annotations: tuple[str, ...] = ()) -> None:
         self.agent = agent
+        self.annotations = AnnotationPolicy(frozenset(enable_annotations), "fake.toml")
         self.delay = delay
         self.pid = pid
         self.configs: list[PodConfig] = []
@@ -308,6 +310,7 @@ class FakeBooter:
 
     async def boot(self, config: PodConfig) -> PodVm:
         self.configs.append(config)
+        self.annotations.check(config.spec)  # before anything is made, as the boot script does
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.failure is not None:
@@ -326,7 +329,7 @@ class FakeBooter:
         undo.push_async_callback(vm.aclose)
         undo.push_async_callback(agent.close)
         await agent.create_sandbox(config.sandbox_id, "", [], rootfs.sandbox_storages())
-        return PodVm(config.sandbox_id, vm, agent, rootfs, undo)
+        return PodVm(config.sandbox_id, vm, agent, rootfs, undo, self.annotations)
 
 
 class RecordingPublisher:
