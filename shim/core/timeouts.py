@@ -57,6 +57,14 @@ class Timeouts:
     # After the init process exits the agent kills the container's other processes; how long
     # their exits get before init's own exit is reported anyway.
     execs_after_init: float = 10.0
+    # After WaitProcess answered: how long the output may still drain (a guest that streams
+    # forever cannot hold the exit back), then the relay is cancelled and the exit reported.
+    output_drain: float = 5.0
+    # CloseIO: how long what containerd already wrote may take to reach the guest before the
+    # stdin relay (a WriteStdin stuck on a guest that never reads) is cancelled.
+    stdin_flush: float = 5.0
+    # A guest reports OOM as often as it likes: one /tasks/oom per container per interval.
+    oom_event_interval: float = 1.0
     # Events: one Forward/Publish attempt, the number of attempts, the pause between them
     # (the Go shim: 5 s, 5 tries).
     event_attempt: float = 5.0

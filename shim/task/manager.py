@@ -83,6 +83,7 @@ class TaskManager:
         self._clock_ns = clock_ns
         self._containers: dict[str, Container] = {}
         self._reserved: set[str] = set()  # ids whose Create is under way
+        self._last_oom: dict[str, float] = {}  # container id → monotonic time of its last OOM
         pod.listen(self)
 
     # -- lookups --
@@ -182,7 +183,13 @@ class TaskManager:
             log.error("%s: WaitProcess failed, reporting exit %d: %s", process.name,
                       UNKNOWN_EXIT_STATUS, err)
             status = UNKNOWN_EXIT_STATUS
-        await process.io.output_done()
+        try:
+            async with asyncio.timeout(self._timeouts.output_drain):
+                await process.io.output_done()
+        except TimeoutError:
+            log.error("%s: output still streaming %.0f s after the exit: relay cancelled",
+                      process.name, self._timeouts.output_drain)
+            await process.io.cancel_output()
         if process is container.init:
             await self._await_execs(container)
         process.exit_status = status
@@ -222,8 +229,16 @@ class TaskManager:
                     await process.exit_published.wait()
 
     async def oom(self, container_id: str) -> None:
-        if container_id in self._containers:
-            await self._publisher.publish(events.TaskOOM(container_id=container_id))
+        """One /tasks/oom per container per ``oom_event_interval``: the guest decides how often
+        it reports, and must not flood containerd's event bus."""
+        if container_id not in self._containers:
+            return
+        now = time.monotonic()
+        last = self._last_oom.get(container_id)
+        if last is not None and now - last < self._timeouts.oom_event_interval:
+            return
+        self._last_oom[container_id] = now
+        await self._publisher.publish(events.TaskOOM(container_id=container_id))
 
     # -- the other RPCs --
 
@@ -279,6 +294,7 @@ class TaskManager:
                 for child in container.execs.values():
                     await child.io.aclose()
                 del self._containers[container_id]
+                self._last_oom.pop(container_id, None)
                 await self._publisher.publish(events.TaskDelete(
                     container_id=container_id, pid=process.pid,
                     exit_status=process.exit_status, exited_at=process.exited_at,
@@ -325,7 +341,13 @@ class TaskManager:
     async def close_io(self, container_id: str, exec_id: str, stdin: bool) -> None:
         process = self._process(container_id, exec_id)
         if stdin:
-            await process.io.close_stdin()
+            try:
+                async with asyncio.timeout(self._timeouts.stdin_flush):
+                    await process.io.close_stdin()
+            except TimeoutError:
+                log.error("%s: stdin not flushed within %.0f s: closing it anyway",
+                          process.name, self._timeouts.stdin_flush)
+                await process.io.abort_stdin()
 
     async def pids(self, container_id: str) -> list[int]:
         """Kata semantics: the guest's pids mean nothing on the host; the VM stands for them."""

@@ -108,6 +108,14 @@ async def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and wait until it has finished (its own cancellation is not ours)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    await asyncio.wait([task])
+
+
 class ProcessIO:
     """The stdio relay of one process (init or exec)."""
 
@@ -126,6 +134,8 @@ class ProcessIO:
         self._stdin_closed = asyncio.Event()
         self._output_done = asyncio.Event()
         self._started = False
+        self._output_task: asyncio.Task[None] | None = None
+        self._stdin_task: asyncio.Task[None] | None = None
 
     def open(self) -> None:
         """Open the FIFOs containerd made (raises OSError for a bad path)."""
@@ -149,9 +159,11 @@ class ProcessIO:
         if self._started:
             return
         self._started = True
-        self._tasks.append(spawn(self._outputs()))
+        self._output_task = spawn(self._outputs())
+        self._tasks.append(self._output_task)
         if self._stdin_fd >= 0:
-            self._tasks.append(spawn(self._copy_in()))
+            self._stdin_task = spawn(self._copy_in())
+            self._tasks.append(self._stdin_task)
         else:
             self._stdin_closed.set()
 
@@ -159,6 +171,20 @@ class ProcessIO:
         """Until stdout and stderr reached end of stream and were written out."""
         if self._started:
             await self._output_done.wait()
+
+    async def cancel_output(self) -> None:
+        """Stop relaying output (the drain after the exit took too long); the FIFOs close."""
+        await _cancel(self._output_task)
+        self._output_done.set()
+
+    async def abort_stdin(self) -> None:
+        """CloseIO could not flush (a WriteStdin the guest never takes): cancel the relay and
+        close the process's stdin anyway (CloseStdin, bounded by the agent's table)."""
+        await _cancel(self._stdin_task)
+        try:
+            await self._agent.close_stdin(self._cid, self._eid)
+        except Exception as err:
+            log.warning("%s/%s CloseStdin: %s", self._cid, self._eid or "init", err)
 
     async def close_stdin(self) -> None:
         """CloseIO: relay what containerd already wrote, then close the process's stdin.

@@ -18,7 +18,7 @@ from shim.task.events import Stdio
 from shim.task.process import CreateTask, ExecTask, ProcessState
 from tests.unit.shim.conftest import Harness, make_harness
 from tests.unit.shim.fakes import FakeAgent
-from tests.unit.shim.helpers import make_fifos, read_to_eof
+from tests.unit.shim.helpers import make_fifos, read_to_eof, write_fifo
 
 EXITED_AT = 1_700_000_000_123_456_789
 
@@ -415,3 +415,78 @@ async def test_ids_outside_containerds_rules_are_refused_before_any_path(
     with pytest.raises(errors.InvalidArgument, match="exec id"):
         await h.tasks.exec(ExecTask(container_id="c1", exec_id=bad, spec={"args": ["true"]}))
     assert h.publisher.topics() == ["/tasks/create", "/tasks/start"]
+
+
+async def test_an_oom_flood_is_one_event_per_container_per_interval(h: Harness) -> None:
+    """A guest reports OOM as often as it likes; containerd gets one per container per
+    ``oom_event_interval``."""
+    await create(h)
+    await create(h, "c2")
+    for _ in range(1000):
+        h.agent.oom_events.put_nowait("c1")
+    h.agent.oom_events.put_nowait("c2")
+    for _ in range(500):
+        if h.agent.oom_events.empty() and h.publisher.topics().count("/tasks/oom") >= 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # nothing more comes of the flood
+    assert [e for e in h.publisher.events if isinstance(e, events.TaskOOM)] == [
+        events.TaskOOM("c1"), events.TaskOOM("c2")]
+    await asyncio.sleep(0.35)  # FAST.oom_event_interval later, the next one passes
+    h.agent.oom_events.put_nowait("c1")
+    for _ in range(500):
+        if h.publisher.topics().count("/tasks/oom") == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert h.publisher.topics().count("/tasks/oom") == 3
+
+
+class EndlessOutputAgent(FakeAgent):
+    """A hostile guest: stdout never ends, even after the process exited."""
+
+    async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes:
+        await asyncio.sleep(0)
+        return b"y" * 4096
+
+
+async def test_output_that_never_ends_cannot_hold_back_the_exit(tmp_path: Path) -> None:
+    h = make_harness(tmp_path, EndlessOutputAgent())
+    try:
+        await create(h)
+        await h.tasks.start("c1")
+        waiter = asyncio.create_task(h.tasks.wait("c1"))
+        h.agent.process("c1").exit.set_result(0)
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(3):
+            exit = await waiter
+        assert exit.exit_status == 0
+        assert asyncio.get_running_loop().time() - started < 0.3 + 1.0  # FAST.output_drain
+        assert "/tasks/exit" in h.publisher.topics()
+        await h.tasks.delete("c1")
+    finally:
+        await h.aclose()
+
+
+class StuckStdinAgent(FakeAgent):
+    """A hostile guest: WriteStdin never answers (it blocks for back-pressure forever)."""
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        await asyncio.Future()
+        raise AssertionError("unreachable")
+
+
+async def test_close_io_cannot_hang_behind_a_stuck_write_stdin(tmp_path: Path) -> None:
+    h = make_harness(tmp_path, StuckStdinAgent())
+    fifos = make_fifos(tmp_path)
+    try:
+        await create(h, stdio=Stdio(stdin=str(fifos.stdin)))
+        await h.tasks.start("c1")
+        await write_fifo(fifos.stdin, b"hello\n")
+        async with asyncio.timeout(0.3 + 1.5):  # FAST.stdin_flush, then CloseStdin
+            await h.tasks.close_io("c1", "", stdin=True)
+        assert ("CloseStdin", "c1", "") in h.agent.calls
+        await h.agent.finish("c1")
+        await h.tasks.wait("c1")
+        await h.tasks.delete("c1")
+    finally:
+        await h.aclose()
