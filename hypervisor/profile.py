@@ -270,7 +270,14 @@ class VmInstance:
 
     @property
     def console_log(self) -> Path:
+        """The guest console as the host keeps it (capped: hypervisor.caplog)."""
         return (self.log_dir or self.run_dir) / "console.log"
+
+    @property
+    def console_pipe(self) -> Path:
+        """The FIFO QEMU's console chardev writes into; the launcher drains it into
+        :attr:`console_log`."""
+        return self.run_dir / "console.pipe"
 
 
 @dataclass(frozen=True)
@@ -670,7 +677,7 @@ def _console(profile: RuntimeProfile, vm: VmInstance) -> Console | None:
         return RingbufConsole(profile.debug_console_bytes, profile.arch)
     if profile.tee.confidential:
         return None
-    return SerialConsole(vm.console_log, profile.arch)
+    return SerialConsole(vm.console_pipe, profile.arch)
 
 
 def kernel_append(profile: RuntimeProfile, vm: VmInstance) -> str:

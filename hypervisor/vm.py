@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from hypervisor.caplog import CappedLog
 from hypervisor.choice import profile_vsock
-from hypervisor.cmdline import QemuCommandLine, Share, VirtioBlk, VirtioNetTap
+from hypervisor.cmdline import QemuCommandLine, SerialConsole, Share, VirtioBlk, VirtioNetTap
 from hypervisor.errors import ExitReason, QemuError, VmExited
 from hypervisor.initdata import write_disk
 from hypervisor.monitor import QmpMonitor
@@ -146,8 +147,9 @@ class QemuVm:
             raise
 
     async def _spawn(self) -> None:
-        err = os.open(self.stderr_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                      0o600)
+        stderr = CappedLog(self.stderr_log)  # QEMU repeats what the guest makes it say
+        err = stderr.pipe()
+        self._cleanup.callback(stderr.close)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
@@ -432,6 +434,10 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                               sev_cbitpos=cbitpos, sev_reduced_phys_bits=reduced_phys_bits,
                               initdata=options.initdata)
         cmdline: QemuCommandLine = build_command_line(profile, instance)
+        if isinstance(cmdline.serial, SerialConsole):
+            console = CappedLog(instance.console_log)  # whatever the guest prints
+            console.fifo(cmdline.serial.path)
+            stack.callback(console.close)
         vm = QemuVm([*options.argv_prefix, *cmdline.to_argv()], run_dir,
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
                     pass_fds=pass_fds, cleanup=stack.pop_all(), timeouts=options.timeouts)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypervisor.caplog import CappedLog
 from hypervisor.errors import VsockError
 from hypervisor.timeouts import TIMEOUTS, Timeouts
 
@@ -114,6 +115,7 @@ class HybridVsockBackend:
         self._ready_listener: socket.socket | None = None
         self._ready = False
         self._proc: asyncio.subprocess.Process | None = None
+        self._log: CappedLog | None = None
 
     @property
     def pid(self) -> int | None:
@@ -126,8 +128,8 @@ class HybridVsockBackend:
 
     async def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
         """Spawn the backend (``on_spawn`` gets its pid at once) and wait for its socket."""
-        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                      0o600)
+        self._log = CappedLog(self.log_path)  # it logs what the guest's vsock traffic does
+        log = self._log.pipe()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
@@ -213,6 +215,8 @@ class HybridVsockBackend:
                     proc.kill()
                 await proc.wait()
         self._proc = None
+        if self._log is not None:
+            self._log.close()
         if self._ready_listener is not None:
             self._ready_listener.close()
             self._ready_listener = None

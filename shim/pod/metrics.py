@@ -13,6 +13,14 @@ from protocols.api.kata import agent_pb2
 
 TYPE_URL = "io.containerd.cgroups.v2.Metrics"
 _MEMORY_FIELDS = frozenset(f.name for f in v2.MemoryStat.DESCRIPTOR.fields)
+UINT64_MAX = (1 << 64) - 1
+# The guest chooses what it reports: sums saturate instead of overflowing uint64 (which would
+# fail the whole Stats call), and at most this many block devices are reported.
+MAX_IO_DEVICES = 64
+
+
+def _add(total: int, value: int) -> int:
+    return min(total + value, UINT64_MAX)
 
 
 def to_cgroup2_metrics(stats: agent_pb2.StatsContainerResponse) -> v2.Metrics:
@@ -42,21 +50,29 @@ def to_cgroup2_metrics(stats: agent_pb2.StatsContainerResponse) -> v2.Metrics:
     mem.swap_limit = memory.swap_usage.limit
     devices: dict[tuple[int, int], v2.IOEntry] = {}
 
+    spare = v2.IOEntry()  # where the entries of devices beyond MAX_IO_DEVICES go (dropped)
+
     def entry(major: int, minor: int) -> v2.IOEntry:
         if (major, minor) not in devices:
+            if len(devices) >= MAX_IO_DEVICES:
+                return spare
             devices[(major, minor)] = v2.IOEntry(major=major, minor=minor)
         return devices[(major, minor)]
 
     for e in cgroup.blkio_stats.io_service_bytes_recursive:
         if e.op.lower() == "read":
-            entry(e.major, e.minor).rbytes += e.value
+            io = entry(e.major, e.minor)
+            io.rbytes = _add(io.rbytes, e.value)
         elif e.op.lower() == "write":
-            entry(e.major, e.minor).wbytes += e.value
+            io = entry(e.major, e.minor)
+            io.wbytes = _add(io.wbytes, e.value)
     for e in cgroup.blkio_stats.io_serviced_recursive:
         if e.op.lower() == "read":
-            entry(e.major, e.minor).rios += e.value
+            io = entry(e.major, e.minor)
+            io.rios = _add(io.rios, e.value)
         elif e.op.lower() == "write":
-            entry(e.major, e.minor).wios += e.value
+            io = entry(e.major, e.minor)
+            io.wios = _add(io.wios, e.value)
     out.io.usage.extend(devices[k] for k in sorted(devices))
     return out
 

@@ -69,7 +69,7 @@ COMMON_HEAD = ("-name coco -no-user-config -nodefaults -display none "
                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
 COMMON_TAIL = "-qmp unix:/run/vm/qmp.sock,server=on,wait=off -no-reboot -S"
 DISK = "-drive if=none,id=drive-disk0,file=/d.img,format=raw,cache=none,aio=threads"
-SERIAL_X86 = ("-chardev file,id=console0,path=/run/vm/console.log "
+SERIAL_X86 = ("-chardev file,id=console0,path=/run/vm/console.pipe "
               "-device isa-serial,chardev=console0")
 SEV_OBJ = "sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy={},kernel-hashes=on,{}"
 SNP_OBJ = ("sev-snp-guest,id=snp0,cbitpos=51,reduced-phys-bits=1,policy=0x30000,"
@@ -169,7 +169,7 @@ def test_comma_in_path_is_escaped() -> None:
     p = replace(PROFILES["none"], kernel=Path("/g/a,b"))
     argv = build_command_line(p, instance("none", run_dir=Path("/r,x"), vsock=None)).to_argv()
     assert "unix:/r,,x/qmp.sock,server=on,wait=off" in argv
-    assert "file,id=console0,path=/r,,x/console.log" in argv
+    assert "file,id=console0,path=/r,,x/console.pipe" in argv
 
 
 def test_kvm_none_uses_host_cpu_and_tdx_unix_quote_socket() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from protocols.api.kata import agent_pb2 as a
-from shim.pod.metrics import to_cgroup2_metrics
+from shim.pod.metrics import MAX_IO_DEVICES, UINT64_MAX, to_cgroup2_metrics
 
 
 def test_units_and_fields_are_converted() -> None:
@@ -39,3 +39,21 @@ def test_units_and_fields_are_converted() -> None:
 def test_empty_stats_give_empty_metrics() -> None:
     m = to_cgroup2_metrics(a.StatsContainerResponse())
     assert m.memory.usage == 0 and not m.io.usage
+
+
+def test_hostile_counters_saturate_and_devices_are_bounded() -> None:
+    """A guest's uint64 counters summed past 2**64 used to fail the whole Stats call
+    (protobuf ValueError); thousands of devices are cut to MAX_IO_DEVICES."""
+    top = UINT64_MAX
+    entries = [a.BlkioStatsEntry(major=8, minor=0, op="Read", value=top)] * 3
+    entries += [a.BlkioStatsEntry(major=8, minor=n, op="Write", value=top)
+                for n in range(1, 5000)]
+    stats = a.StatsContainerResponse(cgroup_stats=a.CgroupStats(
+        blkio_stats=a.BlkioStats(io_service_bytes_recursive=entries,
+                                          io_serviced_recursive=entries)))
+    out = to_cgroup2_metrics(stats)
+    assert len(out.io.usage) == MAX_IO_DEVICES
+    first = out.io.usage[0]
+    assert (first.major, first.minor, first.rbytes, first.rios) == (8, 0, top, top)
+    assert all(e.wbytes == top for e in out.io.usage[1:])
+    assert len(out.SerializeToString()) < 8192
