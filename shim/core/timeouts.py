@@ -49,8 +49,6 @@ class Timeouts:
     agent_dial_attempt: float = 5.0  # one dial attempt: connect (+ the hybrid CONNECT reply)
     boot: float = 180.0  # boot the pod VM up to CreateSandbox (TCG boots are slow)
     vm_stop: float = 30.0  # DestroySandbox, VM stop and host cleanup of a pod
-    # A WaitProcess cut short by a lost connection: how long until the VM's exit is known.
-    vm_exit_notice: float = 5.0
     # The VM died: how long its processes get to report their exits before the teardown.
     vm_exit_reports: float = 10.0
     network_helper: float = 30.0  # one run of the netns helper (wire or unwire a pod netns)

@@ -266,13 +266,14 @@ class Pod:
             self._end()
 
     async def _watch_oom(self, vm: PodVm) -> None:
-        """GetOOMEvent long poll → the listener, for the life of the VM."""
+        """GetOOMEvent long poll → the listener; the pod's watch on the agent connection too."""
         while True:
             try:
                 container_id = await vm.agent.get_oom_event()
-            except RpcError as err:  # agent gone or too old: OOM events stop, tasks go on
-                log.warning("OOM events stopped: %s", err)
-                return
+            except Unavailable as err:
+                return self.agent_lost(vm, err)
+            except RpcError as err:  # an agent without OOM events: they stop, tasks go on
+                return log.warning("OOM events stopped: %s", err)
             if self._listener is not None:
                 await self._listener.oom(container_id)
 
@@ -298,12 +299,12 @@ class Pod:
             return VM_KILLED_STATUS
         assert error is not None
         if isinstance(error, Unavailable):
-            # The connection drops as the VM dies: give the watcher a moment to see it.
+            # The agent is gone (QEMU/vhost-device-vsock died, the guest hung up): pod failed.
+            self.agent_lost(vm, error)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._timeouts.vm_exit_notice):
+                async with asyncio.timeout(self._timeouts.vm_stop):
                     await vm.exited.wait()
-            if vm.exited.is_set():
-                return VM_KILLED_STATUS
+            return VM_KILLED_STATUS
         raise error
 
     async def create_container(self, container_id: str, bundle: Path,
@@ -319,16 +320,22 @@ class Pod:
             await vm.remove_container(
                 container_id, in_guest=in_guest and self._state is PodState.READY)
 
-    async def fail(self, error: BaseException) -> None:
-        """One of the pod's background loops crashed: stop the VM and let the exit path report
-        every process killed and tear down."""
+    def agent_lost(self, vm: PodVm, error: BaseException) -> None:
+        """The agent connection dropped: fail the pod in the background (reapers call this)."""
+        if vm is self._vm and self._state is PodState.READY and not vm.failing:
+            self._spawn(self.fail(error, forceful=True))
+
+    async def fail(self, error: BaseException, *, forceful: bool = False) -> None:
+        """A loop crashed, the agent is lost or ignores a SIGKILL: stop the VM (at once when
+        ``forceful``), report every process killed, tear down. Idempotent."""
         vm = self._vm
-        if vm is None or self._state is not PodState.READY:
+        if vm is None or self._state is not PodState.READY or vm.failing:
             return
+        vm.failing = True
         log.error("pod %s failed (%s): stopping its VM", vm.sandbox_id, error)
         with contextlib.suppress(QemuError, TimeoutError):
             async with asyncio.timeout(self._timeouts.vm_stop):
-                await vm.vm.stop()
+                await (vm.vm.aclose() if forceful else vm.vm.stop())
         await self._vm_exited(vm, f"the pod failed: {error}")
         await self._destroy(vm)
 

@@ -65,6 +65,7 @@ class PodVm:
     undo: AsyncExitStack
     annotations: AnnotationPolicy
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    failing: bool = False  # Pod.fail is stopping it
     _teardown_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _torn_down: bool = False
 

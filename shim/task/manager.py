@@ -28,10 +28,12 @@ from shim.core import identifiers
 from shim.core.bundle import group_id, read_spec
 from shim.core.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     RpcError,
+    Unavailable,
     Unimplemented,
 )
 from shim.core.state_machine import check
@@ -269,7 +271,16 @@ class TaskManager:
         if all and not exec_id:
             targets += [p for p in container.execs.values() if p.live]
         for target in targets:
-            await agent.signal_process(container_id, target.exec_id, signal)
+            try:
+                await agent.signal_process(container_id, target.exec_id, signal)
+            except (DeadlineExceeded, Unavailable) as err:
+                if signal != signals.SIGKILL:
+                    raise
+                # A SIGKILL the agent does not carry out: the only way left to kill the
+                # process is to stop its VM. The pod fails; every process exits 137.
+                log.error("%s: SIGKILL got no answer (%s): failing the pod", target.name, err)
+                await self._pod.fail(err, forceful=True)
+                return
 
     async def delete(self, container_id: str, exec_id: str = "") -> Exit:
         container = self._container(container_id)

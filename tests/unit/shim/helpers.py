@@ -16,7 +16,7 @@ from shim.task.stdio import _wait_fd
 
 FAST = Timeouts(agent={name: (None if bound is None else 1.0)
                        for name, bound in AGENT_RPC.items()},
-                agent_dial_retry_pause=0.01, boot=2.0, vm_stop=1.0, vm_exit_notice=1.0,
+                agent_dial_retry_pause=0.01, boot=2.0, vm_stop=1.0,
                 vm_exit_reports=1.0, execs_after_init=1.0, event_attempt=0.5,
                 event_attempts=3, event_retry_pause=0.01, event_drain=1.0, shutdown_reply=0.0,
                 server_grace=0.1, output_drain=0.3, stdin_flush=0.3, oom_event_interval=0.3)

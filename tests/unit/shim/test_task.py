@@ -490,3 +490,53 @@ async def test_close_io_cannot_hang_behind_a_stuck_write_stdin(tmp_path: Path) -
         await h.tasks.delete("c1")
     finally:
         await h.aclose()
+
+
+async def test_a_dropped_agent_connection_fails_the_pod_with_137(h: Harness) -> None:
+    """The agent's connection drops (vhost-device-vsock died, the guest hung up) while the VM
+    still runs: the VM is stopped and every process reported killed — not exit 255 with the
+    workloads still running."""
+    await create(h)
+    await h.tasks.start("c1")
+    await h.tasks.exec(ExecTask("c1", "e1", {"args": ["sleep", "1"]}))
+    await h.tasks.start("c1", "e1")
+    await h.agent.close()  # the connection is gone; the VM is not
+    async with asyncio.timeout(2):
+        assert (await h.tasks.wait("c1")).exit_status == 137
+        assert (await h.tasks.wait("c1", "e1")).exit_status == 137
+    assert h.vm.stopped
+    for _ in range(100):
+        if h.state() is PodState.EXITED and h.booter.rootfs[-1].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert h.state() is PodState.EXITED and h.booter.rootfs[-1].closed
+    exits = [e for e in h.publisher.events if isinstance(e, events.TaskExit)]
+    assert sorted(e.exit_status for e in exits) == [137, 137]
+    await h.tasks.delete("c1", "e1")
+    await h.tasks.delete("c1")
+
+
+class DeafToSigkillAgent(FakeAgent):
+    """A hostile or hung guest: SignalProcess gets no answer within its bound."""
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None:
+        raise errors.DeadlineExceeded("agent SignalProcess: no answer from the pod VM in 10 s")
+
+
+async def test_an_unanswered_sigkill_stops_the_vm_and_the_task_is_deletable(
+        tmp_path: Path) -> None:
+    h = make_harness(tmp_path, DeafToSigkillAgent())
+    try:
+        await create(h)
+        await h.tasks.start("c1")
+        with pytest.raises(errors.DeadlineExceeded):  # any other signal: the error as it is
+            await h.tasks.kill("c1", "", 15, False)
+        assert not h.vm.stopped
+        async with asyncio.timeout(2):
+            await h.tasks.kill("c1", "", 9, False)
+            assert (await h.tasks.wait("c1")).exit_status == 137
+        assert h.vm.stopped
+        await h.tasks.delete("c1")
+        assert h.publisher.topics()[-2:] == ["/tasks/exit", "/tasks/delete"]
+    finally:
+        await h.aclose()
