@@ -5,7 +5,7 @@ vsock). Framing lives in frame.py, the I/O halves in client.py and server.py.
 """
 
 from .client import Client
-from .errors import Code, ConnectionClosed, TtrpcError
+from .errors import Code, ConnectionClosed, OversizedMessage, TtrpcError
 from .frame import MAX_DATA_LENGTH
 from .server import NAMESPACE_METADATA_KEY, Handler, RequestContext, Server
 
@@ -16,6 +16,7 @@ __all__ = [
     "Code",
     "ConnectionClosed",
     "Handler",
+    "OversizedMessage",
     "RequestContext",
     "Server",
     "TtrpcError",

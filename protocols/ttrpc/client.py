@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from protocols.api.ttrpc.ttrpc_pb2 import KeyValue, Request, Response
 
 from .connection import READ_CHUNK, read_frames
-from .errors import Code, ConnectionClosed, TtrpcError
+from .errors import Code, ConnectionClosed, OversizedMessage, TtrpcError
 from .frame import MAX_DATA_LENGTH, Frame, FrameType, OversizedFrame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,15 @@ class Client:
     async def _receive(self) -> None:
         error = ConnectionClosed("ttrpc: connection closed by peer")
         try:
-            async with contextlib.aclosing(read_frames(self._reader)) as frames:
+            # A response claiming more than the limit ends the connection: skipping up to
+            # 4 GiB would leave every call on it (long polls too) waiting for ever.
+            async with contextlib.aclosing(read_frames(self._reader,
+                                                       stop_at_oversized=True)) as frames:
                 async for event in frames:
                     self._route(event)
+                    if isinstance(event, OversizedFrame):
+                        error = ConnectionClosed(f"ttrpc: {event.error_message()}: "
+                                                 "connection dropped")
         except Exception as err:  # a bug here must fail the calls, not strand them
             log.exception("ttrpc: client receive loop crashed")
             error = ConnectionClosed(f"ttrpc: receive loop crashed: {err!r}")
@@ -198,7 +204,7 @@ class Client:
             # A call that timed out locally; its late answer has nobody to go to.
             log.debug("ttrpc: frame for inactive stream %d dropped", event.stream_id)
         elif isinstance(event, OversizedFrame):
-            future.set_exception(TtrpcError(Code.RESOURCE_EXHAUSTED, event.error_message()))
+            future.set_exception(OversizedMessage(Code.RESOURCE_EXHAUSTED, event.error_message()))
         elif event.type != FrameType.RESPONSE:
             # containerd/ttrpc: "unexpected %q message received" fails the call
             future.set_exception(

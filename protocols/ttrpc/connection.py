@@ -15,9 +15,12 @@ READ_CHUNK = 256 * 1024
 
 
 async def read_frames(
-    reader: asyncio.StreamReader, max_length: int = MAX_DATA_LENGTH
+    reader: asyncio.StreamReader, max_length: int = MAX_DATA_LENGTH, *,
+    stop_at_oversized: bool = False,
 ) -> AsyncGenerator[Frame | OversizedFrame, None]:
-    """Yield frames until EOF. A reset, a short header or EOF mid-frame all just end the stream."""
+    """Yield frames until EOF. A reset, a short header or EOF mid-frame all just end the stream.
+    ``stop_at_oversized``: an oversized frame is yielded as soon as its header is read and the
+    stream ends there (a peer that claims 4 GiB is not waited for while it sends them)."""
     decoder = FrameDecoder(max_length)
     while True:
         try:
@@ -35,3 +38,6 @@ async def read_frames(
             return
         for event in decoder.feed(chunk):
             yield event
+        if stop_at_oversized and decoder.discarding is not None:
+            yield decoder.discarding
+            return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protocols.status import Code
 
-__all__ = ["Code", "ConnectionClosed", "TtrpcError"]
+__all__ = ["Code", "ConnectionClosed", "OversizedMessage", "TtrpcError"]
 
 
 class TtrpcError(Exception):
@@ -20,6 +20,12 @@ class TtrpcError(Exception):
 
     def __repr__(self) -> str:
         return f"TtrpcError(Code.{self.code.name}, {self.message!r})"
+
+
+class OversizedMessage(TtrpcError):
+    """The peer's answer claimed more than the maximum message size (RESOURCE_EXHAUSTED, as
+    containerd/ttrpc says); its bytes are being skipped, so a caller that does not trust the
+    peer may rather drop the connection."""
 
 
 class ConnectionClosed(ConnectionError):

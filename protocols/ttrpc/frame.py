@@ -89,6 +89,11 @@ class FrameDecoder:
         return self._skip
 
     @property
+    def discarding(self) -> OversizedFrame | None:
+        """The oversized frame whose data is being skipped (reported once it is skipped)."""
+        return self._discarding
+
+    @property
     def at_boundary(self) -> bool:
         """True when the stream could end here without cutting a frame."""
         return not self._buffer and not self._skip

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from hypervisor.vm import AgentChannel
 from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
-from protocols.ttrpc import Client, ConnectionClosed, TtrpcError
+from protocols.ttrpc import Client, ConnectionClosed, OversizedMessage, TtrpcError
 from shim.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -181,6 +181,12 @@ class AgentClient:
         started = time.monotonic()
         try:
             reply = await self._client.call(service, method, request, response, timeout=bound)
+        except OversizedMessage as err:
+            # The guest claimed a frame of up to 4 GiB: the connection would skip it for ever
+            # (a black hole for every long poll). An agent that does this is lost.
+            await self._client.close()
+            raise Unavailable(f"agent {method}: {err.message}: connection to {self.name} "
+                              "dropped") from err
         except TtrpcError as err:
             message = err.message
             if len(message) > MAX_AGENT_MESSAGE:
