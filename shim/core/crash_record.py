@@ -57,6 +57,7 @@ class ShimState:
         return cls(paths.state_dir(namespace, task_id))
 
     def _dir(self) -> Path:
+        paths.private_root(self.path.parent.parent)  # the state root: <root>/<ns>/<id>
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.path
 

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Final
 
 DEFAULT_SOCKET_DIR: Final = "/run/containerd/s"
-DEFAULT_STATE_DIR: Final = "/run/coco-shim"
-DEFAULT_RUN_ROOT: Final = "/run/coco-shim"
+# Two separate trees: ``state/<namespace>/<id>`` can never meet ``pods/<pod key>`` (with one
+# root, a containerd namespace named like a pod key, or "vm", shared a directory with pods).
+DEFAULT_STATE_DIR: Final = "/run/coco-shim/state"
+DEFAULT_RUN_ROOT: Final = "/run/coco-shim/pods"
 SOCKET_DIR_ENV: Final = "COCO_SHIM_SOCKET_DIR"
 STATE_DIR_ENV: Final = "COCO_SHIM_STATE_DIR"
 RUN_ROOT_ENV: Final = "COCO_SHIM_RUN_DIR"
@@ -29,6 +31,14 @@ def state_root() -> Path:
 def state_dir(namespace: str, task_id: str) -> Path:
     """Per-shim state: what ``delete`` needs to clean up after a dead daemon."""
     return state_root() / namespace / task_id
+
+
+def private_root(root: Path) -> Path:
+    """``root`` as a directory only root can enter (0700), made if missing."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if root.stat().st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
 
 
 def run_root() -> Path:

@@ -150,8 +150,8 @@ def tap_name(index: int, device: str) -> str:
 
 
 def plan(links: Sequence[Link]) -> list[tuple[Link, str]]:
-    """Which links get a tap (and its name). Loopback is skipped, taps we made before are left
-    to :func:`wire` to replace; any other kind than veth is refused, naming the link."""
+    """Which links get a tap (and its name). Loopback is skipped, taps we made are left to
+    :func:`wire` (which refuses them); any other kind than veth is refused, naming the link."""
     wired: list[tuple[Link, str]] = []
     for link in sorted(links, key=lambda item: item.index):
         if link.kind in SKIPPED_KINDS or is_our_tap(link, links):
@@ -167,7 +167,7 @@ def plan(links: Sequence[Link]) -> list[tuple[Link, str]]:
 
 
 def is_our_tap(link: Link, links: Sequence[Link]) -> bool:
-    """A tap named like ours for a link of this netns: left over from an earlier attempt."""
+    """A tap named like ours for a link of this netns (a pod VM already uses the netns)."""
     if link.kind != "tun" or not link.name.startswith("tap"):
         return False
     return any(link.name == tap_name(i, other.name) for other in links for i in range(len(links)))
@@ -192,13 +192,15 @@ def wire(netlink: Netlink, netns: str) -> tuple[PodNetwork, list[int]]:
     tap fds (in endpoint order). On any failure everything made so far is removed."""
     links = netlink.links()
     chosen = plan(links)
+    # Our taps are not persistent: one that exists is held open by a live QEMU (or helper), so
+    # this netns is another pod's. Refused, never rewired under that pod.
+    taken = [link.name for link in links if is_our_tap(link, links)]
+    if taken:
+        raise FailedPrecondition(f"pod network: network namespace {netns} already carries "
+                                 f"{', '.join(taken)} of another pod's VM")
     by_index = {link.index: link.name for link, _ in chosen}
     fds: list[int] = []
     with ExitStack() as undo:
-        # Leftovers of an interrupted earlier attempt for this netns: start clean.
-        for link in links:
-            if is_our_tap(link, links):
-                retry_busy(f"delete {link.name}", netlink.delete_link, link.name)
         endpoints: list[Endpoint] = []
         for link, tap in chosen:
             retry_busy(f"reset ingress of {link.name}", netlink.delete_ingress, link.name)

@@ -176,8 +176,9 @@ class BootScript:
     def make_run_dir(self) -> None:
         """The pod's run directory: sockets, logs, the share; recorded before it exists."""
         self.record.add_dir(self.pod_dir)
+        paths.private_root(self.pod_dir.parent)
         try:
-            self.pod_dir.mkdir(parents=True, mode=0o700)
+            self.pod_dir.mkdir(mode=0o700)
         except FileExistsError as err:
             raise FailedPrecondition(
                 f"pod {self.config.sandbox_id}: {self.pod_dir} exists (a VM of this pod is "

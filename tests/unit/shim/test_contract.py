@@ -184,3 +184,21 @@ def test_deeply_nested_config_body_is_invalid_argument(nested: str) -> None:
     data = _any(api_pb2.Options(config_body=nested.encode()))
     with pytest.raises(InvalidArgument, match="nested too deeply"):
         shim_config(config_source(config.decode_runtime_options(data), {}))
+
+
+def test_state_records_and_pod_run_dirs_are_separate_private_trees(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fix 9: a namespace named like a pod key (or "vm") cannot share a directory with pods."""
+    from shim.core.crash_record import ShimState
+
+    monkeypatch.delenv(paths.STATE_DIR_ENV, raising=False)
+    monkeypatch.delenv(paths.RUN_ROOT_ENV, raising=False)
+    key = paths.pod_key("default", "pod")
+    assert paths.state_root() != paths.run_root()
+    assert not paths.state_dir(key, "x").is_relative_to(paths.run_root())
+    assert not paths.pod_run_dir("default", "pod").is_relative_to(paths.state_root())
+    root = tmp_path / "state"
+    root.mkdir(mode=0o755)
+    ShimState(root / key / "c1").add_dir(tmp_path / "pods" / key)
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert (root / key / "c1").stat().st_mode & 0o777 == 0o700

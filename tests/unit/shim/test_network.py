@@ -213,15 +213,18 @@ def test_ebusy_retries_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fake.calls.count("create_tap") == network.BUSY_ATTEMPTS
 
 
-def test_wire_replaces_leftovers_of_an_earlier_attempt() -> None:
+def test_a_netns_carrying_another_pods_taps_is_refused_not_rewired() -> None:
+    """Our taps die with their last fd: one that exists belongs to a live pod VM."""
     fake = FakeNetlink([LO, ETH0])
     fake.taps["tap0_eth0"] = ("02:42:c6:12:00:02", 1450)
     fake.ingress |= {"eth0", "tap0_eth0"}
-    pod, fds = wire(fake, "/ns")
-    for fd in fds:
-        os.close(fd)
-    assert [e.tap for e in pod.endpoints] == ["tap0_eth0"]
-    assert fake.redirects == {("eth0", "tap0_eth0"), ("tap0_eth0", "eth0")}
+    fake.redirects |= {("eth0", "tap0_eth0"), ("tap0_eth0", "eth0")}
+    before = (dict(fake.taps), set(fake.ingress), set(fake.redirects))
+    with pytest.raises(FailedPrecondition, match=r"network namespace /ns already carries "
+                                                 r"tap0_eth0 of another pod's VM"):
+        wire(fake, "/ns")
+    assert (fake.taps, fake.ingress, fake.redirects) == before
+    assert not {"create_tap", "delete_link", "delete_ingress"} & set(fake.calls)
 
 
 def test_unwire_tries_everything_then_raises_the_first_error() -> None:
