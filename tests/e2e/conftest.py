@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from guest.image.build import BuildResult
+from shim.binary.bootstrap import can_connect
 from shim.core.paths import pod_key
 from tests import envinfo
 from tests.support.containerd import Containerd, coco_processes, private_containerd
@@ -95,15 +96,39 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
         while (leftovers := coco_processes(base)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not leftovers, f"processes left behind: {describe(leftovers)}"
-        run_dir = base / "run"
-        pods = [p for p in run_dir.iterdir() if p.is_dir()] if run_dir.exists() else []
-        assert not pods, f"pod run directories left behind: {pods}"
+        assert host_leftovers(base) == []
     finally:
         for pid in coco_processes(base):
             os.kill(pid, 9)
         subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
                        check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def host_leftovers(base: Path, pod_dir: Path | None = None,
+                   state_dir: Path | None = None) -> list[str]:
+    """What the shims left on the host under ``base`` (or of one pod): pod run directories,
+    state records, sockets nobody serves, mounts."""
+    found: list[str] = []
+    run_dir = base / "run"
+    if pod_dir is not None:
+        found += [f"pod dir {pod_dir}"] if pod_dir.exists() else []
+    elif run_dir.exists():
+        found += [f"pod dir {p}" for p in run_dir.iterdir() if p.is_dir()]
+    state = base / "state"
+    if state_dir is not None:
+        found += [f"state {state_dir}"] if state_dir.exists() else []
+    elif state.exists():
+        found += [f"state {p}" for p in state.glob("*/*")]
+    sockets = base / "s"
+    if sockets.exists():
+        found += [f"socket {p}" for p in sockets.iterdir() if p.is_socket()
+                  and not can_connect(p)]
+    prefix = str(pod_dir or run_dir)
+    with open("/proc/self/mountinfo") as info:
+        found += [f"mount {line.split()[4]}" for line in info
+                  if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")]
+    return found
 
 
 def describe(pids: list[int]) -> list[str]:

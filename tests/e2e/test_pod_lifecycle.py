@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import psutil
 import pytest
 
 from shim.binary.bootstrap import can_connect
-from tests.e2e.conftest import RUNTIME, CocoContainerd
+from tests.e2e.conftest import RUNTIME, CocoContainerd, host_leftovers
 from tests.e2e.test_ctr import wait_stopped
 from tests.support.containerd import coco_processes
 from tests.support.images import BUSYBOX_REF
@@ -106,19 +107,105 @@ def test_events_arrive_in_order(coco: CocoContainerd) -> None:
     assert '"exit_status":2' in exit_line.replace(" ", ""), exit_line
 
 
-def test_qemu_killed_mid_run_ends_the_task(coco: CocoContainerd) -> None:
+class ExitWatch:
+    """``ctr events`` read on a thread: when each /tasks/exit arrived (monotonic clock)."""
+
+    def __init__(self, coco: CocoContainerd) -> None:
+        self.exits: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address",
+                                      str(coco.cd.address), "events"],
+                                     stdout=subprocess.PIPE, env=coco.cd.env())
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        time.sleep(0.5)  # subscribed
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if b"/tasks/exit" in line:
+                self.exits.append((time.monotonic(), line.decode(errors="replace")))
+
+    def exit_of(self, cid: str, timeout: float = 30) -> tuple[float, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, line in self.exits:
+                if cid in line:
+                    return at, line
+            time.sleep(0.005)
+        raise AssertionError(f"no /tasks/exit for {cid} within {timeout} s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._thread.join(10)
+
+
+def helper_pids(coco: CocoContainerd, pod: str, binary: bytes) -> list[int]:
+    marker = str(coco.pod_dir(pod)).encode()
+    return [pid for pid in coco_processes(coco.base)
+            if _cmdline(pid).split(b"\0")[0].endswith(binary) and marker in _cmdline(pid)]
+
+
+@pytest.mark.parametrize("victim", [b"qemu-system-x86_64", b"vhost-device-vsock"])
+def test_a_killed_vm_process_ends_the_task_with_137_within_1_s(
+        coco: CocoContainerd, victim: bytes) -> None:
+    """R1: kill -9 of QEMU or of vhost-device-vsock → containerd sees the task exit 137
+    within 1 s of the kill; afterwards nothing of the pod is left on the host."""
     cid = name("vmdie")
     coco.run(cid, "sleep", "600", flags=("-d",))
+    watch = ExitWatch(coco)
     try:
-        [qemu] = qemu_pids(coco, cid)
-        os.kill(qemu, signal.SIGKILL)
+        [pid] = helper_pids(coco, cid, victim)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        seen_at, line = watch.exit_of(cid)
+        elapsed = seen_at - killed_at
+        print(f"R1 {victim.decode()}: /tasks/exit after {elapsed:.3f} s")
+        assert '"exit_status":137' in line.replace(" ", ""), line
+        assert elapsed < 1.0, f"/tasks/exit {elapsed:.3f} s after the kill"
         wait_stopped(coco, cid)
-        status = coco.ctr("task", "ls").stdout.decode()
-        assert cid in status
+        out = coco.ctr("task", "delete", cid, check=False)
+        assert out.returncode == 0, out.stderr
     finally:
+        watch.close()
         cleanup(coco, cid)
     wait_for(lambda: not processes_of(coco, cid), "the shim and helpers of the dead VM to go")
-    assert not coco.pod_dir(cid).exists()
+    wait_for(lambda: not host_leftovers(coco.base, coco.pod_dir(cid),
+                                        coco.base / "state" / "default" / cid),
+             f"nothing of the pod left: {host_leftovers(coco.base, coco.pod_dir(cid))}", 10)
+
+
+def test_containerd_restarted_with_a_running_pod(coco: CocoContainerd) -> None:
+    """R2: containerd stopped (SIGTERM) and started again on the same root and state while a
+    pod runs: the task is still listed, exec works, events flow, kill and delete work, and
+    nothing of the pod is left afterwards."""
+    cid = name("restart")
+    coco.run(cid, "sleep", "600", flags=("-d",))
+    try:
+        [qemu] = helper_pids(coco, cid, b"qemu-system-x86_64")
+        coco.cd.restart()
+        assert helper_pids(coco, cid, b"qemu-system-x86_64") == [qemu]  # the pod lived on
+        listed = [line for line in coco.ctr("task", "ls").stdout.decode().splitlines()
+                  if line.startswith(cid)]
+        assert len(listed) == 1 and "RUNNING" in listed[0], listed
+        out = coco.ctr("task", "exec", "--exec-id", "after", cid, "echo", "still here")
+        assert out.stdout.decode().strip() == "still here"
+        watch = ExitWatch(coco)
+        try:
+            coco.ctr("task", "kill", "-s", "SIGKILL", cid)
+            _, line = watch.exit_of(cid)
+            assert '"exit_status":137' in line.replace(" ", ""), line
+        finally:
+            watch.close()
+        wait_stopped(coco, cid)
+        coco.ctr("task", "delete", cid)
+        coco.ctr("container", "delete", cid)
+    finally:
+        cleanup(coco, cid)
+    wait_for(lambda: not processes_of(coco, cid), "the pod's shim and VM to go", 60)
+    wait_for(lambda: not host_leftovers(coco.base, coco.pod_dir(cid),
+                                        coco.base / "state" / "default" / cid),
+             "nothing of the pod left", 10)
 
 
 def test_shim_killed_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:

@@ -31,6 +31,8 @@ class Containerd:
     process: subprocess.Popen[bytes]
     log_path: Path
     extra_path: list[Path] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    command_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> Path:
@@ -61,6 +63,29 @@ class Containerd:
                 f"{' '.join(cmd)} exited {result.returncode}\nstdout: {result.stdout.decode()}\n"
                 f"stderr: {result.stderr.decode()}\ncontainerd log tail:\n{self.log_tail()}")
         return result
+
+    def restart(self) -> None:
+        """SIGTERM containerd, then start it again on the same root, state and sockets (its
+        shims keep running and are reconnected from the state it kept)."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+        self.address.unlink(missing_ok=True)
+        self.ttrpc_address.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.command_env, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (self.address.exists() and self.ttrpc_address.exists()):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"containerd {self.version} exited "
+                                   f"{self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"containerd {self.version} not ready in {START_TIMEOUT}s:"
+                                   f"\n{self.log_tail()}")
+            time.sleep(0.02)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -105,22 +130,16 @@ def private_containerd(version: str, *, extra_config: str = "",
     cd_env = {**os.environ, **(env or {})}
     cd_env["PATH"] = os.pathsep.join([*(str(p) for p in extra_path or []), str(bin_dir),
                                       cd_env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
-    proc = subprocess.Popen([str(binary), "--config", str(cfg), "--log-level", log_level],
-                            stdout=log, stderr=subprocess.STDOUT, env=cd_env,
+    command = [str(binary), "--config", str(cfg), "--log-level", log_level]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=cd_env,
                             start_new_session=True)
-    cd = Containerd(version, bin_dir, base, proc, log_path, list(extra_path or []))
+    cd = Containerd(version, bin_dir, base, proc, log_path, list(extra_path or []),
+                    command, cd_env)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (cd.address.exists() and cd.ttrpc_address.exists()):
-            if proc.poll() is not None:
-                raise RuntimeError(f"containerd {version} exited {proc.returncode}:\n"
-                                   f"{cd.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"containerd {version} not ready in {START_TIMEOUT}s:\n"
-                                   f"{cd.log_tail()}")
-            time.sleep(0.02)
+        cd.wait_ready()
         yield cd
     finally:
+        proc = cd.process  # a restart replaced it
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

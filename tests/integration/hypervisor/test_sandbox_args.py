@@ -1,5 +1,5 @@
 """QEMU 7.2 (bookworm, the TCG tests) and QEMU 11.1 (sid root, the validation tests) both
-accept the exact ``-sandbox`` and mapped-xattr 9p arguments the shim renders (Fix 8)."""
+accept the exact ``-sandbox`` argument the shim renders (Fix 8), beside its 9p share."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def test_devices() -> None:
         "-chardev", "socket,id=char-v0,path=/r/vhu.sock",
         "-device", "vhost-user-vsock-pci,id=v0,chardev=char-v0"]
     assert NinePShare("fs0", "share", Path("/s")).to_argv() == [
-        "-fsdev", "local,id=fsdev-fs0,path=/s,security_model=mapped-xattr",
+        "-fsdev", "local,id=fsdev-fs0,path=/s,security_model=none",
         "-device", "virtio-9p-pci,id=fs0,fsdev=fsdev-fs0,mount_tag=share"]
     assert VirtioFsShare("fs1", "share", Path("/v.sock")).to_argv() == [
         "-chardev", "socket,id=char-fs1,path=/v.sock",
