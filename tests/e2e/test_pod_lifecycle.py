@@ -224,6 +224,9 @@ def test_shim_killed_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
     # containerd's own `delete` run for this id is short-lived: wait for it, then nothing of
     # this container may remain.
     wait_for(lambda: not processes_of(coco, cid), "every process of the container to exit", 30)
+    wait_for(lambda: not host_leftovers(coco.base, coco.pod_dir(cid),
+                                        coco.base / "state" / "default" / cid),
+             "delete to leave no state, socket or mount", 10)
 
 
 def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContainerd) -> None:
@@ -251,7 +254,8 @@ def test_shim_killed_while_the_vm_boots_is_cleaned_up_by_delete(coco: CocoContai
                       if p.exists()]
             found += [str(p) for p in coco.socket_dir.iterdir() if p.is_socket()
                       and not can_connect(p)]
-            return found
+            return found + host_leftovers(coco.base, coco.pod_dir(cid),
+                                          coco.base / "state" / "default" / cid)
 
         try:
             wait_for(lambda: not left(), "delete to reap QEMU, helper, socket and directories", 60)
