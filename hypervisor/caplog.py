@@ -61,27 +61,35 @@ class CappedLog:
         self._read_end = read_end
 
     def _readable(self) -> None:
+        if self._take() == 0:
+            self.close()  # end of file: the writer is gone
+
+    def _take(self) -> int | None:
+        """Read one chunk into the log (or drop it past the cap): its size, 0 at end of file,
+        None when nothing is there now."""
         try:
             data = os.read(self._read_end, _CHUNK)
         except BlockingIOError:
-            return
+            return None
         except OSError:
             data = b""
-        if not data:
-            self.close()
-            return
         keep = data[: max(self.limit - self.written, 0)]
         if keep:
             with contextlib.suppress(OSError):
                 os.write(self._file, keep)
             self.written += len(keep)
         self.dropped += len(data) - len(keep)
+        return len(data)
 
     def close(self) -> None:
-        """Stop reading, note what was dropped, close. Idempotent."""
+        """Take what is still buffered, stop reading, note what was dropped, close.
+        Idempotent."""
         if self._read_end >= 0:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._read_end)
+            for _ in range(64):  # what the writer left in the pipe (bounded: it may go on)
+                if not self._take():
+                    break
             with contextlib.suppress(OSError):
                 os.close(self._read_end)
             self._read_end = -1

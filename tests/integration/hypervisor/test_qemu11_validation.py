@@ -214,6 +214,7 @@ async def test_none_profile_boots_on_qemu_11(root: Path, initrd_plain: Path) -> 
     """The development profile is not only parsed but booted by QEMU 11.1 (TCG)."""
     import shutil
 
+    from hypervisor.caplog import CappedLog
     from hypervisor.vm import QemuVm
 
     env = envinfo.load()
@@ -228,14 +229,20 @@ async def test_none_profile_boots_on_qemu_11(root: Path, initrd_plain: Path) -> 
         vm = QemuVm(["chroot", str(root), *argv], host_guest / "run",
                     qmp_socket=host_guest / "run" / "qmp.sock",
                     stderr_log=host_guest / "stderr.log")
-        await vm.start()
+        # The console chardev writes into a FIFO that the launcher drains (capped).
+        console_log = CappedLog(host_guest / "run" / "console.log")
+        console_log.fifo(host_guest / "run" / "console.pipe")
         try:
-            version = await vm.execute("query-version")
-            assert (version["qemu"]["major"], version["qemu"]["minor"]) == (11, 1)
-            async with asyncio.timeout(60):
-                reason = await vm.wait()
+            await vm.start()
+            try:
+                version = await vm.execute("query-version")
+                assert (version["qemu"]["major"], version["qemu"]["minor"]) == (11, 1)
+                async with asyncio.timeout(60):
+                    reason = await vm.wait()
+            finally:
+                await vm.aclose()
         finally:
-            await vm.aclose()
+            console_log.close()
         console = (host_guest / "run" / "console.log").read_text()
     assert (reason.kind, reason.detail, reason.clean) == ("shutdown", "guest-shutdown", True)
     assert "COCO-GUEST-READY" in console

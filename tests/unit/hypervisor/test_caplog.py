@@ -53,3 +53,15 @@ async def test_a_fifo_never_blocks_its_writer_past_the_cap(tmp_path: Path) -> No
     await _until(lambda: log.written + log.dropped == 64 * 65536)
     log.close()
     assert (tmp_path / "console.log").read_bytes().startswith(b"x" * 100 + b"\n[coco-shim")
+
+
+async def test_close_keeps_what_the_writer_left_in_the_fifo(tmp_path: Path) -> None:
+    """The guest's last console line (written just before QEMU exits) is not lost when the
+    launcher closes the log before the loop got to it."""
+    log = CappedLog(tmp_path / "console.log")
+    log.fifo(tmp_path / "console.pipe")
+    writer = os.open(tmp_path / "console.pipe", os.O_WRONLY | os.O_NONBLOCK)
+    os.write(writer, b"COCO-GUEST-READY\n")
+    os.close(writer)
+    log.close()  # no loop iteration in between
+    assert (tmp_path / "console.log").read_bytes() == b"COCO-GUEST-READY\n"
