@@ -117,8 +117,8 @@ def early_boot(pod: Pod, flags: Flags) -> None:
     """The pod's first container: boot its VM now, from start's bundle and runtime options."""
     bundle = Path(flags.bundle or os.getcwd())
     try:
-        spec = read_spec(bundle)
         options = decode_runtime_options(read_options_fd(flags.runtime_options_fd))
+        spec = read_spec(bundle)
     except (RpcError, ValueError, OSError) as err:
         log.info("no early boot: %s", err)  # Create reports it
         return
