@@ -69,6 +69,9 @@ _RUNTIME_KEYS: dict[str, tuple[type, bool]] = {
     "initdata": (str, False),
     "allow_unbound_initdata": (bool, False),
     "confidential": (bool, False),
+    "static_sandbox_resource_mgmt": (bool, False),
+    "sandbox_max_vcpus": (int, False),
+    "sandbox_max_memory_mib": (int, False),
 }
 _SEV_KEYS: dict[str, tuple[type, bool]] = {
     "policy": (int, False),
@@ -370,6 +373,9 @@ def parse_profile(
         allow_unbound_initdata=rt.get("allow_unbound_initdata", bool, False),
         initdata=initdata_file,
         confidential_without_tee=not tee.confidential and rt.get("confidential", bool, False),
+        static_sizing=rt.get("static_sandbox_resource_mgmt", bool, True),
+        sandbox_max_vcpus=rt.positive("sandbox_max_vcpus", None),
+        sandbox_max_memory_mib=rt.positive("sandbox_max_memory_mib", None),
     )
     if tee.confidential and rt.opt("confidential", bool) is False:
         raise ConfigError(source, "runtime.confidential", f"a {tee.value} profile is "

@@ -72,6 +72,10 @@ TDX_ATTR_DEBUG = 0x1  # TD attributes bit 0: the host may debug the TD
 # QEMU splits option values on commas: names are refused outside this set.
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 KERNEL_PARAMS_ANNOTATION = "io.katacontainers.config.hypervisor.kernel_params"
+# Pod-chosen base size: honoured on non-confidential profiles only (a TEE's size is part of
+# what the pod's limits and the operator decide, see shim/pod/sizing.py).
+SIZE_ANNOTATIONS = ("io.katacontainers.config.hypervisor.default_vcpus",
+                    "io.katacontainers.config.hypervisor.default_memory")
 # Kernel parameters that route guest output to a host-readable device.
 _CONSOLE_PARAMS = ("console=", "earlycon", "earlyprintk")
 DEBUG_CONSOLE_MIN = 4096
@@ -219,6 +223,11 @@ class RuntimeProfile:
     # coco-dev: the confidential code path on a host without TEE hardware ([runtime]
     # confidential = true on tee "none"). It protects nothing: development and CI only.
     confidential_without_tee: bool = False
+    # Static sizing (kata's static_sandbox_resource_mgmt): the pod VM gets vcpus/memory_mib
+    # plus the pod's limits, up to these maxima (None: the host's CPUs / memory).
+    static_sizing: bool = True
+    sandbox_max_vcpus: int | None = None
+    sandbox_max_memory_mib: int | None = None
 
     @property
     def confidential(self) -> bool:
@@ -423,6 +432,11 @@ def confidential_conflicts(profile: RuntimeProfile,
         out.append(Conflict("runtime.enable_annotations", f"(measured-cmdline) "
                             f"{KERNEL_PARAMS_ANNOTATION} would let a pod change the measured "
                             "kernel command line", KERNEL_PARAMS_ANNOTATION))
+    for key in SIZE_ANNOTATIONS:
+        if key in profile.enable_annotations:
+            out.append(Conflict("runtime.enable_annotations", f"(static-sizing) {key} would "
+                                "let a pod choose its own VM size (a confidential pod is "
+                                "sized from its limits)", key))
     if not profile.tee.confidential and (
             GUEST_CONFIDENTIAL_PARAM not in profile.kernel_params.split()):
         out.append(Conflict("hypervisor.kernel_params", f"(guest-knows) no TEE for the guest "

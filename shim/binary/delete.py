@@ -31,7 +31,8 @@ def delete(flags: Flags) -> bytes:
     "Dead" means its socket no longer accepts connections (gone, or unreachable after a failed
     reload): then the daemon (if still there), the recorded helper processes (QEMU …) and any
     process naming a recorded directory on its command line are SIGKILLed, the pod network
-    unwired, the recorded directories unmounted and removed, socket and state removed. A
+    unwired, the recorded directories unmounted and removed, the pod's host cgroups the shim
+    made emptied and removed, socket and state removed. A
     daemon that still serves is left alone, like containerd-shim-runc-v2's delete never kills
     its shim.
     The answer is runc-v2's: pid of the recorded init process, exit status 137 (128 + SIGKILL),
@@ -78,6 +79,11 @@ def delete(flags: Flags) -> bytes:
             remove_tree(directory)
         except OSError as err:
             print(f"delete: {directory}: {err}", file=sys.stderr)
+    if cgroups := state.cgroups():
+        from shim.core.cgroup import remove_made
+
+        for problem in remove_made(cgroups, TIMEOUTS.cgroup_empty):
+            print(f"delete: cgroup {problem}", file=sys.stderr)
     if isinstance(sock, str) and sock:
         with contextlib.suppress(OSError):
             os.unlink(sock)

@@ -2,7 +2,8 @@
 
 ``<state root>/<namespace>/<id>/`` holds ``shim.json`` (daemon pid + start time, socket,
 group), ``init.pid``, ``pids`` (QEMU, vhost-device-vsock: ``<pid> <start time>`` per line),
-``dirs`` (the pod's run directory) and ``network.json`` (the wired pod netns). ``start`` writes
+``dirs`` (the pod's run directory), ``cgroups`` (the pod's host cgroup directories the shim
+made) and ``network.json`` (the wired pod netns). ``start`` writes
 the daemon's entry; the pod's boot script adds each pid right after the process exists and
 each directory just before it is made, so a daemon killed at any point of a boot leaves
 ``delete`` everything it needs to reap (a helper spawned in the instant before its pid could be
@@ -118,6 +119,14 @@ class ShimState:
 
     def dirs(self) -> list[Path]:
         return [Path(line) for line in self._lines("dirs")]
+
+    def add_cgroup(self, path: Path) -> None:
+        """Record a cgroup directory (the pod's, under the cgroup v2 mount) for delete to
+        empty and remove; done before it is made."""
+        self._append("cgroups", str(path))
+
+    def cgroups(self) -> list[Path]:
+        return [Path(line) for line in self._lines("cgroups")]
 
     def add_network(self, record: str) -> None:
         """Record the pod's wired network (PodNetwork JSON) for delete to unwire."""

@@ -80,6 +80,8 @@ class Timeouts:
     version_probe: float = 5.0
     kill_wait: float = 5.0
     kill_poll: float = 0.01
+    # The pod's host cgroup: how long its last processes get to leave before rmdir gives up.
+    cgroup_empty: float = 5.0
     vm: VmTimeouts = field(default_factory=VmTimeouts)  # hypervisor/: passed to every launch
 
 

@@ -20,10 +20,17 @@ from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
 from shim.core import identifiers
 from shim.core.bundle import SANDBOX_ID_ANNOTATION
+from shim.core.cgroup import sandbox_cgroups_path
 from shim.core.errors import FailedPrecondition, InvalidArgument
 from shim.daemon.task_service import runtime_options
 from shim.pod import metrics
 from shim.pod.pod import Pod, PodState, PodStatus
+from shim.pod.sizing import (
+    SANDBOX_CPU_PERIOD,
+    SANDBOX_CPU_QUOTA,
+    SANDBOX_CPU_SHARES,
+    SANDBOX_MEMORY,
+)
 from shim.pod.vm import PodConfig
 
 METHODS = ("CreateSandbox", "StartSandbox", "Platform", "StopSandbox", "WaitSandbox",
@@ -42,8 +49,9 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp | None:
 def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
     """The pod's VM is made from what a pause container's spec would carry: annotations (CRI
     sends the pod's in its PodSandboxConfig, the request's own map is empty), hostname, the
-    pod's sysctls (given to its containers: see ``shim.task.with_pod_sysctls``) and the
-    network namespace CNI set up."""
+    pod's sysctls (given to its containers: see ``shim.task.with_pod_sysctls``), the sandbox
+    resource annotations and ``linux.cgroupsPath`` containerd would derive from the config's
+    ``linux.resources`` and ``cgroup_parent``, and the network namespace CNI set up."""
     annotations = dict(request.annotations)
     spec: dict[str, object] = {}
     linux: dict[str, object] = {}
@@ -59,6 +67,15 @@ def pod_spec(request: pb.CreateSandboxRequest) -> dict[str, object]:
             spec["hostname"] = config.hostname
         if config.linux.sysctls:  # a pause container would apply them to the pod's namespaces
             linux["sysctl"] = dict(config.linux.sysctls)
+        if config.linux.HasField("resources"):
+            res = config.linux.resources
+            annotations.update({SANDBOX_CPU_PERIOD: str(res.cpu_period),
+                                SANDBOX_CPU_QUOTA: str(res.cpu_quota),
+                                SANDBOX_CPU_SHARES: str(res.cpu_shares),
+                                SANDBOX_MEMORY: str(res.memory_limit_in_bytes)})
+        if config.linux.cgroup_parent:
+            linux["cgroupsPath"] = sandbox_cgroups_path(config.linux.cgroup_parent,
+                                                        request.sandbox_id)
     annotations[SANDBOX_ID_ANNOTATION] = request.sandbox_id
     spec["annotations"] = annotations
     if request.netns_path:

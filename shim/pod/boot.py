@@ -11,12 +11,14 @@ initdata disk, size the VM from the pod's limits, …) is one more method and on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from hypervisor.cmdline import VirtioNetTap
 from hypervisor.errors import ConfigError, InvariantError, QemuError
@@ -26,7 +28,7 @@ from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
 from protocols.initdata import ANNOTATION as INITDATA_ANNOTATION
 from protocols.initdata import Initdata, InitdataError
-from shim.core import failed_boot, paths
+from shim.core import cgroup, failed_boot, paths
 from shim.core.config import RuntimeOptions
 from shim.core.crash_record import ShimState
 from shim.core.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -39,6 +41,7 @@ from shim.network.tcfilter import (
     netns_of,
 )
 from shim.pod.agent import Agent, AgentClient
+from shim.pod.guest_spec import annotations_of
 from shim.pod.mounts import remove_tree
 from shim.pod.profile import (
     AnnotationPolicy,
@@ -47,6 +50,7 @@ from shim.pod.profile import (
     runtime_profile,
 )
 from shim.pod.rootfs import RootfsStrategy, rootfs_for
+from shim.pod.sizing import HostSize, VmSize, size_vm
 from shim.pod.vm import PodConfig, PodVm
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,8 @@ class BootEnv:
     launch: Launch = launch_vm
     dial: Dial = dial_agent
     timeouts: Timeouts = TIMEOUTS
+    host_size: Callable[[], HostSize] = HostSize.probe
+    cgroup_root: Callable[[], Path | None] = cgroup.unified_mount
 
 
 class VmBooter:
@@ -99,6 +105,7 @@ class BootScript:
     profile: RuntimeProfile
     annotations: PodAnnotations
     initdata: Initdata | None = None
+    size: VmSize
     rootfs: RootfsStrategy
     netns: Path | None
     accel: str
@@ -119,10 +126,12 @@ class BootScript:
             self.read_profile()
             self.check_annotations()
             self.resolve_initdata()
+            self.size_vm()
             self.choose_rootfs()
             self.find_network()
             await self.resolve_accelerator()
             self.make_run_dir()
+            await self.join_pod_cgroup()
             await self.prepare_rootfs()
             await self.wire_network()
             await self.launch_vm()
@@ -131,7 +140,8 @@ class BootScript:
             await self.configure_guest_network()
             await self.create_sandbox()
             return PodVm(self.config.sandbox_id, self.vm, self.agent, self.rootfs,
-                         self.undo.pop_all(), AnnotationPolicy.of(self.profile))
+                         self.undo.pop_all(), AnnotationPolicy.of(self.profile),
+                         size=self.size)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _elapsed(self) -> float:
@@ -156,6 +166,23 @@ class BootScript:
             where = (f" (annotation {INITDATA_ANNOTATION})"
                      if INITDATA_ANNOTATION in self.annotations.raw else "")
             raise InvalidArgument(f"pod {self.config.sandbox_id}: {err}{where}") from err
+
+    def size_vm(self) -> None:
+        """vCPUs and memory from the pod's limits (shim/pod/sizing.py); the profile the VM
+        launches with carries them, so the QEMU argv and the measurement agree."""
+        self.size = size_vm(self.profile, annotations_of(self.config.spec),
+                            self.env.host_size())
+        profile = self.profile
+        self.profile = dataclasses.replace(
+            profile, vcpus=self.size.vcpus, memory_mib=self.size.memory_mib,
+            max_vcpus=None if profile.max_vcpus is None else max(profile.max_vcpus,
+                                                                 self.size.vcpus),
+            max_memory_mib=None if profile.max_memory_mib is None else max(
+                profile.max_memory_mib, self.size.memory_mib))
+        log.info("pod %s: VM sized %d vCPUs / %d MiB (base %d / %d MiB + pod limits %d / %d "
+                 "MiB)", self.config.sandbox_id, self.size.vcpus, self.size.memory_mib,
+                 self.size.base_vcpus, self.size.base_memory_mib, self.size.limits.vcpus,
+                 self.size.limits.memory_mib)
 
     def choose_rootfs(self) -> None:
         """The rootfs strategy the profile calls for (confidential ones refuse host sharing)."""
@@ -187,6 +214,51 @@ class BootScript:
         # Unwound before the run directory goes: a failed boot's log tails are kept.
         self.undo.enter_context(failed_boot.kept_on_failure(
             self.config.namespace, self.config.sandbox_id, self.pod_dir / "logs"))
+
+    async def join_pod_cgroup(self) -> None:
+        """The pod's host cgroup (the sandbox's cgroupsPath, cgroup v2), made where missing
+        (each directory recorded first) and joined by this daemon, so that everything it
+        spawns for the pod (netns helper, vhost-device-vsock, QEMU) starts inside it and the
+        kubelet's pod-level limits and accounting cover the VM (kata's sandbox_cgroup_only).
+        The daemon leaves it again when the pod is torn down, before the directories go."""
+        linux = self.config.spec.get("linux")
+        raw = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+        if not isinstance(raw, str) or not raw:
+            return
+        try:
+            relative = cgroup.relative_path(raw)
+        except cgroup.CgroupError as err:
+            raise InvalidArgument(f"pod {self.config.sandbox_id}: linux.cgroupsPath: {err}"
+                                  ) from err
+        root = self.env.cgroup_root()
+        if root is None:
+            log.warning("pod %s: no cgroup v2 hierarchy on this host: the VM stays outside "
+                        "the pod's cgroup %s", self.config.sandbox_id, raw)
+            return
+        home = cgroup.own_cgroup()
+        try:
+            pod_cgroup = cgroup.PodCgroup.create(root, relative, self.record.add_cgroup)
+        except OSError as err:
+            raise Unavailable(f"pod {self.config.sandbox_id}: cgroup {root / relative}: "
+                              f"{err.strerror}") from err
+        self.undo.push_async_callback(self._leave_cgroup, pod_cgroup, root, home)
+        try:
+            pod_cgroup.add(os.getpid())
+        except OSError as err:
+            raise Unavailable(f"pod {self.config.sandbox_id}: joining cgroup "
+                              f"{pod_cgroup.path}: {err.strerror}") from err
+        log.info("pod %s: in cgroup %s", self.config.sandbox_id, pod_cgroup.path)
+
+    async def _leave_cgroup(self, pod_cgroup: cgroup.PodCgroup, root: Path,
+                            home: PurePosixPath | None) -> None:
+        try:  # back where containerd started the daemon (the root if that is unknown)
+            cgroup.move(root / (home or PurePosixPath("/")).relative_to("/"), os.getpid())
+        except OSError as err:
+            log.warning("pod %s: leaving cgroup %s: %s", self.config.sandbox_id,
+                        pod_cgroup.path, err)
+        problems = await asyncio.to_thread(pod_cgroup.remove, self.env.timeouts.cgroup_empty)
+        for problem in problems:
+            log.warning("pod %s: cgroup %s", self.config.sandbox_id, problem)
 
     async def prepare_rootfs(self) -> None:
         await self.rootfs.open()

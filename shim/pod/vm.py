@@ -24,6 +24,7 @@ from shim.pod.agent import Agent
 from shim.pod.mounts import Mount
 from shim.pod.profile import AnnotationPolicy
 from shim.pod.rootfs import RootfsStrategy
+from shim.pod.sizing import VmSize
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class PodVm:
     rootfs: RootfsStrategy
     undo: AsyncExitStack
     annotations: AnnotationPolicy
+    size: VmSize | None = None  # what it booted with (None: a fake booter's VM)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     failing: bool = False  # Pod.fail is stopping it
     _teardown_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -38,7 +38,7 @@ from shim.core.errors import (
 )
 from shim.core.state_machine import check
 from shim.core.timeouts import TIMEOUTS, Timeouts
-from shim.pod import guest_spec, metrics
+from shim.pod import guest_spec, metrics, sizing
 from shim.pod.pod import Pod
 from shim.pod.vm import PodConfig
 from shim.task import events
@@ -386,7 +386,9 @@ class TaskManager:
         if container.init.state in (ProcessState.STOPPED, ProcessState.DELETED):
             raise FailedPrecondition(f"cannot update in state {container.init.state.value}")
         converted = guest_spec.resources(resources, f"update {container_id}")
-        await self._pod.ready_vm().agent.update_container(container_id, converted)
+        vm = self._pod.ready_vm()
+        sizing.check_update(vm.size, container_id, resources)  # no hotplug: refused beyond it
+        await vm.agent.update_container(container_id, converted)
 
     async def stats(self, container_id: str) -> ContainerStats:
         container = self._container(container_id)

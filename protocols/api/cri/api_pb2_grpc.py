@@ -99,6 +99,11 @@ class RuntimeServiceStub:
                 request_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
                 response_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncResponse.FromString,
                 _registered_method=True)
+        self.UpdateContainerResources = channel.unary_unary(
+                '/runtime.v1.RuntimeService/UpdateContainerResources',
+                request_serializer=protocols_dot_api_dot_cri_dot_api__pb2.UpdateContainerResourcesRequest.SerializeToString,
+                response_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.UpdateContainerResourcesResponse.FromString,
+                _registered_method=True)
         self.Exec = channel.unary_unary(
                 '/runtime.v1.RuntimeService/Exec',
                 request_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecRequest.SerializeToString,
@@ -197,6 +202,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateContainerResources(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Exec(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -282,6 +293,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ExecSync,
                     request_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncRequest.FromString,
                     response_serializer=protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncResponse.SerializeToString,
+            ),
+            'UpdateContainerResources': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateContainerResources,
+                    request_deserializer=protocols_dot_api_dot_cri_dot_api__pb2.UpdateContainerResourcesRequest.FromString,
+                    response_serializer=protocols_dot_api_dot_cri_dot_api__pb2.UpdateContainerResourcesResponse.SerializeToString,
             ),
             'Exec': grpc.unary_unary_rpc_method_handler(
                     servicer.Exec,
@@ -650,6 +666,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ExecSync',
             protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
             protocols_dot_api_dot_cri_dot_api__pb2.ExecSyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateContainerResources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/UpdateContainerResources',
+            protocols_dot_api_dot_cri_dot_api__pb2.UpdateContainerResourcesRequest.SerializeToString,
+            protocols_dot_api_dot_cri_dot_api__pb2.UpdateContainerResourcesResponse.FromString,
             options,
             channel_credentials,
             insecure,

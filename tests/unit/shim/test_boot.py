@@ -32,6 +32,7 @@ from shim.network.tcfilter import (
 )
 from shim.pod.agent import Agent
 from shim.pod.boot import BootEnv, VmBooter
+from shim.pod.sizing import HostSize
 from shim.pod.vm import PodConfig
 from tests.unit.shim.fakes import FakeAgent, FakeVm
 from tests.unit.shim.helpers import FAST
@@ -126,6 +127,8 @@ class Harness:
     helper: int = 0  # a process standing for vhost-device-vsock (a real pid, for the record)
     vm: LoggingVm | None = None
     coco_dev: bool = False  # the confidential path without a TEE (guest pull, initdata)
+    profiles: list[RuntimeProfile] = field(default_factory=list)
+    cgroup_root: Path | None = None
 
     def config(self, netns: str | None, sandbox_id: str = "pod1",
                annotations: dict[str, str] | None = None) -> PodConfig:
@@ -140,14 +143,15 @@ class Harness:
     def booter(self) -> VmBooter:
         profile = RuntimeProfile(
             name="fake", tee=TeeKind.NONE, qemu=Path("/usr/bin/qemu-system-x86_64"),
-            kernel=None, enable_annotations=self.annotations, source="fake.toml",
-            dial_timeout=1.0, confidential_without_tee=self.coco_dev,
+            kernel=None, vcpus=1, memory_mib=512, enable_annotations=self.annotations,
+            source="fake.toml", dial_timeout=1.0, confidential_without_tee=self.coco_dev,
             kernel_params="coco.agent.confidential=1" if self.coco_dev else "")
 
         async def accelerator(profile: object, cache: Path) -> str:
             return "tcg"
 
-        async def launch(profile: object, options: LaunchOptions) -> VirtualMachine:
+        async def launch(profile: RuntimeProfile, options: LaunchOptions) -> VirtualMachine:
+            self.profiles.append(profile)
             # QEMU needs the tap fds open while it starts.
             for nic in options.nics:
                 os.fstat(nic.tap_fd)
@@ -173,7 +177,8 @@ class Harness:
             networking=self.networking,
             profile=lambda options: profile,
             accelerator=accelerator, vhost_device_vsock=lambda: None, launch=launch,
-            dial=dial, timeouts=FAST))
+            dial=dial, timeouts=FAST, host_size=lambda: HostSize(cpus=4, memory_mib=8192),
+            cgroup_root=lambda: self.cgroup_root))
 
 
 @pytest.fixture
@@ -419,3 +424,56 @@ async def test_every_container_is_checked_against_the_allow_list(harness: Harnes
         "annotations": {"io.kubernetes.cri.image-name": "r/x:1"},
         "process": {"args": ["sh"], "cwd": "/"}}, [])
     await vm.destroy(vm_gone=False)
+
+
+async def test_the_vm_is_sized_from_the_pods_limits(harness: Harness) -> None:
+    """2 CPUs / 768 MiB of limits on a 1 vCPU / 512 MiB base: QEMU gets 3 / 1280 MiB, and an
+    update beyond that size is refused naming the limit."""
+    vm = await harness.booter().boot(harness.config(None, annotations={
+        "io.kubernetes.cri.sandbox-cpu-quota": "200000",
+        "io.kubernetes.cri.sandbox-cpu-period": "100000",
+        "io.kubernetes.cri.sandbox-cpu-shares": "2048",
+        "io.kubernetes.cri.sandbox-memory": str(768 << 20)}))
+    (profile,) = harness.profiles
+    assert (profile.vcpus, profile.memory_mib) == (3, 1280)
+    assert vm.size is not None and vm.size.workload_memory_mib == 768
+    with pytest.raises(FailedPrecondition, match="memory limit 1024 MiB exceeds the 768 MiB"):
+        vm.size.check_update("c1", 1, 1024)
+    with pytest.raises(FailedPrecondition, match="CPU limit 4 vCPUs exceeds the pod VM's 3"):
+        vm.size.check_update("c1", 4, 0)
+    vm.size.check_update("c1", 3, 768)
+    await vm.destroy(vm_gone=False)
+
+
+async def test_a_pod_without_limits_gets_the_profile_size(harness: Harness) -> None:
+    vm = await harness.booter().boot(harness.config(None))
+    assert (harness.profiles[0].vcpus, harness.profiles[0].memory_mib) == (1, 512)
+    await vm.destroy(vm_gone=False)
+
+
+async def test_the_daemon_joins_the_pods_cgroup_before_launching(harness: Harness) -> None:
+    """The cgroup directories are recorded before they are made, the daemon moves in before
+    any helper spawns, and leaves again on teardown (a tmp tree stands for cgroupfs)."""
+    root = harness.tmp / "cgroupfs"
+    (root / "kubepods").mkdir(parents=True)
+    harness.cgroup_root = root
+    config = harness.config(None)
+    spec = {**config.spec, "linux": {"cgroupsPath": "/kubepods/pod42/pod1"}}
+    vm = await harness.booter().boot(PodConfig(config.sandbox_id, config.namespace,
+                                               config.bundle, spec))
+    made = [root / "kubepods/pod42", root / "kubepods/pod42/pod1"]
+    assert ShimState.of("default", "pod1").cgroups() == made
+    assert (made[1] / "cgroup.procs").read_text() == f"{os.getpid()}\n"
+    await vm.destroy(vm_gone=False)
+    assert (root / "cgroup.procs").read_text() == f"{os.getpid()}\n"  # back home
+    assert (root / "kubepods").is_dir()  # not ours: never removed
+
+
+async def test_a_bad_cgroups_path_is_refused_before_anything(harness: Harness) -> None:
+    harness.cgroup_root = harness.tmp
+    config = harness.config(None)
+    spec = {**config.spec, "linux": {"cgroupsPath": "/kubepods/../etc"}}
+    with pytest.raises(InvalidArgument, match=r"cgroupsPath.*'\.\.'"):
+        await harness.booter().boot(PodConfig(config.sandbox_id, config.namespace,
+                                              config.bundle, spec))
+    assert harness.log == [] and not pod_dir(harness).exists()
