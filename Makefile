@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-coco bench-guest bench-cri soak fuzz clean
+bench-coco bench-guest bench-cri bench-overhead soak fuzz clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -56,6 +56,10 @@ bench-cri: env
 # blobs in the same guest, and pod start against the development profile.
 bench-coco: env
 	@$(PY) bench/coco_dev.py
+
+# Pods of a few sizes: the host footprint beyond guest RAM (QEMU, vhost-device-vsock, shim).
+bench-overhead: env
+	@$(PY) bench/overhead.py
 
 # Reference guest alone, the pod's QEMU argv: boot to agent Check next to the bare kernel boot
 # (medians of 5, interleaved), the boot timeline on the guest's clock, QEMU's memory by kind.

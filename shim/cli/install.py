@@ -45,31 +45,48 @@ REPO: Final = Path(__file__).resolve().parents[2]
 HEADER: Final = "# Written by `coco-shim install`; rerun it rather than editing this file.\n"
 
 
+# The host memory a pod VM takes beyond its guest RAM (QEMU outside the guest's pages,
+# vhost-device-vsock, the shim daemon: all in the pod's cgroup), measured by
+# `make bench-overhead` (bench/overhead.py; figures and command in the README, "Pod sizing and
+# accounting"), rounded up.
+VMM_FOOTPRINT_MIB: Final = 320
+
+
 @dataclass(frozen=True)
 class Handler:
     """One CRI runtime handler (= Kubernetes RuntimeClass handler) and its runtime profile.
 
-    The overhead is the pod VM's static size (TEEs cannot hotplug memory or CPUs), which for
-    SNP and TDX is the 2 GiB / 1 CPU the upstream confidential runtime classes declare.
+    The pod VM is its profile's base size (``vcpus``, ``memory_mib``) plus the pod's limits
+    (shim/pod/sizing.py). The kubelet charges the pod cgroup for its limits + the RuntimeClass
+    overhead, while the host spends guest RAM + the VMM's footprint: the overhead is the base
+    + the measured footprint, so the pod cannot OOM-kill its own VM at its limit.
     """
 
     name: str
     profile: str  # file name in firmware-configs/
-    overhead_memory: str  # Kubernetes quantity
-    overhead_cpu: str
+    base_memory_mib: int  # the profile's memory_mib
+    base_vcpus: int  # the profile's vcpus
     warning: str = ""  # said above the handler and its RuntimeClass
+
+    @property
+    def overhead_memory(self) -> str:  # Kubernetes quantity
+        return f"{self.base_memory_mib + VMM_FOOTPRINT_MIB}Mi"
+
+    @property
+    def overhead_cpu(self) -> str:
+        return str(self.base_vcpus)
 
 
 HANDLERS: Final = (
-    Handler("coco-snp", "qemu-snp.toml", "2Gi", "1"),
-    Handler("coco-tdx", "qemu-tdx.toml", "2Gi", "1"),
-    Handler("coco-se", "qemu-se.toml", "2Gi", "1"),
-    Handler("coco-pef", "qemu-pef.toml", "2Gi", "1"),
-    Handler("coco-dev", "qemu-coco-dev.toml", "1Gi", "1",
+    Handler("coco-snp", "qemu-snp.toml", 2048, 1),
+    Handler("coco-tdx", "qemu-tdx.toml", 2048, 1),
+    Handler("coco-se", "qemu-se.toml", 2048, 1),
+    Handler("coco-pef", "qemu-pef.toml", 2048, 1),
+    Handler("coco-dev", "qemu-coco-dev.toml", 1024, 1,
             "coco-dev PROTECTS NOTHING: the confidential code path (guest pull, initdata, "
             "agent policy) without TEE hardware; the host can read and change everything in "
             "the VM. Development and CI only."),
-    Handler("coco-none", "qemu-none.toml", "512Mi", "1",
+    Handler("coco-none", "qemu-none.toml", 512, 1,
             "coco-none is not confidential: a development VM whose container rootfs is shared "
             "from the host over 9p."),
 )

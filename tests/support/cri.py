@@ -107,14 +107,19 @@ def cri_config(version: str, *, profile: Path | None, cni_conf_dir: Path,
 def pod_config(name: str, uid: str, log_dir: Path, *,
                annotations: Mapping[str, str] | None = None,
                sysctls: Mapping[str, str] | None = None, privileged: bool = False,
-               share_pid: bool = False) -> cri.PodSandboxConfig:
-    """``share_pid``: the pod's containers share one PID namespace (shareProcessNamespace)."""
+               share_pid: bool = False, cgroup_parent: str = "",
+               resources: cri.LinuxContainerResources | None = None,
+               overhead: cri.LinuxContainerResources | None = None) -> cri.PodSandboxConfig:
+    """A pod as the kubelet sends it. ``share_pid``: the pod's containers share one PID
+    namespace (shareProcessNamespace); ``resources``: the sum of its containers' limits;
+    ``overhead``: the RuntimeClass's."""
     namespaces = cri.NamespaceOption(pid=cri.POD if share_pid else cri.CONTAINER)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
         hostname=name, log_directory=str(log_dir), annotations=dict(annotations or {}),
         linux=cri.LinuxPodSandboxConfig(
-            sysctls=dict(sysctls or {}),
+            sysctls=dict(sysctls or {}), cgroup_parent=cgroup_parent, resources=resources,
+            overhead=overhead,
             security_context=cri.LinuxSandboxSecurityContext(
                 namespace_options=namespaces, privileged=privileged)))
 
@@ -226,6 +231,12 @@ class CriClient:
             cri.ExecRequest(container_id=container_id, cmd=list(cmd), tty=tty, stdin=stdin,
                             stdout=True, stderr=not tty), timeout=self.timeout)
         return response.url
+
+    def update_container_resources(self, container_id: str,
+                                   resources: cri.LinuxContainerResources) -> None:
+        self.runtime.UpdateContainerResources(
+            cri.UpdateContainerResourcesRequest(container_id=container_id, linux=resources),
+            timeout=self.timeout)
 
     def container_stats(self, container_id: str) -> cri.ContainerStats:
         response: cri.ContainerStatsResponse = self.runtime.ContainerStats(

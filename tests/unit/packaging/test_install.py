@@ -15,6 +15,7 @@ from shim.cli.install import (
     HANDLERS,
     PROFILE_DIR,
     RUNTIMECLASSES,
+    VMM_FOOTPRINT_MIB,
     InstallError,
     install,
     render_dropin,
@@ -116,16 +117,14 @@ def test_cli_install_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "coco-shim install:" in capsys.readouterr().err
 
 
-def test_overhead_is_the_profiles_static_vm_size() -> None:
+def test_overhead_is_the_profiles_base_plus_the_measured_footprint() -> None:
     for handler in HANDLERS:
         hypervisor = tomllib.loads((source_dir() / handler.profile).read_text())["hypervisor"]
-        memory = f"{hypervisor['memory_mib'] // 1024}Gi" if hypervisor["memory_mib"] % 1024 == 0 \
-            else f"{hypervisor['memory_mib']}Mi"
-        assert (handler.overhead_memory, handler.overhead_cpu) == (
-            memory, str(hypervisor["vcpus"])), handler.name
-    snp_tdx = {h.name: (h.overhead_memory, h.overhead_cpu) for h in HANDLERS
-               if h.name in ("coco-snp", "coco-tdx")}
-    assert snp_tdx == {"coco-snp": ("2Gi", "1"), "coco-tdx": ("2Gi", "1")}
+        assert (handler.base_memory_mib, handler.base_vcpus) == (
+            hypervisor["memory_mib"], hypervisor["vcpus"]), handler.name
+        assert handler.overhead_memory == f"{hypervisor['memory_mib'] + VMM_FOOTPRINT_MIB}Mi"
+        assert handler.overhead_cpu == str(hypervisor["vcpus"])
+    assert VMM_FOOTPRINT_MIB > 0
 
 
 def test_committed_examples_match_the_installer() -> None:
