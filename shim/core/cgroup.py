@@ -114,17 +114,21 @@ def populated(directory: Path) -> bool:
 
 
 def remove_made(directories: list[Path], timeout: float, poll: float = 0.02) -> list[str]:
-    """Remove cgroups this shim made, deepest first, killing what is left in them
-    (``cgroup.kill``) and waiting up to ``timeout`` (polling every ``poll`` s) for them to
-    empty. Returns the problems."""
+    """Remove the cgroups one pod's shim made (a chain: the pod's own cgroup, deepest, and the
+    parents that were missing). What is left in the pod's own cgroup is killed
+    (``cgroup.kill``) and waited for up to ``timeout`` (polling every ``poll`` s); a parent is
+    removed only if it is empty: another pod below it keeps it (as runc leaves parents).
+    Returns the problems."""
     problems: list[str] = []
-    for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+    chain = sorted(directories, key=lambda d: len(d.parts), reverse=True)
+    for index, directory in enumerate(chain):
         if not directory.exists():
             continue
-        if populated(directory):
+        own = index == 0
+        if own and populated(directory):
             with contextlib.suppress(OSError):
                 (directory / "cgroup.kill").write_text("1")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if own else 0)
         while True:
             try:
                 directory.rmdir()
@@ -132,6 +136,8 @@ def remove_made(directories: list[Path], timeout: float, poll: float = 0.02) -> 
             except FileNotFoundError:
                 break
             except OSError as err:
+                if not own and err.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                    break  # another pod's cgroup lives below it now
                 if err.errno != errno.EBUSY or time.monotonic() >= deadline:
                     problems.append(f"{directory}: {err.strerror}")
                     break

@@ -59,3 +59,26 @@ def test_delete_empties_and_removes_the_recorded_cgroups(
         if stray.poll() is None:
             stray.kill()
             stray.wait()
+
+
+def test_a_parent_in_use_by_another_pod_is_kept_and_its_processes_live(
+        kubelet_cgroup: Path) -> None:
+    """Pods A and B of one namespace (`ctr run`'s /<namespace>/<id>): A made the parent, B
+    runs below it when A goes: B's process survives and the parent stays."""
+    root = cgroup.unified_mount()
+    assert root is not None
+    parent = PurePosixPath(kubelet_cgroup.relative_to(root)) / "default"
+    pod_a = cgroup.PodCgroup.create(root, parent / "a")
+    pod_b = cgroup.PodCgroup.create(root, parent / "b")
+    assert pod_a.made == [kubelet_cgroup / "default", kubelet_cgroup / "default/a"]
+    assert pod_b.made == [kubelet_cgroup / "default/b"]
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pod_b.add(other.pid)
+        assert pod_a.remove(1.0) == []
+        assert other.poll() is None and pod_b.path.is_dir()
+        assert not (kubelet_cgroup / "default/a").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert pod_b.remove(5.0) == []
