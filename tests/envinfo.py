@@ -59,3 +59,10 @@ def load() -> TestEnv:
         kernel_root=Path(values["COCO_KERNEL_ROOT"]),
         qemu_sid_root=Path(values["COCO_QEMU_SID_ROOT"]),
     )
+
+
+def require(tool: Path, install: str) -> Path:
+    """Integration tests fail (never skip) when a tool is missing, naming the fix."""
+    if not tool.exists():
+        raise AssertionError(f"{tool} is missing: {install} (or: make env)")
+    return tool
