@@ -22,16 +22,19 @@ READY_TIMEOUT = 10.0
 
 
 @contextlib.contextmanager
-def capture(pcap: Path, interface: str, netns: str | None = None) -> Iterator[Path]:
-    """Capture ``interface`` (in named netns ``netns``, or the host's) into ``pcap`` while
-    the block runs; the file is complete when the block ends."""
+def capture(pcap: Path, interface: str, netns: str | None = None,
+            expression: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Capture ``interface`` (in named netns ``netns``, or the host's; ``any`` also sees
+    interfaces made later, such as a pod's veth) into ``pcap`` while the block runs, keeping
+    the packets the pcap-filter ``expression`` selects; the file is complete when the block
+    ends."""
     require(TCPDUMP, INSTALL)
     prefix = ["ip", "netns", "exec", netns] if netns else []
     stderr = pcap.with_suffix(".log")
     with stderr.open("wb") as err:
         proc = subprocess.Popen(
             [*prefix, str(TCPDUMP), "-i", interface, "-n", "-s", "0", "-U", "-w", str(pcap),
-             "--immediate-mode"], stdout=subprocess.DEVNULL, stderr=err)
+             "--immediate-mode", *expression], stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while b"listening on" not in stderr.read_bytes():
