@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`make demo`: a container inside a VM, through a real containerd and our shim.
+"""`make demo`: a container inside a VM, through a real containerd and our shim; then the
+confidential flow.
 
 Phases (each timed): build the reference guest image (cached) → start a private containerd
 2.1.9 with the runtime `io.containerd.coco.v2` on its PATH → import a locally built busybox
@@ -8,7 +9,14 @@ answered is the guest's, not this host's → a **coco-dev** pod through CRI (the
 code path without TEE hardware: it protects nothing) whose image exists only in a registry in
 its own network namespace: the guest pulls and verifies it, the host shares nothing (the
 registry's access log shows the blobs fetched from the pod's IP; QEMU has no 9p/virtio-fs
-device). Everything it started is stopped on the way out.
+device).
+
+Then the confidential flow (tests/support/proof_env.py, the same pieces as the e2e proof): a
+workload owner's KBS and registry in their own network namespace, a CRI pod on the coco-dev
+profile whose initdata names that KBS, its image pulled inside the guest, the guest attesting,
+the KBS releasing a fresh random secret to this pod's evidence, and the container printing the
+secret's SHA-256; then every byte the host handled is scanned for the secret
+(tests/support/secret_scan.py). Everything it started is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ def main() -> int:
             print("    → the container ran on the guest kernel, inside a QEMU VM.")
         if coco_dev_pod(image) != 0:
             return 1
+        if confidential_flow() != 0:
+            return 1
         print("\nphase timings:")
         for title, seconds in timings:
             print(f"    {seconds:7.2f} s  {title}")
@@ -121,6 +131,61 @@ def coco_dev_pod(image: BuildResult) -> int:
             return 1
         print("    → coco-dev (protects nothing: no TEE here) ran the confidential path: the "
               "image was pulled and verified inside the VM, nothing shared from the host.")
+    return 0
+
+
+def confidential_flow() -> int:
+    from tests.support.kbs_net import SECRET_PATH
+    from tests.support.proof import HostBytes
+    from tests.support.proof_env import proof_env, sha256_lines
+
+    print("\n==> confidential flow: coco-dev pod, image pulled in the guest, attestation, "
+          "secret released", flush=True)
+    with phase("confidential flow, in all (owner's KBS + registry, containerd, pod, scan)"), \
+            proof_env(CONTAINERD, log_level="info") as env:
+        kbs = env.kbs
+        print(f"    KBS {kbs.url} (own netns, TLS from a test CA in the pod's initdata), "
+              f"fresh secret stored as {SECRET_PATH}")
+        print(f"    policy: release only to init-data {kbs.initdata_digest[:23]}…")
+        host = HostBytes(env.base / "host-bytes")
+        with phase("RunPodSandbox (coco-dev, initdata) + the container, to its exit"):
+            pod_id, pod = env.run_pod("demo", kbs.initdata)
+            command = ["/bin/sh", "-c", "wget -q -O - http://127.0.0.1:8006/cdh/resource/"
+                       f"{SECRET_PATH} | sha256sum"]
+            output = env.run_to_exit(pod_id, pod, env.container("app", command))
+            pod_ip = env.client.pod_status(pod_id).network.ip
+        with phase("scan what the host handled"):
+            env.snapshot_pod(host, pod_id)
+            env.client.stop_pod(pod_id)
+            env.client.remove_pod(pod_id)
+        pulls = [a for a in env.registry.access_log()
+                 if a.remote.split(":")[0] == pod_ip and a.status == 200]
+        manifests = [a.path for a in pulls if "/manifests/" in a.path]
+        blobs = [a.blob for a in pulls if a.blob]
+        print(f"\n    image:    {env.app_ref}")
+        print(f"              the guest pulled {env.app_digest} itself: the registry served "
+              f"{len(manifests)} manifest and {len(blobs)} blob request(s) to the pod's "
+              f"address {pod_ip}")
+        for release in kbs.releases():
+            print(f"    KBS:      released {release.path} ({release.size} bytes) to "
+                  f"{release.tee} evidence with init-data {release.init_data[:23]}… "
+                  f"(this pod's: {release.init_data == kbs.initdata_digest})")
+        seen = sha256_lines(output)
+        print(f"    container saw sha256 {seen[0] if seen else '(nothing)'}")
+        print(f"    owner stored  sha256 {kbs.secret_sha256}")
+        with phase("scan the host-side byte sources"):
+            env.host_bytes(host)
+            findings = host.scan(kbs.secret)
+        print(f"    scanned {len(host.sources)} host-side sources for the secret "
+              "(raw, hex, base64, base64url at every alignment):")
+        for line in host.described:
+            print(f"      - {line}")
+        if findings or seen != [kbs.secret_sha256] or not manifests:
+            for finding in findings:
+                print(f"demo: SECRET FOUND on the host: {finding}", file=sys.stderr)
+            print("demo: the confidential flow did not show what it should", file=sys.stderr)
+            return 1
+        print("    → none of the secret's bytes appear in what the host handled.")
     return 0
 
 
