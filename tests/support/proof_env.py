@@ -233,7 +233,13 @@ def proof_env(version: str = "2.1.9", *, log_level: str = "debug") -> Iterator[P
                          "COCO_SHIM_RUN_DIR": str(run_dir), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
                          "COCO_SHIM_STATE_DIR": str(state_dir),
                          "COCO_VHOST_DEVICE_VSOCK": str(wrapper), "PYTHONPATH": str(REPO)}
+            # The handler lets io.katacontainers.* pod annotations through to the shim (as
+            # `coco-shim install`'s drop-in does): the initdata annotation rides on them.
             config = cri_config(version, profile=profile, cni_conf_dir=base / "cni")
+            for quote in ("'", '"'):
+                runtime_type = f"  runtime_type = {quote}io.containerd.coco.v2{quote}\n"
+                config = config.replace(runtime_type, runtime_type + f"  pod_annotations = "
+                                        f"[{quote}io.katacontainers.*{quote}]\n")
             pcap = base / "pod-network.pcap"
             with capture(pcap, "any", expression=("net", POD_SUBNET)), \
                     private_containerd(version, extra_config=config, log_level=log_level,
