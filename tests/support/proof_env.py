@@ -44,7 +44,7 @@ from tests.support.cri import (
     cri_config,
     pod_config,
 )
-from tests.support.guest import guest_image
+from tests.support.guest import coco_dev_profile_text, guest_image
 from tests.support.images import busybox_oci_archive
 from tests.support.kbs_net import KbsService, kbs_service
 from tests.support.proof import HostBytes, ctr_events
@@ -58,27 +58,6 @@ REGISTRY_PORT = 5000
 INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
 READY_TIMEOUT = 20.0
 INSTALL = "apt-get install -y docker-registry skopeo tcpdump"
-
-
-def coco_dev_profile_text(kernel: Path, initrd: Path) -> str:
-    """firmware-configs/qemu-coco-dev.toml pinned to this machine: TCG, hybrid vsock."""
-    return f"""# coco-dev pinned to this machine: the confidential path, no TEE (protects nothing)
-[hypervisor]
-tee = "none"
-qemu_path = "/usr/bin/qemu-system-x86_64"
-kernel = "{kernel}"
-initrd = "{initrd}"
-kernel_params = "console=ttyS0 quiet panic=1 coco.agent.confidential=1"
-accelerator = "tcg"
-vcpus = 1
-memory_mib = 1024
-vsock = "hybrid"
-
-[runtime]
-confidential = true
-dial_timeout = 120
-enable_annotations = ["{INITDATA_ANNOTATION}"]
-"""
 
 
 def image_settings(registry: str) -> str:
@@ -233,13 +212,10 @@ def proof_env(version: str = "2.1.9", *, log_level: str = "debug") -> Iterator[P
                          "COCO_SHIM_RUN_DIR": str(run_dir), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
                          "COCO_SHIM_STATE_DIR": str(state_dir),
                          "COCO_VHOST_DEVICE_VSOCK": str(wrapper), "PYTHONPATH": str(REPO)}
-            # The handler lets io.katacontainers.* pod annotations through to the shim (as
-            # `coco-shim install`'s drop-in does): the initdata annotation rides on them.
-            config = cri_config(version, profile=profile, cni_conf_dir=base / "cni")
-            for quote in ("'", '"'):
-                runtime_type = f"  runtime_type = {quote}io.containerd.coco.v2{quote}\n"
-                config = config.replace(runtime_type, runtime_type + f"  pod_annotations = "
-                                        f"[{quote}io.katacontainers.*{quote}]\n")
+            # The handler lets kata's pod annotations through to the shim (as `coco-shim
+            # install`'s drop-in does): the initdata annotation rides on them.
+            config = cri_config(version, profile=profile, cni_conf_dir=base / "cni",
+                                pod_annotations=("io.katacontainers.*",))
             pcap = base / "pod-network.pcap"
             with capture(pcap, "any", expression=("net", POD_SUBNET)), \
                     private_containerd(version, extra_config=config, log_level=log_level,
