@@ -3,11 +3,11 @@ namespace, routed from the pod network through the host, HTTPS with a certificat
 CA (the CA reaches the guest through initdata's ``aa.toml``/``cdh.toml``), a fresh random
 32-byte secret per run, and a resource policy bound to the digest of the pod's initdata.
 
-Addressing (benchmarking range only): the KBS namespace holds ``eth0`` 198.18.<subnet>.2/24
-with a default route via 198.18.<subnet>.1, the host end of its veth; the host routes
-198.18.<subnet>.0/24 there by the connected route, and pods reach it through their own
-gateway (a CNI bridge on the host, or a test's veth). The host forwards IPv4
-(``net.ipv4.ip_forward``; checked, never changed here).
+Addressing (benchmarking range only, tests/support/netns.py ``host_link``): the KBS namespace
+holds ``peer0`` 198.18.<subnet>.1/24 with a default route via 198.18.<subnet>.2, the host end
+of its veth; the host routes 198.18.<subnet>.0/24 there by the connected route, and pods reach
+it through their own gateway (a CNI bridge on the host, or a test's veth). The host forwards
+IPv4 (``net.ipv4.ip_forward``; checked, never changed here).
 
 Resources (``default/<type>/<tag>``):
 
@@ -25,7 +25,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support import kbs as h
-from tests.support.netns import sh
+from tests.support.netns import host_link
 from tests.support.pki import TestCA, make_ca
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,10 +102,8 @@ def kbs_service(workdir: Path, subnet: int, *, initdata_extra: str = "") -> Iter
     if forward != "1":
         raise AssertionError("the host does not forward IPv4 (net.ipv4.ip_forward = 0): pods "
                              "cannot reach the KBS namespace; sysctl -w net.ipv4.ip_forward=1")
-    tag = uuid.uuid4().hex[:6]
-    netns, host_end = f"coco-kbs-{tag}", f"kbs{tag}h"
-    gateway, ip = f"198.18.{subnet}.1", f"198.18.{subnet}.2"
     workdir.mkdir(parents=True, exist_ok=True)
+    ip = f"198.18.{subnet}.1"
     ca = make_ca(workdir / "ca")
     issued = ca.issue("kbs", ips=(ip,))
     url = f"https://{ip}:{PORT}"
@@ -120,35 +117,32 @@ def kbs_service(workdir: Path, subnet: int, *, initdata_extra: str = "") -> Iter
     policy = workdir / "policy.toml"
     policy.write_text(h.policy({"default/*/*": [h.digest_of(initdata)]}))
     log = workdir / "kbs.log"
-    proc: subprocess.Popen[bytes] | None = None
+    with host_link(subnet) as link, _kbs_process(link.peer, ip, resources, policy, issued.cert,
+                                                 issued.key, log):
+        yield KbsService(link.peer, ip, url, ca, secret, initdata, signer, log, resources)
+
+
+@contextlib.contextmanager
+def _kbs_process(netns: str, ip: str, resources: Path, policy: Path, cert: Path, key: Path,
+                 log: Path) -> Iterator[None]:
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "kbs", "--listen",
+             f"{ip}:{PORT}", "--resources", str(resources), "--policy", str(policy),
+             "--tls-cert", str(cert), "--tls-key", str(key)],
+            stdout=subprocess.PIPE, stderr=err, cwd=REPO)
     try:
-        sh("ip", "netns", "add", netns)
-        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        sh("ip", "addr", "add", f"{gateway}/24", "dev", host_end)
-        sh("ip", "link", "set", host_end, "up")
-        sh("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
-        sh("ip", "-n", netns, "link", "set", "eth0", "up")
-        sh("ip", "-n", netns, "link", "set", "lo", "up")
-        sh("ip", "-n", netns, "route", "add", "default", "via", gateway)
-        with log.open("wb") as err:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", netns, sys.executable, "-m", "kbs", "--listen",
-                 f"{ip}:{PORT}", "--resources", str(resources), "--policy", str(policy),
-                 "--tls-cert", str(issued.cert), "--tls-key", str(issued.key)],
-                stdout=subprocess.PIPE, stderr=err, cwd=REPO)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()  # "" if it exits
         if not line.startswith("kbs: listening on https://"):
             raise AssertionError(f"the KBS did not start: {line!r} "
                                  f"{log.read_text(errors='replace')}")
-        yield KbsService(netns, ip, url, ca, secret, initdata, signer, log, resources)
+        yield
     finally:
-        if proc is not None and proc.poll() is None:
+        if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        sh("ip", "link", "del", host_end, check=False)
-        sh("ip", "netns", "del", netns, check=False)

@@ -189,7 +189,7 @@ def proof_env(version: str = "2.1.9", *, log_level: str = "debug") -> Iterator[P
     env = envinfo.load()
     image = guest_image()
     base = Path(tempfile.mkdtemp(prefix="coco-proof-", dir="/tmp"))
-    owner_ip = f"198.18.{OWNER_SUBNET}.2"
+    owner_ip = f"198.18.{OWNER_SUBNET}.1"
     registry_host = f"{owner_ip}:{REGISTRY_PORT}"
     tag = uuid.uuid4().hex[:6]
     network = CniNetwork(name=f"coco-proof-{tag}", bridge=f"cocopf{tag}", subnet=POD_SUBNET,
