@@ -193,7 +193,7 @@ def proof_env(version: str = "2.1.9", *, log_level: str = "debug") -> Iterator[P
     registry_host = f"{owner_ip}:{REGISTRY_PORT}"
     tag = uuid.uuid4().hex[:6]
     network = CniNetwork(name=f"coco-proof-{tag}", bridge=f"cocopf{tag}", subnet=POD_SUBNET,
-                         data_dir=base / "cni-ipam")
+                         data_dir=base / "cni-ipam", default_route=True)
     network.write(base / "cni")
     registry: Registry | None = None
     try:
