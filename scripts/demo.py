@@ -150,14 +150,14 @@ def confidential_flow() -> int:
         host = HostBytes(env.base / "host-bytes")
         with phase("RunPodSandbox (coco-dev, initdata) + the container, to its exit"):
             pod_id, pod = env.run_pod("demo", kbs.initdata)
-            command = ["/bin/sh", "-c", "wget -q -O - http://127.0.0.1:8006/cdh/resource/"
-                       f"{SECRET_PATH} | sha256sum"]
-            output = env.run_to_exit(pod_id, pod, env.container("app", command))
-            pod_ip = env.client.pod_status(pod_id).network.ip
-        with phase("scan what the host handled"):
-            env.snapshot_pod(host, pod_id)
-            env.client.stop_pod(pod_id)
-            env.client.remove_pod(pod_id)
+            try:
+                command = ["/bin/sh", "-c", "wget -q -O - http://127.0.0.1:8006/cdh/resource/"
+                           f"{SECRET_PATH} | sha256sum"]
+                output = env.run_to_exit(pod_id, pod, env.container("app", command))
+                pod_ip = env.client.pod_status(pod_id).network.ip
+                env.snapshot_pod(host, pod_id)
+            finally:
+                env.end_pod(pod_id)
         pulls = [a for a in env.registry.access_log()
                  if a.remote.split(":")[0] == pod_ip and a.status == 200]
         manifests = [a.path for a in pulls if "/manifests/" in a.path]

@@ -46,33 +46,36 @@ def test_secret_reaches_only_the_guest(proof: ProofEnv) -> None:
     kbs = proof.kbs
     host = HostBytes(proof.base / "host-bytes")
     pod_id, pod = proof.run_pod("proof", kbs.initdata)
-    sealed = kbs.sealed_env_value()
-    config = proof.container("digests", FETCH_AND_DIGEST, {"PROOF_SEALED": sealed})
-    output = proof.run_to_exit(pod_id, pod, config)
-    assert sha256_lines(output) == [kbs.secret_sha256, kbs.text_sha256], output
+    try:
+        sealed = kbs.sealed_env_value()
+        config = proof.container("digests", FETCH_AND_DIGEST, {"PROOF_SEALED": sealed})
+        output = proof.run_to_exit(pod_id, pod, config)
+        assert sha256_lines(output) == [kbs.secret_sha256, kbs.text_sha256], output
 
-    # A tampered sealed value: CreateContainer refused, naming the cause.
-    tampered = proof.container("tampered", ["/bin/true"],
-                               {"PROOF_SEALED": kbs.tampered_env_value()})
-    with pytest.raises(grpc.RpcError) as refused:
-        proof.client.create_container(pod_id, tampered, pod)
-    assert "sealed secret refused" in str(refused.value.details()), refused.value.details()
+        # A tampered sealed value: CreateContainer refused, naming the cause.
+        tampered = proof.container("tampered", ["/bin/true"],
+                                   {"PROOF_SEALED": kbs.tampered_env_value()})
+        with pytest.raises(grpc.RpcError) as refused:
+            proof.client.create_container(pod_id, tampered, pod)
+        assert "sealed secret refused" in str(refused.value.details()), \
+            refused.value.details()
 
-    released = [r for r in kbs.releases() if r.init_data == kbs.initdata_digest]
-    assert {r.path for r in released} >= {SECRET_PATH, "default/secret/proof-text"}
-    assert all(r.tee == "sample" for r in released)
-    proof.snapshot_pod(host, pod_id)
-    proof.client.stop_pod(pod_id)
-    proof.client.remove_pod(pod_id)
+        released = [r for r in kbs.releases() if r.init_data == kbs.initdata_digest]
+        assert {r.path for r in released} >= {SECRET_PATH, "default/secret/proof-text"}
+        assert all(r.tee == "sample" for r in released)
+        proof.snapshot_pod(host, pod_id)
+    finally:
+        proof.end_pod(pod_id)
 
     # The other pod: same KBS, an initdata the policy does not know → 403 in its output.
     other_id, other = proof.run_pod("stranger", kbs.other_initdata())
-    denied = proof.run_to_exit(other_id, other, proof.container("fetch", FETCH_ONLY))
-    assert "403" in denied, denied
-    assert scan(kbs.secret, [Source.of("stranger output", denied.encode())]) == []
-    proof.snapshot_pod(host, other_id)
-    proof.client.stop_pod(other_id)
-    proof.client.remove_pod(other_id)
+    try:
+        denied = proof.run_to_exit(other_id, other, proof.container("fetch", FETCH_ONLY))
+        assert "403" in denied, denied
+        assert scan(kbs.secret, [Source.of("stranger output", denied.encode())]) == []
+        proof.snapshot_pod(host, other_id)
+    finally:
+        proof.end_pod(other_id)
 
     proof.host_bytes(host)
     findings = host.scan(kbs.secret)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,7 @@ POD_SUBNET = "198.18.215.0/24"
 REGISTRY_PORT = 5000
 INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
 READY_TIMEOUT = 20.0
+SHIM_EXIT_GRACE = 30.0
 INSTALL = "apt-get install -y docker-registry skopeo tcpdump"
 
 
@@ -119,6 +122,11 @@ class ProofEnv:
         # CRI log lines: "<time> stdout F <text>"
         return "\n".join(line.split(" ", 3)[3] for line in
                          log.read_text(errors="replace").splitlines() if line.count(" ") >= 3)
+
+    def end_pod(self, pod_id: str) -> None:
+        """StopPodSandbox + RemovePodSandbox (the VM powers off)."""
+        self.client.stop_pod(pod_id)
+        self.client.remove_pod(pod_id)
 
     def pod_run_dir(self, pod_id: str) -> Path:
         return self.run_dir / pod_key(CRI_NAMESPACE, pod_id)
@@ -196,6 +204,7 @@ def proof_env(version: str = "2.1.9", *, log_level: str = "debug") -> Iterator[P
                          data_dir=base / "cni-ipam", default_route=True)
     network.write(base / "cni")
     registry: Registry | None = None
+    leftovers: list[int] = []
     try:
         with kbs_service(base / "owner", OWNER_SUBNET,
                          initdata_extra=image_settings(registry_host)) as kbs:
@@ -236,12 +245,19 @@ def proof_env(version: str = "2.1.9", *, log_level: str = "debug") -> Iterator[P
         if registry is not None:
             registry.stop()
         network.remove_bridge()
-        deadline = time.monotonic() + 30
-        while coco_processes(base) and time.monotonic() < deadline:
+        # Shims power their VMs off on their own after the last pod is removed; whatever
+        # still names this base after the grace is a leak (killed here, and reported).
+        deadline = time.monotonic() + SHIM_EXIT_GRACE
+        while (leftovers := coco_processes(base)) and time.monotonic() < deadline:
             time.sleep(0.2)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
                        check=False)
         shutil.rmtree(base, ignore_errors=True)
+    if leftovers:
+        raise AssertionError(f"processes left behind (killed): {leftovers}")
 
 
 def sha256_lines(text: str) -> list[str]:
