@@ -9,7 +9,7 @@ and prints the SHA-256 of the unsealed value. Both digests must be right, and no
 the secret (raw, hex, base64, base64url at every alignment) may appear in any byte the host
 handled (tests/support/proof.py lists the sources), nor in the capture of the pod network.
 
-Negatives: a tampered sealed value is refused at CreateContainer (same pod); a pod whose
+Negatives: a tampered sealed value is refused by the guest at StartContainer (same pod); a pod whose
 initdata is not the one the KBS expects gets HTTP 403, shown in its container's output.
 """
 
@@ -52,11 +52,14 @@ def test_secret_reaches_only_the_guest(proof: ProofEnv) -> None:
         output = proof.run_to_exit(pod_id, pod, config)
         assert sha256_lines(output) == [kbs.secret_sha256, kbs.text_sha256], output
 
-        # A tampered sealed value: CreateContainer refused, naming the cause.
+        # A tampered sealed value: refused in the guest, naming the cause. (CRI's
+        # CreateContainer only records the container; the agent's CreateContainer runs at
+        # StartContainer, when containerd creates the task.)
         tampered = proof.container("tampered", ["/bin/true"],
                                    {"PROOF_SEALED": kbs.tampered_env_value()})
+        tampered_id = proof.client.create_container(pod_id, tampered, pod)
         with pytest.raises(grpc.RpcError) as refused:
-            proof.client.create_container(pod_id, tampered, pod)
+            proof.client.start_container(tampered_id)
         assert "sealed secret refused" in str(refused.value.details()), \
             refused.value.details()
 
