@@ -59,6 +59,7 @@ class KbsService:
     ca: TestCA
     secret: bytes
     initdata: str  # the TOML document the policy releases the resources to
+    initdata_extra: str  # what the caller added to its cdh.toml (e.g. image settings)
     signing_key: ec.EllipticCurvePrivateKey
     log: Path
     resources: Path
@@ -78,7 +79,8 @@ class KbsService:
 
     def other_initdata(self) -> str:
         """A valid initdata for the same KBS that the policy does not release anything to."""
-        return h.initdata(self.url, cert=self.ca.cert_pem, extra="# not the owner's document\n")
+        return h.initdata(self.url, cert=self.ca.cert_pem,
+                          extra=self.initdata_extra + "# not the owner's document\n")
 
     def sealed_env_value(self) -> str:
         """A ``sealed.`` JWS (vault type, kbs provider) naming the text resource."""
@@ -119,7 +121,8 @@ def kbs_service(workdir: Path, subnet: int, *, initdata_extra: str = "") -> Iter
     log = workdir / "kbs.log"
     with host_link(subnet) as link, _kbs_process(link.peer, ip, resources, policy, issued.cert,
                                                  issued.key, log):
-        yield KbsService(link.peer, ip, url, ca, secret, initdata, signer, log, resources)
+        yield KbsService(link.peer, ip, url, ca, secret, initdata, initdata_extra, signer, log,
+                         resources)
 
 
 @contextlib.contextmanager
