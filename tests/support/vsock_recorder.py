@@ -9,7 +9,10 @@ Test-side only: the product is untouched. The shim finds vhost-device-vsock thro
    connection to the real socket byte for byte (``CONNECT <port>`` handshake included);
 3. appends what each direction carried to ``<record dir>/<pod>.<n>.to-guest`` and
    ``.to-host`` (one pair per connection; ``<pod>`` is the run directory's name), flushed as
-   it passes, so the recording is complete when the connection closes.
+   it passes, so the recording is complete when the connection closes;
+4. relays the connections the guest opens to a host port P the same way: the backend dials
+   ``<path>.rec_P``, the wrapper forwards to ``<path>_P`` where the host listens (the
+   agent's ready announcement), recorded as ``<pod>.guest-port-P.*``.
 
 SIGTERM (the shim's stop) ends the real backend, then the wrapper; the real backend also
 gets SIGKILL from the kernel if the wrapper dies (PR_SET_PDEATHSIG), so nothing outlives a
@@ -127,6 +130,25 @@ class Relay:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+def relay_guest_initiated(uds: Path, record_dir: Path,
+                          known: dict[Path, socket.socket]) -> dict[Path, socket.socket]:
+    """Connections the guest opens to host port P reach ``<uds-path>_P``: the backend now
+    dials ``<uds>.rec_P``, so relay (and record) each ``<uds>_P`` the host listens on."""
+    found = {}
+    for target in uds.parent.glob(f"{uds.name}_*"):
+        port = target.name.removeprefix(f"{uds.name}_")
+        front = uds.parent / f"{uds.name}.rec_{port}"
+        if not port.isdigit() or front in known:
+            continue
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(front))
+        listener.listen(16)
+        relay = Relay(target, record_dir, f"{uds.parent.name}.guest-port-{port}")
+        threading.Thread(target=relay.accept_loop, args=(listener,), daemon=True).start()
+        found[front] = listener
+    return found
+
+
 def serve(real: Path, record_dir: Path, argv: list[str]) -> int:
     backend_argv, uds = rewrite_vm_option(argv)
     real_uds = Path(f"{uds}.rec")
@@ -135,7 +157,9 @@ def serve(real: Path, record_dir: Path, argv: list[str]) -> int:
         signal.signal(sig, lambda _sig, _frame: stop.set())
     backend = subprocess.Popen([str(real), *backend_argv], preexec_fn=_die_with_parent)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reverse: dict[Path, socket.socket] = {}
     try:
+        reverse.update(relay_guest_initiated(uds, record_dir, reverse))
         # Listen only once the real backend does: a connection accepted earlier could only
         # be dropped, which the real backend never does to a dialling shim.
         while not real_uds.exists() and backend.poll() is None and not stop.is_set():
@@ -145,7 +169,8 @@ def serve(real: Path, record_dir: Path, argv: list[str]) -> int:
         relay = Relay(real_uds, record_dir, uds.parent.name)
         threading.Thread(target=relay.accept_loop, args=(listener,), daemon=True).start()
         while not stop.is_set() and backend.poll() is None:
-            stop.wait(0.2)
+            reverse.update(relay_guest_initiated(uds, record_dir, reverse))
+            stop.wait(0.05)
     finally:
         with contextlib.suppress(OSError):
             listener.shutdown(socket.SHUT_RDWR)
@@ -157,6 +182,10 @@ def serve(real: Path, record_dir: Path, argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 backend.kill()
                 backend.wait()
+        for path, sock in reverse.items():
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         for path in (uds, real_uds):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

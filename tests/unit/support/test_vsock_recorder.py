@@ -91,6 +91,29 @@ def test_relays_and_records_both_directions(tmp_path: Path) -> None:
         assert streams[".to-guest"] == b"CONNECT 1024\n" + payload
         assert streams[".to-host"] == b"OK 1024\n" + back
         assert all(p.name.startswith("podrun.") for p in recordings(records))
+
+        # Guest-initiated: the host listens on <uds>_<port>; the backend (here: this test)
+        # dials <uds>.rec_<port>, which the recorder relays and records.
+        with socket.socket(socket.AF_UNIX) as host_port:
+            host_port.bind(str(run / "vsock.sock_1025"))
+            host_port.listen()
+            wait_for(run / "vsock.sock.rec_1025")
+            with socket.socket(socket.AF_UNIX) as guest:
+                guest.settimeout(WAIT)
+                guest.connect(str(run / "vsock.sock.rec_1025"))
+                guest.sendall(b"READY 1024\n")
+                host_port.settimeout(WAIT)
+                conn, _ = host_port.accept()
+                with conn:
+                    got = b""
+                    while not got.endswith(b"\n"):
+                        got += conn.recv(64)
+                    assert got == b"READY 1024\n"
+        deadline = time.monotonic() + WAIT
+        while not any(p.name.startswith("podrun.guest-port-1025") and p.read_bytes()
+                      for p in recordings(records)):
+            assert time.monotonic() < deadline, "guest-initiated bytes not recorded"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=WAIT) == 0
         assert not (run / "vsock.sock").exists()
