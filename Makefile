@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-bench-coco bench-guest bench-cri bench-overhead soak fuzz clean
+bench-coco bench-guest bench-cri bench-overhead bench-daemon soak fuzz clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -47,6 +47,11 @@ guest-image: env
 
 bench: env
 	@$(PY) bench/run.py
+
+# The daemon alone, next to containerd's runc shim: `start`, first RPC, memory of 10 daemons.
+# No VM, no containerd: seconds.
+bench-daemon: env
+	@$(PY) bench/daemon.py
 
 # CRI pods with networking: RunPodSandbox+CreateContainer+StartContainer, shim memory.
 bench-cri: env

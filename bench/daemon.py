@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""`make bench-daemon`: the shim's own start-up and weight, side by side with containerd's runc
+shim (containerd-shim-runc-v2 of the same containerd release), in one run, rounds interleaved.
+
+(1) `start`: the same argv and environment for both binaries (a bundle whose daemon is not
+    running yet: both spawn one), wall time of the `start` process;
+(2) the new daemon answers its first RPC: from `start`'s exit to a ttrpc Task.Connect answered
+    (the socket is dialled at once and retried every millisecond while it is not there);
+(3) daemon memory: RSS, PSS and USS (smaps_rollup) of N daemons serving at the same time
+    (each idle: no container, no VM — what the daemon itself costs; a pod's VM is QEMU's, and
+    `make bench` measures one daemon with a running pod), so PSS shares the interpreter and
+    libraries between them as it does on a node with N pods; and the same for a gRPC daemon
+    (what containerd 1.7 talks to with `protocol = "auto"`).
+
+No VM, no containerd: it runs in seconds and needs no `heavy` lock. Results are printed next to
+issue 18's baseline and target and written to bench/daemon-results.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+from google.protobuf import empty_pb2
+
+from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
+from protocols.ttrpc.client import Client
+from tests import envinfo
+
+TASK: str = "containerd.task.v3.Task"
+COCO = Path(sys.executable).parent / "containerd-shim-coco-v2"
+
+
+def memory(pid: int) -> dict[str, float]:
+    """RSS, PSS and USS (private clean + dirty) of ``pid`` in MiB, from smaps_rollup."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0])
+    return {"rss_mib": fields["Rss"] / 1024, "pss_mib": fields["Pss"] / 1024,
+            "uss_mib": (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024}
+
+
+class Bench:
+    def __init__(self, base: Path, containerd_bin: Path) -> None:
+        self.base = base
+        self.runc = containerd_bin / "containerd-shim-runc-v2"
+        self.containerd = containerd_bin / "containerd"
+        self.config = base / "config.toml"
+        self.env = {**os.environ,
+                    "TTRPC_ADDRESS": str(base / "containerd.sock.ttrpc"),
+                    "COCO_SHIM_CONFIG": str(self.config),
+                    "COCO_SHIM_SOCKET_DIR": str(base / "s"),
+                    "COCO_SHIM_STATE_DIR": str(base / "state"),
+                    "COCO_SHIM_RUN_DIR": str(base / "run")}
+        self.serial = 0
+        self.daemons: list[int] = []
+        self.fifos: list[int] = []
+
+    def start(self, binary: Path, protocol: str = "ttrpc") -> tuple[float, str, Path]:
+        """Run ``<binary> … start`` for a new id; (seconds, the address it printed, bundle)."""
+        self.serial += 1
+        task_id = f"bench{os.getpid()}-{self.serial}"
+        bundle = self.base / "bundles" / task_id
+        bundle.mkdir(parents=True)
+        (bundle / "config.json").write_text(json.dumps(
+            {"ociVersion": "1.2.0", "process": {"args": ["true"], "cwd": "/"},
+             "root": {"path": "rootfs"}, "annotations": {}}))
+        # containerd makes the bundle's log FIFO and holds its read end (runc's daemon exits
+        # without one); the logs stay in the pipe, a few lines each.
+        os.mkfifo(bundle / "log")
+        self.fifos.append(os.open(bundle / "log", os.O_RDONLY | os.O_NONBLOCK))
+        self.config.write_text(f'[shim]\nprotocol = "{protocol}"\nearly_boot = false\n')
+        argv = [str(binary), "-namespace", "bench", "-address", str(self.base / "containerd.sock"),
+                "-publish-binary", str(self.containerd), "-id", task_id, "start"]
+        t0 = time.perf_counter()
+        done = subprocess.run(argv, cwd=bundle, env=self.env, capture_output=True, text=True,
+                              input="", timeout=30, check=False)
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{binary.name} start failed: {done.stdout} {done.stderr}")
+        address = json.loads(done.stdout)["address"]
+        return elapsed, address.removeprefix("unix://"), bundle
+
+    async def first_rpc(self, path: str, task_id: str) -> tuple[float, int]:
+        """Dial until the socket takes the connection, then Connect; (seconds, shim pid)."""
+        t0 = time.perf_counter()
+        deadline = t0 + 20
+        while True:
+            try:
+                client = await Client.connect_unix(path, timeout=5)
+                break
+            except OSError:
+                if time.perf_counter() > deadline:
+                    raise
+                await asyncio.sleep(0.001)
+        async with client:
+            reply = await client.call(TASK, "Connect", task_v3.ConnectRequest(id=task_id),
+                                      task_v3.ConnectResponse, timeout=20)
+        return time.perf_counter() - t0, reply.shim_pid
+
+    def shutdown(self, path: str, task_id: str, pid: int) -> None:
+        async def ask() -> None:
+            with contextlib.suppress(Exception):
+                async with await Client.connect_unix(path, timeout=2) as client:
+                    await client.call(TASK, "Shutdown", task_v3.ShutdownRequest(id=task_id),
+                                      empty_pb2.Empty, timeout=5)
+
+        asyncio.run(ask())
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def round(self, binary: Path) -> dict[str, Any]:
+        """One start, its first RPC, and the daemon left serving (pid recorded)."""
+        elapsed, path, bundle = self.start(binary)
+        rpc, pid = asyncio.run(self.first_rpc(path, bundle.name))
+        self.daemons.append(pid)
+        return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path,
+                "id": bundle.name}
+
+    def grpc_daemon(self) -> int:
+        """A gRPC daemon (containerd 1.7's transport): start waits for its readiness."""
+        _, _, bundle = self.start(COCO, protocol="grpc")
+        state = json.loads((self.base / "state" / "bench" / bundle.name / "shim.json")
+                           .read_text())
+        pid = int(state["pid"])
+        self.daemons.append(pid)
+        return pid
+
+    def close(self) -> None:
+        for pid in self.daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for fd in self.fifos:
+            os.close(fd)
+
+
+def row(name: str, ours: float, baseline: float | None, unit: str, target: str,
+        was: str) -> str:
+    ratio = f"{ours / baseline:5.2f}x" if baseline else "      "
+    base = f"{baseline:8.1f} {unit}" if baseline is not None else " " * (9 + len(unit))
+    return f"{name:<44} {ours:8.1f} {unit}  {base}  {ratio}  {target:<14} {was}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--daemons", type=int, default=10,
+                        help="daemons serving at once for the memory figures")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).with_name("daemon-results.json"))
+    args = parser.parse_args()
+    env = envinfo.load()
+    base = Path(tempfile.mkdtemp(prefix="coco-bench-daemon-", dir="/tmp"))
+    bench = Bench(base, env.containerd2_bin)
+    runc_base = base / "runc-root"
+    try:
+        samples: dict[str, list[dict[str, Any]]] = {"coco": [], "runc": []}
+        pairs = (("coco", COCO), ("runc", bench.runc))
+        for i in range(args.rounds):  # interleaved; the order flips every round
+            for name, binary in (pairs if i % 2 == 0 else pairs[::-1]):
+                sample = bench.round(binary)
+                samples[name].append(sample)
+                if i >= args.daemons:
+                    bench.shutdown(sample["path"], sample["id"], sample["pid"])
+        # The first --daemons of each are still serving: their memory, side by side.
+        time.sleep(1)  # let the last daemons finish their start-up allocations
+        mem = {name: [memory(s["pid"]) for s in rounds[:args.daemons]]
+               for name, rounds in samples.items()}
+        for rounds in samples.values():
+            for sample in rounds[:args.daemons]:
+                bench.shutdown(sample["path"], sample["id"], sample["pid"])
+        grpc_pid = bench.grpc_daemon()
+        time.sleep(1)
+        grpc_mem = memory(grpc_pid)
+    finally:
+        bench.close()
+        # runc's shim keeps its sockets under /run/containerd/s: ours were named from our ids.
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(runc_base, ignore_errors=True)
+
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(s[key] for s in samples[name])) * 1000
+
+    def mmed(name: str, key: str) -> float:
+        return statistics.median(m[key] for m in mem[name])
+
+    results = {
+        "command": " ".join([sys.executable, *sys.argv]), "rounds": args.rounds,
+        "daemons": args.daemons, "runc": str(bench.runc),
+        "start_ms": {n: [s["start_s"] * 1000 for s in samples[n]] for n in samples},
+        "first_rpc_ms": {n: [s["first_rpc_s"] * 1000 for s in samples[n]] for n in samples},
+        "memory_mib": mem, "grpc_daemon_memory_mib": grpc_mem,
+    }
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{'figure (medians, ' + str(args.rounds) + ' interleaved rounds)':<44} "
+          f"{'coco':>11}  {'runc shim':>11}  ratio  {'target':<14} issue 18 baseline")
+    print(row("`start` (spawns the daemon)", med("coco", "start_s"), med("runc", "start_s"),
+              "ms", "≤ 2.5x", "76 vs 11.8 ms: 6.7x"))
+    print(row("first RPC (Connect) after `start` exits", med("coco", "first_rpc_s"),
+              med("runc", "first_rpc_s"), "ms", "≤ 100 ms", "303 ms (runc 19)"))
+    print(row(f"daemon PSS, {args.daemons} serving at once", mmed("coco", "pss_mib"),
+              mmed("runc", "pss_mib"), "MiB", "≤ 12 MiB/pod", "20.0 MiB (runc 5.6)"))
+    print(row(f"daemon USS, {args.daemons} serving at once", mmed("coco", "uss_mib"),
+              mmed("runc", "uss_mib"), "MiB", "", "19.2 MiB"))
+    print(row(f"daemon RSS, {args.daemons} serving at once", mmed("coco", "rss_mib"),
+              mmed("runc", "rss_mib"), "MiB", "", ""))
+    print(row("gRPC daemon RSS (containerd 1.7's transport)", grpc_mem["rss_mib"], None, "MiB",
+              "≤ 30 MiB", "44.2 MiB (with a pod)"))
+    print(f"raw samples: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
