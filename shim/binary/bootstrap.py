@@ -8,7 +8,6 @@ once per containerd binary, cached).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -30,7 +29,7 @@ VERSION_CACHE: Final = "containerd-versions.json"
 def socket_path(address: str, namespace: str, group_id: str) -> Path:
     """containerd's convention: ``<socket dir>/<hex sha256(filepath.Join(address, ns, group))>``."""
     joined = os.path.normpath(os.path.join(address, namespace, group_id))
-    path = paths.socket_dir() / hashlib.sha256(joined.encode()).hexdigest()
+    path = paths.socket_dir() / paths.sha256_hex(joined.encode())
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise InvalidArgument(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes")
     return path

@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from shim.binary import bootstrap
@@ -84,12 +83,12 @@ def start(flags: Flags, stdin: bytes) -> str:
     with listener:
         # The pod's first container (its id is the pod's) may boot the VM at once.
         early = config.early_boot and bool(spec) and group == flags.id
-        serve = replace(flags, action="serve", bundle=str(bundle), socket=str(path),
+        serve = flags._replace(action="serve", bundle=str(bundle), socket=str(path),
                         protocol=protocol, bootstrap_version=version, group=group,
                         listen_fd=listener.fileno(), early_boot=early)
         options_fd = _options_memfd(stdin) if early else -1
         try:
-            _spawn_daemon(replace(serve, runtime_options_fd=options_fd), listener,
+            _spawn_daemon(serve._replace(runtime_options_fd=options_fd), listener,
                           ShimState.of(flags.namespace, flags.id))
         except BaseException:
             with contextlib.suppress(OSError):
@@ -128,7 +127,7 @@ def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> No
     if wait_ready:
         read_end, write_end = os.pipe()
         os.set_inheritable(write_end, True)
-        serve = replace(serve, ready_fd=write_end)
+        serve = serve._replace(ready_fd=write_end)
     os.set_inheritable(listener.fileno(), True)
     argv = [sys.executable, "-m", "shim", *to_argv(serve)]
     try:

@@ -6,16 +6,16 @@ finds the configuration the same way: the runtime options' ``ConfigBody``, else 
 named explicitly (options or environment) must be readable; the default file may be absent,
 and then the ``[shim]`` defaults apply (the daemon still needs a profile and says so).
 
-Cheap to import (``start`` runs per container): tomllib is loaded only when there is text.
+Cheap to import (``start`` runs per container): tomllib is loaded only when there is text, and
+the records are NamedTuples (``dataclasses`` would pull ``inspect`` into ``start``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from shim.core import wire
 from shim.core.errors import InvalidArgument
@@ -31,8 +31,7 @@ Protocol = Literal["grpc", "ttrpc"]
 # --- runtime options (stdin of `start`, CreateTaskRequest.options) ---------------------------
 
 
-@dataclass(frozen=True)
-class RuntimeOptions:
+class RuntimeOptions(NamedTuple):
     """``runtimeoptions.v1.Options``: what CRI sends for a runtime with an ``options`` table."""
 
     type_url: str = ""
@@ -77,8 +76,7 @@ def decode_runtime_options(data: bytes) -> RuntimeOptions:
 # --- the one fallback chain -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConfigSource:
+class ConfigSource(NamedTuple):
     """The runtime configuration as found: its TOML text (None: no file at the default path),
     where it came from, and the directory its relative paths are relative to."""
 
@@ -111,8 +109,7 @@ def config_source(options: RuntimeOptions,
 # --- the [shim] table -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ShimConfig:
+class ShimConfig(NamedTuple):
     """The ``[shim]`` table of a runtime profile (TOML), read by ``start``.
 
     ``bootstrap_version`` is 2 for containerd 1.7 (which rejects 3), 3 for containerd 2.x, or

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def test_daemon_flags_round_trip() -> None:
                   socket="/s", group="g", listen_fd=3, ready_fd=5, protocol="ttrpc",
                   bootstrap_version=2, debug=True)
     assert parse_flags(to_argv(flags)) == flags
-    early = replace(flags, early_boot=True, runtime_options_fd=7)
+    early = flags._replace(early_boot=True, runtime_options_fd=7)
     assert parse_flags(to_argv(early)) == early
 
 
