@@ -56,6 +56,20 @@ def memory(pid: int) -> dict[str, float]:
             "uss_mib": (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024}
 
 
+def settle(pid: int, timeout: float = 10) -> None:
+    """Wait until the daemon has finished its start-up work (no CPU used for 100 ms), so that
+    it does not compete with the next sample on this 2-core machine."""
+    process = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    used = sum(process.cpu_times()[:2])
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = sum(process.cpu_times()[:2])
+        if now == used:
+            return
+        used = now
+
+
 class Bench:
     def __init__(self, base: Path, containerd_bin: Path) -> None:
         self.base = base
@@ -134,6 +148,7 @@ class Bench:
         elapsed, path, bundle = self.start(binary)
         rpc, pid = asyncio.run(self.first_rpc(path, bundle.name))
         self.daemons.append(pid)
+        settle(pid)
         return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path,
                 "id": bundle.name}
 

@@ -38,7 +38,7 @@ from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.daemon.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
 from shim.daemon.logs import setup_logging
 from shim.pod.pod import Pod
-from shim.pod.vm import Booter, PodConfig
+from shim.pod.vm import Booter, PodConfig, PodVm
 
 log = logging.getLogger("shim")
 
@@ -54,6 +54,34 @@ def load_booter() -> Booter:
     module, _, attribute = target.partition(":")
     booter: Booter = getattr(importlib.import_module(module), attribute)()
     return booter
+
+
+class LazyBooter:
+    """The pod's :class:`Booter`, loaded in a worker thread after the server answers.
+
+    The boot machinery (hypervisor, qemu.qmp, the agent client and its protobuf modules) is
+    ≈ 120 ms of imports; loading it before serving kept containerd's first RPC waiting that
+    long. Imported in a thread, it leaves the event loop free to answer meanwhile (the GIL
+    switches every few milliseconds). ``preload`` starts it as soon as the server is up; a
+    boot that comes first waits for the same load.
+    """
+
+    def __init__(self, load: Callable[[], Booter] = load_booter) -> None:
+        self._load = load
+        self._loading: asyncio.Future[Booter] | None = None
+
+    async def loaded(self) -> Booter:
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+        return await asyncio.shield(self._loading)  # one load, whichever caller is cancelled
+
+    async def preload(self) -> None:
+        with contextlib.suppress(Exception):  # a booter that cannot load fails the boot itself
+            await self.loaded()
+
+    async def boot(self, config: PodConfig) -> PodVm:
+        booter = await self.loaded()
+        return await booter.boot(config)
 
 
 def event_sender(flags: Flags) -> EventSender:
@@ -147,7 +175,8 @@ async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
     stack.push_async_callback(_drain, forwarder, group.create_task(forwarder.run()), timeouts)
     owner = Owner(group)
     stack.push_async_callback(owner.aclose)
-    pod = Pod(load_booter(), spawn=owner.spawn, timeouts=timeouts)
+    booter = LazyBooter()
+    pod = Pod(booter, spawn=owner.spawn, timeouts=timeouts)
     owner.on_crash = pod.fail
     stack.push_async_callback(pod.shutdown)
 
@@ -179,6 +208,7 @@ async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
         stack.push_async_callback(grpc_server.stop, timeouts.server_grace)
         if listener is not None:
             listener.close()  # replaced by gRPC's socket before anyone learnt the path
+    owner.spawn(booter.preload())
     return pod
 
 

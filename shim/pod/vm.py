@@ -13,18 +13,20 @@ from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from hypervisor.errors import QemuError
-from hypervisor.vm import VirtualMachine
 from shim.core.config import RuntimeOptions
 from shim.core.errors import RpcError
 from shim.pod import guest_spec
-from shim.pod.agent import Agent
 from shim.pod.mounts import Mount
-from shim.pod.profile import AnnotationPolicy
-from shim.pod.rootfs import RootfsStrategy
-from shim.pod.sizing import VmSize
+
+if TYPE_CHECKING:  # types only: the daemon serves before the boot machinery is loaded
+    from hypervisor.vm import VirtualMachine
+    from shim.pod.agent import Agent
+    from shim.pod.profile import AnnotationPolicy
+    from shim.pod.rootfs import RootfsStrategy
+    from shim.pod.sizing import VmSize
 
 log = logging.getLogger(__name__)
 

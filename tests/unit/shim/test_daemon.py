@@ -8,6 +8,8 @@ import json
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import pytest
 
 from shim.binary.flags import Flags
 from shim.core import paths
-from shim.daemon.main import BOOTER_ENV, Owner, serve
+from shim.daemon.main import BOOTER_ENV, LazyBooter, Owner, serve
 from shim.pod.pod import Pod, PodState
+from shim.pod.vm import PodConfig
 from shim.task.manager import TaskManager
 from shim.task.process import CreateTask
 from tests.unit.shim.conftest import STAMP
@@ -83,7 +86,45 @@ async def test_whatever_ends_the_daemon_the_vm_is_stopped(
     assert [str(e) for e in caught.value.exceptions] == ["the daemon's body failed"]
     (pod,) = pods
     assert pod.state is PodState.STOPPED
-    booter = pod._booter
+    assert isinstance(pod._booter, LazyBooter)
+    booter = await pod._booter.loaded()
     assert isinstance(booter, FakeBooter) and booter.vms[-1].stopped
     assert booter.rootfs[-1].closed
     shutil.rmtree(short)
+
+
+async def test_lazy_booter_loads_once_in_a_thread_while_the_loop_runs() -> None:
+    """The boot machinery loads off the event loop: the loop keeps ticking during a slow load,
+    concurrent boots share the one load, and a load that fails fails every boot with its
+    cause."""
+    loads: list[int] = []
+
+    def slow_load() -> FakeBooter:
+        loads.append(threading.get_ident())
+        time.sleep(0.2)  # a blocking import
+        return FakeBooter()
+
+    lazy = LazyBooter(slow_load)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    first, second = await asyncio.gather(lazy.loaded(), lazy.loaded())
+    ticker.cancel()
+    assert first is second and len(loads) == 1
+    assert loads[0] != threading.get_ident()
+    assert ticks >= 5  # ≈ 20 while the load slept
+
+    def broken_load() -> FakeBooter:
+        raise ModuleNotFoundError("no module named 'hypervisor'")
+
+    broken = LazyBooter(broken_load)
+    await broken.preload()  # swallowed there: the boot reports it
+    with pytest.raises(ModuleNotFoundError, match="hypervisor"):
+        await broken.boot(PodConfig(sandbox_id="p", namespace="default", bundle=Path("/b"),
+                                    spec={}))
