@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-bench-coco bench-guest bench-cri bench-overhead bench-daemon soak fuzz clean
+	bench-coco bench-guest bench-cri bench-overhead bench-daemon bench-relay soak fuzz clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -52,6 +52,11 @@ bench: env
 # No VM, no containerd: seconds.
 bench-daemon: env
 	@$(PY) bench/daemon.py
+
+# The stdio relay alone: loopback agent (reference agent on the host, runc), 256 MiB through
+# ProcessIO into a FIFO, every byte checked, next to the agent alone. No VM, no containerd.
+bench-relay: env
+	@$(PY) bench/relay.py
 
 # CRI pods with networking: RunPodSandbox+CreateContainer+StartContainer, shim memory.
 bench-cri: env

@@ -115,6 +115,14 @@ class FrameDecoder:
         buffer += view
         size = len(buffer)
         limit = self._max_length
+        with memoryview(buffer) as whole:  # slices of it copy once (bytes(buffer[a:b]): twice)
+            pos = self._frames(buffer, whole, size, limit, events)
+        del buffer[:pos]
+        return events
+
+    def _frames(self, buffer: bytearray, whole: memoryview, size: int, limit: int,
+                events: list[Frame | OversizedFrame]) -> int:
+        """Decode the whole frames in ``buffer``; the offset where the rest begins."""
         pos = 0
         while size - pos >= HEADER_LENGTH:
             length, stream_id, frame_type, flags = _HEADER.unpack_from(buffer, pos)
@@ -133,7 +141,7 @@ class FrameDecoder:
             end = start + length
             if end > size:
                 break
-            events.append(Frame(stream_id, frame_type, flags, bytes(buffer[start:end])))
+            with whole[start:end] as data:
+                events.append(Frame(stream_id, frame_type, flags, bytes(data)))
             pos = end
-        del buffer[:pos]
-        return events
+        return pos

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -70,8 +71,16 @@ def _open_checked(path: str, flags: int) -> int:
     return fd
 
 
+PIPE_SIZE: Final = 1 << 20  # /proc/sys/fs/pipe-max-size's default: what anyone may ask for
+
+
 def open_fifo(path: str) -> int:
-    return _open_checked(path, os.O_RDWR | os.O_NONBLOCK)
+    """An output FIFO, its pipe grown to one agent chunk where the kernel allows (the default
+    64 KiB took 16 writes, each waiting for the reader, per chunk)."""
+    fd = _open_checked(path, os.O_RDWR | os.O_NONBLOCK)
+    with contextlib.suppress(OSError):  # over a limit: as is
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return fd
 
 
 async def _wait_fd(fd: int, *, write: bool, wake: asyncio.Event | None = None) -> None:
@@ -225,15 +234,26 @@ class ProcessIO:
 
     async def _copy_out(self, read: Callable[[str, str, int], Awaitable[bytes]], fd: int,
                         name: str) -> None:
+        """One chunk is asked for while the previous one is written: the agent's round trip
+        and the FIFO writes overlap instead of adding up, and at most two chunks are held.
+        Chunks are still written in the order they were read."""
+        ahead: asyncio.Future[bytes] | None = None
         try:
-            while data := await read(self._cid, self._eid, CHUNK):
+            ahead = asyncio.ensure_future(read(self._cid, self._eid, CHUNK))
+            while data := await ahead:
+                ahead = asyncio.ensure_future(read(self._cid, self._eid, CHUNK))
                 if fd >= 0:  # nobody asked for this stream: drain it so the guest never blocks
                     await write_all(fd, data)
+            ahead = None
         except Unavailable as err:  # the VM or its agent went away: the stream is over
             log.info("%s/%s %s relay ended: %s", self._cid, self._eid or "init", name, err)
         except Exception as err:  # the stream is over either way; the exit still gets reported
             log.warning("%s/%s %s relay ended: %s", self._cid, self._eid or "init", name, err)
         finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await ahead
             self._close_fd(fd)  # containerd's reader sees end of file once we let go
 
     def _close_fd(self, fd: int) -> None:

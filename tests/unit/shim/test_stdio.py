@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from protocols.api.kata import oci_pb2
-from shim.task.stdio import ProcessIO
+from shim.task.stdio import CHUNK, PIPE_SIZE, ProcessIO, open_fifo
 from tests.unit.shim.fakes import FakeAgent
 from tests.unit.shim.helpers import Owner, make_fifos, read_to_eof, write_fifo
 
@@ -58,7 +59,9 @@ async def test_output_done_waits_for_a_slow_reader(tmp_path: Path) -> None:
     io = ProcessIO(sandbox, "c", "", stdout=str(fifos.stdout))
     io.open()
     io.start(owner.spawn)
-    payload = b"x" * (512 * 1024)  # more than a pipe holds
+    # More than the relay holds: the grown pipe (1 MiB), the chunk being written, the one
+    # read ahead.
+    payload = b"x" * (4 << 20)
     await sandbox.process("c").stdout.feed(payload)
     await sandbox.finish("c")
     done = asyncio.create_task(io.output_done())
@@ -187,3 +190,63 @@ def test_log_uris_are_refused_by_name(tmp_path: Path, uri: str) -> None:
     with pytest.raises(OSError, match=r"log URIs \(binary://, file://\) are not supported"):
         io.open()
     assert not Path("/var/log/c1.log").exists()
+
+
+async def test_output_fifo_pipe_is_grown_to_one_chunk(tmp_path: Path) -> None:
+    """The output FIFO holds a whole agent chunk: one write per chunk, not sixteen."""
+    fifos = make_fifos(tmp_path)
+    fd = open_fifo(str(fifos.stdout))
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == PIPE_SIZE == CHUNK
+    finally:
+        os.close(fd)
+
+
+async def test_read_ahead_keeps_order_and_one_read_in_flight(tmp_path: Path) -> None:
+    """The next chunk is asked for while the last one is written, never two at once, and the
+    chunks reach the FIFO in the order they were read."""
+    in_flight = 0
+    most = 0
+    chunks = [bytes([n]) * 100_000 for n in range(40)]
+
+    class Streams:
+        async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.001)
+            in_flight -= 1
+            return chunks.pop(0) if chunks else b""
+
+        async def read_stderr(self, container_id: str, exec_id: str, size: int) -> bytes:
+            return b""
+
+        async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+            return len(data)
+
+        async def close_stdin(self, container_id: str, exec_id: str) -> None:
+            return None
+
+    expected = b"".join(chunks)
+    fifos = make_fifos(tmp_path)
+    fd = os.open(fifos.stdout, os.O_RDONLY | os.O_NONBLOCK)
+    owner = Owner()
+    io = ProcessIO(Streams(), "c", "", stdout=str(fifos.stdout))
+    io.open()
+    io.start(owner.spawn)
+    received = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+            continue
+        if not chunk:
+            break
+        received += chunk
+    await asyncio.wait_for(io.output_done(), 5)
+    assert bytes(received) == expected
+    assert most == 1
+    os.close(fd)
+    await io.aclose()
+    await owner.aclose()

@@ -155,7 +155,7 @@ async def test_wait_returns_only_after_output_drained(h: Harness, tmp_path: Path
     await create(h, stdio=Stdio(stdout=str(fifos.stdout)))
     fd = os.open(fifos.stdout, os.O_RDONLY | os.O_NONBLOCK)  # keep the FIFO readable
     await h.tasks.start("c1")
-    payload = os.urandom(1 << 20)
+    payload = os.urandom(4 << 20)  # more than the pipe (1 MiB) and the relay's two chunks
     process = h.agent.process("c1")
     process.stdout.max_buffer = 8 << 20
     await process.stdout.feed(payload)
