@@ -13,6 +13,7 @@ the records are NamedTuples (``dataclasses`` would pull ``inspect`` into ``start
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal, NamedTuple
@@ -24,6 +25,7 @@ RUNTIME_OPTIONS_TYPE: Final = "runtimeoptions.v1.Options"
 CONFIG_ENV: Final = "COCO_SHIM_CONFIG"
 DEFAULT_CONFIG: Final = Path("/etc/coco-shim/configuration.toml")
 BODY_SOURCE: Final = "<runtime options config_body>"
+MAX_CONFIG_BYTES: Final = 1 << 20  # a profile is a few KiB; a bigger "config" is a mistake
 
 Protocol = Literal["grpc", "ttrpc"]
 
@@ -96,7 +98,7 @@ def config_source(options: RuntimeOptions,
     explicit = options.config_path or environ.get(CONFIG_ENV, "")
     path = Path(explicit) if explicit else DEFAULT_CONFIG
     try:
-        text = path.read_text()
+        text = _read_config(path)
     except FileNotFoundError as err:
         if not explicit:
             return ConfigSource(None, str(path))
@@ -104,6 +106,25 @@ def config_source(options: RuntimeOptions,
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidArgument(f"runtime config {path}: cannot read: {err}") from err
     return ConfigSource(text, str(path), path.parent)
+
+
+def _read_config(path: Path) -> str:
+    """The text of a regular file of at most MAX_CONFIG_BYTES. Opened non-blocking and checked
+    before reading: a FIFO, a device (``/dev/zero``) or a directory is refused, never read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument(f"runtime config {path}: not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise InvalidArgument(
+                f"runtime config {path}: {info.st_size} bytes, more than {MAX_CONFIG_BYTES}")
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:  # grew between fstat and read
+        raise InvalidArgument(f"runtime config {path}: more than {MAX_CONFIG_BYTES} bytes")
+    return data.decode()
 
 
 # --- the [shim] table -------------------------------------------------------------------------

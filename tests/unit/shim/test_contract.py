@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,25 @@ def test_one_fallback_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     env.unlink()  # a file named explicitly must be readable
     with pytest.raises(InvalidArgument, match=f"runtime config {env}: cannot read"):
         config_source(RuntimeOptions(), environ)
+
+
+def test_a_config_path_that_is_no_regular_file_is_refused_without_reading(
+        tmp_path: Path) -> None:
+    """A FIFO nobody writes, a device that never ends, a directory, an oversized file: each is
+    refused by name at once (before this, a FIFO or /dev/zero made `start` read forever)."""
+    fifo = tmp_path / "profile.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (config.MAX_CONFIG_BYTES + 1))
+    for path, reason in ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
+                         (tmp_path, "not a regular file"),
+                         (big, f"{config.MAX_CONFIG_BYTES + 1} bytes, more than")):
+        with pytest.raises(InvalidArgument, match=f"runtime config {path}: {reason}"):
+            config_source(RuntimeOptions(config_path=str(path)), {})
+    exact = tmp_path / "exact.toml"
+    exact.write_bytes(b"#" * config.MAX_CONFIG_BYTES)
+    assert config_source(RuntimeOptions(config_path=str(exact)), {}).text == \
+        "#" * config.MAX_CONFIG_BYTES
 
 
 def test_socket_path_follows_containerd(monkeypatch: pytest.MonkeyPatch) -> None:
