@@ -1,12 +1,11 @@
 """TEE access in the reference guest: configfs-tsm reports, SNP reports, TDX quotes.
 
-The one function other guest code needs for initdata is :func:`check_initdata`: given the
-platform and the initdata digest it reads the evidence field the host set at launch (SNP
-``HOST_DATA``, TDX ``MRCONFIGID``) through configfs-tsm and raises :class:`InitdataMismatch`
-unless it equals the digest fitted to that field (truncated or zero-padded at the end, as the
-host did). :func:`bound_field` returns the raw field; :func:`fit_digest` the expected bytes.
-Platforms without such a field (``sample``: coco-dev) bind nothing: ``bound_field`` returns
-None there and ``check_initdata`` passes, as upstream's sample attester does.
+What other guest code needs for initdata is :func:`bound_field`: the evidence field the host
+set at launch (SNP ``HOST_DATA``, TDX ``MRCONFIGID``), read through configfs-tsm. The agent
+compares it with the initdata digest fitted to the field's size (``guest.agent.initdata.verify``
+with ``protocols.initdata.fit_digest``, the one fitting rule host and guest share). Platforms
+without such a field (``sample``: coco-dev) bind nothing: ``bound_field`` returns None there, as
+upstream's sample attester does.
 
 Never imports shim; imports no third-party package (the agent imports it before serving).
 """
@@ -15,19 +14,11 @@ from __future__ import annotations
 
 import enum
 
-from guest.tee.snp import HOST_DATA_SIZE, SnpReport
-from guest.tee.tdx import MRCONFIGID_SIZE, TdxQuote
+from guest.tee.snp import SnpReport
+from guest.tee.tdx import TdxQuote
 from guest.tee.tsm import TsmError, TsmReports
 
-__all__ = [
-    "InitdataMismatch",
-    "Tee",
-    "TeeError",
-    "bound_field",
-    "check_initdata",
-    "detect",
-    "fit_digest",
-]
+__all__ = ["Tee", "TeeError", "bound_field", "detect"]
 
 
 class Tee(enum.Enum):
@@ -37,16 +28,10 @@ class Tee(enum.Enum):
 
 
 PROVIDERS = {"sev_guest": Tee.SNP, "tdx_guest": Tee.TDX}
-FIELD_NAMES = {Tee.SNP: "SNP HOST_DATA", Tee.TDX: "TDX MRCONFIGID"}
-FIELD_SIZES = {Tee.SNP: HOST_DATA_SIZE, Tee.TDX: MRCONFIGID_SIZE}
 
 
 class TeeError(RuntimeError):
     """The TEE could not be reached or answered something unusable."""
-
-
-class InitdataMismatch(TeeError):
-    """The evidence's bound field does not carry the initdata digest."""
 
 
 def detect(tsm: TsmReports | None = None) -> Tee:
@@ -89,23 +74,4 @@ def bound_field(tee: Tee, tsm: TsmReports | None = None) -> bytes | None:
         return TdxQuote.parse(raw).mrconfigid
     except ValueError as err:
         raise TeeError(f"unusable {tee.value} report: {err}") from err
-
-
-def fit_digest(tee: Tee, digest: bytes) -> bytes:
-    """The digest as the host put it in the field: truncated or zero-padded at the end."""
-    size = FIELD_SIZES[tee]
-    return digest[:size].ljust(size, b"\0")
-
-
-def check_initdata(tee: Tee, digest: bytes, tsm: TsmReports | None = None) -> None:
-    """Raise InitdataMismatch unless the evidence's bound field equals the fitted digest."""
-    actual = bound_field(tee, tsm)
-    if actual is None:
-        return
-    expected = fit_digest(tee, digest)
-    if actual != expected:
-        raise InitdataMismatch(
-            f"initdata digest does not match the evidence: {FIELD_NAMES[tee]} is "
-            f"{actual.hex()}, the initdata gives {expected.hex()}"
-        )
 
