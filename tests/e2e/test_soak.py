@@ -16,7 +16,8 @@ def test_pod_cycles_leak_nothing() -> None:
     def report(sample: Sample) -> None:  # shown with -s: the per-cycle counters
         print(f"soak: {sample}")
 
+    samples: list[Sample] = []
     with soak_run("2.1.9") as run:
-        samples, found = soak(run, SHORT_CYCLES, report)
+        found = soak(run, SHORT_CYCLES, samples, report)
     assert len(samples) == SHORT_CYCLES
     assert not found, "\n".join(found)

@@ -241,20 +241,27 @@ def soak_run(version: str) -> Iterator[SoakRun]:
                 os.kill(pid, 9)
         subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
                        check=False)
+        kept = base / "state" / ".failed-boots"
+        if kept.is_dir() and any(kept.iterdir()):  # a failed boot's console and QEMU logs
+            saved = Path(tempfile.mkdtemp(prefix="coco-soak-failed-boots-", dir="/tmp"))
+            shutil.copytree(kept, saved, dirs_exist_ok=True)
+            print(f"soak: failed boots' console and QEMU logs kept in {saved}", flush=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def soak(run: SoakRun, cycles: int,
-         report: Callable[[Sample], None] = lambda sample: None) -> tuple[list[Sample], list[str]]:
-    """Run the cycles; returns the samples and the leaks found (growth and leftovers)."""
-    samples = []
+def soak(run: SoakRun, cycles: int, samples: list[Sample],
+         report: Callable[[Sample], None] = lambda sample: None) -> list[str]:
+    """Run the cycles, appending each cycle's sample to ``samples`` as it ends (a failed cycle
+    keeps those before it); returns the leaks found (growth and leftovers)."""
     for index in range(cycles):
         sample = run.cycle(index)
         samples.append(sample)
         report(sample)
-    found = leaks(samples, warmup_for(cycles))
-    found += [f"left after the last cycle: {item}" for item in run.leftovers()]
-    return samples, found
+    return leftover_leaks(run) + leaks(samples, warmup_for(cycles))
+
+
+def leftover_leaks(run: SoakRun) -> list[str]:
+    return [f"left after the last cycle: {item}" for item in run.leftovers()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     found: list[str] = []
     with soak_run(args.containerd) as run:
         try:
-            samples, found = soak(run, args.cycles, report)
+            found = soak(run, args.cycles, samples, report)
         except (AssertionError, subprocess.TimeoutExpired) as err:  # a failed cycle
             failed = str(err)
+            with contextlib.suppress(Exception):
+                run.settle()  # what the failed cycle made must still go
+            found = leftover_leaks(run)
     if args.csv:
         with args.csv.open("w", newline="") as out:
             writer = csv.writer(out)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tests.soak.soak import Sample, growth, leaks, warmup_for
+import pytest
+
+from tests.soak.soak import Sample, growth, leaks, leftover_leaks, soak, warmup_for
 
 BASE = Sample(cycle=0, seconds=10.0, run_s=8.0, exec_s=0.5, delete_s=1.0, settle_s=0.5,
               boot_s=7.5, sandbox_s=8.0,
@@ -42,3 +44,23 @@ def test_leaks_names_the_counter_and_skips_the_warm_up() -> None:
     # The host's process count is shown, never judged: other work moves it.
     busy = [replace(BASE, cycle=i, host_processes=300 + 10 * i) for i in range(20)]
     assert leaks(busy, warmup) == []
+
+
+class FailingRun:
+    """A soak run whose third cycle fails, with one leftover after it."""
+
+    def cycle(self, index: int) -> Sample:
+        assert index < 2, f"cycle {index}: ctr run exited 1"
+        return replace(BASE, cycle=index)
+
+    def leftovers(self) -> list[str]:
+        return ["process 4242"]
+
+
+def test_a_failed_cycle_keeps_the_samples_before_it() -> None:
+    samples: list[Sample] = []
+    with pytest.raises(AssertionError, match="cycle 2: ctr run exited 1"):
+        soak(FailingRun(), 5, samples)  # type: ignore[arg-type]
+    assert [s.cycle for s in samples] == [0, 1]
+    assert leftover_leaks(FailingRun()) == [  # type: ignore[arg-type]
+        "left after the last cycle: process 4242"]
