@@ -24,6 +24,7 @@ from shim.core.errors import InvalidArgument
 # sockaddr_un.sun_path is 108 bytes; containerd keeps shim socket paths to 106.
 MAX_SOCKET_PATH: Final = 106
 VERSION_CACHE: Final = "containerd-versions.json"
+ADDRESS_FILE: Final = "address"
 
 
 def socket_path(address: str, namespace: str, group_id: str) -> Path:
@@ -49,6 +50,34 @@ def bootstrap_json(version: int, protocol: Protocol, path: Path | str) -> str:
     address = str(path) if protocol == "grpc" else f"unix://{path}"
     return json.dumps({"version": version, "address": address, "protocol": protocol},
                       separators=(",", ":"))
+
+
+def write_address_file(bundle: Path, version: int, protocol: Protocol,
+                       path: Path | str) -> Path:
+    """Write the bundle's ``address`` file (atomically): how containerd 1.7 finds this shim
+    again after its own restart.
+
+    containerd 1.7 never records where its shims listen: on start-up its ``loadShim`` reads
+    ``<bundle>/address``, which the shim writes (containerd-shim-runc-v2 does), and parses it
+    like ``start``'s output. Without the file it takes the shim for dead, runs ``delete`` and
+    forgets the task. containerd 2.x writes its own ``bootstrap.json`` and reads ``address`` only
+    to migrate a 1.x bundle, as a plain ttrpc address. So a ttrpc shim records its plain
+    ``unix://`` address (read right by both), a gRPC one the bootstrap JSON (a plain address
+    means ttrpc to containerd).
+    """
+    text = f"unix://{path}" if protocol == "ttrpc" else bootstrap_json(version, protocol, path)
+    target = bundle / ADDRESS_FILE
+    staging = bundle / f".{ADDRESS_FILE}.{os.getpid()}"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(staging, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+    return target
 
 
 def protocol_for(configured: Protocol | Literal["auto"], bootstrap_version: int) -> Protocol:

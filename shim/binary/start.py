@@ -64,6 +64,10 @@ def start(flags: Flags, stdin: bytes) -> str:
     group = group_id(spec, flags.id)
     path = bootstrap.socket_path(flags.address, flags.namespace, group)
     answer = bootstrap.bootstrap_json(version, protocol, path)
+    try:  # for the first container and every other one the pod's shim serves
+        bootstrap.write_address_file(bundle, version, protocol, path)
+    except OSError as err:
+        raise StartError(f"cannot write {bundle / bootstrap.ADDRESS_FILE}: {err}") from err
 
     for _ in range(3):  # a concurrent start for the same pod may win the bind
         if bootstrap.can_connect(path):

@@ -179,10 +179,6 @@ def test_containerd_restarted_with_a_running_pod(coco: CocoContainerd) -> None:
     """R2: containerd stopped (SIGTERM) and started again on the same root and state while a
     pod runs: the task is still listed, exec works, events flow, kill and delete work, and
     nothing of the pod is left afterwards."""
-    if coco.cd.version.startswith("1."):
-        # Measured: 1.7.24 no longer lists the task after the restart and orphans the pod's
-        # shim and VM (not fixed yet; reported). Failing here, before any pod exists.
-        pytest.xfail("containerd 1.7.24 does not reload the running pod after a restart")
     cid = name("restart")
     coco.run(cid, "sleep", "600", flags=("-d",))
     try:

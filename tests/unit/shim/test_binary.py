@@ -383,6 +383,29 @@ def test_containerd_1_7_gets_bootstrap_version_2(env: Env) -> None:
     assert list(cache.values()) == [1]
 
 
+def test_start_records_the_address_in_every_bundle_for_containerd_1_7_reloads(
+        env: Env) -> None:
+    """containerd 1.7 reconnects after its restart only through ``<bundle>/address`` (parsed
+    like start's output); 2.x migrates a 1.x bundle reading it as a plain ttrpc address."""
+    fake = env.root / "containerd"
+    fake.write_text("#!/bin/sh\necho 'containerd github.com/containerd/containerd 1.7.24 x'\n")
+    fake.chmod(0o755)
+    pod, app = env.bundle("pod"), env.bundle("app", sandbox_id="pod")
+    boot = env.start("pod", pod, b"", "-publish-binary", str(fake))
+    assert boot["protocol"] == "grpc"
+    # gRPC: the bootstrap JSON exactly as printed (a plain address would mean ttrpc).
+    assert json.loads((pod / "address").read_text()) == boot
+    # A container of the pod's shim (no new daemon) gets the same record in its own bundle.
+    assert env.start("app", app, b"", "-publish-binary", str(fake)) == boot
+    assert json.loads((app / "address").read_text()) == boot
+    assert stat.S_IMODE((app / "address").stat().st_mode) == 0o600
+    assert sorted(p.name for p in app.iterdir()) == ["address", "config.json"]  # no staging
+
+    ttrpc = env.bundle("t1")
+    boot = env.start("t1", ttrpc, _options(TTRPC_PROFILE))
+    assert (ttrpc / "address").read_text() == boot["address"] == f"unix://{env.socket('t1')}"
+
+
 def test_start_imports_nothing_heavy(env: Env) -> None:
     bundle = env.bundle("c1")
     probe = (
