@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,8 @@ from shim.pod.mounts import Mount
 from shim.task.events import Stdio
 from shim.task.manager import TaskManager
 from shim.task.process import CreateTask, ExecTask, ProcessState
+
+log = logging.getLogger(__name__)
 
 STATUS: dict[ProcessState, int] = {
     ProcessState.CREATED: task_types.CREATED,
@@ -101,6 +104,9 @@ class TaskService:
         self._pb = pb
 
     async def Create(self, request: Any, context: object) -> Any:
+        # When containerd's connection really carried a request: from here on containerd 1.7
+        # watches the connection and runs `delete` if this daemon dies.
+        log.debug("container %s: Create received", request.id)
         pid = await self._tasks.create(CreateTask(
             id=request.id, bundle=request.bundle,
             rootfs=tuple(Mount(m.type, m.source, m.target, tuple(m.options))
