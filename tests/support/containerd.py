@@ -21,6 +21,7 @@ import psutil
 from tests import envinfo
 
 START_TIMEOUT = 20.0
+CRI_STATE = "io.containerd.grpc.v1.cri"  # the CRI plugin's state dir (1.7 and 2.x alike)
 
 
 @dataclass
@@ -87,6 +88,12 @@ class Containerd:
                                    f"\n{self.log_tail()}")
             time.sleep(0.02)
 
+    def cni_netns(self) -> list[Path]:
+        """The pod network namespaces CRI pinned under this containerd's state dir
+        (tests/support/cri.py sets ``netns_mounts_under_state_dir``): after the last
+        RemovePodSandbox there must be none."""
+        return sorted((self.base / "state" / CRI_STATE / "netns").glob("*"))
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -135,9 +142,17 @@ def private_containerd(version: str, *, extra_config: str = "",
                             start_new_session=True)
     cd = Containerd(version, bin_dir, base, proc, log_path, list(extra_path or []),
                     command, cd_env)
+    leaked: list[Path] = []
     try:
         cd.wait_ready()
         yield cd
+        # The after-each-module leak check every private containerd gets: a pod network
+        # namespace CRI still holds once the module removed its pods (the test or containerd's
+        # failed-sandbox cleanup left it) would outlive the test.
+        leaked = cd.cni_netns()
+        said = [line for line in cd.log_path.read_text(errors="replace").splitlines()
+                if "level=error" in line and ("sandbox" in line or "netns" in line
+                                              or "network namespace" in line)][-10:]
     finally:
         proc = cd.process  # a restart replaced it
         if proc.poll() is None:
@@ -153,6 +168,9 @@ def private_containerd(version: str, *, extra_config: str = "",
         subprocess.run(["umount", "-R", "-l", str(base / "state")], capture_output=True,
                        check=False)
         shutil.rmtree(base, ignore_errors=True)
+    if leaked:
+        raise AssertionError(f"containerd {version} left pod network namespaces behind: "
+                             f"{[p.name for p in leaked]}; it said:\n" + "\n".join(said))
 
 
 def shim_daemons(run_dir_marker: Path) -> list[psutil.Process]:
