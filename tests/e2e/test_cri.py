@@ -237,6 +237,8 @@ def test_pods_reach_each_other_and_the_host_over_the_pod_network(crictd: CriCont
         ips = {name: client.pod_status(pod_id).network.ip for name, (pod_id, _, _) in
                pods.items()}
         assert len(crictd.qemus()) == 2
+        # Their network namespaces are where the teardown's leak check looks (not vacuous).
+        assert len(crictd.cd.cni_netns()) == 2, crictd.cd.cni_netns()
         for name, (_, cid, _) in pods.items():
             eth0 = client.exec_sync(cid, ["ip", "-4", "-o", "addr", "show", "eth0"])
             assert eth0.exit_code == 0 and f" {ips[name]}/" in eth0.stdout.decode(), eth0
