@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -51,26 +52,81 @@ def timed_run(env: CocoDevCri, pod: str, name: str, image: str, command: list[st
     return took
 
 
+PHASES = re.compile(r"image pull: .*: layer (?P<digest>sha256:[0-9a-f]{64}): .* in "
+                    r"(?P<total>[0-9.]+) s \((?P<phases>[^)]*)\)")
+
+
+def guest_phases(env: CocoDevCri, pod: str, digest: str) -> dict[str, float]:
+    """The puller's own breakdown of the layer's time (its log line on the pod VM's serial
+    console, which coco-dev keeps in the pod's run directory)."""
+    consoles = sorted(env.pod_dir(pod).rglob("console.log"))
+    for console in consoles:
+        for match in PHASES.finditer(console.read_text(errors="replace")):
+            if match["digest"] == digest:
+                phases = {"total": float(match["total"])}
+                for part in match["phases"].split(", "):
+                    name, _, seconds = part.partition(" ")
+                    phases[name] = float(seconds)
+                return phases
+    seen = {str(c): c.read_text(errors="replace")[-3000:] for c in consoles}
+    files = sorted(str(p) for p in env.run_dir.rglob("*"))
+    raise SystemExit(f"no timing line for layer {digest} in the console of pod {pod}: "
+                     f"{seen or files}")
+
+
+def wget_script(urls: dict[str, str], sink: str) -> str:
+    """busybox sh: fetch every URL with busybox wget into ``sink`` (a command reading stdin),
+    print ``<name> <sink's output>`` per URL; any wget failure fails the script (pipefail)."""
+    # The registry serves an OCI manifest only to a client that accepts its type.
+    accept = f"--header 'Accept: {oci.OCI_MANIFEST}'"
+    lines = ["set -eo pipefail"]
+    for name, url in urls.items():
+        header = accept if "/manifests/" in url else ""
+        lines.append(f'out=$(wget -q {header} -O - {url} | {sink}); echo "{name} $out"')
+    return "\n".join(lines)
+
+
 def pull_vs_wget(env: CocoDevCri, run: int, large_ref: str, large: oci.Image) -> dict[str, float]:
     pod = env.run_pod(f"pull-{run}", initdata=env.initdata())
     try:
         env.start(pod, "warm", env.refs["busybox"], ["true"])  # busybox into the layer cache
         host = env.registries.plain.host
         repository = large_ref.split("/", 1)[1].rsplit(":", 1)[0]
-        urls = [f"http://{host}/v2/{repository}/manifests/{large.manifest_digest}",
-                f"http://{host}/v2/{repository}/blobs/{oci.sha256(large.config_bytes())}",
-                f"http://{host}/v2/{repository}/blobs/{large.layers[-1].digest}"]
-        # The registry serves an OCI manifest only to a client that accepts its type.
-        accept = f"--header 'Accept: {oci.OCI_MANIFEST}'"
-        fetch = " && ".join(f"wget -q {accept if '/manifests/' in url else ''} -O /dev/null "
-                            f"{url}" for url in urls)
+        config = large.config_bytes()
+        layer = large.layers[-1]
+        blobs = {"manifest": (large.manifest_digest, len(large.manifest_bytes())),
+                 "config": (oci.sha256(config), len(config)),
+                 "layer": (layer.digest, len(layer.blob))}
+        urls = {"manifest": f"http://{host}/v2/{repository}/manifests/{large.manifest_digest}",
+                "config": f"http://{host}/v2/{repository}/blobs/{blobs['config'][0]}",
+                "layer": f"http://{host}/v2/{repository}/blobs/{layer.digest}"}
         base = timed_run(env, pod, "base", env.refs["busybox"], ["true"])
         pull = timed_run(env, pod, "pull", large_ref, ["true"])
-        wget = timed_run(env, pod, "wget", env.refs["busybox"], ["sh", "-c", fetch])
+        phases = guest_phases(env, pod, layer.digest)
+        # The baseline: the same three fetches, every byte counted (wc -c) and checked below.
+        wget = timed_run(env, pod, "wget", env.refs["busybox"],
+                         ["sh", "-c", wget_script(urls, "wc -c")])
+        check_wget(env.logs(pod, "wget", until="layer "), blobs, "bytes")
+        if run == 0:  # once: what wget receives is the blobs themselves (untimed)
+            env.start(pod, "wget-sha", env.refs["busybox"],
+                      ["sh", "-c", wget_script(urls, "sha256sum")])
+            check_wget(env.logs(pod, "wget-sha", until="layer "), blobs, "sha256")
     finally:
         env.remove_pod(pod)
     return {"base": base, "pull": pull, "wget": wget,
-            "ratio": (pull - base) / (wget - base)}
+            "ratio": (pull - base) / (wget - base),
+            **{f"guest_{name}": seconds for name, seconds in phases.items()}}
+
+
+def check_wget(output: str, blobs: dict[str, tuple[str, int]], kind: str) -> None:
+    """Fail the bench unless wget got each blob whole: its byte count, or its SHA-256."""
+    got = dict(line.split(" ", 1) for line in output.splitlines() if " " in line)
+    for name, (digest, size) in blobs.items():
+        seen = got.get(name, "").split()
+        want = str(size) if kind == "bytes" else digest.removeprefix("sha256:")
+        if not seen or seen[0] != want:
+            raise SystemExit(f"wget baseline is not the blobs: {name}: got {seen[:1]}, "
+                             f"expected {kind} {want} ({output!r})")
 
 
 def pod_start(env: CocoDevCri, handler: str, run: int) -> float:
@@ -99,6 +155,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-pod-start", action="store_true",
+                        help="measure only the pull against wget (skip the pod start figures)")
     args = parser.parse_args()
     env_info = envinfo.load()
     image = guest_image()
@@ -114,7 +172,7 @@ def main() -> int:
             env.client.pull_image(large_ref)
             for run in range(args.runs):
                 pulls.append(pull_vs_wget(env, run, large_ref, large))
-                for handler in ("coco", DEV_HANDLER):
+                for handler in () if args.no_pod_start else ("coco", DEV_HANDLER):
                     starts[handler].append(pod_start(env, handler, run))
     finally:
         dev_profile.unlink(missing_ok=True)
@@ -124,9 +182,15 @@ def main() -> int:
         print(f"  {key:5} start→exit            {statistics.median(p[key] for p in pulls):7.2f} s")
     print(f"  guest pull / wget of the {size:.0f} MiB image (minus base)  "
           f"{statistics.median(p['ratio'] for p in pulls):.2f}x  (target ≤ 1.3)")
-    coco, dev = (statistics.median(starts[h]) for h in ("coco", DEV_HANDLER))
-    print(f"  pod start (RunPodSandbox+CreateContainer+StartContainer): coco-dev {coco:.2f} s, "
-          f"dev profile {dev:.2f} s ({coco / dev:.2f}x)")
+    print("  wget: every blob's byte count checked each run, its SHA-256 in the first")
+    phases = [k for k in pulls[0] if k.startswith("guest_")]
+    print("  the big layer in the guest (the puller's own clock, exclusive time per phase):")
+    print("    " + ", ".join(f"{k.removeprefix('guest_')} "
+                            f"{statistics.median(p[k] for p in pulls):.2f} s" for k in phases))
+    if not args.no_pod_start:
+        coco, dev = (statistics.median(starts[h]) for h in ("coco", DEV_HANDLER))
+        print(f"  pod start (RunPodSandbox+CreateContainer+StartContainer): coco-dev "
+              f"{coco:.2f} s, dev profile {dev:.2f} s ({coco / dev:.2f}x)")
     print(json.dumps({"pull": pulls, "pod_start": starts}))
     return 0
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from guest.agent.errors import DataLoss, InvalidArgument
+from guest.image_pull.timing import PhaseTimer
 
 ALGORITHMS = {"sha256": 64, "sha512": 128}
 _DIGEST = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
@@ -55,13 +56,16 @@ class Readable(Protocol):
 class VerifyingReader:
     """A file-like view of ``raw`` limited to ``size`` bytes, hashing what passes through."""
 
-    def __init__(self, raw: Readable, expected: Digest, size: int, what: str) -> None:
+    def __init__(
+        self, raw: Readable, expected: Digest, size: int, what: str, timer: PhaseTimer | None = None
+    ) -> None:
         self.raw = raw
         self.expected = expected
         self.size = size
         self.what = what
         self.seen = 0
         self._hash = expected.hasher()
+        self.timer = timer
 
     def read(self, size: int = -1, /) -> bytes:
         left = self.size - self.seen
@@ -70,7 +74,12 @@ class VerifyingReader:
         want = left if size is None or size < 0 else min(size, left)
         chunk = self.raw.read(want)
         self.seen += len(chunk)
-        self._hash.update(chunk)
+        if self.timer is None:
+            self._hash.update(chunk)
+        else:
+            previous = self.timer.enter("digest")
+            self._hash.update(chunk)
+            self.timer.leave(previous)
         return chunk
 
     def drain(self, chunk_size: int = 1 << 20) -> None:

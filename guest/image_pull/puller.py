@@ -44,6 +44,7 @@ from guest.image_pull.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
 from guest.image_pull.pause import PAUSE_BUNDLE, is_sandbox, prepare_pause_rootfs
 from guest.image_pull.reference import ImageReference, parse_reference
 from guest.image_pull.store import LayerStore
+from guest.image_pull.timing import PhaseTimer
 
 if TYPE_CHECKING:  # imported on first pull: ssl and http.client cost agent start-up time
     from guest.image_pull.registry import BlobStream, RegistryClient
@@ -89,15 +90,19 @@ class PulledImage:
 
 
 class _Progress:
-    """Counts bytes through a stream and logs every PROGRESS_EVERY."""
+    """Counts bytes through a stream, logs every PROGRESS_EVERY, charges the wait for them to
+    the timer's ``network`` phase."""
 
-    def __init__(self, raw: BlobStream, what: str) -> None:
+    def __init__(self, raw: BlobStream, what: str, timer: PhaseTimer) -> None:
         self.raw = raw
         self.what = what
+        self.timer = timer
         self.count = 0
 
     def read(self, size: int = -1, /) -> bytes:
+        previous = self.timer.enter("network")
         data = self.raw.read(size)
+        self.timer.leave(previous)
         before = self.count // PROGRESS_EVERY
         self.count += len(data)
         if self.count // PROGRESS_EVERY != before:
@@ -315,14 +320,18 @@ class ImagePuller:
         from guest.image_pull.unpack import Decompressed, unpack
 
         started = time.monotonic()
+        timer = PhaseTimer()
         staged = self.store.stage()
         try:
+            previous = timer.enter("network")
             stream = client.open_blob(ref, digest)
+            timer.leave(previous)
             try:
-                verifier = VerifyingReader(_Progress(stream, what), digest, size, what)
+                received = _Progress(stream, what, timer)
+                verifier = VerifyingReader(received, digest, size, what, timer)
                 try:
-                    data = Decompressed(verifier, what)
-                    stats = unpack(data, staged / "fs", what, client.token.check)
+                    data = Decompressed(verifier, what, timer)
+                    stats = unpack(data, staged / "fs", what, client.token.check, timer)
                     data.drain()
                 except (DataLoss, InvalidArgument, Unimplemented) as err:
                     # Bad content: if the blob is not what its digest says, that is the cause
@@ -341,15 +350,18 @@ class ImagePuller:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         log.info(
-            "image pull: %s: %d bytes, %d entries, %d whiteouts, %d opaque dirs, "
-            "%d skipped, in %.2f s",
+            "image pull: %s: %d bytes (%s, %d uncompressed), %d entries, %d whiteouts, "
+            "%d opaque dirs, %d skipped, in %.2f s (%s)",
             what,
             size,
+            data.kind,
+            data.size,
             stats.entries,
             stats.whiteouts,
             stats.opaque_dirs,
             len(stats.skipped),
             time.monotonic() - started,
+            PhaseTimer.describe(timer.stop()),
         )
         return path
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from guest.agent.errors import DataLoss, InvalidArgument
 from guest.image_pull.digest import Digest, Readable
+from guest.image_pull.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ class Decompressed:
 
     FEED = 64 << 10
 
-    def __init__(self, raw: Readable, what: str) -> None:
+    def __init__(self, raw: Readable, what: str, timer: PhaseTimer | None = None) -> None:
         self.raw = raw
         self.what = what
+        self.timer = timer
         head = raw.read(4)
         self._pending = head
         self._inflater: Any = None
@@ -102,8 +104,21 @@ class Decompressed:
 
     def _produce(self, want: int) -> bytes:
         """Up to ``want`` more uncompressed bytes (b"" at the end), hashed."""
-        out = self._inflate(want) if self._inflater is not None else self._source(want)
-        self._hash.update(out)
+        timer = self.timer
+        if self._inflater is None:
+            out = self._source(want)
+        elif timer is None:
+            out = self._inflate(want)
+        else:
+            previous = timer.enter("inflate")
+            out = self._inflate(want)
+            timer.leave(previous)
+        if timer is None:
+            self._hash.update(out)
+        else:
+            previous = timer.enter("diff_id")
+            self._hash.update(out)
+            timer.leave(previous)
         self.size += len(out)
         return out
 
@@ -174,10 +189,17 @@ def clean_name(name: str, what: str) -> list[str]:
 class Unpacker:
     """Extract one tar stream into ``dest`` (an empty directory)."""
 
-    def __init__(self, dest: Path, what: str, check: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        what: str,
+        check: Callable[[], None] = lambda: None,
+        timer: PhaseTimer | None = None,
+    ) -> None:
         self.dest = dest
         self.what = what
         self.check = check
+        self.timer = timer
         self.stats = UnpackStats()
         self._dir_times: list[tuple[list[str], int]] = []
         self._root = -1
@@ -304,9 +326,15 @@ class Unpacker:
         try:
             source = archive.extractfile(member)
             if source is not None:
+                timer = self.timer
                 while chunk := source.read(CHUNK):
                     self.check()
-                    _write_all(fd, chunk)
+                    if timer is None:
+                        _write_all(fd, chunk)
+                    else:
+                        previous = timer.enter("write")
+                        _write_all(fd, chunk)
+                        timer.leave(previous)
                     self.stats.bytes += len(chunk)
             os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid bits
@@ -397,6 +425,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def unpack(stream: Readable, dest: Path, what: str, check: Callable[[], None]) -> UnpackStats:
+def unpack(
+    stream: Readable,
+    dest: Path,
+    what: str,
+    check: Callable[[], None],
+    timer: PhaseTimer | None = None,
+) -> UnpackStats:
     """Extract a tar stream into the empty directory ``dest``."""
-    return Unpacker(dest, what, check).run(stream)
+    return Unpacker(dest, what, check, timer).run(stream)
