@@ -330,7 +330,7 @@ class ImagePuller:
                 received = _Progress(stream, what, timer)
                 verifier = VerifyingReader(received, digest, size, what, timer)
                 try:
-                    data = Decompressed(verifier, what, timer)
+                    data = Decompressed(verifier, what, timer, raw_digest=digest)
                     stats = unpack(data, staged / "fs", what, client.token.check, timer)
                     data.drain()
                 except (DataLoss, InvalidArgument, Unimplemented) as err:

@@ -60,12 +60,26 @@ PAX_XATTR = "SCHILY.xattr."
 class Decompressed:
     """The uncompressed bytes of a layer stream, the compression told by its magic (gzip,
     zstd through the image's libzstd, else a plain tar), hashed as they pass so the diff ID can
-    be checked. Input is fed in small pieces and output kept in one bounded buffer, so reads of
-    any size cost no re-copying of large tails and memory stays bounded."""
+    be checked. Input is fed in pieces of FEED and output kept in one bounded buffer, so reads
+    of any size cost no re-copying of large tails and memory stays bounded.
 
-    FEED = 64 << 10
+    ``raw_digest``: the digest the caller verifies ``raw`` against (a VerifyingReader below).
+    A plain tar's diff ID is its blob's digest when that is a sha256 one, so such a layer is
+    hashed once, not twice: :attr:`diff_id` is then that digest, and means something only
+    once the caller's verification has passed (the puller compares diff IDs after it)."""
 
-    def __init__(self, raw: Readable, what: str, timer: PhaseTimer | None = None) -> None:
+    # Bigger pieces mean fewer interpreter round trips per MiB (measured in a TCG guest:
+    # inflating in 1 MiB pieces ran at 151 MiB/s, in 64 KiB pieces with bounded output at 111).
+    FEED = 1 << 20
+
+    def __init__(
+        self,
+        raw: Readable,
+        what: str,
+        timer: PhaseTimer | None = None,
+        *,
+        raw_digest: Digest | None = None,
+    ) -> None:
         self.raw = raw
         self.what = what
         self.timer = timer
@@ -82,7 +96,11 @@ class Decompressed:
             self._inflater = ZstdDecompressor(what)
         else:
             self.kind = "tar"
-        self._hash = hashlib.sha256()
+        self._same_as_raw = (
+            raw_digest if self.kind == "tar" and raw_digest and raw_digest.algorithm == "sha256"
+            else None
+        )
+        self._hash: Any = None if self._same_as_raw else hashlib.sha256()
         self.size = 0
         self._eof = False
         self._buffer = b""
@@ -113,7 +131,9 @@ class Decompressed:
             previous = timer.enter("inflate")
             out = self._inflate(want)
             timer.leave(previous)
-        if timer is None:
+        if self._hash is None:
+            pass  # a plain tar whose diff ID is its (verified) blob digest
+        elif timer is None:
             self._hash.update(out)
         else:
             previous = timer.enter("diff_id")
@@ -162,6 +182,8 @@ class Decompressed:
 
     @property
     def diff_id(self) -> Digest:
+        if self._same_as_raw is not None:
+            return self._same_as_raw
         return Digest("sha256", self._hash.hexdigest())
 
 

@@ -20,6 +20,7 @@ from guest.agent.errors import (
     Unimplemented,
 )
 from guest.image_pull.config import PullConfig, RegistryRule
+from guest.image_pull.digest import Digest
 from guest.image_pull.puller import ImagePuller, Platform
 from guest.image_pull.reference import parse_reference
 from guest.image_pull.registry import Cancelled, CancelToken, RegistryClient
@@ -206,3 +207,37 @@ def test_cancel_token_unblocks_a_transfer_stuck_in_a_read(tmp_path: Path) -> Non
         worker.join(5)
         assert not worker.is_alive() and time.monotonic() - started < 2
         assert isinstance(errors[0], Cancelled) and "test deadline" in str(errors[0])
+
+
+async def test_plain_layers_are_hashed_once_and_still_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An uncompressed layer's diff ID is its blob digest: one SHA-256 pass, and a tampered
+    blob or a config naming another diff ID is still refused."""
+    import guest.image_pull.unpack as unpack_module
+
+    class NoSecondPass:
+        @staticmethod
+        def sha256() -> object:
+            raise AssertionError("a plain layer was hashed a second time")
+
+    monkeypatch.setattr(unpack_module, "hashlib", NoSecondPass)
+    tar = oci.TarBuilder().file("hello", "plain\n").bytes()
+    plain = oci.Layer.plain(tar)
+    forged = oci.Layer(oci.TarBuilder().file("other", "x").bytes(), tar, oci.LAYER_TAR)
+    with serve(FakeRegistry()) as registry:
+        registry.add_image("plain", "1", oci.Image((plain,), {"Cmd": ["sh"]}))
+        registry.add_image("forged", "1", oci.Image((forged,), {"Cmd": ["sh"]}))
+        registry.add_image("tampered", "1", oci.Image((plain,), {"Cmd": ["sh"]}))
+        puller = ImagePuller(config(tmp_path, registry.host), AMD64)
+        image = await puller.pull(f"{registry.host}/plain:1")
+        assert (image.layers[0] / "hello").read_text() == "plain\n"
+        assert puller.store.layer_diff_id(Digest.parse(plain.digest)) == plain.diff_id
+        other = ImagePuller(config(tmp_path / "2", registry.host), AMD64)
+        with pytest.raises(DataLoss, match="uncompressed digest"):
+            await other.pull(f"{registry.host}/forged:1")
+        registry.blobs[plain.digest] = tar[:-1] + b"\1"
+        third = ImagePuller(config(tmp_path / "3", registry.host), AMD64)
+        with pytest.raises(DataLoss, match=plain.digest):
+            await third.pull(f"{registry.host}/tampered:1")
+        assert third.store.layers() == [] and third.store.staging_entries() == []

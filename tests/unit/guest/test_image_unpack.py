@@ -190,3 +190,19 @@ def test_store_is_private_and_commits_only_whole_layers(tmp_path: Path) -> None:
     assert (path / "file").read_text() == "x" and store.layer(digest) == path
     assert store.layer_diff_id(digest) == str(Digest.of(b"tar"))
     assert store.staging_entries() == []
+
+
+def test_decompressed_diff_id_of_a_plain_tar_is_its_raw_digest_only_for_plain_sha256() -> None:
+    data = bytes(range(256)) * 1000
+    plain = Decompressed(io.BytesIO(data), "layer", raw_digest=Digest.of(data))
+    assert b"".join(iter(lambda: plain.read(65536), b"")) == data
+    assert plain.diff_id == Digest.of(data)
+    squeezed = gzip.compress(data)
+    # a compressed layer's diff ID is always hashed from its uncompressed bytes
+    packed = Decompressed(io.BytesIO(squeezed), "layer", raw_digest=Digest.of(squeezed))
+    packed.drain()
+    assert packed.diff_id == Digest.of(data) != Digest.of(squeezed)
+    # a sha512 blob digest says nothing about the sha256 diff ID: hashed
+    wide = Decompressed(io.BytesIO(data), "layer", raw_digest=Digest.of(data, "sha512"))
+    wide.drain()
+    assert wide.diff_id == Digest.of(data)
