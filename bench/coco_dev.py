@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -115,7 +117,55 @@ def pull_vs_wget(env: CocoDevCri, run: int, large_ref: str, large: oci.Image) ->
         env.remove_pod(pod)
     return {"base": base, "pull": pull, "wget": wget,
             "ratio": (pull - base) / (wget - base),
-            **{f"guest_{name}": seconds for name, seconds in phases.items()}}
+            **{f"guest_{name}": seconds for name, seconds in phases.items()},
+            **host_pull_vs_wget(env, large_ref, urls, blobs)}
+
+
+def host_pull_vs_wget(env: CocoDevCri, large_ref: str, urls: dict[str, str],
+                      blobs: dict[str, tuple[str, int]]) -> dict[str, float]:
+    """The same comparison at native speed, without a VM: the guest's puller code run on this
+    host against the same registry (its layer cache on tmpfs, busybox cached first), and the
+    host's busybox wget of the same URLs. Separates the puller's design from TCG's cost."""
+    import asyncio
+    import logging
+    import tempfile
+
+    from guest.image_pull.config import PullConfig, RegistryRule
+    from guest.image_pull.puller import ImagePuller
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("guest.image_pull.puller")
+    handler = Collect()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    work = Path(tempfile.mkdtemp(prefix="coco-bench-pull-", dir="/dev/shm"))
+    try:
+        host = env.registries.plain.host
+        config = PullConfig(work_dir=work / "images", ca_bundle=None,
+                            registries=(RegistryRule(prefix=host, insecure=True),))
+        puller = ImagePuller(config)
+        asyncio.run(puller.pull(env.refs["busybox"]))
+        started = time.monotonic()
+        asyncio.run(puller.pull(large_ref))
+        pull = time.monotonic() - started
+        started = time.monotonic()
+        fetched = subprocess.run(["busybox", "sh", "-c", wget_script(urls, "wc -c")],
+                                 capture_output=True, text=True, check=True).stdout
+        wget = time.monotonic() - started
+        check_wget(fetched, blobs, "bytes")
+    finally:
+        logger.removeHandler(handler)
+        shutil.rmtree(work, ignore_errors=True)
+    layer = blobs["layer"][0]
+    phases = next(m for line in lines if (m := PHASES.search(line)) and m["digest"] == layer)
+    return {"host_pull": pull, "host_wget": wget, "host_ratio": pull / wget,
+            **{f"host_{name}": float(seconds) for name, _, seconds in
+               (part.partition(" ") for part in phases["phases"].split(", "))}}
 
 
 def check_wget(output: str, blobs: dict[str, tuple[str, int]], kind: str) -> None:
@@ -187,6 +237,12 @@ def main() -> int:
     print("  the big layer in the guest (the puller's own clock, exclusive time per phase):")
     print("    " + ", ".join(f"{k.removeprefix('guest_')} "
                             f"{statistics.median(p[k] for p in pulls):.2f} s" for k in phases))
+    host = {k: statistics.median(p[k] for p in pulls) for k in pulls[0] if k.startswith("host_")}
+    print(f"  the same without a VM (this host's CPU, the puller's code, busybox wget): pull "
+          f"{host['host_pull']:.2f} s, wget {host['host_wget']:.2f} s: "
+          f"{host['host_ratio']:.2f}x")
+    print("    " + ", ".join(f"{k.removeprefix('host_')} {v:.2f} s" for k, v in host.items()
+                            if k not in ("host_pull", "host_wget", "host_ratio")))
     if not args.no_pod_start:
         coco, dev = (statistics.median(starts[h]) for h in ("coco", DEV_HANDLER))
         print(f"  pod start (RunPodSandbox+CreateContainer+StartContainer): coco-dev "
