@@ -11,11 +11,12 @@ initdata disk, size the VM from the pod's limits, …) is one more method and on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,6 +41,7 @@ from shim.network.tcfilter import (
     guest_requests,
     netns_of,
 )
+from shim.pod.admission import BootSlots
 from shim.pod.agent import Agent, AgentClient
 from shim.pod.guest_spec import annotations_of
 from shim.pod.mounts import remove_tree
@@ -86,6 +88,8 @@ class BootEnv:
     timeouts: Timeouts = TIMEOUTS
     host_size: Callable[[], HostSize] = HostSize.probe
     cgroup_root: Callable[[], Path | None] = cgroup.unified_mount
+    # Node-wide: at most one boot per host CPU at once, across every daemon (None: no limit).
+    admission: BootSlots | None = field(default_factory=BootSlots.for_node)
 
 
 class VmBooter:
@@ -134,8 +138,9 @@ class BootScript:
             await self.join_pod_cgroup()
             await self.prepare_rootfs()
             await self.wire_network()
-            await self.launch_vm()
-            await self.dial_agent()
+            async with self.admitted():  # launch to first Check: the CPU-bound part
+                await self.launch_vm()
+                await self.dial_agent()
             await self.set_policy()
             await self.configure_guest_network()
             await self.create_sandbox()
@@ -146,6 +151,16 @@ class BootScript:
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Hold a node-wide boot slot (:mod:`shim.pod.admission`); the dial timeout only
+        starts once it is held, so waiting in a burst is not charged to it."""
+        if self.env.admission is None:
+            yield
+            return
+        async with self.env.admission.slot(f"pod {self.config.sandbox_id}"):
+            yield
 
     # --- decide (nothing made yet) ------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from shim.network.tcfilter import (
     Route,
     WiredNetwork,
 )
+from shim.pod.admission import BootSlots
 from shim.pod.agent import Agent
 from shim.pod.boot import BootEnv, VmBooter
 from shim.pod.sizing import HostSize
@@ -423,6 +424,25 @@ async def test_every_container_is_checked_against_the_allow_list(harness: Harnes
     await vm.create_container("c3", harness.tmp, {
         "annotations": {"io.kubernetes.cri.image-name": "r/x:1"},
         "process": {"args": ["sh"], "cwd": "/"}}, [])
+
+
+async def test_launch_waits_for_a_node_boot_slot(harness: Harness) -> None:
+    """With every node-wide boot slot held (by other daemons), the boot wires its network and
+    waits before QEMU; once a slot frees it launches and dials (the dial's clock starts
+    then: waiting is not charged to it)."""
+    node = BootSlots.for_node()
+    held = [taken for _ in range(node.slots) if (taken := node.try_take()) is not None]
+    assert len(held) == node.slots
+    boot = asyncio.create_task(harness.booter().boot(harness.config(str(netns_file(harness)))))
+    await asyncio.sleep(0.2)
+    assert harness.log == ["network setup"] and not boot.done()
+    os.close(held.pop()[1])  # one daemon's boot is over
+    vm = await asyncio.wait_for(boot, 5)
+    assert harness.log[:3] == ["network setup", "launch", "agent connect"]
+    back = node.try_take()  # the boot gave its slot back once the agent answered
+    assert back is not None
+    for _, fd in [*held, back]:
+        os.close(fd)
     await vm.destroy(vm_gone=False)
 
 
