@@ -72,6 +72,7 @@ _RUNTIME_KEYS: dict[str, tuple[type, bool]] = {
     "static_sandbox_resource_mgmt": (bool, False),
     "sandbox_max_vcpus": (int, False),
     "sandbox_max_memory_mib": (int, False),
+    "boot_slots": (int, False),
 }
 _SEV_KEYS: dict[str, tuple[type, bool]] = {
     "policy": (int, False),
@@ -337,6 +338,11 @@ def parse_profile(
     if dial_timeout <= 0:
         raise ConfigError(source, "runtime.dial_timeout", "must be positive", dial_timeout)
 
+    boot_slots = rt.opt("boot_slots", int)
+    if boot_slots is not None and boot_slots < 0:
+        raise ConfigError(source, "runtime.boot_slots",
+                          "must be 0 (no limit) or more (absent: one per host CPU)", boot_slots)
+
     initdata_file = paths.resolve_host("runtime.initdata", rt.opt("initdata", str))
     if initdata_file is not None and check_files:
         _check_initdata_file(source, initdata_file)
@@ -376,6 +382,7 @@ def parse_profile(
         static_sizing=rt.get("static_sandbox_resource_mgmt", bool, True),
         sandbox_max_vcpus=rt.positive("sandbox_max_vcpus", None),
         sandbox_max_memory_mib=rt.positive("sandbox_max_memory_mib", None),
+        boot_slots=boot_slots,
     )
     if tee.confidential and rt.opt("confidential", bool) is False:
         raise ConfigError(source, "runtime.confidential", f"a {tee.value} profile is "

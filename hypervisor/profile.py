@@ -228,6 +228,9 @@ class RuntimeProfile:
     static_sizing: bool = True
     sandbox_max_vcpus: int | None = None
     sandbox_max_memory_mib: int | None = None
+    # Node-wide boot admission (the shim's shim/pod/admission.py): at most this many pod VMs
+    # boot at once across the node's daemons (None: one per host CPU; 0: no limit).
+    boot_slots: int | None = None
 
     @property
     def confidential(self) -> bool:

@@ -48,6 +48,10 @@ class Timeouts:
     agent_dial_retry_pause: float = 0.1  # between two dial attempts while the guest boots
     agent_dial_attempt: float = 5.0  # one dial attempt: connect (+ the hybrid CONNECT reply)
     boot: float = 180.0  # boot the pod VM up to CreateSandbox (TCG boots are slow)
+    # Waiting for a node-wide boot slot (shim/pod/admission.py) while other pods boot; the boot
+    # clock above (and the dial timeout) stop meanwhile. A burst of 16 pods on 2 CPUs waits
+    # ≈ 7 boots for the last slot.
+    boot_slot_wait: float = 300.0
     vm_stop: float = 30.0  # DestroySandbox, VM stop and host cleanup of a pod
     # The VM died: how long its processes get to report their exits before the teardown.
     vm_exit_reports: float = 10.0

@@ -38,7 +38,7 @@ from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.daemon.events import EventForwarder, EventSender, GrpcEventSender, TtrpcEventSender
 from shim.daemon.logs import setup_logging
 from shim.pod.pod import Pod
-from shim.pod.vm import Booter, PodConfig, PodVm
+from shim.pod.vm import BootClock, Booter, PodConfig, PodVm
 
 log = logging.getLogger("shim")
 
@@ -79,9 +79,9 @@ class LazyBooter:
         with contextlib.suppress(Exception):  # a booter that cannot load fails the boot itself
             await self.loaded()
 
-    async def boot(self, config: PodConfig) -> PodVm:
+    async def boot(self, config: PodConfig, clock: BootClock | None = None) -> PodVm:
         booter = await self.loaded()
-        return await booter.boot(config)
+        return await booter.boot(config, clock)
 
 
 def event_sender(flags: Flags) -> EventSender:

@@ -6,22 +6,23 @@ the dial timeout. So each daemon takes one of N slots before it launches QEMU an
 back once the agent has answered. The slots are files ``slot-0`` … ``slot-<N-1>`` under
 ``<run root>/boot-slots``, each held with ``flock``: the kernel releases a lock when its
 holder's file is closed, so a daemon that crashes or is killed frees its slot by itself and
-nothing needs cleaning up. The files are opened close-on-exec (QEMU never inherits a slot).
+nothing needs cleaning up. The files are opened close-on-exec (QEMU never inherits a slot);
+a holder writes its pid and pod into its file, so a waiter can say whom it waits for.
 
-Waiting for a slot is not part of the dial timeout: the boot's own clock starts when it has
-a slot. N defaults to the CPUs this process may run on.
+N is the profile's ``[runtime] boot_slots``: absent, one per CPU this process may run on; 0,
+no limit. Daemons whose profiles give different N share the same files: each admits itself
+while fewer than its own N boots run. The wait has no bound here: the caller owns it (the
+boot script bounds it by ``Timeouts.boot_slot_wait`` and stops the boot's own clock meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -37,8 +38,22 @@ def host_cpus() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+class HeldSlot:
+    """One slot, locked until :meth:`release` (or until the process dies)."""
+
+    def __init__(self, index: int, fd: int) -> None:
+        self.index = index
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlock (closing the file releases the flock). Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class BootSlots:
-    """N flock'd slot files in ``directory``; ``async with slots.slot():`` holds one."""
+    """N flock'd slot files in ``directory``; :meth:`wait` holds one."""
 
     def __init__(self, directory: Path, slots: int, *, poll: float = POLL) -> None:
         if slots < 1:
@@ -48,11 +63,15 @@ class BootSlots:
         self.poll = poll
 
     @classmethod
-    def for_node(cls) -> BootSlots:
-        return cls(paths.run_root() / SLOTS_DIR, host_cpus())
+    def for_node(cls, setting: int | None) -> BootSlots | None:
+        """The node's slots under the run root: ``setting`` of them (None: one per host CPU;
+        0: no admission limit, None is returned)."""
+        if setting == 0:
+            return None
+        return cls(paths.run_root() / SLOTS_DIR, host_cpus() if setting is None else setting)
 
-    def try_take(self) -> tuple[int, int] | None:
-        """A free slot now, as (index, locked fd), or None when all are held."""
+    def try_take(self, holder: str = "") -> HeldSlot | None:
+        """A free slot now, or None when all are held."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for index in range(self.slots):
             fd = os.open(self.directory / f"slot-{index}",
@@ -64,22 +83,38 @@ class BootSlots:
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     continue
                 raise
-            return index, fd
+            try:  # who holds it, for the log lines of those who wait
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
+            except OSError:
+                pass  # a full disk costs the diagnostic only
+            return HeldSlot(index, fd)
         return None
 
-    @contextlib.asynccontextmanager
-    async def slot(self, name: str = "") -> AsyncIterator[int]:
-        """Wait (unbounded: the caller owns the deadline) for a slot and hold it."""
+    def holders(self) -> list[str]:
+        """What the slot files say about their holders (pid and pod), for diagnostics."""
+        found = []
+        for index in range(self.slots):
+            try:
+                text = (self.directory / f"slot-{index}").read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                found.append(text.strip()[:200])
+        return found
+
+    async def wait(self, name: str = "") -> HeldSlot:
+        """Wait for a slot and hold it (unbounded: the caller owns the deadline). Cancelled,
+        it holds nothing."""
+        taken = self.try_take(name)
+        if taken is not None:
+            return taken
         started = time.monotonic()
+        log.info("%s: all %d boot slots are taken (%s): waiting", name or "boot", self.slots,
+                 "; ".join(self.holders()) or "holders unknown")
         # Polled: a slot is freed by another process (or by the kernel, for a dead one).
-        while (taken := self.try_take()) is None:  # noqa: ASYNC110
+        while (taken := self.try_take(name)) is None:  # noqa: ASYNC110
             await asyncio.sleep(self.poll)
-        index, fd = taken
-        waited = time.monotonic() - started
-        if waited >= self.poll:
-            log.info("%sboot slot %d of %d after waiting %.1f s", f"{name}: " if name else "",
-                     index, self.slots, waited)
-        try:
-            yield index
-        finally:
-            os.close(fd)  # releases the lock
+        log.info("%s: boot slot %d of %d after waiting %.1f s", name or "boot", taken.index,
+                 self.slots, time.monotonic() - started)
+        return taken

@@ -32,7 +32,7 @@ from protocols.initdata import Initdata, InitdataError
 from shim.core import cgroup, failed_boot, paths
 from shim.core.config import RuntimeOptions
 from shim.core.crash_record import ShimState
-from shim.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shim.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.network.tcfilter import (
     PodNetworking,
@@ -53,7 +53,7 @@ from shim.pod.profile import (
 )
 from shim.pod.rootfs import RootfsStrategy, rootfs_for
 from shim.pod.sizing import HostSize, VmSize, size_vm
-from shim.pod.vm import PodConfig, PodVm
+from shim.pod.vm import BootClock, PodConfig, PodVm
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class BootEnv:
     timeouts: Timeouts = TIMEOUTS
     host_size: Callable[[], HostSize] = HostSize.probe
     cgroup_root: Callable[[], Path | None] = cgroup.unified_mount
-    # Node-wide: at most one boot per host CPU at once, across every daemon (None: no limit).
-    admission: BootSlots | None = field(default_factory=BootSlots.for_node)
+    # Node-wide boot slots from the profile's [runtime] boot_slots (None: no limit).
+    admission: Callable[[int | None], BootSlots | None] = BootSlots.for_node
 
 
 class VmBooter:
@@ -99,8 +99,8 @@ class VmBooter:
     def __init__(self, env: BootEnv | None = None) -> None:
         self.env = env or BootEnv()
 
-    async def boot(self, config: PodConfig) -> PodVm:
-        return await BootScript(config, self.env).run()
+    async def boot(self, config: PodConfig, clock: BootClock | None = None) -> PodVm:
+        return await BootScript(config, self.env, clock or BootClock()).run()
 
 
 class BootScript:
@@ -118,9 +118,10 @@ class BootScript:
     vm: VirtualMachine
     agent: Agent
 
-    def __init__(self, config: PodConfig, env: BootEnv) -> None:
+    def __init__(self, config: PodConfig, env: BootEnv, clock: BootClock) -> None:
         self.config = config
         self.env = env
+        self.clock = clock
         self.record = ShimState.of(config.namespace, config.sandbox_id)
         self.undo = AsyncExitStack()
         self.started = time.monotonic()
@@ -154,13 +155,29 @@ class BootScript:
 
     @contextlib.asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
-        """Hold a node-wide boot slot (:mod:`shim.pod.admission`); the dial timeout only
-        starts once it is held, so waiting in a burst is not charged to it."""
-        if self.env.admission is None:
+        """Hold a node-wide boot slot (:mod:`shim.pod.admission`) from QEMU's launch to the
+        agent's first answer. The wait has its own bound (``boot_slot_wait``); the boot's clock
+        stops meanwhile and the dial's starts after it, so a burst's waiting is charged to
+        neither. Cancelled while waiting (the pod deleted), it holds nothing."""
+        slots = self.env.admission(self.profile.boot_slots)
+        if slots is None:
             yield
             return
-        async with self.env.admission.slot(f"pod {self.config.sandbox_id}"):
+        name = f"pod {self.config.sandbox_id}"
+        bound = self.env.timeouts.boot_slot_wait
+        with self.clock.stopped():
+            try:
+                async with asyncio.timeout(bound):
+                    held = await slots.wait(name)
+            except TimeoutError as err:
+                raise DeadlineExceeded(
+                    f"{name}: no boot slot free in {bound:g} s (all {slots.slots} held by "
+                    f"other boots: {'; '.join(slots.holders()) or 'holders unknown'})"
+                ) from err
+        try:
             yield
+        finally:
+            held.release()
 
     # --- decide (nothing made yet) ------------------------------------------------------------
 

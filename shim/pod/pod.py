@@ -40,7 +40,7 @@ from shim.core.state_machine import Transition, check
 from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.pod import guest_spec
 from shim.pod.mounts import Mount
-from shim.pod.vm import VM_KILLED_STATUS, Booter, PodConfig, PodVm
+from shim.pod.vm import VM_KILLED_STATUS, BootClock, Booter, PodConfig, PodVm
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ class Pod:
             self._apply(start)
             self._config = config
             try:
-                async with asyncio.timeout(self._timeouts.boot):
-                    vm = await self._booter.boot(config)
+                async with asyncio.timeout(self._timeouts.boot) as deadline:
+                    vm = await self._booter.boot(config, BootClock(deadline))
             except TimeoutError as err:
                 self._apply(failed)
                 raise DeadlineExceeded(

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +49,37 @@ class PodConfig:
             other.sandbox_id, other.bundle, other.options)
 
 
+class BootClock:
+    """A boot's own deadline (``Timeouts.boot``, owned by the pod), which stops while the boot
+    waits for a node-wide boot slot (shim/pod/admission.py): waiting in a burst is not the
+    boot being slow, and the wait has its own bound."""
+
+    def __init__(self, deadline: asyncio.Timeout | None = None) -> None:
+        self._deadline = deadline
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The deadline moves later by the time spent inside."""
+        deadline = self._deadline
+        when = None if deadline is None else deadline.when()
+        if deadline is None or when is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        left = when - loop.time()
+        deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            deadline.reschedule(loop.time() + left)
+
+
 class Booter(Protocol):
     """Boots pod VMs: :class:`shim.pod.boot.VmBooter` (QEMU + agent), fakes in tests."""
 
-    async def boot(self, config: PodConfig) -> PodVm:
-        """Bring a VM up to CreateSandbox; on failure or cancellation nothing is left."""
+    async def boot(self, config: PodConfig, clock: BootClock | None = None) -> PodVm:
+        """Bring a VM up to CreateSandbox; on failure or cancellation nothing is left.
+        ``clock``: the boot's deadline, stopped while the boot waits for a slot."""
         ...
 
 

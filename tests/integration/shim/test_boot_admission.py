@@ -23,11 +23,15 @@ from shim.pod.admission import BootSlots
 
 async def main() -> None:
     slots = BootSlots(Path(sys.argv[1]), int(sys.argv[2]), poll=0.01)
-    async with slots.slot(sys.argv[3]) as index:
+    held = await slots.wait(sys.argv[3])
+    try:
         entered = time.time()
         print("in", flush=True)
         await asyncio.sleep(float(sys.argv[4]))  # the CPU-bound part of a boot
-        print(json.dumps({"slot": index, "in": entered, "out": time.time()}), flush=True)
+        out = time.time()
+    finally:
+        held.release()
+    print(json.dumps({"slot": held.index, "in": entered, "out": out}), flush=True)
 
 asyncio.run(main())
 """

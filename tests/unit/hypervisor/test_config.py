@@ -13,6 +13,7 @@ from hypervisor.errors import ConfigError
 from hypervisor.firmware import find_firmware
 from hypervisor.profile import (
     KernelVsock,
+    RuntimeProfile,
     SevParams,
     SnpParams,
     TdxParams,
@@ -136,7 +137,7 @@ kernel = "{guest_image_dir}/vmlinuz"
 """
 
 
-def parse(text: str, root: Path) -> object:
+def parse(text: str, root: Path) -> RuntimeProfile:
     return parse_profile(text, "test.toml", variables={"guest_image_dir": "/guest"},
                          qemu_root=root)
 
@@ -167,6 +168,8 @@ BAD: list[tuple[str, str, str]] = [
     (MINIMAL + "[runtime]\nenable_annotations = [1]\n", "runtime.enable_annotations",
      "list of strings"),
     (MINIMAL + "[runtime]\ndial_timeout = -1\n", "runtime.dial_timeout", "must be positive"),
+    (MINIMAL + "[runtime]\nboot_slots = -1\n", "runtime.boot_slots", "must be 0 (no limit)"),
+    (MINIMAL + '[runtime]\nboot_slots = "auto"\n', "runtime.boot_slots", "must be of type int"),
     ("[hypervisor\n", "<toml>", "not valid TOML"),
 ]
 
@@ -180,6 +183,14 @@ def test_bad_profile_names_file_key_and_value(text: str, key: str, message: str,
     assert info.value.key == key
     assert message in str(info.value)
     assert str(info.value).startswith(f"test.toml: {key}: ")
+
+
+def test_boot_slots(root: Path) -> None:
+    """[runtime] boot_slots: absent → None (one per host CPU, decided by the shim), 0 → no
+    limit, N → N."""
+    assert parse(MINIMAL, root).boot_slots is None
+    assert parse(MINIMAL + "[runtime]\nboot_slots = 0\n", root).boot_slots == 0
+    assert parse(MINIMAL + "[runtime]\nboot_slots = 3\n", root).boot_slots == 3
 
 
 def test_wrong_type_error_shows_value(root: Path) -> None:

@@ -23,7 +23,7 @@ from shim.pod.guest_spec import spec_mounts
 from shim.pod.mounts import Mount
 from shim.pod.profile import AnnotationPolicy
 from shim.pod.rootfs import ContainerRootfs, RootfsStrategy
-from shim.pod.vm import PodConfig, PodVm
+from shim.pod.vm import BootClock, PodConfig, PodVm
 from shim.task import events
 
 
@@ -308,7 +308,7 @@ class FakeBooter:
         self.rootfs: list[FakeRootfs] = []
         self.failure: Exception | None = None
 
-    async def boot(self, config: PodConfig) -> PodVm:
+    async def boot(self, config: PodConfig, clock: BootClock | None = None) -> PodVm:
         self.configs.append(config)
         self.annotations.check(config.spec)  # before anything is made, as the boot script does
         if self.delay:

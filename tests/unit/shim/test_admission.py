@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shim.pod.admission import BootSlots
+from shim.core import paths
+from shim.pod.admission import BootSlots, host_cpus
+from shim.pod.vm import BootClock
 
 
 async def test_at_most_n_holders_and_each_waiter_gets_the_next_free_slot(tmp_path: Path) -> None:
@@ -23,12 +25,15 @@ async def test_at_most_n_holders_and_each_waiter_gets_the_next_free_slot(tmp_pat
 
     async def boot(n: int) -> None:
         nonlocal holding, most
-        async with slots.slot(f"p{n}"):
+        held = await slots.wait(f"p{n}")
+        try:
             holding += 1
             most = max(most, holding)
             await asyncio.sleep(0.03)
             holding -= 1
             order.append(n)
+        finally:
+            held.release()
 
     await asyncio.gather(*(boot(n) for n in range(6)))
     assert most == 2
@@ -38,16 +43,35 @@ async def test_at_most_n_holders_and_each_waiter_gets_the_next_free_slot(tmp_pat
 
 async def test_waiting_is_cancellable_and_holds_nothing(tmp_path: Path) -> None:
     slots = BootSlots(tmp_path / "slots", 1, poll=0.005)
-    async with slots.slot():
-        waiter = asyncio.create_task(slots.slot().__aenter__())
-        await asyncio.sleep(0.03)
-        assert not waiter.done()
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
+    held = await slots.wait("first")
+    waiter = asyncio.create_task(slots.wait("second"))
+    await asyncio.sleep(0.03)
+    assert not waiter.done()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    held.release()
+    held.release()  # idempotent
     taken = slots.try_take()
     assert taken is not None  # the cancelled waiter took nothing
-    os.close(taken[1])
+    taken.release()
+
+
+async def test_a_waiter_logs_whom_it_waits_for(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="shim.pod.admission")
+    slots = BootSlots(tmp_path / "slots", 1, poll=0.005)
+    held = slots.try_take("pod a")
+    assert held is not None
+    assert slots.holders() == [f"{os.getpid()} pod a"]
+    waiter = asyncio.create_task(slots.wait("pod b"))
+    await asyncio.sleep(0.03)
+    held.release()
+    (await waiter).release()
+    messages = [r.getMessage() for r in caplog.records if r.name == "shim.pod.admission"]
+    assert messages[0].startswith("pod b: all 1 boot slots are taken (") and \
+        messages[0].endswith(" pod a): waiting")
+    assert messages[1].startswith("pod b: boot slot 0 of 1 after waiting ")
 
 
 def test_slots_are_shared_between_processes_and_a_dead_holder_frees_its_slot(
@@ -70,7 +94,7 @@ def test_slots_are_shared_between_processes_and_a_dead_holder_frees_its_slot(
         while (taken := slots.try_take()) is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert taken is not None  # the kernel released the dead holder's lock
-        os.close(taken[1])
+        taken.release()
     finally:
         holder.kill()
         holder.wait()
@@ -81,11 +105,35 @@ def test_slot_files_are_close_on_exec(tmp_path: Path) -> None:
     taken = BootSlots(tmp_path / "slots", 1).try_take()
     assert taken is not None
     try:
-        assert not os.get_inheritable(taken[1])
+        (fd_path,) = [p for p in Path("/proc/self/fd").iterdir()
+                      if p.exists() and p.resolve() == tmp_path / "slots" / "slot-0"]
+        assert not os.get_inheritable(int(fd_path.name))
     finally:
-        os.close(taken[1])
+        taken.release()
 
 
-def test_at_least_one_slot() -> None:
+def test_the_node_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paths.RUN_ROOT_ENV, str(tmp_path / "run"))
+    auto = BootSlots.for_node(None)
+    assert auto is not None and auto.slots == host_cpus()
+    assert auto.directory == tmp_path / "run" / "boot-slots"
+    four = BootSlots.for_node(4)
+    assert four is not None and four.slots == 4
+    assert BootSlots.for_node(0) is None  # no limit
     with pytest.raises(ValueError, match="at least 1"):
-        BootSlots(Path("/nonexistent"), 0)
+        BootSlots(Path("/nonexistent"), -1)
+
+
+async def test_the_boot_clock_stops_inside_and_keeps_what_was_left() -> None:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(0.2) as deadline:
+        before = deadline.when()
+        assert before is not None
+        with BootClock(deadline).stopped():
+            assert deadline.when() is None
+            await asyncio.sleep(0.3)  # longer than the deadline: not charged
+        after = deadline.when()
+        assert after is not None and 0.25 <= after - before <= 1.0
+        assert after > loop.time()
+    with BootClock(None).stopped():  # no deadline: nothing to stop
+        pass

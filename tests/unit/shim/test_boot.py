@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ from hypervisor.profile import RuntimeProfile, TeeKind
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine
 from shim.core import paths
 from shim.core.crash_record import ShimState
-from shim.core.errors import FailedPrecondition, InvalidArgument, RpcError, Unavailable
+from shim.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    RpcError,
+    Unavailable,
+)
 from shim.core.timeouts import Timeouts
 from shim.network.tcfilter import (
     FAMILY_V4,
@@ -30,11 +37,11 @@ from shim.network.tcfilter import (
     Route,
     WiredNetwork,
 )
-from shim.pod.admission import BootSlots
+from shim.pod.admission import BootSlots, HeldSlot
 from shim.pod.agent import Agent
 from shim.pod.boot import BootEnv, VmBooter
 from shim.pod.sizing import HostSize
-from shim.pod.vm import PodConfig
+from shim.pod.vm import BootClock, PodConfig, PodVm
 from tests.unit.shim.fakes import FakeAgent, FakeVm
 from tests.unit.shim.helpers import FAST
 
@@ -130,6 +137,8 @@ class Harness:
     coco_dev: bool = False  # the confidential path without a TEE (guest pull, initdata)
     profiles: list[RuntimeProfile] = field(default_factory=list)
     cgroup_root: Path | None = None
+    boot_slots: int | None = None  # the profile's [runtime] boot_slots (None: host CPUs)
+    slot_wait: float = 5.0  # Timeouts.boot_slot_wait
 
     def config(self, netns: str | None, sandbox_id: str = "pod1",
                annotations: dict[str, str] | None = None) -> PodConfig:
@@ -146,7 +155,8 @@ class Harness:
             name="fake", tee=TeeKind.NONE, qemu=Path("/usr/bin/qemu-system-x86_64"),
             kernel=None, vcpus=1, memory_mib=512, enable_annotations=self.annotations,
             source="fake.toml", dial_timeout=1.0, confidential_without_tee=self.coco_dev,
-            kernel_params="coco.agent.confidential=1" if self.coco_dev else "")
+            kernel_params="coco.agent.confidential=1" if self.coco_dev else "",
+            boot_slots=self.boot_slots)
 
         async def accelerator(profile: object, cache: Path) -> str:
             return "tcg"
@@ -178,7 +188,8 @@ class Harness:
             networking=self.networking,
             profile=lambda options: profile,
             accelerator=accelerator, vhost_device_vsock=lambda: None, launch=launch,
-            dial=dial, timeouts=FAST, host_size=lambda: HostSize(cpus=4, memory_mib=8192),
+            dial=dial, timeouts=dataclasses.replace(FAST, boot_slot_wait=self.slot_wait),
+            host_size=lambda: HostSize(cpus=4, memory_mib=8192),
             cgroup_root=lambda: self.cgroup_root))
 
 
@@ -426,23 +437,107 @@ async def test_every_container_is_checked_against_the_allow_list(harness: Harnes
         "process": {"args": ["sh"], "cwd": "/"}}, [])
 
 
+def hold_every_slot(count: int) -> list[HeldSlot]:
+    """Every node-wide boot slot, taken as other daemons' boots would."""
+    node = BootSlots.for_node(count)
+    assert node is not None
+    held = [taken for _ in range(count) if (taken := node.try_take("pod other")) is not None]
+    assert len(held) == count
+    return held
+
+
 async def test_launch_waits_for_a_node_boot_slot(harness: Harness) -> None:
     """With every node-wide boot slot held (by other daemons), the boot wires its network and
     waits before QEMU; once a slot frees it launches and dials (the dial's clock starts
     then: waiting is not charged to it)."""
-    node = BootSlots.for_node()
-    held = [taken for _ in range(node.slots) if (taken := node.try_take()) is not None]
-    assert len(held) == node.slots
+    harness.boot_slots = 2
+    held = hold_every_slot(2)
     boot = asyncio.create_task(harness.booter().boot(harness.config(str(netns_file(harness)))))
     await asyncio.sleep(0.2)
     assert harness.log == ["network setup"] and not boot.done()
-    os.close(held.pop()[1])  # one daemon's boot is over
+    held.pop().release()  # one daemon's boot is over
     vm = await asyncio.wait_for(boot, 5)
     assert harness.log[:3] == ["network setup", "launch", "agent connect"]
-    back = node.try_take()  # the boot gave its slot back once the agent answered
-    assert back is not None
-    for _, fd in [*held, back]:
-        os.close(fd)
+    back = BootSlots(paths.run_root() / "boot-slots", 2).try_take()
+    assert back is not None  # the boot gave its slot back once the agent answered
+    for slot in [*held, back]:
+        slot.release()
+    await vm.destroy(vm_gone=False)
+
+
+async def test_boot_slots_come_from_the_profile(harness: Harness) -> None:
+    """[runtime] boot_slots = 3: with two slots held a boot goes ahead, with three it waits;
+    boot_slots = 0: no admission at all."""
+    harness.boot_slots = 3
+    held = hold_every_slot(2)
+    try:
+        vm = await asyncio.wait_for(harness.booter().boot(harness.config(None)), 5)
+        await vm.destroy(vm_gone=False)
+        third = BootSlots(paths.run_root() / "boot-slots", 3).try_take("pod other")
+        assert third is not None
+        held.append(third)  # now all three are held
+        waiting = asyncio.create_task(harness.booter().boot(harness.config(None)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done() and harness.log.count("launch") == 1
+        waiting.cancel()
+        await asyncio.wait({waiting})
+        harness.boot_slots = 0
+        vm = await asyncio.wait_for(harness.booter().boot(harness.config(None)), 5)
+        assert harness.log.count("launch") == 2
+        await vm.destroy(vm_gone=False)
+    finally:
+        for slot in held:
+            slot.release()
+
+
+async def test_the_slot_wait_is_bounded_names_the_holders_and_rolls_back(
+        harness: Harness) -> None:
+    harness.boot_slots = 1
+    harness.slot_wait = 0.2
+    held = hold_every_slot(1)
+    try:
+        with pytest.raises(DeadlineExceeded) as info:
+            await harness.booter().boot(harness.config(str(netns_file(harness))))
+    finally:
+        held[0].release()
+    assert str(info.value) == (f"pod pod1: no boot slot free in 0.2 s (all 1 held by other "
+                               f"boots: {os.getpid()} pod other)")
+    assert harness.log == ["network setup", "network teardown"]  # QEMU never started
+    assert not pod_dir(harness).exists()
+
+
+async def test_a_boot_cancelled_while_waiting_holds_nothing_and_rolls_back(
+        harness: Harness) -> None:
+    """The pod deleted mid-wait (its boot cancelled): no slot taken, nothing left."""
+    harness.boot_slots = 1
+    held = hold_every_slot(1)
+    boot = asyncio.create_task(harness.booter().boot(harness.config(str(netns_file(harness)))))
+    await asyncio.sleep(0.1)
+    boot.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await boot
+    held[0].release()
+    assert harness.log == ["network setup", "network teardown"]
+    assert not pod_dir(harness).exists()
+    again = BootSlots(paths.run_root() / "boot-slots", 1).try_take()
+    assert again is not None  # the cancelled waiter holds nothing
+    again.release()
+
+
+async def test_the_boot_clock_stops_while_waiting_for_a_slot(harness: Harness) -> None:
+    """The pod's boot deadline (here 0.3 s) does not run while the boot waits 0.5 s for a
+    slot; it runs again, with what was left, once the slot is held."""
+    harness.boot_slots = 1
+    held = hold_every_slot(1)
+
+    async def boot() -> PodVm:
+        async with asyncio.timeout(0.3) as deadline:
+            return await harness.booter().boot(harness.config(None), BootClock(deadline))
+
+    booting = asyncio.create_task(boot())
+    await asyncio.sleep(0.5)
+    held[0].release()
+    vm = await booting
     await vm.destroy(vm_gone=False)
 
 
