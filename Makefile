@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-coco bench-guest bench-cri bench-overhead bench-daemon bench-relay soak fuzz clean
+	bench-coco bench-guest bench-cri bench-burst bench-overhead bench-daemon bench-relay soak fuzz \
+	clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -61,6 +62,12 @@ bench-relay: env
 # CRI pods with networking: RunPodSandbox+CreateContainer+StartContainer, shim memory.
 bench-cri: env
 	@$(PY) bench/cri.py
+
+# Many pods at once: per-pod ready times for bursts of 1, 10 and 16 CRI pods with the node's
+# boot slots on and off, against 16 in a row (minutes; both cores; ~7 GiB for 16 TCG pods).
+BURSTS ?= 1,10,16
+bench-burst: env
+	@$(PY) bench/burst.py --bursts $(BURSTS)
 
 # coco-dev (no TEE; protects nothing): guest pull of a 64 MiB image vs busybox wget of its
 # blobs in the same guest, and pod start against the development profile.

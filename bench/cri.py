@@ -10,6 +10,7 @@ network wired. Needs `make env`; leaves nothing running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -18,13 +19,15 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from tests import envinfo
-from tests.support.containerd import private_containerd, shim_daemons
+from tests.support.containerd import Containerd, private_containerd, shim_daemons
 from tests.support.cri import (
     CRI_NAMESPACE,
     PAUSE_ENTRYPOINT,
@@ -42,19 +45,27 @@ REPO = Path(__file__).resolve().parent.parent
 SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--containerd", default="2.1.9")
-    args = parser.parse_args()
+class CriNode(NamedTuple):
+    """A private containerd with the CRI plugin, the `coco` handler on ``profile`` (rewrite it
+    between runs: every pod's daemon reads it when the pod boots), a CNI bridge network and the
+    busybox and pause images imported."""
+
+    containerd: Containerd
+    client: CriClient
+    base: Path
+    profile: Path
+
+
+@contextlib.contextmanager
+def cri_node(version: str, *, subnet: str = "198.18.201.0/24",
+             prefix: str = "coco-bcri-") -> Iterator[CriNode]:
+    """Bring a CRI node up (the development profile on the reference guest image, TCG); leave
+    nothing running after."""
     env = envinfo.load()
-    base = Path(tempfile.mkdtemp(prefix="coco-bcri-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     tag = uuid.uuid4().hex[:6]
     network = CniNetwork(name=f"coco-bench-{tag}", bridge=f"cocobch{tag}",
-                         subnet="198.18.201.0/24", data_dir=base / "cni-ipam")
-    samples: list[float] = []
-    rss = pss = 0.0
+                         subnet=subnet, data_dir=base / "cni-ipam")
     try:
         image = guest_image()
         profile = base / "profile.toml"
@@ -62,8 +73,8 @@ def main() -> int:
         network.write(base / "cni")
         shim_env = {"COCO_SHIM_RUN_DIR": str(base / "run"), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
                     "COCO_SHIM_STATE_DIR": str(base / "state"), "PYTHONPATH": str(REPO)}
-        config = cri_config(args.containerd, profile=profile, cni_conf_dir=base / "cni")
-        with private_containerd(args.containerd, extra_config=config, env=shim_env,
+        config = cri_config(version, profile=profile, cni_conf_dir=base / "cni")
+        with private_containerd(version, extra_config=config, env=shim_env,
                                 log_level="info", extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
             for ref, archive, entrypoint in ((BUSYBOX_REF, base / "busybox.tar", None),
@@ -72,28 +83,50 @@ def main() -> int:
                 cd.ctr("images", "import", "--platform", "linux/amd64", str(archive),
                        namespace=CRI_NAMESPACE)
             with CriClient(cd.address) as client:
-                for i in range(args.runs):
-                    pod = pod_config(f"bench-{i}", uuid.uuid4().hex, base)
-                    t0 = time.monotonic()
-                    pod_id = client.run_pod(pod)
-                    cid = client.create_container(pod_id, container_config(
-                        "c", BUSYBOX_REF, SLEEPER), pod)
-                    client.start_container(cid)
-                    samples.append(time.monotonic() - t0)
-                    if i == 0:
-                        time.sleep(2)
-                        [daemon] = shim_daemons(base)
-                        info = daemon.memory_full_info()
-                        rss, pss = info.rss / 2**20, info.pss / 2**20
-                    client.stop_container(cid, timeout=5)
-                    client.remove_container(cid)
-                    client.stop_pod(pod_id)
-                    client.remove_pod(pod_id)
+                yield CriNode(cd, client, base, profile)
     finally:
         network.remove_bridge()
         subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
                        check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def start_pod(node: CriNode, name: str) -> tuple[str, str]:
+    """RunPodSandbox + CreateContainer + StartContainer of a busybox sleeper, as the kubelet
+    does before a pod is running: (pod id, container id)."""
+    pod = pod_config(name, uuid.uuid4().hex, node.base)
+    pod_id = node.client.run_pod(pod)
+    cid = node.client.create_container(pod_id, container_config("c", BUSYBOX_REF, SLEEPER), pod)
+    node.client.start_container(cid)
+    return pod_id, cid
+
+
+def remove_pod(node: CriNode, pod_id: str, cid: str) -> None:
+    node.client.stop_container(cid, timeout=5)
+    node.client.remove_container(cid)
+    node.client.stop_pod(pod_id)
+    node.client.remove_pod(pod_id)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--containerd", default="2.1.9")
+    args = parser.parse_args()
+    samples: list[float] = []
+    rss = pss = 0.0
+    with cri_node(args.containerd) as node:
+        for i in range(args.runs):
+            t0 = time.monotonic()
+            pod_id, cid = start_pod(node, f"bench-{i}")
+            samples.append(time.monotonic() - t0)
+            if i == 0:
+                time.sleep(2)
+                [daemon] = shim_daemons(node.base)
+                info = daemon.memory_full_info()
+                rss, pss = info.rss / 2**20, info.pss / 2**20
+            remove_pod(node, pod_id, cid)
     print(f"\nCRI pods, containerd {args.containerd}, podsandbox mode, networking on, "
           f"QEMU TCG, {args.runs} runs")
     print(f"  RunPodSandbox+CreateContainer+StartContainer (median)  "

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""`make bench-burst`: many pods started at once through containerd's CRI plugin.
+
+Per-pod ready times (RunPodSandbox + CreateContainer + StartContainer of a busybox sleeper,
+what the kubelet waits for; handler `coco`, podsandbox mode, CNI bridge in 198.18.202.0/24)
+for bursts of 1, 10 and 16 pods started at once (one thread per pod, released together), with
+the node-wide boot slots on (the shipped default: one per host CPU) and off (`[runtime]
+boot_slots = 0`), against 16 pods started one after the other. Each run's pods stay up until
+the run ends, then are all removed before the next; the runs alternate slots on and off.
+
+The CPU-bound ideal: a lone pod's start (T1, the median of the sequential starts) keeps one
+CPU busy, so with C CPUs the k-th pod of a burst can be ready at best at ceil(k / C) x T1.
+Needs `make env`; leaves nothing running; raw samples in `bench/burst-results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+from cri import CriNode, cri_node, start_pod
+
+from tests.support.containerd import shim_daemons
+
+RESULTS = Path(__file__).resolve().parent / "burst-results.json"
+WAITED = re.compile(r"boot slot \d+ of \d+ after waiting ([0-9.]+) s")
+
+
+@dataclass
+class Run:
+    kind: str  # "burst" | "sequential"
+    pods: int
+    slots: bool
+    ready: list[float] = field(default_factory=list)  # seconds from the run's start, sorted
+    own: list[float] = field(default_factory=list)  # each pod's own start duration
+    failures: list[str] = field(default_factory=list)
+    slot_waits: list[float] = field(default_factory=list)  # from the shims' log lines
+    min_available_gib: float = 0.0
+    wall: float = 0.0
+
+    def row(self, ideal: float) -> str:
+        if not self.ready:
+            return f"{self.label():<24} no pod ready   failures {len(self.failures)}"
+        first, median, last = self.ready[0], statistics.median(self.ready), self.ready[-1]
+        line = (f"{self.label():<24} {first:7.1f} {median:8.1f} {last:7.1f}   "
+                f"{len(self.failures):2d}/{self.pods:<2d}")
+        if self.kind == "burst" and ideal:
+            cpus = os.cpu_count() or 1
+            ideal_median = math.ceil((self.pods + 1) / 2 / cpus) * ideal
+            ideal_last = math.ceil(self.pods / cpus) * ideal
+            line += (f"   {ideal_median:6.1f} {ideal_last:6.1f}   "
+                     f"{median / ideal_median:5.2f}x {last / ideal_last:5.2f}x")
+        if self.slot_waits:
+            line += f"   waits ≤ {max(self.slot_waits):.1f} s ({len(self.slot_waits)} pods)"
+        return line
+
+    def label(self) -> str:
+        mode = "slots on" if self.slots else "slots off"
+        return f"{self.pods} {'in a row' if self.kind == 'sequential' else 'at once'}, {mode}"
+
+
+def set_slots(node: CriNode, base_text: str, on: bool) -> None:
+    """Every pod's daemon reads the profile when its pod boots."""
+    node.profile.write_text(base_text if on else
+                            base_text.replace("[runtime]\n", "[runtime]\nboot_slots = 0\n", 1))
+
+
+def burst(node: CriNode, run: Run, tag: str) -> None:
+    release = threading.Barrier(run.pods + 1)
+
+    def one(i: int) -> float:
+        release.wait()
+        start_pod(node, f"{tag}-{i}")
+        return time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(run.pods) as pool:
+        futures = [pool.submit(one, i) for i in range(run.pods)]
+        release.wait()
+        t0 = time.monotonic()
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                run.ready.append(future.result() - t0)
+            except Exception as err:  # reported in the table: a burst's failure is a figure
+                run.failures.append(f"{type(err).__name__}: {err}"[:300])
+    run.ready.sort()
+
+
+def sequential(node: CriNode, run: Run, tag: str) -> None:
+    t0 = time.monotonic()
+    for i in range(run.pods):
+        start = time.monotonic()
+        try:
+            start_pod(node, f"{tag}-{i}")
+        except Exception as err:
+            run.failures.append(f"{type(err).__name__}: {err}"[:300])
+            continue
+        now = time.monotonic()
+        run.own.append(now - start)
+        run.ready.append(now - t0)
+
+
+def remove_all(node: CriNode) -> None:
+    """Every pod of the node, stopped and removed (in parallel); then no daemon is left."""
+    client = node.client
+
+    def remove(pod_id: str) -> None:
+        for container in client.list_containers(pod_id):
+            client.stop_container(container.id, timeout=5)
+            client.remove_container(container.id)
+        client.stop_pod(pod_id)
+        client.remove_pod(pod_id)
+
+    pods = [pod.id for pod in client.list_pods()]
+    if pods:
+        with concurrent.futures.ThreadPoolExecutor(len(pods)) as pool:
+            list(pool.map(remove, pods))
+    deadline = time.monotonic() + 60
+    while shim_daemons(node.base) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = shim_daemons(node.base)
+    if left:
+        raise RuntimeError(f"shim daemons left after removing every pod: {left}")
+
+
+def measure(node: CriNode, run: Run, tag: str) -> None:
+    log = node.containerd.log_path
+    offset = log.stat().st_size
+    lowest = [psutil.virtual_memory().available]
+    done = threading.Event()
+
+    def watch_memory() -> None:
+        while not done.wait(0.5):
+            lowest[0] = min(lowest[0], psutil.virtual_memory().available)
+
+    watcher = threading.Thread(target=watch_memory)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        (burst if run.kind == "burst" else sequential)(node, run, tag)
+    finally:
+        run.wall = time.monotonic() - started
+        done.set()
+        watcher.join()
+    run.min_available_gib = lowest[0] / 2**30
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    run.slot_waits = [float(m) for m in WAITED.findall(text)]
+    print(f"  {run.label()}: {len(run.ready)} ready, {len(run.failures)} failed, "
+          f"wall {run.wall:.1f} s, lowest available memory {run.min_available_gib:.1f} GiB",
+          flush=True)
+    for failure in run.failures:
+        print(f"    failed: {failure}", flush=True)
+    remove_all(node)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--containerd", default="2.1.9")
+    parser.add_argument("--bursts", default="1,10,16", help="burst sizes (comma separated)")
+    parser.add_argument("--sequential", type=int, default=16, help="pods started in a row")
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.bursts.split(",") if n]
+    cpus = os.cpu_count() or 1
+    runs: list[Run] = []
+    with cri_node(args.containerd, subnet="198.18.202.0/24", prefix="coco-bburst-") as node:
+        base_text = node.profile.read_text()
+        plan = [Run("sequential", args.sequential, True)] if args.sequential else []
+        for size in sizes:
+            plan += [Run("burst", size, True), Run("burst", size, False)]
+        for n, run in enumerate(plan):
+            set_slots(node, base_text, run.slots)
+            measure(node, run, f"b{n}")
+            runs.append(run)
+    lone = [r for r in runs if r.kind == "sequential" and r.own]
+    ideal = statistics.median(lone[0].own) if lone else 0.0
+    print(f"\nPods started through CRI (RunPodSandbox + CreateContainer + StartContainer), "
+          f"containerd {args.containerd}, QEMU TCG, {cpus} CPUs; seconds from the run's start")
+    if ideal:
+        print(f"T1 (a lone pod, median of the sequential starts) = {ideal:.2f} s; ideal: the "
+              f"k-th pod ready at ceil(k/{cpus}) x T1")
+    print(f"{'run':<24} {'first':>7} {'median':>8} {'last':>7}   failed"
+          f"   {'ideal median, last':>13}   {'÷ ideal':>13}")
+    for run in runs:
+        print(run.row(ideal))
+    RESULTS.write_text(json.dumps({"containerd": args.containerd, "cpus": cpus, "t1": ideal,
+                                   "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
+    return 1 if any(r.failures for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
