@@ -14,9 +14,13 @@ DEFAULT_SOCKET_DIR: Final = "/run/containerd/s"
 # root, a containerd namespace named like a pod key, or "vm", shared a directory with pods).
 DEFAULT_STATE_DIR: Final = "/run/coco-shim/state"
 DEFAULT_RUN_ROOT: Final = "/run/coco-shim/pods"
+# Node-wide boot admission (shim/pod/admission.py): one tree for every daemon of the node,
+# beside the pods' (never inside: everything under the run root is a pod's).
+DEFAULT_BOOT_SLOTS_DIR: Final = "/run/coco-shim/boot-slots"
 SOCKET_DIR_ENV: Final = "COCO_SHIM_SOCKET_DIR"
 STATE_DIR_ENV: Final = "COCO_SHIM_STATE_DIR"
 RUN_ROOT_ENV: Final = "COCO_SHIM_RUN_DIR"
+BOOT_SLOTS_ENV: Final = "COCO_SHIM_BOOT_SLOTS_DIR"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -54,6 +58,10 @@ def private_root(root: Path) -> Path:
 
 def run_root() -> Path:
     return Path(os.environ.get(RUN_ROOT_ENV) or DEFAULT_RUN_ROOT)
+
+
+def boot_slots_dir() -> Path:
+    return Path(os.environ.get(BOOT_SLOTS_ENV) or DEFAULT_BOOT_SLOTS_DIR)
 
 
 def pod_key(namespace: str, sandbox_id: str) -> str:

@@ -3,10 +3,11 @@
 A boot (QEMU start to the agent's first Check answered) is CPU-bound; with more boots than
 CPUs every one of them slows down and all pods become ready only at the end of a burst, near
 the dial timeout. So each daemon takes one of N slots before it launches QEMU and gives it
-back once the agent has answered. The slots are files ``slot-0`` … ``slot-<N-1>`` under
-``<run root>/boot-slots``, each held with ``flock``: the kernel releases a lock when its
-holder's file is closed, so a daemon that crashes or is killed frees its slot by itself and
-nothing needs cleaning up. The files are opened close-on-exec (QEMU never inherits a slot);
+back once the agent has answered. The slots are files ``slot-0`` … ``slot-<N-1>`` in
+``/run/coco-shim/boot-slots`` (``$COCO_SHIM_BOOT_SLOTS_DIR``; beside the pods' run root,
+never in it), each held with ``flock``: the kernel releases a lock when its holder's file is
+closed, so a daemon that crashes or is killed frees its slot by itself and nothing needs
+cleaning up. The files are opened close-on-exec (QEMU never inherits a slot);
 a holder writes its pid and pod into its file, so a waiter can say whom it waits for.
 
 N is the profile's ``[runtime] boot_slots``: absent, one per CPU this process may run on; 0,
@@ -30,7 +31,6 @@ from shim.core import paths
 
 log = logging.getLogger(__name__)
 
-SLOTS_DIR: Final = "boot-slots"
 POLL: Final = 0.05  # seconds between looks at the slots while all are taken
 
 
@@ -64,11 +64,11 @@ class BootSlots:
 
     @classmethod
     def for_node(cls, setting: int | None) -> BootSlots | None:
-        """The node's slots under the run root: ``setting`` of them (None: one per host CPU;
+        """The node's slots: ``setting`` of them (None: one per host CPU;
         0: no admission limit, None is returned)."""
         if setting == 0:
             return None
-        return cls(paths.run_root() / SLOTS_DIR, host_cpus() if setting is None else setting)
+        return cls(paths.boot_slots_dir(), host_cpus() if setting is None else setting)
 
     def try_take(self, holder: str = "") -> HeldSlot | None:
         """A free slot now, or None when all are held."""

@@ -113,10 +113,16 @@ def test_slot_files_are_close_on_exec(tmp_path: Path) -> None:
 
 
 def test_the_node_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(paths.RUN_ROOT_ENV, str(tmp_path / "run"))
+    monkeypatch.setenv(paths.BOOT_SLOTS_ENV, str(tmp_path / "slots"))
     auto = BootSlots.for_node(None)
     assert auto is not None and auto.slots == host_cpus()
-    assert auto.directory == tmp_path / "run" / "boot-slots"
+    assert auto.directory == tmp_path / "slots"
+    monkeypatch.delenv(paths.BOOT_SLOTS_ENV)
+    default = BootSlots.for_node(2)
+    assert default is not None and default.directory == Path("/run/coco-shim/boot-slots")
+    monkeypatch.setenv(paths.RUN_ROOT_ENV, str(tmp_path / "run"))  # never among the pods
+    moved = BootSlots.for_node(2)
+    assert moved is not None and moved.directory == Path("/run/coco-shim/boot-slots")
     four = BootSlots.for_node(4)
     assert four is not None and four.slots == 4
     assert BootSlots.for_node(0) is None  # no limit

@@ -198,6 +198,7 @@ def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
     log: list[str] = []
     monkeypatch.setenv(paths.RUN_ROOT_ENV, str(tmp_path / "run"))
     monkeypatch.setenv(paths.STATE_DIR_ENV, str(tmp_path / "state"))
+    monkeypatch.setenv(paths.BOOT_SLOTS_ENV, str(tmp_path / "boot-slots"))
     return Harness(log, FakeNetworking(log), [], LoggingAgent(log), tmp_path,
                    helper=os.getppid())
 
@@ -458,7 +459,7 @@ async def test_launch_waits_for_a_node_boot_slot(harness: Harness) -> None:
     held.pop().release()  # one daemon's boot is over
     vm = await asyncio.wait_for(boot, 5)
     assert harness.log[:3] == ["network setup", "launch", "agent connect"]
-    back = BootSlots(paths.run_root() / "boot-slots", 2).try_take()
+    back = BootSlots(paths.boot_slots_dir(), 2).try_take()
     assert back is not None  # the boot gave its slot back once the agent answered
     for slot in [*held, back]:
         slot.release()
@@ -473,7 +474,7 @@ async def test_boot_slots_come_from_the_profile(harness: Harness) -> None:
     try:
         vm = await asyncio.wait_for(harness.booter().boot(harness.config(None)), 5)
         await vm.destroy(vm_gone=False)
-        third = BootSlots(paths.run_root() / "boot-slots", 3).try_take("pod other")
+        third = BootSlots(paths.boot_slots_dir(), 3).try_take("pod other")
         assert third is not None
         held.append(third)  # now all three are held
         waiting = asyncio.create_task(harness.booter().boot(harness.config(None)))
@@ -519,7 +520,7 @@ async def test_a_boot_cancelled_while_waiting_holds_nothing_and_rolls_back(
     held[0].release()
     assert harness.log == ["network setup", "network teardown"]
     assert not pod_dir(harness).exists()
-    again = BootSlots(paths.run_root() / "boot-slots", 1).try_take()
+    again = BootSlots(paths.boot_slots_dir(), 1).try_take()
     assert again is not None  # the cancelled waiter holds nothing
     again.release()
 
