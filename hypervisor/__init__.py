@@ -7,6 +7,8 @@ Modules (nouns):
   firmware  firmware selection by feature from QEMU firmware descriptors
   monitor   QMP over qemu.qmp with per-call bounds and bounded event memory
   vm        QEMU process supervision: ordered launch with rollback, exit reason, stop
+  nosuid    exec wrapper (stdlib only, run by path): a seccomp filter refusing setuid/setgid
+            modes, for a QEMU that serves a host share (see cmdline.ReducedPrivileges)
   vsock     kernel vhost-vsock CID allocation; hybrid vsock (vhost-device-vsock)
   probe     host / QEMU capabilities, real KVM boot probe (behind ``coco-shim check``)
   initdata  which initdata a pod gets (annotation or profile file), refusal where no launch

@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 
 class Arch(enum.Enum):
@@ -468,7 +469,9 @@ class NinePShare:
 
     ``security_model=none``: ``mapped-xattr`` (which would keep the guest's owners and modes
     in xattrs, off the host files) cannot serve the host's own symlinks of a container's
-    rootfs snapshot (QEMU 7.2: "Too many levels of symbolic links" for /bin/sh → busybox)."""
+    rootfs snapshot (QEMU 7.2: "Too many levels of symbolic links" for /bin/sh → busybox).
+    What the guest may do to host files is bounded instead by the identity QEMU runs as
+    (:class:`ReducedPrivileges`, chosen by ``build_command_line`` for every VM with a share)."""
 
     id: str
     tag: str
@@ -542,6 +545,53 @@ class SeccompSandbox:
                                  ("resourcecontrol", deny(self.resource_control)))]
 
 
+# The identity QEMU runs as when it serves a host share (``nobody:nogroup`` on Debian).
+SHARE_SERVER_UID: Final = 65534
+SHARE_SERVER_GID: Final = 65534
+NOSUID_WRAPPER: Final = Path(__file__).resolve().with_name("nosuid.py")
+
+
+@dataclass(frozen=True)
+class ReducedPrivileges:
+    """QEMU as an unprivileged uid/gid that cannot make setuid or setgid files.
+
+    Two wrappers QEMU is exec'd through (same pid): :mod:`hypervisor.nosuid` (a seccomp
+    filter refusing modes with S_ISUID/S_ISGID) first, then setpriv(1): ``uid``/``gid``, no
+    supplementary groups, no new privileges, and of all capabilities only DAC override and
+    read-search (ambient, so they survive the exec into QEMU; nothing else in the bounding
+    set), enough to read and write any file of the share and the run dir.
+
+    Why: QEMU's 9p ``local`` backend with ``security_model=none`` creates files as QEMU's
+    own uid and applies the guest's chown/chmod on the host. As root that lets a guest make
+    root-owned and setuid-root files in a container's snapshot or a writable bind mount.
+    Without CAP_CHOWN, CAP_FOWNER, CAP_FSETID, CAP_SETFCAP and CAP_MKNOD every file the guest
+    creates is owned by ``uid``, a guest chown is refused by the host kernel (QEMU ignores
+    that in ``none`` mode), a root-owned file's mode cannot be changed, no file capability
+    or device can be made; the filter refuses the setuid/setgid bits an owner could still
+    set. The mapped security models are no alternative: they read a symlink by opening it,
+    so the host-native symlinks of a snapshot (busybox) fail in the guest. QEMU's 9p server
+    is not separable from QEMU (virtfs-proxy-helper is gone since QEMU 8.1), so all of QEMU
+    drops. Everything else QEMU uses is passed in as fds or is a path the kept capabilities
+    grant (QMP socket in the 0700 run dir, vhost-user socket, console FIFO, initdata disk)."""
+
+    uid: int = SHARE_SERVER_UID
+    gid: int = SHARE_SERVER_GID
+    python: Path = Path(sys.executable)
+    setpriv: Path = Path("/usr/bin/setpriv")
+    keep: tuple[str, ...] = ("dac_override", "dac_read_search")
+
+    def guard_argv(self) -> list[str]:
+        """The seccomp wrapper: runs on the host, before any chroot prefix."""
+        return [str(self.python), "-I", "-S", str(NOSUID_WRAPPER)]
+
+    def to_argv(self) -> list[str]:
+        """The setpriv prefix: right before QEMU (inside a chroot prefix, if any)."""
+        caps = ",".join(["-all", *(f"+{cap}" for cap in self.keep)])
+        return [str(self.setpriv), f"--reuid={self.uid}", f"--regid={self.gid}",
+                "--clear-groups", "--no-new-privs", f"--inh-caps={caps}",
+                f"--ambient-caps={caps}", f"--bounding-set={caps}", "--"]
+
+
 # --- the whole command line ------------------------------------------------------------------
 
 
@@ -564,9 +614,16 @@ class QemuCommandLine:
     no_reboot: bool = True
     start_paused: bool = True
     sandbox: SeccompSandbox = field(default_factory=SeccompSandbox)
+    run_as: ReducedPrivileges | None = None  # a setpriv(1) prefix: QEMU unprivileged
 
-    def to_argv(self) -> list[str]:
-        argv = [str(self.binary), "-name", opts(escape(self.name))]
+    def to_argv(self, prefix: Sequence[str] = ()) -> list[str]:
+        """The whole argv; ``prefix`` (e.g. a test's ``chroot DIR``) goes after the seccomp
+        wrapper of :class:`ReducedPrivileges` and before its setpriv."""
+        if self.run_as is None:
+            argv = list(prefix)
+        else:
+            argv = [*self.run_as.guard_argv(), *prefix, *self.run_as.to_argv()]
+        argv += [str(self.binary), "-name", opts(escape(self.name))]
         argv += ["-no-user-config", "-nodefaults", "-display", "none"]
         argv += self.sandbox.to_argv()
         argv += self.machine.to_argv() + self.accel.to_argv()

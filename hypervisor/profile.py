@@ -38,6 +38,7 @@ from hypervisor.cmdline import (
     QemuArgs,
     QemuCommandLine,
     QmpSocket,
+    ReducedPrivileges,
     RingbufConsole,
     S390PvGuest,
     SerialConsole,
@@ -757,6 +758,8 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
         qmp=QmpSocket(vm.qmp_socket),
         no_reboot=True,
         start_paused=vm.start_paused,
+        # A VM that serves a host share never runs QEMU as root (see ReducedPrivileges).
+        run_as=ReducedPrivileges() if vm.shares else None,
     )
 
 

@@ -438,7 +438,7 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
             console = CappedLog(instance.console_log)  # whatever the guest prints
             console.fifo(cmdline.serial.path)
             stack.callback(console.close)
-        vm = QemuVm([*options.argv_prefix, *cmdline.to_argv()], run_dir,
+        vm = QemuVm(cmdline.to_argv(options.argv_prefix), run_dir,
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
                     pass_fds=pass_fds, cleanup=stack.pop_all(), timeouts=options.timeouts)
         vm.channel = channel

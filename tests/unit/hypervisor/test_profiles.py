@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import hypervisor
 from hypervisor.cmdline import (
     Arch,
     Bios,
     NinePShare,
     Pflash,
+    ReducedPrivileges,
     UnixSocketAddress,
     VirtioBlk,
     VirtioFsShare,
@@ -308,3 +311,27 @@ def test_free_page_reporting_adds_the_balloon_on_the_none_profile() -> None:
     assert argv[argv.index(device) - 1] == "-device"
     plain = build_command_line(S["none"], instance("none")).to_argv()
     assert not any("balloon" in a for a in plain)
+
+
+def test_a_vm_with_a_host_share_runs_qemu_unprivileged_and_without_setuid() -> None:
+    """The dev profile's 9p share: QEMU is exec'd through the nosuid seccomp wrapper, then
+    setpriv (nobody:nogroup, only the DAC capabilities), whatever prefix a test adds between;
+    a VM without a share keeps QEMU first."""
+    share = NinePShare("share0", "kataShared", Path("/run/pod/shared"))
+    line = build_command_line(S["none"], instance("none", shares=(share,)))
+    assert line.run_as == ReducedPrivileges()
+    argv = line.to_argv(("chroot", "/root"))
+    qemu = argv.index("/usr/bin/qemu-system-x86_64")
+    caps = "-all,+dac_override,+dac_read_search"
+    assert argv[:qemu] == [
+        sys.executable, "-I", "-S", str(Path(hypervisor.__file__).with_name("nosuid.py")),
+        "chroot", "/root",
+        "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "--no-new-privs", f"--inh-caps={caps}", f"--ambient-caps={caps}",
+        f"--bounding-set={caps}", "--"]
+    assert argv[qemu:] == replace(line, run_as=None).to_argv()  # QEMU's own argv unchanged
+    plain = build_command_line(S["none"], instance("none"))
+    assert plain.run_as is None
+    assert plain.to_argv()[0] == "/usr/bin/qemu-system-x86_64"
+    assert plain.to_argv(("chroot", "/root"))[:3] == ["chroot", "/root",
+                                                       "/usr/bin/qemu-system-x86_64"]
