@@ -553,32 +553,36 @@ NOSUID_WRAPPER: Final = Path(__file__).resolve().with_name("nosuid.py")
 
 @dataclass(frozen=True)
 class ReducedPrivileges:
-    """QEMU as an unprivileged uid/gid that cannot make setuid or setgid files.
+    """QEMU as an unprivileged uid/gid that cannot make root's, setuid or setgid files.
 
     Two wrappers QEMU is exec'd through (same pid): :mod:`hypervisor.nosuid` (a seccomp
-    filter refusing modes with S_ISUID/S_ISGID) first, then setpriv(1): ``uid``/``gid``, no
-    supplementary groups, no new privileges, and of all capabilities only DAC override and
-    read-search (ambient, so they survive the exec into QEMU; nothing else in the bounding
-    set), enough to read and write any file of the share and the run dir.
+    filter refusing modes with S_ISUID/S_ISGID, a chown to uid 0 a no-op) first, then
+    setpriv(1): ``uid``/``gid``, no supplementary groups, no new privileges, and of all
+    capabilities only ``keep`` (ambient, so they survive the exec into QEMU; nothing else in
+    the bounding set).
 
     Why: QEMU's 9p ``local`` backend with ``security_model=none`` creates files as QEMU's
     own uid and applies the guest's chown/chmod on the host. As root that lets a guest make
     root-owned and setuid-root files in a container's snapshot or a writable bind mount.
-    Without CAP_CHOWN, CAP_FOWNER, CAP_FSETID, CAP_SETFCAP and CAP_MKNOD every file the guest
-    creates is owned by ``uid``, a guest chown is refused by the host kernel (QEMU ignores
-    that in ``none`` mode), a root-owned file's mode cannot be changed, no file capability
-    or device can be made; the filter refuses the setuid/setgid bits an owner could still
-    set. The mapped security models are no alternative: they read a symlink by opening it,
-    so the host-native symlinks of a snapshot (busybox) fail in the guest. QEMU's 9p server
-    is not separable from QEMU (virtfs-proxy-helper is gone since QEMU 8.1), so all of QEMU
-    drops. Everything else QEMU uses is passed in as fds or is a path the kept capabilities
-    grant (QMP socket in the 0700 run dir, vhost-user socket, console FIFO, initdata disk)."""
+    As ``nobody`` every file a guest root creates is ``nobody``'s; CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH let it read and write any file of the share and the run dir;
+    CAP_CHOWN and CAP_FOWNER let a non-root guest user's files be that user's (QEMU chowns,
+    then chmods what it creates: without them the guest sees its files as ``nobody``'s and
+    a non-root container cannot reopen or fill what it just made), and the filter keeps
+    both from reaching uid 0 or the setuid/setgid bits. Not kept: CAP_FSETID,
+    CAP_SETFCAP (no file capabilities), CAP_MKNOD (no devices), CAP_SETUID/SETGID and the
+    rest. The mapped security models are no alternative: they read a symlink by opening
+    it, so the host-native symlinks of a snapshot (busybox) fail in the guest. QEMU's 9p
+    server is not separable from QEMU (virtfs-proxy-helper is gone since QEMU 8.1), so all
+    of QEMU drops. Everything else QEMU uses is passed in as fds or is a path the kept
+    capabilities grant (QMP socket in the 0700 run dir, vhost-user socket, console FIFO,
+    initdata disk)."""
 
     uid: int = SHARE_SERVER_UID
     gid: int = SHARE_SERVER_GID
     python: Path = Path(sys.executable)
     setpriv: Path = Path("/usr/bin/setpriv")
-    keep: tuple[str, ...] = ("dac_override", "dac_read_search")
+    keep: tuple[str, ...] = ("chown", "dac_override", "dac_read_search", "fowner")
 
     def guard_argv(self) -> list[str]:
         """The seccomp wrapper: runs on the host, before any chroot prefix."""

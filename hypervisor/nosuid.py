@@ -1,16 +1,27 @@
-"""Exec a program under a seccomp filter that refuses to set the setuid or setgid bit.
+"""Exec a program under a seccomp filter: no setuid/setgid mode, no chown to uid 0.
 
 ``python -I hypervisor/nosuid.py PROGRAM ARG...``: installs the filter (libseccomp through
 ctypes; the standard library only, so it runs isolated by path) and execs PROGRAM, which
-keeps it for life, across further execs. The calls that give a file a mode (chmod, fchmod,
-fchmodat, fchmodat2, mknod, mknodat, and open, openat and creat when they create) fail with
-EPERM when the mode has S_ISUID or S_ISGID; openat2, whose mode sits behind a pointer a filter
-cannot read, fails with ENOSYS (glibc and QEMU fall back to openat). mkdir ignores both bits.
+keeps it for life, across further execs:
 
-Why: QEMU serving a 9p share applies the guest's chmod on the host. Running unprivileged
-(:class:`hypervisor.cmdline.ReducedPrivileges`) it cannot make a file root's, but an owner
-may set the setuid bit on its own file; this filter refuses that too, so a guest can leave no
-setuid or setgid file on the host. QEMU's own ``-sandbox`` filter stacks on top of this one.
+- the calls that give a file a mode (chmod, fchmod, fchmodat, fchmodat2, mknod, mknodat, and
+  open, openat and creat when they create) fail with EPERM when the mode has S_ISUID or
+  S_ISGID (mkdir ignores both bits);
+- the calls that give a file an owner (chown, lchown, fchown, fchownat) to uid 0 do nothing
+  and return 0: what QEMU's ``security_model=none`` already does with an owner it cannot
+  set on a new file, extended to an explicit chown, so that a guest's dpkg or tar (which
+  chown what they unpack to root) keep working while the host file stays ``nobody``'s.
+  Group 0 stays possible (containers that run with gid 0, as OpenShift's do, keep their
+  files; a setgid bit is refused above).
+
+openat2, whose mode sits behind a pointer a filter cannot read, fails with ENOSYS (glibc and
+QEMU fall back to openat).
+
+Why: QEMU serving a 9p share (``security_model=none``) applies the guest's chown and chmod on
+the host. It runs as ``nobody`` (:class:`hypervisor.cmdline.ReducedPrivileges`) keeping
+CAP_CHOWN and CAP_FOWNER, so that a file a non-root guest user creates is that user's (QEMU
+chowns, then chmods it): this filter is what keeps those capabilities from making a file
+root's, setuid or setgid. QEMU's own ``-sandbox`` filter stacks on top of this one.
 """
 
 from __future__ import annotations
@@ -34,6 +45,9 @@ MODE_CALLS: Final[dict[str, tuple[int, int | None]]] = {
     "creat": (1, None), "open": (2, 1), "openat": (3, 2),
 }
 PRIVILEGE_BITS: Final = (stat.S_ISUID, stat.S_ISGID)
+# syscall → index of its uid argument
+OWNER_CALLS: Final[dict[str, int]] = {"chown": 1, "lchown": 1, "fchown": 1, "fchownat": 2}
+ID_MASK: Final = 0xFFFFFFFF  # uid_t: the low 32 bits of the register
 
 
 class ScmpArgCmp(ctypes.Structure):
@@ -43,8 +57,9 @@ class ScmpArgCmp(ctypes.Structure):
                 ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
-def _masked(arg: int, bit: int) -> ScmpArgCmp:
-    return ScmpArgCmp(arg, SCMP_CMP_MASKED_EQ, bit, bit)
+def _masked(arg: int, bit: int, value: int | None = None) -> ScmpArgCmp:
+    """``(arg & bit) == value`` (``value`` defaults to ``bit``: the bits are set)."""
+    return ScmpArgCmp(arg, SCMP_CMP_MASKED_EQ, bit, bit if value is None else value)
 
 
 def _act_errno(code: int) -> int:
@@ -66,6 +81,8 @@ def rules() -> list[tuple[str | int, int, list[ScmpArgCmp]]]:
                 for creating in (os.O_CREAT, O_TMPFILE_BIT):
                     out.append((call, _act_errno(errno.EPERM),
                                 [_masked(flags_arg, creating), _masked(mode_arg, bit)]))
+    for name, uid_arg in OWNER_CALLS.items():
+        out.append((name, _act_errno(0), [_masked(uid_arg, ID_MASK, 0)]))
     out.append(("openat2", _act_errno(errno.ENOSYS), []))
     return out
 

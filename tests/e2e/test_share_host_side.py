@@ -1,7 +1,8 @@
 """The development profile's 9p share, seen from the host: a root container in the guest
 cannot make root-owned, setuid, setgid or device files on the host through its rootfs or a
 writable bind mount, a read-only bind mount stays read-only on the host side (even after the
-guest remounts it read-write), and the container still works (busybox's symlinks, writes).
+guest remounts it read-write), and the container still works (busybox's symlinks, writes,
+a non-root user's own files).
 
 One VM, one containerd (2.1.9): what is tested is QEMU's side of the share, which does not
 depend on containerd's version."""
@@ -34,10 +35,17 @@ chmod 4755 /bin/busybox; echo chmod-image=$?
 chown 0:0 /tmp; echo chown-image-dir=$?
 cat /made /rw/made
 echo sh=$(readlink /bin/sh)
+mkdir /home1000 && chown 1000:1000 /home1000; echo chown-user=$?
 touch /ro/new 2>/dev/null; echo ro-write=$?
 mount -o remount,bind,rw /ro; echo remount=$?
 echo x > /ro/new; echo ro-write-after-remount=$?
 echo x > /ro/keep; echo ro-overwrite=$?
+"""
+# As user 1000: what it creates stays its own (it can reopen, append, create inside).
+NONROOT = r"""
+mkdir /home1000/d && echo a >/home1000/d/f && echo b >>/home1000/d/f && cat /home1000/d/f
+echo nonroot=$?
+echo c >/tmp/f1000 && echo d >>/tmp/f1000; echo nonroot-tmp=$?
 """
 
 
@@ -80,6 +88,11 @@ def test_a_root_guest_cannot_make_root_or_setuid_files_on_the_host(
         assert _result(out, "ro-write") != "0", out
         assert _result(out, "ro-write-after-remount") != "0", out
         assert _result(out, "ro-overwrite") != "0", out
+        assert _result(out, "chown-user") == "0", out
+        user = coco.ctr("task", "exec", "--exec-id", "user", "--user", "1000:1000", cid,
+                        "sh", "-c", NONROOT, check=False).stdout.decode()
+        assert _result(user, "nonroot") == "0" and "a\nb\n" in user, user
+        assert _result(user, "nonroot-tmp") == "0", user
 
         # On the host, while the container runs: its rootfs as the share exports it.
         shared = coco.pod_dir(cid) / "shared" / cid
@@ -90,6 +103,9 @@ def test_a_root_guest_cannot_make_root_or_setuid_files_on_the_host(
             info = made.lstat()
             assert (info.st_uid, info.st_gid) == (SHARE_SERVER_UID, SHARE_SERVER_GID), made
         assert (rootfs / "made").read_text() == "data\n"
+        for mine in (rootfs / "home1000" / "d" / "f", rootfs / "tmp" / "f1000"):
+            info = mine.lstat()
+            assert (info.st_uid, info.st_gid) == (1000, 1000), mine
         for tree in (rootfs, rw):
             for path in (tree, *tree.rglob("*")):
                 info = path.lstat()
@@ -105,8 +121,8 @@ def test_a_root_guest_cannot_make_root_or_setuid_files_on_the_host(
         [ro_host] = [p for p in shared.iterdir() if p.name.endswith("-ro")]
         assert os.statvfs(ro_host).f_flag & os.ST_RDONLY, ro_host
 
-        # Why: QEMU (the 9p server) runs as the share's uid/gid, no groups, with only the
-        # DAC capabilities (see hypervisor.cmdline.ReducedPrivileges).
+        # Why: QEMU (the 9p server) runs as the share's uid/gid, no groups, with four
+        # capabilities (see hypervisor.cmdline.ReducedPrivileges).
         marker = str(coco.pod_dir(cid)).encode()
         pids = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
                 if _is_qemu_of(pid, marker)]
@@ -116,9 +132,9 @@ def test_a_root_guest_cannot_make_root_or_setuid_files_on_the_host(
         assert status["Uid"].split() == [str(SHARE_SERVER_UID)] * 4, status["Uid"]
         assert status["Gid"].split() == [str(SHARE_SERVER_GID)] * 4, status["Gid"]
         assert status["Groups"].strip() == ""
-        # CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2), nothing else, in every set.
+        # CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER; nothing else.
         for name in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            assert int(status[name], 16) == 0b110, (name, status[name])
+            assert int(status[name], 16) == 0b1111, (name, status[name])
         assert status["NoNewPrivs"].strip() == "1"
     finally:
         coco.ctr("task", "rm", "-f", cid, check=False)

@@ -1,6 +1,7 @@
 """The wrappers a VM with a host share runs QEMU through (Fix 8, the 9p part), on the real
-kernel: the nosuid seccomp filter, then setpriv to nobody with only the DAC capabilities.
-What the process can and cannot do to files is what QEMU's 9p server can do for a guest."""
+kernel: the nosuid seccomp filter, then setpriv to nobody with four capabilities (chown,
+DAC override and read-search, fowner). What the process can and cannot do to files is what
+QEMU's 9p server can do for a guest."""
 
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp_filters
 cat secret >/dev/null; echo read-root-0600=$?
 echo more >>secret; echo write-root-0600=$?
 echo x >made; echo create=$?
-chown 0:0 made; echo chown=$?
+chown 0:0 made; echo chown-root=$?
+chown 0 made; echo chown-uid-0=$?
+chgrp 0 made; echo chgrp-0=$?
 chmod 4755 made; echo suid=$?
 chmod 2755 made; echo sgid=$?
 chmod 1755 made; echo sticky=$?
 chmod 755 made; echo plain=$?
-chmod 755 secret; echo chmod-root=$?
+chmod 4755 secret; echo suid-root=$?
 mknod dev c 1 3 2>/dev/null; echo mknod=$?
 mkfifo fifo; echo mkfifo=$?
+echo y >user; chown 1000:1000 user; echo chown-user=$?; chmod 640 user; echo chmod-user=$?
 """
 # Creating with the bits set, through open/openat (what QEMU's 9p create does first).
 CREATE = ("import os\n"
@@ -73,20 +77,25 @@ def test_the_wrapped_process_cannot_make_root_owned_setuid_or_device_files() -> 
         assert got["Uid"].split() == [str(SHARE_SERVER_UID)] * 4, done
         assert got["Gid"].split() == [str(SHARE_SERVER_GID)] * 4, done
         assert got["Groups"].strip() == ""
-        for name in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            assert int(got[name], 16) == 0b110, (name, got[name])  # DAC override, read-search
+        for name in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):  # chown, DAC both, fowner
+            assert int(got[name], 16) == 0b1111, (name, got[name])
         assert got["NoNewPrivs"].strip() == "1" and int(got["Seccomp_filters"]) >= 1
         # Any file can be read and written (the guest's rootfs works) ...
         assert (got["read-root-0600"], got["write-root-0600"], got["create"]) == ("0",) * 3
-        assert (got["sticky"], got["plain"], got["mkfifo"]) == ("0", "0", "0"), done
-        # ... but nothing becomes root's, setuid, setgid or a device, nor changes root's mode.
-        for refused in ("chown", "suid", "sgid", "chmod-root", "mknod"):
+        # chown to root "succeeds" without effect (as QEMU's none model treats owners).
+        for allowed in ("sticky", "plain", "mkfifo", "chown-user", "chmod-user", "chgrp-0",
+                        "chown-root", "chown-uid-0"):
+            assert got[allowed] == "0", (allowed, done.stdout)  # a guest user's own files
+        # ... but nothing becomes root's, setuid, setgid or a device.
+        for refused in ("suid", "sgid", "suid-root", "mknod"):
             assert got[refused] != "0", (refused, done.stdout)
         assert created.returncode == 0 and created.stdout == "", created
         made = (work / "made").lstat()
-        assert (made.st_uid, made.st_gid) == (SHARE_SERVER_UID, SHARE_SERVER_GID)
+        assert (made.st_uid, made.st_gid) == (SHARE_SERVER_UID, 0)  # chgrp 0 is allowed
         assert stat.S_IMODE(made.st_mode) == 0o755
         assert stat.S_IMODE((work / "secret").stat().st_mode) == 0o600
+        user = (work / "user").lstat()
+        assert (user.st_uid, user.st_gid, stat.S_IMODE(user.st_mode)) == (1000, 1000, 0o640)
         assert not (work / "dev").exists() and not list(work.glob("c*"))
 
 

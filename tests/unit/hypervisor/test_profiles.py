@@ -315,14 +315,14 @@ def test_free_page_reporting_adds_the_balloon_on_the_none_profile() -> None:
 
 def test_a_vm_with_a_host_share_runs_qemu_unprivileged_and_without_setuid() -> None:
     """The dev profile's 9p share: QEMU is exec'd through the nosuid seccomp wrapper, then
-    setpriv (nobody:nogroup, only the DAC capabilities), whatever prefix a test adds between;
+    setpriv (nobody:nogroup, four capabilities), whatever prefix a test adds between;
     a VM without a share keeps QEMU first."""
     share = NinePShare("share0", "kataShared", Path("/run/pod/shared"))
     line = build_command_line(S["none"], instance("none", shares=(share,)))
     assert line.run_as == ReducedPrivileges()
     argv = line.to_argv(("chroot", "/root"))
     qemu = argv.index("/usr/bin/qemu-system-x86_64")
-    caps = "-all,+dac_override,+dac_read_search"
+    caps = "-all,+chown,+dac_override,+dac_read_search,+fowner"
     assert argv[:qemu] == [
         sys.executable, "-I", "-S", str(Path(hypervisor.__file__).with_name("nosuid.py")),
         "chroot", "/root",
