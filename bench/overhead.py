@@ -22,35 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cri import cri_node
+
 from protocols.api.cri import api_pb2 as cri
-from tests import envinfo
-from tests.support.containerd import (
-    coco_processes,
-    private_containerd,
-    shim_daemons,
-)
-from tests.support.cri import (
-    CRI_NAMESPACE,
-    PAUSE_ENTRYPOINT,
-    PAUSE_REF,
-    CniNetwork,
-    CriClient,
-    container_config,
-    cri_config,
-    pod_config,
-)
-from tests.support.guest import dev_profile_text, guest_image
-from tests.support.images import BUSYBOX_REF, busybox_oci_archive
+from tests.support.containerd import coco_processes, shim_daemons
+from tests.support.cri import container_config, pod_config
+from tests.support.images import BUSYBOX_REF
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -119,71 +104,50 @@ def main() -> int:
                         help="the profile's memory_mib (the VM's base), MiB")
     parser.add_argument("--samples", type=int, default=3)
     args = parser.parse_args()
-    env = envinfo.load()
-    base = Path(tempfile.mkdtemp(prefix="coco-bovh-", dir="/tmp"))
-    tag = uuid.uuid4().hex[:6]
-    network = CniNetwork(name=f"coco-ovh-{tag}", bridge=f"cocoovh{tag}",
-                         subnet="198.18.202.0/24", data_dir=base / "cni-ipam")
     rows: list[dict[str, float]] = []
-    try:
-        image = guest_image()
-        profile = base / "profile.toml"
-        profile.write_text(dev_profile_text(env.kernel, image.image).replace(
+    with cri_node(args.containerd, subnet="198.18.202.0/24", prefix="coco-bovh-") as node:
+        # The node's pods boot from its profile: the base memory is set before the first.
+        node.profile.write_text(node.profile.read_text().replace(
             "memory_mib = 1024", f"memory_mib = {args.base_memory}"))
-        network.write(base / "cni")
+        client, base = node.client, node.base
         run_dir = base / "run"
-        shim_env = {"COCO_SHIM_RUN_DIR": str(run_dir), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
-                    "COCO_SHIM_STATE_DIR": str(base / "state"), "PYTHONPATH": str(REPO)}
-        config = cri_config(args.containerd, profile=profile, cni_conf_dir=base / "cni")
-        with private_containerd(args.containerd, extra_config=config, env=shim_env,
-                                extra_path=[Path(sys.executable).parent,
-                                            env.vhost_device_vsock.parent]) as cd:
-            for ref, archive, entrypoint in ((BUSYBOX_REF, base / "busybox.tar", None),
-                                             (PAUSE_REF, base / "pause.tar", PAUSE_ENTRYPOINT)):
-                busybox_oci_archive(archive, ref, entrypoint=entrypoint)
-                cd.ctr("images", "import", "--platform", "linux/amd64", str(archive),
-                       namespace=CRI_NAMESPACE)
-            with CriClient(cd.address) as client:
-                for limit, touch in SIZES:
-                    resources = cri.LinuxContainerResources(
-                        cpu_period=100000, cpu_quota=100000,
-                        memory_limit_in_bytes=limit * MIB) if limit else None
-                    pod = pod_config(f"ovh-{limit}", uuid.uuid4().hex, base,
-                                     resources=resources)
-                    pod_id = client.run_pod(pod)
-                    # Touch guest memory (a shell variable of `touch` MiB, anonymous memory
-                    # of the container's shell), then idle holding it.
-                    toucher = ["/bin/sh", "-c",
-                               f"x=$(head -c {touch * MIB} /dev/zero | tr '\\0' a); "
-                               "echo filled ${#x}; trap 'exit 0' TERM; "
-                               "while :; do sleep 1; done"]
-                    cid = client.create_container(pod_id, container_config(
-                        "toucher", BUSYBOX_REF, toucher), pod)
-                    client.start_container(cid)
-                    log = base / "toucher.log"
-                    deadline = time.monotonic() + 120
-                    while "filled" not in (log.read_text() if log.exists() else ""):
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the container never filled its memory")
-                        time.sleep(0.5)
-                    time.sleep(SETTLE)
-                    samples = []
-                    for _ in range(args.samples):
-                        samples.append(measure(base, run_dir))
-                        time.sleep(1)
-                    row = {key: round(statistics.median(s[key] for s in samples), 1)
-                           for key in samples[0]}
-                    row["guest_ram_mib"] = args.base_memory + limit
-                    row["pod_limit_mib"] = limit
-                    rows.append(row)
-                    client.stop_container(cid, timeout=5)
-                    client.remove_container(cid)
-                    client.stop_pod(pod_id)
-                    client.remove_pod(pod_id)
-                    log.unlink(missing_ok=True)
-    finally:
-        network.remove_bridge()
-        shutil.rmtree(base, ignore_errors=True)
+        for limit, touch in SIZES:
+            resources = cri.LinuxContainerResources(
+                cpu_period=100000, cpu_quota=100000,
+                memory_limit_in_bytes=limit * MIB) if limit else None
+            pod = pod_config(f"ovh-{limit}", uuid.uuid4().hex, base,
+                             resources=resources)
+            pod_id = client.run_pod(pod)
+            # Touch guest memory (a shell variable of `touch` MiB, anonymous memory
+            # of the container's shell), then idle holding it.
+            toucher = ["/bin/sh", "-c",
+                       f"x=$(head -c {touch * MIB} /dev/zero | tr '\\0' a); "
+                       "echo filled ${#x}; trap 'exit 0' TERM; "
+                       "while :; do sleep 1; done"]
+            cid = client.create_container(pod_id, container_config(
+                "toucher", BUSYBOX_REF, toucher), pod)
+            client.start_container(cid)
+            log = base / "toucher.log"
+            deadline = time.monotonic() + 120
+            while "filled" not in (log.read_text() if log.exists() else ""):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the container never filled its memory")
+                time.sleep(0.5)
+            time.sleep(SETTLE)
+            samples = []
+            for _ in range(args.samples):
+                samples.append(measure(base, run_dir))
+                time.sleep(1)
+            row = {key: round(statistics.median(s[key] for s in samples), 1)
+                   for key in samples[0]}
+            row["guest_ram_mib"] = args.base_memory + limit
+            row["pod_limit_mib"] = limit
+            rows.append(row)
+            client.stop_container(cid, timeout=5)
+            client.remove_container(cid)
+            client.stop_pod(pod_id)
+            client.remove_pod(pod_id)
+            log.unlink(missing_ok=True)
     print("| pod limit | guest RAM | guest pages resident | QEMU beyond guest | "
           "vhost-device-vsock | shim daemon | total beyond guest RAM |")
     print("|---|---|---|---|---|---|---|")
