@@ -65,7 +65,7 @@ class VerifyingReader:
         self.what = what
         self.seen = 0
         self._hash = expected.hasher()
-        self.timer = timer
+        self.timer = timer if timer is not None else PhaseTimer()  # unread when not given
 
     def read(self, size: int = -1, /) -> bytes:
         left = self.size - self.seen
@@ -74,12 +74,9 @@ class VerifyingReader:
         want = left if size is None or size < 0 else min(size, left)
         chunk = self.raw.read(want)
         self.seen += len(chunk)
-        if self.timer is None:
-            self._hash.update(chunk)
-        else:
-            previous = self.timer.enter("digest")
-            self._hash.update(chunk)
-            self.timer.leave(previous)
+        previous = self.timer.enter("digest")
+        self._hash.update(chunk)
+        self.timer.leave(previous)
         return chunk
 
     def drain(self, chunk_size: int = 1 << 20) -> None:

@@ -82,7 +82,7 @@ class Decompressed:
     ) -> None:
         self.raw = raw
         self.what = what
-        self.timer = timer
+        self.timer = timer if timer is not None else PhaseTimer()  # unread when not given
         head = raw.read(4)
         self._pending = head
         self._inflater: Any = None
@@ -125,17 +125,11 @@ class Decompressed:
         timer = self.timer
         if self._inflater is None:
             out = self._source(want)
-        elif timer is None:
-            out = self._inflate(want)
         else:
             previous = timer.enter("inflate")
             out = self._inflate(want)
             timer.leave(previous)
-        if self._hash is None:
-            pass  # a plain tar whose diff ID is its (verified) blob digest
-        elif timer is None:
-            self._hash.update(out)
-        else:
+        if self._hash is not None:  # None: a plain tar whose diff ID is its verified digest
             previous = timer.enter("diff_id")
             self._hash.update(out)
             timer.leave(previous)
@@ -221,7 +215,7 @@ class Unpacker:
         self.dest = dest
         self.what = what
         self.check = check
-        self.timer = timer
+        self.timer = timer if timer is not None else PhaseTimer()  # unread when not given
         self.stats = UnpackStats()
         self._dir_times: list[tuple[list[str], int]] = []
         self._root = -1
@@ -351,12 +345,9 @@ class Unpacker:
                 timer = self.timer
                 while chunk := source.read(CHUNK):
                     self.check()
-                    if timer is None:
-                        _write_all(fd, chunk)
-                    else:
-                        previous = timer.enter("write")
-                        _write_all(fd, chunk)
-                        timer.leave(previous)
+                    previous = timer.enter("write")
+                    _write_all(fd, chunk)
+                    timer.leave(previous)
                     self.stats.bytes += len(chunk)
             os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears setuid bits
