@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from guest.image.cpio import write_initramfs
 from tests import envinfo
 from tests.support.guest import guest_image
 
@@ -95,11 +96,10 @@ def main() -> int:
         (tree / "bench.sh").write_text(SCRIPT.format(runs=runs))
         (tree / "bench.sh").chmod(0o755)
         (tree / "bench.py").write_text(BENCH)
-        names = "bench.sh\nbench.py\n"
-        extra = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
-                               input=names.encode(), capture_output=True, check=True).stdout
+        extra = work / "extra.cpio"
+        write_initramfs(tree, extra, mtime=0, compression="none")
         initrd = work / "initrd"
-        initrd.write_bytes(extra + image.image.read_bytes())  # newc first, then the image
+        initrd.write_bytes(extra.read_bytes() + image.image.read_bytes())  # ours, then the image
         argv = [args.qemu, "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1024",
                 "-machine", "q35", "-nographic", "-no-reboot", "-kernel", str(env.kernel),
                 "-initrd", str(initrd), "-append", "console=ttyS0 quiet rdinit=/bench.sh"]
