@@ -58,18 +58,26 @@ PHASES = re.compile(r"image pull: .*: layer (?P<digest>sha256:[0-9a-f]{64}): .* 
                     r"(?P<total>[0-9.]+) s \((?P<phases>[^)]*)\)")
 
 
+def layer_phases(log: str, digest: str) -> dict[str, float] | None:
+    """The puller's breakdown of layer ``digest`` from its log line in ``log``: ``total`` and
+    seconds per phase; None without such a line."""
+    for match in PHASES.finditer(log):
+        if match["digest"] == digest:
+            phases = {"total": float(match["total"])}
+            for part in match["phases"].split(", "):
+                name, _, seconds = part.partition(" ")
+                phases[name] = float(seconds)
+            return phases
+    return None
+
+
 def guest_phases(env: CocoDevCri, pod: str, digest: str) -> dict[str, float]:
     """The puller's own breakdown of the layer's time (its log line on the pod VM's serial
     console, which coco-dev keeps in the pod's run directory)."""
     consoles = sorted(env.pod_dir(pod).rglob("console.log"))
     for console in consoles:
-        for match in PHASES.finditer(console.read_text(errors="replace")):
-            if match["digest"] == digest:
-                phases = {"total": float(match["total"])}
-                for part in match["phases"].split(", "):
-                    name, _, seconds = part.partition(" ")
-                    phases[name] = float(seconds)
-                return phases
+        if (phases := layer_phases(console.read_text(errors="replace"), digest)) is not None:
+            return phases
     seen = {str(c): c.read_text(errors="replace")[-3000:] for c in consoles}
     files = sorted(str(p) for p in env.run_dir.rglob("*"))
     raise SystemExit(f"no timing line for layer {digest} in the console of pod {pod}: "
@@ -78,6 +86,14 @@ def guest_phases(env: CocoDevCri, pod: str, digest: str) -> dict[str, float]:
 
 # The registry serves an OCI manifest only to a client that accepts its type.
 ACCEPT = f"--header 'Accept: {oci.OCI_MANIFEST}'"
+
+
+def wget_line(url: str, output: str) -> str:
+    """busybox wget of ``url`` to ``output``, a manifest with its ACCEPT header."""
+    header = f" {ACCEPT}" if "/manifests/" in url else ""
+    return f"wget -q{header} -O {output} {url}"
+
+
 # Bytes received on the pod's interfaces (lo excluded), from /proc/net/dev, in shell builtins
 # only: nothing forks or copies on the fetch's path.
 RX_FUNCTION = """rx() {
@@ -100,8 +116,7 @@ def wget_script(urls: dict[str, str], sink: str) -> str:
     at a time; measured: 6.5 s instead of 0.4 s for the 65 MiB)."""
     lines = ["set -eo pipefail"]
     for name, url in urls.items():
-        header = ACCEPT if "/manifests/" in url else ""
-        lines.append(f'out=$(wget -q {header} -O - {url} | {sink}); echo "{name} $out"')
+        lines.append(f'out=$({wget_line(url, "-")} | {sink}); echo "{name} $out"')
     return "\n".join(lines)
 
 
@@ -110,8 +125,7 @@ def rx_wget_script(urls: dict[str, str]) -> str:
     script), printing ``<name> <bytes the interface received meanwhile>`` per URL."""
     lines = ["set -e", RX_FUNCTION, "before=$(rx)"]
     for name, url in urls.items():
-        header = ACCEPT if "/manifests/" in url else ""
-        lines += [f"wget -q {header} -O /dev/null {url}",
+        lines += [wget_line(url, "/dev/null"),
                   f'after=$(rx); echo "{name} $((after - before))"; before=$after']
     return "\n".join(lines)
 
@@ -198,9 +212,7 @@ def host_pull_vs_wget(env: CocoDevCri, large_ref: str, urls: dict[str, str],
         started = time.monotonic()
         asyncio.run(puller.pull(large_ref))
         pull = time.monotonic() - started
-        plain = "set -e\n" + "\n".join(
-            f"wget -q {ACCEPT if '/manifests/' in url else ''} -O /dev/null {url}"
-            for url in urls.values())
+        plain = "set -e\n" + "\n".join(wget_line(url, "/dev/null") for url in urls.values())
         started = time.monotonic()
         subprocess.run(["busybox", "sh", "-c", plain], check=True)
         wget = time.monotonic() - started
@@ -210,11 +222,12 @@ def host_pull_vs_wget(env: CocoDevCri, large_ref: str, urls: dict[str, str],
     finally:
         logger.removeHandler(handler)
         shutil.rmtree(work, ignore_errors=True)
-    layer = blobs["layer"][0]
-    phases = next(m for line in lines if (m := PHASES.search(line)) and m["digest"] == layer)
+    phases = layer_phases("\n".join(lines), blobs["layer"][0])
+    if phases is None:
+        raise SystemExit(f"no timing line for the layer in the host puller's log: {lines}")
+    del phases["total"]  # the host pull's time is measured around it
     return {"host_pull": pull, "host_wget": wget, "host_ratio": pull / wget,
-            **{f"host_{name}": float(seconds) for name, _, seconds in
-               (part.partition(" ") for part in phases["phases"].split(", "))}}
+            **{f"host_{name}": seconds for name, seconds in phases.items()}}
 
 
 def check_wget(output: str, blobs: dict[str, tuple[str, int]], kind: str) -> None:
