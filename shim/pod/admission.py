@@ -72,10 +72,8 @@ class BootSlots:
 
     def try_take(self, holder: str = "") -> HeldSlot | None:
         """A free slot now, or None when all are held."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for index in range(self.slots):
-            fd = os.open(self.directory / f"slot-{index}",
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._open(index)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -90,6 +88,17 @@ class BootSlots:
                 pass  # a full disk costs the diagnostic only
             return HeldSlot(index, fd)
         return None
+
+    def _open(self, index: int) -> int:
+        """Slot ``index``'s file, opened (made, with its directory, the first time: not on
+        every poll of a wait)."""
+        path = self.directory / f"slot-{index}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return os.open(path, flags, 0o600)
 
     def holders(self) -> list[str]:
         """What the slot files say about their holders (pid and pod), for diagnostics."""

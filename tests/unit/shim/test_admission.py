@@ -143,3 +143,19 @@ async def test_the_boot_clock_stops_inside_and_keeps_what_was_left() -> None:
         assert after > loop.time()
     with BootClock(None).stopped():  # no deadline: nothing to stop
         pass
+
+
+def test_the_slot_directory_is_made_when_missing_and_made_again_if_removed(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "boot-slots"
+    slots = BootSlots(directory, 1)
+    held = slots.try_take("p1")
+    assert held is not None
+    assert directory.stat().st_mode & 0o777 == 0o700
+    held.release()
+    for child in directory.iterdir():
+        child.unlink()
+    directory.rmdir()
+    again = slots.try_take("p2")
+    assert again is not None and again.index == 0
+    assert (directory / "slot-0").read_text().split()[1] == "p2"
+    again.release()
