@@ -9,6 +9,12 @@ checked against the TEE's evidence and written out (:mod:`guest.agent.initdata`)
 kind is settled and the policy installed: initdata's ``policy.rego`` if it has one, else
 ``--policy``, else the built-in default (the confidential one on a confidential guest).
 
+Then it listens, with Health answering at once and the AgentService pending
+(:class:`guest.agent.pending.PendingService`): the container machinery (sandbox, networking,
+image pull) is imported in a worker thread meanwhile, and once it is in and the device drivers
+are loaded (``--serve-after``) the AgentService is built with the policy settled above; RPCs
+that arrive earlier wait for it. The host's first Check so waits for neither.
+
 A confidential guest is one that runs on a TEE (the host cannot hide the TEE from it), or was
 given initdata, or was started with ``--confidential`` (init passes it for the kernel command
 line's ``coco.agent.confidential=1``: coco-dev's way, where there is no TEE to detect and so
@@ -29,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,20 +45,19 @@ from typing import TYPE_CHECKING
 from guest.agent import initdata
 from guest.agent.bootlog import KMSG, BootLog
 from guest.agent.errors import InvalidArgument
-from guest.agent.network import Network
+from guest.agent.health import HealthService
+from guest.agent.pending import PendingService
 from guest.agent.policy import AllowAll, Policy, RegoPolicy, confidential_default
-from guest.agent.reaper import Reaper
-from guest.agent.sandbox import AgentPaths, Sandbox
-from guest.agent.service import AgentService, HealthService
-from guest.image_pull.config import DEFAULT_CONFIG_PATH, guest_pull_config
-from guest.image_pull.pause import PAUSE_BUNDLE
-from guest.image_pull.puller import GuestPullStorage, ImagePuller
+from guest.image_pull.config import DEFAULT_CONFIG_PATH, PullConfig, guest_pull_config
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
 
 if TYPE_CHECKING:
     import argparse
 
+    from guest.agent.reaper import Reaper
+    from guest.agent.sandbox import Sandbox
+    from guest.agent.service import AgentService
     from guest.attestation.components import GuestComponents
 
 log = logging.getLogger("guest.agent")
@@ -98,12 +104,16 @@ OPTIONS = (
            "seconds the refusal is served (SECONDS)"),
     Option(("--image-pull-config",), "image_pull_config", "path", DEFAULT_CONFIG_PATH,
            "guest pull settings (TOML, cdh.toml's [image] shape); defaults when missing"),
-    Option(("--pause-bundle",), "pause_bundle", "path", PAUSE_BUNDLE,
-           "bundle (config.json + rootfs/) of the pod's sandbox container"),
+    Option(("--pause-bundle",), "pause_bundle", "path", None,
+           "bundle (config.json + rootfs/) of the pod's sandbox container "
+           "(default: guest.image_pull.pause.PAUSE_BUNDLE, /pause_bundle)"),
     Option(("--manage-system",), "manage_system", "bool", None,
            "set hostname/DNS on CreateSandbox (default: only with --vsock)"),
     Option(("--wait-for",), "wait_for", "path", None,
            "listen only once this file exists (init creates it when modules are loaded)"),
+    Option(("--serve-after",), "serve_after", "path", None,
+           "answer Health at once but serve the AgentService only once this file exists "
+           "(init creates it when the device drivers are loaded)"),
     Option(("--ready-vsock-port",), "ready_vsock_port", "int", None,
            "once listening, connect to the host (CID 2) on this port and say READY (the host "
            "dials hybrid vsock only after it: see hypervisor/vsock.py)"),
@@ -366,7 +376,100 @@ async def refuse(
     return REFUSED_EXIT
 
 
+@dataclass
+class Machinery:
+    """What serves the agent API beyond Health: built after the agent listens."""
+
+    reaper: Reaper
+    sandbox: Sandbox
+    agent: AgentService
+
+
+def import_machinery() -> None:
+    """The container machinery's modules (≈ 0.5 s of a TCG boot): imported in a worker thread
+    while the event loop already answers Health (see :class:`guest.agent.pending.PendingService`).
+    """
+    import guest.agent.network
+    import guest.agent.reaper
+    import guest.agent.sandbox
+    import guest.agent.service
+    import guest.image_pull.pause
+    import guest.image_pull.puller  # noqa: F401
+
+
+def build_machinery(
+    args: SimpleNamespace,
+    startup: Startup,
+    components: GuestComponents | None,
+    pull_config: PullConfig,
+) -> Machinery:
+    """The reaper (installed: the loop's SIGCHLD), the sandbox and the AgentService over them,
+    with the policy settled before listening."""
+    from guest.agent.network import Network
+    from guest.agent.reaper import Reaper
+    from guest.agent.sandbox import AgentPaths, Sandbox
+    from guest.agent.service import AgentService
+    from guest.image_pull.pause import PAUSE_BUNDLE
+    from guest.image_pull.puller import GuestPullStorage, ImagePuller
+
+    reaper = Reaper()
+    reaper.install()
+    paths = AgentPaths(
+        state_dir=args.state_dir,
+        shared_root=args.shared_root,
+        resolv_conf=args.resolv_conf,
+        cgroup_parent=args.cgroup_parent,
+    )
+    manage_system = args.vsock if args.manage_system is None else args.manage_system
+    guest_pull = GuestPullStorage(
+        lambda: ImagePuller(pull_config), args.shared_root, args.pause_bundle or PAUSE_BUNDLE
+    )
+    sandbox = Sandbox(
+        reaper,
+        paths,
+        runc_binary=args.runtime,
+        manage_system=manage_system,
+        secrets=components.hub if components is not None else None,
+        guest_pull=guest_pull,
+    )
+    return Machinery(reaper, sandbox, AgentService(sandbox, Network(), startup.policy))
+
+
+def in_thread(fn: Callable[[], None], name: str) -> asyncio.Future[None]:
+    """Run ``fn`` in a thread of its own; the future (of the running loop) says when it ended.
+
+    A plain thread, not the loop's executor: concurrent.futures.thread and queue cost ≈ 0.1 s
+    of a TCG boot. The caller owns the future and awaits it; ``fn`` is short and cannot be
+    cancelled (an import), so the owner waits for it rather than abandoning it.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as err:
+            error = err
+        with contextlib.suppress(RuntimeError):  # the loop is gone: its owner is too
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
+
+
 async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
+    """Settle the start-up (initdata, policy, guest components, pull settings; a refusal is
+    served instead), listen with Health answering and the AgentService pending, then build
+    the container machinery and hand the AgentService its implementation."""
     boot = boot or BootLog(None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -391,38 +494,25 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     except (initdata.InitdataError, InvalidArgument, GuestComponentsError) as err:
         return await refuse(args, str(err), stop, boot)
 
-    reaper = Reaper()
-    reaper.install()
-    paths = AgentPaths(
-        state_dir=args.state_dir,
-        shared_root=args.shared_root,
-        resolv_conf=args.resolv_conf,
-        cgroup_parent=args.cgroup_parent,
-    )
-    manage_system = args.vsock if args.manage_system is None else args.manage_system
-    guest_pull = GuestPullStorage(
-        lambda: ImagePuller(pull_config), args.shared_root, args.pause_bundle
-    )
-    sandbox = Sandbox(
-        reaper,
-        paths,
-        runc_binary=args.runtime,
-        manage_system=manage_system,
-        secrets=components.hub if components is not None else None,
-        guest_pull=guest_pull,
-    )
-    agent = AgentService(sandbox, Network(), startup.policy)
-
     server = Server()
     health = HealthService(on_check=lambda: boot.mark_once("first Check answered"))
+    agent = PendingService(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
+    imported = in_thread(import_machinery, "agent-imports")
+    machinery: Machinery | None = None
     try:
         await _listen(server, args, boot)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
+        await imported
+        if args.serve_after is not None:
+            await _wait_for_file(args.serve_after, WAIT_FOR_TIMEOUT)
+        machinery = build_machinery(args, startup, components, pull_config)
+        agent.resolve(machinery.agent)
+        boot.mark("agent service ready")
         waiters = [
             asyncio.ensure_future(stop.wait()),
-            asyncio.ensure_future(sandbox.shutdown.wait()),
+            asyncio.ensure_future(machinery.sandbox.shutdown.wait()),
         ]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -430,10 +520,18 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
             for waiter in waiters:
                 waiter.cancel()
         log.info("shutting down (%s)", "signal" if stop.is_set() else "sandbox destroyed")
+    except Exception as err:
+        agent.fail(err)
+        raise
     finally:
+        agent.fail(ConnectionAbortedError("the agent is shutting down"))
         await server.close()
-        await sandbox.destroy_sandbox()
-        reaper.close()
+        if not imported.done():
+            with contextlib.suppress(Exception):
+                await imported
+        if machinery is not None:
+            await machinery.sandbox.destroy_sandbox()
+            machinery.reaper.close()
         if components is not None:
             components.close()
     return 0

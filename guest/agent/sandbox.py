@@ -39,9 +39,6 @@ from guest.agent.storage import GuestPull, StorageManager, StorageSpec
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = "0.1.0"
-
-
 class SandboxState(enum.Enum):
     EMPTY = "empty"  # before CreateSandbox (containers may still be created, as with Kata)
     READY = "ready"

@@ -28,17 +28,17 @@ from guest.agent.errors import (
     RuntimeFailure,
     from_os_error,
 )
+from guest.agent.health import AGENT_VERSION
 from guest.agent.network import Address, Interface, Neighbor, Network, Route
 from guest.agent.policy import AllowAll, Policy, RegoPolicy
 from guest.agent.policy_input import rule_name
-from guest.agent.sandbox import AGENT_VERSION, FileCopy, Sandbox
+from guest.agent.sandbox import FileCopy, Sandbox
 from guest.agent.storage import DRIVERS, StorageSpec
-from protocols.api.kata import agent_pb2, health_pb2, types_pb2
+from protocols.api.kata import agent_pb2, types_pb2
 from protocols.ttrpc import Code, RequestContext, TtrpcError
 
 log = logging.getLogger(__name__)
 
-GRPC_API_VERSION = "0.0.1"
 REDACTED = b"[output redacted by the agent policy]\n"
 
 
@@ -282,25 +282,6 @@ def network_stats(proc_net_dev: str = "/proc/net/dev") -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-class HealthService:
-    def __init__(self, on_check: Callable[[], None] | None = None) -> None:
-        self._on_check = on_check  # told of every Check answered (the boot log's first one)
-
-    async def Check(
-        self, request: health_pb2.CheckRequest, ctx: RequestContext
-    ) -> health_pb2.HealthCheckResponse:
-        if self._on_check is not None:
-            self._on_check()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    async def Version(
-        self, request: health_pb2.CheckRequest, ctx: RequestContext
-    ) -> health_pb2.VersionCheckResponse:
-        return health_pb2.VersionCheckResponse(
-            grpc_version=GRPC_API_VERSION, agent_version=AGENT_VERSION
-        )
 
 
 Empty = empty_pb2.Empty

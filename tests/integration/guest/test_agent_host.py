@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
-from protocols.ttrpc import Code, TtrpcError
+from protocols.ttrpc import Client, Code, TtrpcError
 from tests.integration.guest.agentproc import AgentProcess
+from tests.integration.guest.conftest import remove_cgroup_parent
 from tests.integration.guest.support import AgentClient, process, spec
 
 pytestmark = pytest.mark.integration
@@ -523,3 +524,41 @@ async def test_init_process_is_also_named_by_its_exec_id(agent: AgentClient, roo
         agent_pb2.WaitProcessRequest(container_id="c1", exec_id="other"),
     )
     await remove(agent, "c1")
+
+
+async def test_health_answers_before_the_agent_service_which_keeps_the_policy(
+    workdir: Path,
+) -> None:
+    """--serve-after: Check answers at once; an AgentService call made before the file
+    exists waits for it, then runs under the policy settled at start (one that denies
+    GetGuestDetails here), as does every later call."""
+    policy = workdir / "deny-details.rego"
+    policy.write_text(
+        "package agent_policy\n"
+        "default GetGuestDetailsRequest := false\n"
+        "default ListInterfacesRequest := true\n"
+    )
+    gate = workdir / "drivers-loaded"
+    process = AgentProcess(workdir / "gated")
+    process.workdir.mkdir()
+    process.start("--serve-after", str(gate), "--policy", str(policy))
+    client = await Client.connect_unix(process.socket, timeout=10)
+    try:
+        agent = AgentClient(client)
+        assert await agent.check() == health_pb2.HealthCheckResponse.SERVING
+        early = asyncio.ensure_future(expect_code(
+            Code.PERMISSION_DENIED, agent, "GetGuestDetails", agent_pb2.GuestDetailsRequest()))
+        listed = asyncio.ensure_future(
+            agent.call("ListInterfaces", agent_pb2.ListInterfacesRequest(), agent_pb2.Interfaces))
+        done, _ = await asyncio.wait([early, listed], timeout=0.5)
+        assert not done, "an AgentService call ran before --serve-after's file existed"
+        assert await agent.check() == health_pb2.HealthCheckResponse.SERVING
+        gate.touch()
+        assert "blocked by policy" in await early
+        assert isinstance(await listed, agent_pb2.Interfaces)
+        await expect_code(
+            Code.PERMISSION_DENIED, agent, "GetGuestDetails", agent_pb2.GuestDetailsRequest())
+    finally:
+        await client.close()
+        process.stop()
+        remove_cgroup_parent(process.cgroup_parent)

@@ -9,10 +9,11 @@ from typing import Any, cast
 import pytest
 
 from guest.agent.errors import FailedPrecondition, NotFound
+from guest.agent.health import HealthService
 from guest.agent.network import Network
 from guest.agent.policy import Policy, RegoPolicy
 from guest.agent.sandbox import Sandbox
-from guest.agent.service import REDACTED, AgentService, HealthService
+from guest.agent.service import REDACTED, AgentService
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, TtrpcError
 
