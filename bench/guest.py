@@ -16,7 +16,8 @@ that each sees the same (shared, noisy) machine; every figure is a ratio within 
 
 The timeline comes from the guest's kernel log (init and the agent mark their steps in it;
 `dmesg` runs in a container with CAP_SYSLOG after the boot): kernel clock 0, initramfs unpacked,
-/init, modules loaded, agent imports done, listening, first Check. The host's time of that
+/init, modules loaded, agent imports done, listening, first Check; and what continues after
+the first Check (the other devices' drivers, the AgentService built). The host's time of that
 first Check puts the guest's clock 0 on the host's clock. ``--importtime`` boots once more with
 ``python -X importtime`` and lists the agent's costliest imports.
 
@@ -79,6 +80,8 @@ MARKS = (
     ("coco-agent: imports done", "imports"),
     ("coco-agent: listening on vsock port", "listening"),
     ("coco-agent: first Check answered", "check"),
+    ("coco-init: device drivers loaded", "drivers"),
+    ("coco-agent: agent service ready", "service"),
 )
 STEPS = (  # (row, from, to): the timeline's rows, on the guest's clock
     ("kernel: clock 0 → initramfs unpack starts", "0", "unpack"),
@@ -89,6 +92,8 @@ STEPS = (  # (row, from, to): the timeline's rows, on the guest's clock
     ("agent: interpreter + imports", "agent-exec", "imports"),
     ("agent: → listening (waits for modules)", "imports", "listening"),
     ("agent: listening → first Check answered", "listening", "check"),
+    ("after Check: listening → device drivers loaded", "listening", "drivers"),
+    ("after Check: listening → AgentService ready", "listening", "service"),
 )
 MEMINFO = (  # the guest's memory, the agent's RSS as one more "key: value kB" line, modules
     "cat /proc/meminfo; for p in /proc/[0-9]*; do "

@@ -43,7 +43,7 @@ PROJECT_PACKAGES = ("guest", "protocols")
 EXCLUDED_PROJECT_DIRS = {"guest/image"}
 PROTOBUF_DIRS = ("google/protobuf", "google/_upb")
 RECIPE_FILES = ("packages.txt", "modules.txt", "modules-on-demand.txt", "strip.txt", "init",
-                "image-pull.toml")
+                "fstab", "image-pull.toml")
 # Pure-Python libraries copied from the venv (no Debian bookworm package): RFC 8785 JCS.
 VENDORED_DIRS = ("rfc8785",)
 # Debian's python3-* packages live here; the agent runs with -S (no site), so it is on
@@ -161,6 +161,7 @@ class Recipe:
         feed("epoch", str(self.epoch).encode())
         feed("kernel", self.kernel_version.encode())
         feed("lz4", lz4_library_version().encode())
+        feed("strip", strip_version().encode())
         for name in RECIPE_FILES:
             feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
         for label, path in [
@@ -354,9 +355,13 @@ def install_busybox_links(root: Path) -> int:
 
 
 # Run inside the image (chroot): import what the agent imports, then byte-compile exactly those
-# files with unchecked-hash pycs (no timestamps, so reproducible; the image is immutable).
+# files with unchecked-hash pycs (no timestamps, so reproducible; the image is immutable), in
+# the legacy place beside the source (``x.pyc``), and remove the source: the image carries one
+# copy of each module the agent imports, and the kernel unpacks fewer bytes at boot. Modules
+# nothing here imports keep their source (a rarely used path still works, compiled in memory).
+# Tracebacks keep file names and line numbers, not the source lines.
 _PRECOMPILE = """
-import py_compile, sys
+import os, py_compile, sys
 import guest.agent.__main__, guest.agent.service
 import guest.attestation.components, guest.attestation.__main__
 import guest.agent.rego, jsonpatch, regorus  # loaded once a Rego policy is in force
@@ -364,8 +369,9 @@ import guest.image_pull.registry, guest.image_pull.unpack  # imported on the fir
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None) and m.__file__.endswith(".py")})
 for path in files:
-    py_compile.compile(path, doraise=True,
+    py_compile.compile(path, cfile=path + "c", dfile=path, doraise=True,
                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    os.unlink(path)
 print(len(files))
 """
 
@@ -382,7 +388,10 @@ def precompile(root: Path) -> int:
     result = subprocess.run(
         [_chroot(), str(root), "/usr/bin/python3.11", "-s", "-c", _PRECOMPILE],
         env={"PYTHONPATH": f"/{PAYLOAD_DIR}:/{DIST_PACKAGES}", "PATH": "/usr/bin:/bin",
-             "PYTHONHASHSEED": "0"},
+             "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
+             # no column tables in the code objects: smaller pycs, less to unmarshal at boot
+             # (tracebacks keep their line numbers, lose the ^^^ markers)
+             "PYTHONNODEBUGRANGES": "1"},
         capture_output=True,
         text=True,
         check=False,
@@ -390,6 +399,34 @@ def precompile(root: Path) -> int:
     if result.returncode != 0:
         raise RuntimeError(f"precompiling the agent in the image failed:\n{result.stderr}")
     return int(result.stdout.strip() or 0)
+
+
+def strip_binaries(root: Path) -> list[str]:
+    """``strip --strip-unneeded`` the shared objects that still carry a symbol table (the
+    venv's wheels: regorus, protobuf's upb; Debian's are stripped already); their paths."""
+    stripped: list[str] = []
+    for path in sorted(root.rglob("*.so")):
+        if path.is_symlink() or not path.is_file() or not _is_elf(path):
+            continue
+        symbols = subprocess.run(["readelf", "-S", "-W", str(path)], capture_output=True,
+                                 text=True, check=True).stdout
+        if " .symtab " in symbols or " .debug_" in symbols:
+            subprocess.run([_strip(), "--strip-unneeded", str(path)], check=True)
+            stripped.append(path.relative_to(root).as_posix())
+    return stripped
+
+
+def _strip() -> str:
+    found = shutil.which("strip")
+    if found is None:
+        raise FileNotFoundError("strip not found: apt-get install binutils")
+    return found
+
+
+def strip_version() -> str:
+    """Part of the image's cache key: another binutils may strip to other bytes."""
+    result = subprocess.run([_strip(), "--version"], capture_output=True, text=True, check=True)
+    return result.stdout.splitlines()[0]
 
 
 def _copy(files: Iterable[tuple[str, Path]], dest: Path) -> int:
@@ -441,6 +478,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     etc = stage / "etc/coco"
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "image-pull.toml").write_bytes((recipe.recipe_dir / "image-pull.toml").read_bytes())
+    (etc / "fstab.boot").write_bytes((recipe.recipe_dir / "fstab").read_bytes())
     (etc / "modules.order").write_text("".join(f"{m.name}\n" for m in order))
     # modules.dep and modules.alias for busybox modprobe: init loads the boot list, then a
     # driver for each virtio device present (its modalias); filesystems load when first
@@ -459,6 +497,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\ntty:x:5:\n")
     pruned = prune_libraries(stage)
+    stripped = strip_binaries(stage)
     compiled = precompile(stage)
     return {
         "precompiled_modules": compiled,
@@ -466,6 +505,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
         "modules_on_demand": [m.name for m in every if m not in order],
         "stripped_paths": removed,
         "pruned_libraries": pruned,
+        "stripped_binaries": stripped,
         "busybox_links": links,
         "payload_files": copied,
         "ca_certificates": ca_certificates,

@@ -32,10 +32,13 @@ def test_image_holds_what_the_guest_needs(guest_image: BuildResult) -> None:
         "usr/bin/python3.11",
         "dev/console",
         "etc/coco/modules.order",
-        "opt/coco-guest/guest/agent/__main__.py",
-        "opt/coco-guest/protocols/ttrpc/server.py",
-        "opt/coco-guest/protocols/api/kata/agent_pb2.py",
-        "opt/coco-guest/google/protobuf/message.py",
+        # what the agent imports: sourceless bytecode only (the builder's precompile)
+        "opt/coco-guest/guest/agent/__main__.pyc",
+        "opt/coco-guest/protocols/ttrpc/server.pyc",
+        "opt/coco-guest/protocols/api/kata/agent_pb2.pyc",
+        "opt/coco-guest/google/protobuf/message.pyc",
+        "usr/lib/python3.11/asyncio/base_events.pyc",
+        "etc/coco/fstab.boot",
         "lib/modules/coco/vmw_vsock_virtio_transport.ko",
         "lib/modules/coco/9p.ko",
         "lib/modules/coco/overlay.ko",
@@ -52,6 +55,10 @@ def test_image_holds_what_the_guest_needs(guest_image: BuildResult) -> None:
         n.startswith("usr/share/doc/") or n.startswith("usr/share/locale/") for n in names
     )
     assert not any(n.endswith(".pyi") for n in names)
+    assert not any("__pycache__" in n for n in names)
+    for source in ("opt/coco-guest/guest/agent/__main__.py",
+                   "usr/lib/python3.11/asyncio/base_events.py"):
+        assert source not in names, f"{source}: the pyc beside it suffices"
     assert not {"usr/bin/perl", "usr/bin/openssl", "usr/bin/catatonit"} & set(names)
     assert guest_image.size < 40 * 2**20
 
