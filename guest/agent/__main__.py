@@ -499,36 +499,49 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     agent = PendingService(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
-    imported = in_thread(import_machinery, "agent-imports")
+    imported: asyncio.Future[None] | None = None
     machinery: Machinery | None = None
+
+    async def start_machinery() -> Machinery:
+        assert imported is not None
+        await asyncio.shield(imported)
+        if args.serve_after is not None:
+            await _wait_for_file(args.serve_after, WAIT_FOR_TIMEOUT)
+        return build_machinery(args, startup, components, pull_config)
+
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         await _listen(server, args, boot)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
-        await imported
-        if args.serve_after is not None:
-            await _wait_for_file(args.serve_after, WAIT_FOR_TIMEOUT)
-        machinery = build_machinery(args, startup, components, pull_config)
-        agent.resolve(machinery.agent)
-        boot.mark("agent service ready")
-        waiters = [
-            asyncio.ensure_future(stop.wait()),
-            asyncio.ensure_future(machinery.sandbox.shutdown.wait()),
-        ]
+        imported = in_thread(import_machinery, "agent-imports")
+        starting = asyncio.ensure_future(start_machinery())
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting  # raises what the start-up raised
+        if not starting.cancelled():
+            machinery = starting.result()
+        if machinery is not None and not stop.is_set():
+            agent.resolve(machinery.agent)
+            boot.mark("agent service ready")
+            shutdown = asyncio.ensure_future(machinery.sandbox.shutdown.wait())
+            try:
+                await asyncio.wait([stopped, shutdown], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                shutdown.cancel()
         log.info("shutting down (%s)", "signal" if stop.is_set() else "sandbox destroyed")
     except Exception as err:
         agent.fail(err)
         raise
     finally:
+        stopped.cancel()
         agent.fail(ConnectionAbortedError("the agent is shutting down"))
         await server.close()
-        if not imported.done():
+        if imported is not None and not imported.done():
             with contextlib.suppress(Exception):
-                await imported
+                await imported  # an import cannot be interrupted: its owner waits for it
         if machinery is not None:
             await machinery.sandbox.destroy_sandbox()
             machinery.reaper.close()

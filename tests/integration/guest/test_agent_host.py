@@ -562,3 +562,15 @@ async def test_health_answers_before_the_agent_service_which_keeps_the_policy(
         await client.close()
         process.stop()
         remove_cgroup_parent(process.cgroup_parent)
+
+
+async def test_sigterm_while_the_agent_service_is_pending_ends_the_agent(workdir: Path) -> None:
+    process = AgentProcess(workdir / "pending")
+    process.workdir.mkdir()
+    process.start("--serve-after", str(workdir / "never"))
+    try:
+        assert process.stop() == 0, process.output()
+        assert "shutting down (signal)" in process.output()
+    finally:
+        process.stop()
+        remove_cgroup_parent(process.cgroup_parent)
