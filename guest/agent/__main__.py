@@ -47,7 +47,13 @@ from guest.agent.bootlog import KMSG, BootLog
 from guest.agent.errors import InvalidArgument
 from guest.agent.health import HealthService
 from guest.agent.pending import PendingService
-from guest.agent.policy import AllowAll, Policy, RegoPolicy, confidential_default
+from guest.agent.policy import (
+    AllowAll,
+    DeferredPolicy,
+    Policy,
+    RegoPolicy,
+    deferred_confidential_default,
+)
 from guest.image_pull.config import DEFAULT_CONFIG_PATH, PullConfig, guest_pull_config
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
@@ -264,7 +270,7 @@ def prepare(args: SimpleNamespace, evidence: initdata.EvidenceSource) -> Startup
     elif args.policy is not None:
         policy = RegoPolicy(args.policy.read_text(), str(args.policy))
     elif confidential:
-        policy = confidential_default()
+        policy = deferred_confidential_default()  # compiled in the import thread
     else:
         policy = AllowAll()
     if found is not None:
@@ -385,10 +391,12 @@ class Machinery:
     agent: AgentService
 
 
-def import_machinery() -> None:
-    """The container machinery's modules (≈ 0.5 s of a TCG boot): imported in a worker thread
-    while the event loop already answers Health (see :class:`guest.agent.pending.PendingService`).
-    """
+def import_machinery(policy: Policy | None = None) -> None:
+    """The container machinery's modules (≈ 0.5 s of a TCG boot) and a deferred policy's
+    engine: imported in a worker thread while the event loop already answers Health (see
+    :class:`guest.agent.pending.PendingService`)."""
+    if isinstance(policy, DeferredPolicy):
+        policy.prepare_engine()
     import guest.agent.network
     import guest.agent.reaper
     import guest.agent.sandbox
@@ -412,6 +420,8 @@ def build_machinery(
     from guest.image_pull.pause import PAUSE_BUNDLE
     from guest.image_pull.puller import GuestPullStorage, ImagePuller
 
+    if isinstance(startup.policy, DeferredPolicy):
+        startup.policy.load()  # here, in the loop's thread, which will use the engine
     reaper = Reaper()
     reaper.install()
     paths = AgentPaths(
@@ -513,7 +523,7 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     try:
         await _listen(server, args, boot)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
-        imported = in_thread(import_machinery, "agent-imports")
+        imported = in_thread(lambda: import_machinery(startup.policy), "agent-imports")
         starting = asyncio.ensure_future(start_machinery())
         try:
             await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -126,6 +127,46 @@ class RegoPolicy:
 def confidential_default() -> RegoPolicy:
     return RegoPolicy(CONFIDENTIAL_DEFAULT.read_text(), "built-in confidential default",
                       module=CONFIDENTIAL_DEFAULT.name)
+
+
+class DeferredPolicy:
+    """A policy that is compiled later, off the path to the host's first Check: the built-in
+    confidential default (the engine's import and the compile cost ≈ a second of a TCG boot),
+    which cannot fail to compile, so settling it later changes no start-up decision.
+
+    The agent imports the engine in its import thread (:meth:`prepare_engine`) and compiles
+    the policy (:meth:`load`) in the event loop's thread before the AgentService serves: the
+    engine's objects must stay on the thread that made them. A :meth:`decide` that came first
+    would compile it then: a request is never decided without the policy.
+    """
+
+    def __init__(self, origin: str, make: Callable[[], Policy]) -> None:
+        self.origin = origin
+        self._make = make
+        self._policy: Policy | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._policy is not None
+
+    @staticmethod
+    def prepare_engine() -> None:
+        """Import the engine's modules (any thread): what :meth:`load` then needs is cheap."""
+        import regorus  # noqa: F401
+
+        import guest.agent.rego  # noqa: F401
+
+    def load(self) -> Policy:
+        if self._policy is None:
+            self._policy = self._make()
+        return self._policy
+
+    def decide(self, request: Message) -> Decision:
+        return (self._policy or self.load()).decide(request)
+
+
+def deferred_confidential_default() -> DeferredPolicy:
+    return DeferredPolicy("built-in confidential default", confidential_default)
 
 
 # -- explaining a denial ----------------------------------------------------------------------

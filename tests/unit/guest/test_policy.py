@@ -12,7 +12,13 @@ import pytest
 from google.protobuf.message import Message
 
 from guest.agent.errors import InvalidArgument
-from guest.agent.policy import AllowAll, RegoPolicy, confidential_default
+from guest.agent.policy import (
+    AllowAll,
+    DeferredPolicy,
+    RegoPolicy,
+    confidential_default,
+    deferred_confidential_default,
+)
 from guest.agent.policy_input import request_input, rule_name
 from guest.agent.rego import RegoError
 from protocols.api.kata import agent_pb2, oci_pb2, types_pb2
@@ -291,6 +297,43 @@ def test_the_agent_imports_no_rego_engine_until_a_policy_needs_it() -> None:
         "from guest.agent.policy import confidential_default\n"
         "confidential_default()\n"
         "assert 'regorus' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True)
+
+
+def test_a_deferred_policy_is_never_skipped_and_compiles_once() -> None:
+    made: list[int] = []
+
+    def make() -> RegoPolicy:
+        made.append(1)
+        return confidential_default()
+
+    deferred = DeferredPolicy("built-in confidential default", make)
+    assert not deferred.loaded and not made
+    exec_request = agent_pb2.ExecProcessRequest(container_id="c")
+    assert not deferred.decide(exec_request).allowed  # compiled on demand, then decided
+    assert deferred.loaded and made == [1]
+    assert deferred.load() is deferred.load() and made == [1]
+    assert deferred_confidential_default().origin == confidential_default().origin
+
+
+def test_a_confidential_agent_listens_before_the_engine_loads() -> None:
+    """prepare() settles the confidential default without importing the engine; the agent's
+    import thread imports it, and the loop's thread compiles it (regorus objects are
+    unsendable: they must be made on the thread that uses them)."""
+    probe = (
+        "import sys, threading\n"
+        "from guest.agent.__main__ import import_machinery, parse_args, prepare\n"
+        "from guest.agent.initdata import NoTee\n"
+        "from protocols.api.kata import agent_pb2\n"
+        "args = parse_args(['--unix', '/nonexistent', '--confidential'])\n"
+        "startup = prepare(args, NoTee())\n"
+        "assert 'regorus' not in sys.modules and not startup.policy.loaded\n"
+        "t = threading.Thread(target=import_machinery, args=(startup.policy,))\n"
+        "t.start(); t.join()\n"
+        "assert 'regorus' in sys.modules and not startup.policy.loaded\n"
+        "startup.policy.load()\n"
+        "assert not startup.policy.decide(agent_pb2.ExecProcessRequest()).allowed\n"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True)
 
