@@ -270,7 +270,7 @@ def prepare(args: SimpleNamespace, evidence: initdata.EvidenceSource) -> Startup
     elif args.policy is not None:
         policy = RegoPolicy(args.policy.read_text(), str(args.policy))
     elif confidential:
-        policy = deferred_confidential_default()  # compiled in the import thread
+        policy = deferred_confidential_default()  # compiled once listening: build_machinery
     else:
         policy = AllowAll()
     if found is not None:
