@@ -21,13 +21,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from protocols import initdata as format_
+if TYPE_CHECKING:
+    from protocols import initdata as format_
 
 log = logging.getLogger(__name__)
 
-MAGIC = format_.DISK_MAGIC
+# protocols.initdata's DISK_MAGIC (a test keeps them equal): the format module (TOML, gzip,
+# hashes) is imported only once a disk is found, off the boot path of a guest without one.
+MAGIC = b"initdata"
 WELL_KNOWN = ("aa.toml", "cdh.toml", "policy.rego")
 OUTPUT_DIR = Path("/run/confidential-containers/initdata")
 DISK_PREFIXES = ("vd", "sd")  # virtio-blk, virtio-scsi
@@ -112,6 +115,8 @@ def find_disk(sys_block: Path = Path("/sys/class/block"), dev: Path = Path("/dev
 
 def read_disk(path: Path) -> Initdata:
     """The validated document on an initdata disk (reads at most header + largest gzip)."""
+    from protocols import initdata as format_
+
     try:
         with path.open("rb") as disk:
             image = disk.read(format_.DISK_HEADER.size + format_.MAX_GZIP_BYTES)
@@ -136,6 +141,8 @@ def verify(initdata: Initdata | None, evidence: EvidenceSource) -> None:
                 "the host withheld the initdata it launched the guest with"
             )
         return
+    from protocols import initdata as format_
+
     expected = format_.fit_digest(initdata.digest, len(field_value))
     if expected != field_value:
         raise InitdataError(

@@ -93,12 +93,24 @@ def test_the_agent_listens_without_the_container_machinery() -> None:
     """What the agent imports before it listens: not the sandbox, networking, image pull,
     the reaper or the AgentService (they load in a worker thread after it listens)."""
     probe = (
-        "import sys, guest.agent.__main__\n"
+        "import sys, guest.agent.__main__ as agent\n"
+        "from guest.image_pull.config import guest_pull_config\n"
+        "args = agent.parse_args(['--unix', '/nonexistent'])\n"
+        "agent.prepare(args, agent.evidence_source(None))\n"
+        "guest_pull_config(None, args.image_pull_config, None)\n"
         "late = {'guest.agent.service', 'guest.agent.sandbox', 'guest.agent.network',\n"
         "        'guest.agent.reaper', 'guest.agent.containers', 'guest.image_pull.puller',\n"
-        "        'concurrent.futures.thread'}\n"
+        "        'concurrent.futures.thread', 'protocols.initdata', 'hashlib', 'secrets'}\n"
         "assert not late & set(sys.modules), late & set(sys.modules)\n"
-        "guest.agent.__main__.import_machinery()\n"
-        "assert late - {'concurrent.futures.thread'} <= set(sys.modules)\n"
+        "agent.import_machinery()\n"
+        "assert late - {'concurrent.futures.thread', 'protocols.initdata', 'secrets',\n"
+        "               'hashlib'} <= set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True)
+
+
+def test_the_agents_initdata_magic_is_the_formats() -> None:
+    from guest.agent import initdata
+    from protocols import initdata as format_
+
+    assert initdata.MAGIC == format_.DISK_MAGIC
