@@ -418,6 +418,9 @@ async def main() -> int:
     for name, boots in series.items():
         if name == "bare" or not boots:
             continue
+        if not any(b.marks for b in boots):
+            print(f"\nno timeline of '{name}': its guest's policy refused the dmesg container")
+            continue
         print(f"\ntimeline of '{name}' (medians; guest steps on the guest's kernel clock)")
         for label, seconds in timeline(boots):
             print(f"  {label:<52} {seconds:>6.2f} s")
