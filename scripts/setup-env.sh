@@ -2,7 +2,7 @@
 # Idempotently install everything the tests and the demo need on a Debian 12 host, caching it
 # outside the repository (default /var/cache/coco-shim, override with COCO_CACHE).
 #
-# Installs: bookworm packages (QEMU for TCG boots, runc, busybox, mmdebstrap, ...), containerd
+# Installs: bookworm packages (QEMU for TCG boots, runc, busybox, mmdebstrap, binutils to strip the guest image, ...), containerd
 # 2.1.9 (sid) and 1.7.24 (trixie) unpacked into the cache (never installed system-wide),
 # vhost-device-vsock (sid .deb, unpacked), the guest kernel (bookworm linux-image, unpacked),
 # a QEMU 11.1 root made with mmdebstrap (sid) for TEE option validation, and a Python virtualenv
@@ -46,7 +46,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 HOST_PKGS=(qemu-system-x86 qemu-utils runc busybox-static mmdebstrap cpio kmod iproute2
            zstd xz-utils e2fsprogs socat containernetworking-plugins iptables
            libcap2-bin python3-venv ca-certificates python3-cryptography docker-registry
-           skopeo catatonit tcpdump)
+           skopeo catatonit tcpdump binutils)
 
 apt_host() {
     local missing=()
