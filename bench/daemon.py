@@ -2,6 +2,11 @@
 """`make bench-daemon`: the shim's own start-up and weight, side by side with containerd's runc
 shim (containerd-shim-runc-v2 of the same containerd release), in one run, rounds interleaved.
 
+The shim is measured as a node operator installs it: `coco-shim install` into a private prefix
+(its `usr/local/bin/containerd-shim-coco-v2`, the launcher containerd finds on its PATH);
+`--pip-script` measures pip's console script in the venv instead (what the README's "before"
+figures ran).
+
 (1) `start`: the same argv and environment for both binaries (a bundle whose daemon is not
     running yet: both spawn one), wall time of the `start` process;
 (2) the new daemon answers its first RPC: from `start`'s exit to a ttrpc Task.Connect answered
@@ -40,10 +45,22 @@ from google.protobuf import empty_pb2
 
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.ttrpc.client import Client
+from shim.cli.install import LAUNCHER
 from tests import envinfo
 
 TASK: str = "containerd.task.v3.Task"
-COCO = Path(sys.executable).parent / "containerd-shim-coco-v2"
+PIP_SCRIPT = Path(sys.executable).parent / "containerd-shim-coco-v2"
+
+
+def installed_shim(prefix: Path) -> Path:
+    """``coco-shim install --prefix <prefix>`` (the real installer, every file it writes);
+    the binary containerd would run."""
+    done = subprocess.run([str(Path(sys.executable).parent / "coco-shim"), "install",
+                           "--prefix", str(prefix)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"coco-shim install failed: {done.stdout} {done.stderr}")
+    return prefix / LAUNCHER
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -71,8 +88,9 @@ def settle(pid: int, timeout: float = 10) -> None:
 
 
 class Bench:
-    def __init__(self, base: Path, containerd_bin: Path) -> None:
+    def __init__(self, base: Path, containerd_bin: Path, coco: Path) -> None:
         self.base = base
+        self.coco = coco
         self.runc = containerd_bin / "containerd-shim-runc-v2"
         self.containerd = containerd_bin / "containerd"
         self.config = base / "config.toml"
@@ -154,7 +172,7 @@ class Bench:
 
     def grpc_daemon(self) -> int:
         """A gRPC daemon (containerd 1.7's transport): start waits for its readiness."""
-        _, _, bundle = self.start(COCO, protocol="grpc")
+        _, _, bundle = self.start(self.coco, protocol="grpc")
         state = json.loads((self.base / "state" / "bench" / bundle.name / "shim.json")
                            .read_text())
         pid = int(state["pid"])
@@ -182,16 +200,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--daemons", type=int, default=10,
                         help="daemons serving at once for the memory figures")
+    parser.add_argument("--pip-script", action="store_true",
+                        help=f"measure {PIP_SCRIPT} instead of the installed launcher")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).with_name("daemon-results.json"))
     args = parser.parse_args()
     env = envinfo.load()
     base = Path(tempfile.mkdtemp(prefix="coco-bench-daemon-", dir="/tmp"))
-    bench = Bench(base, env.containerd2_bin)
+    coco = PIP_SCRIPT if args.pip_script else installed_shim(base / "root")
+    bench = Bench(base, env.containerd2_bin, coco)
     runc_base = base / "runc-root"
     try:
         samples: dict[str, list[dict[str, Any]]] = {"coco": [], "runc": []}
-        pairs = (("coco", COCO), ("runc", bench.runc))
+        pairs = (("coco", coco), ("runc", bench.runc))
         for i in range(args.rounds):  # interleaved; the order flips every round
             for name, binary in (pairs if i % 2 == 0 else pairs[::-1]):
                 sample = bench.round(binary)
@@ -222,7 +243,7 @@ def main() -> int:
 
     results = {
         "command": " ".join([sys.executable, *sys.argv]), "rounds": args.rounds,
-        "daemons": args.daemons, "runc": str(bench.runc),
+        "daemons": args.daemons, "runc": str(bench.runc), "coco": str(coco),
         "start_ms": {n: [s["start_s"] * 1000 for s in samples[n]] for n in samples},
         "first_rpc_ms": {n: [s["first_rpc_s"] * 1000 for s in samples[n]] for n in samples},
         "memory_mib": mem, "grpc_daemon_memory_mib": grpc_mem,

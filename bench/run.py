@@ -37,6 +37,7 @@ from tests import envinfo
 from tests.support.containerd import (
     Containerd,
     coco_processes,
+    is_shim_daemon,
     private_containerd,
     shim_daemons,
 )
@@ -134,7 +135,7 @@ def start_latency(base: Path, runs: int) -> list[float]:
                        capture_output=True, timeout=30, check=False)
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info["cmdline"] or []
-            if cmd[1:3] == ["-m", "shim"] and f"b{i}" in cmd:
+            if is_shim_daemon(cmd) and f"b{i}" in cmd:
                 proc.kill()
     return samples
 

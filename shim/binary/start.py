@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shim.binary import bootstrap
 from shim.binary.flags import Flags, UsageError, to_argv
-from shim.core import identifiers
+from shim.core import identifiers, interpreter
 from shim.core.bundle import group_id, read_spec
 from shim.core.config import config_source, decode_runtime_options, shim_config
 from shim.core.crash_record import ShimState
@@ -133,7 +133,7 @@ def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> No
         os.set_inheritable(write_end, True)
         serve = serve._replace(ready_fd=write_end)
     os.set_inheritable(listener.fileno(), True)
-    argv = [sys.executable, "-m", "shim", *to_argv(serve)]
+    argv = interpreter.daemon_argv(to_argv(serve))
     try:
         pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),

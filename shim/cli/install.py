@@ -9,7 +9,10 @@ What gets written, under a prefix (``/`` on a real node):
   confidential code path without TEE hardware) protects nothing and says so in the drop-in and
   its RuntimeClass;
 - ``usr/share/coco-shim/kubernetes/runtimeclasses.yaml``: a ``RuntimeClass`` per handler, with
-  the pod overhead of its VM.
+  the pod overhead of its VM;
+- ``usr/local/bin/containerd-shim-coco-v2``: the binary containerd runs (on its ``PATH``), a
+  launcher starting the installing interpreter isolated and without ``site`` on the module
+  path it resolved (:mod:`shim.core.interpreter`: no ``site``, no editable-install finder).
 
 Files are compared first and only changed ones are rewritten (atomically), so a second run
 changes nothing; a dry run prints the unified diff of what would change and writes nothing.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -41,6 +45,7 @@ POD_ANNOTATIONS: Final = ("io.katacontainers.*",)
 DROPIN: Final = Path("etc/containerd/conf.d/50-coco-shim.toml")
 PROFILE_DIR: Final = Path("etc/coco-shim")
 RUNTIMECLASSES: Final = Path("usr/share/coco-shim/kubernetes/runtimeclasses.yaml")
+LAUNCHER: Final = Path("usr/local/bin/containerd-shim-coco-v2")
 REPO: Final = Path(__file__).resolve().parents[2]
 HEADER: Final = "# Written by `coco-shim install`; rerun it rather than editing this file.\n"
 
@@ -201,7 +206,16 @@ def desired_files(prefix: Path, version: ContainerdVersion,
             raise InstallError(f"runtime profile {source / handler.profile}: {err}") from err
     files[prefix / DROPIN] = render_dropin(version, profile_dir, (prefix / DROPIN).parent)
     files[prefix / RUNTIMECLASSES] = render_runtimeclasses()
+    from shim.core import interpreter
+
+    files[prefix / LAUNCHER] = interpreter.render_launcher(sys.executable,
+                                                           interpreter.module_path())
     return files
+
+
+def file_mode(path: Path) -> int:
+    """0755 for what goes in a ``bin`` directory (the launcher), else 0644."""
+    return 0o755 if path.parent.name == "bin" else 0o644
 
 
 def plan(files: dict[Path, str]) -> list[FileChange]:
@@ -214,13 +228,15 @@ def plan(files: dict[Path, str]) -> list[FileChange]:
             old = None
         except OSError as err:
             raise InstallError(f"cannot read {path}: {err}") from err
-        if old != new:
+        if old != new or (old is not None and stat.S_IMODE(path.stat().st_mode)
+                                              != file_mode(path)):
             changes.append(FileChange(path, old, new))
     return changes
 
 
 def apply(changes: Iterable[FileChange]) -> None:
-    """Write each file atomically (temp file in the same directory, then rename), mode 0644."""
+    """Write each file atomically (temp file in the same directory, then rename), mode 0644
+    (0755 in a ``bin`` directory)."""
     for change in changes:
         try:
             change.path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +244,7 @@ def apply(changes: Iterable[FileChange]) -> None:
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(change.new)
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, file_mode(change.path))
                 os.replace(tmp, change.path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

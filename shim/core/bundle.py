@@ -11,6 +11,11 @@ from shim.core import identifiers
 from shim.core.errors import InvalidArgument
 
 SANDBOX_ID_ANNOTATION: Final = "io.kubernetes.cri.sandbox-id"
+# The pod's resources as CRI annotates its sandbox (sizing reads them, the sandbox API writes them).
+SANDBOX_CPU_PERIOD: Final = "io.kubernetes.cri.sandbox-cpu-period"
+SANDBOX_CPU_QUOTA: Final = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_SHARES: Final = "io.kubernetes.cri.sandbox-cpu-shares"
+SANDBOX_MEMORY: Final = "io.kubernetes.cri.sandbox-memory"
 
 
 def read_spec(bundle: Path, *, missing_ok: bool = False) -> dict[str, object]:

@@ -19,18 +19,18 @@ from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.containerd.types import metrics_pb2 as metric_pb2
 from protocols.api.containerd.types import platform_pb2
 from shim.core import identifiers
-from shim.core.bundle import SANDBOX_ID_ANNOTATION
+from shim.core.bundle import (
+    SANDBOX_CPU_PERIOD,
+    SANDBOX_CPU_QUOTA,
+    SANDBOX_CPU_SHARES,
+    SANDBOX_ID_ANNOTATION,
+    SANDBOX_MEMORY,
+)
 from shim.core.cgroup import sandbox_cgroups_path
 from shim.core.errors import FailedPrecondition, InvalidArgument
 from shim.daemon.task_service import runtime_options
 from shim.pod import metrics
 from shim.pod.pod import Pod, PodState, PodStatus
-from shim.pod.sizing import (
-    SANDBOX_CPU_PERIOD,
-    SANDBOX_CPU_QUOTA,
-    SANDBOX_CPU_SHARES,
-    SANDBOX_MEMORY,
-)
 from shim.pod.vm import PodConfig
 
 METHODS = ("CreateSandbox", "StartSandbox", "Platform", "StopSandbox", "WaitSandbox",

@@ -33,14 +33,16 @@ from pathlib import Path
 from typing import Final
 
 from hypervisor.profile import SIZE_ANNOTATIONS, RuntimeProfile
+from shim.core.bundle import (
+    SANDBOX_CPU_PERIOD,
+    SANDBOX_CPU_QUOTA,
+    SANDBOX_CPU_SHARES,
+    SANDBOX_MEMORY,
+)
 from shim.core.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-SANDBOX_CPU_PERIOD: Final = "io.kubernetes.cri.sandbox-cpu-period"
-SANDBOX_CPU_QUOTA: Final = "io.kubernetes.cri.sandbox-cpu-quota"
-SANDBOX_CPU_SHARES: Final = "io.kubernetes.cri.sandbox-cpu-shares"
-SANDBOX_MEMORY: Final = "io.kubernetes.cri.sandbox-memory"
 DEFAULT_VCPUS_ANNOTATION, DEFAULT_MEMORY_ANNOTATION = SIZE_ANNOTATIONS
 MIB: Final = 1 << 20
 MIN_MEMORY_MIB: Final = 64  # what hypervisor.profile.check_invariants accepts

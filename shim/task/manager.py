@@ -38,7 +38,7 @@ from shim.core.errors import (
 )
 from shim.core.state_machine import check
 from shim.core.timeouts import TIMEOUTS, Timeouts
-from shim.pod import guest_spec, metrics, sizing
+from shim.pod import guest_spec, metrics
 from shim.pod.pod import Pod
 from shim.pod.vm import PodConfig
 from shim.task import events
@@ -308,8 +308,7 @@ class TaskManager:
                 self._last_oom.pop(container_id, None)
                 await self._publisher.publish(events.TaskDelete(
                     container_id=container_id, pid=process.pid,
-                    exit_status=process.exit_status, exited_at=process.exited_at,
-                    id=container_id))
+                    exit_status=process.exit_status, exited_at=process.exited_at, id=container_id))
             return Exit(process.pid, process.exit_status, process.exited_at)
 
     def _pod_ends_with(self, container_id: str) -> bool:
@@ -387,6 +386,7 @@ class TaskManager:
             raise FailedPrecondition(f"cannot update in state {container.init.state.value}")
         converted = guest_spec.resources(resources, f"update {container_id}")
         vm = self._pod.ready_vm()
+        from shim.pod import sizing  # hypervisor.profile: ≈ 35 ms before the first RPC
         sizing.check_update(vm.size, container_id, resources)  # no hotplug: refused beyond it
         await vm.agent.update_container(container_id, converted)
 

@@ -16,7 +16,7 @@ import pytest
 from shim.binary.bootstrap import can_connect
 from tests.e2e.conftest import RUNTIME, CocoContainerd, host_leftovers
 from tests.e2e.test_ctr import wait_stopped
-from tests.support.containerd import coco_processes
+from tests.support.containerd import coco_processes, is_shim_daemon
 from tests.support.images import BUSYBOX_REF
 
 pytestmark = pytest.mark.e2e
@@ -44,11 +44,10 @@ def qemu_pids(coco: CocoContainerd, pod: str) -> list[int]:
 def shim_pid(coco: CocoContainerd, cid: str) -> int:
     for pid in coco_processes(coco.base):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
         except OSError:
             continue
-        # The daemon is `<venv python> -m shim ... -id <cid> ... serve`.
-        if argv[1:3] == [b"-m", b"shim"] and cid.encode() in argv and b"serve" in argv:
+        if is_shim_daemon(argv) and cid in argv:
             return pid
     raise AssertionError(f"no shim daemon for {cid}")
 

@@ -11,13 +11,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from shim.core import interpreter
 from tests import envinfo
 
 START_TIMEOUT = 20.0
@@ -173,14 +174,20 @@ def private_containerd(version: str, *, extra_config: str = "",
                              f"{[p.name for p in leaked]}; it said:\n" + "\n".join(said))
 
 
+def is_shim_daemon(cmdline: Sequence[str]) -> bool:
+    """A shim daemon's command line: `<python> -IS -c <entry> … serve`
+    (shim.core.interpreter.daemon_argv)."""
+    return list(cmdline[1:3]) == [*interpreter.FLAGS, "-c"] and "serve" in cmdline
+
+
 def shim_daemons(run_dir_marker: Path) -> list[psutil.Process]:
-    """Our shim daemons (`python -m shim … serve`) whose COCO_SHIM_RUN_DIR lies under
+    """Our shim daemons (:func:`is_shim_daemon`) whose COCO_SHIM_RUN_DIR lies under
     ``run_dir_marker``: the processes to measure for one private containerd."""
     found = []
     for proc in psutil.process_iter(["cmdline", "environ"]):
         cmd = proc.info["cmdline"] or []
         environ = proc.info["environ"] or {}
-        if cmd[1:3] == ["-m", "shim"] and "serve" in cmd and \
+        if is_shim_daemon(cmd) and \
                 str(run_dir_marker) in environ.get("COCO_SHIM_RUN_DIR", ""):
             found.append(proc)
     return found

@@ -4,6 +4,8 @@ committed examples in packaging/ match what the installer writes."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from shim.cli import main as cli
 from shim.cli.install import (
     DROPIN,
     HANDLERS,
+    LAUNCHER,
     PROFILE_DIR,
     RUNTIMECLASSES,
     VMM_FOOTPRINT_MIB,
@@ -39,7 +42,7 @@ def test_clean_install_writes_dropin_profiles_and_runtimeclasses(tmp_path: Path,
     out = io.StringIO()
     changes = install(tmp_path, version, out=out)  # type: ignore[arg-type]
     written = {c.path.relative_to(tmp_path) for c in changes}
-    assert written == {DROPIN, RUNTIMECLASSES,
+    assert written == {DROPIN, RUNTIMECLASSES, LAUNCHER,
                        *(PROFILE_DIR / h.profile for h in HANDLERS)}
     assert all(c.old is None for c in changes)
     assert out.getvalue().count("created ") == len(written)
@@ -59,6 +62,22 @@ def test_clean_install_writes_dropin_profiles_and_runtimeclasses(tmp_path: Path,
     assert ("runc" in runtimes) == (version == "1.7")
 
 
+def test_launcher_runs_the_shim_isolated_without_site(tmp_path: Path) -> None:
+    """The installed binary: executable, ``python -IS`` on an explicit path, and it works from
+    any directory with an empty environment (as containerd runs it, no PYTHONPATH)."""
+    install(tmp_path, "2", out=io.StringIO())
+    launcher = tmp_path / LAUNCHER
+    assert launcher.stat().st_mode & 0o777 == 0o755
+    assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    done = subprocess.run([str(launcher), "-h"], cwd=tmp_path, env={}, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("usage: containerd-shim-coco-v2")
+    launcher.chmod(0o644)
+    assert [c.path for c in install(tmp_path, "2", out=io.StringIO())] == [launcher]
+    assert launcher.stat().st_mode & 0o777 == 0o755
+
+
 def test_second_run_changes_nothing(tmp_path: Path) -> None:
     install(tmp_path, "2", out=io.StringIO())
     before = snapshot(tmp_path)
@@ -72,7 +91,7 @@ def test_dry_run_writes_nothing_and_prints_the_diff(tmp_path: Path) -> None:
     out = io.StringIO()
     changes = install(tmp_path, "2", dry_run=True, out=out)
     assert list(tmp_path.iterdir()) == []
-    assert len(changes) == len(HANDLERS) + 2
+    assert len(changes) == len(HANDLERS) + 3  # drop-in, RuntimeClasses, launcher
     diff = out.getvalue()
     assert f"+++ {tmp_path / DROPIN}" in diff
     assert "+  runtime_type = \"io.containerd.coco.v2\"" in diff

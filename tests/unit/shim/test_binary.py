@@ -180,6 +180,17 @@ def test_default_is_ttrpc_v3_for_containerd_2(env: Env) -> None:
     assert _listening(str(env.socket("c1")))
 
 
+def test_daemon_runs_isolated_without_site_on_starts_module_path(env: Env) -> None:
+    """-I -S (no site, no working directory on the path, no PYTHON* variables), its module path
+    written out: start's own, PYTHONPATH included (the fake booter lives under tests/)."""
+    env.start("c1", env.bundle("c1"))
+    argv = Path(f"/proc/{env.daemon_pid('c1')}/cmdline").read_bytes().split(b"\0")
+    assert argv[1:3] == [b"-IS", b"-c"]
+    path = re.search(rb"sys\.path\[:\] = (\[.*?\])\n", argv[3])
+    assert path is not None
+    assert str(REPO) in json.loads(path.group(1).replace(b"'", b'"'))
+
+
 def test_start_grpc_and_shutdown(env: Env) -> None:
     bundle = env.bundle("c1")
     os.mkfifo(bundle / "log")

@@ -13,15 +13,17 @@ from hypervisor.profile import RuntimeProfile, TeeKind, confidential_conflicts
 from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2 as pb
 from protocols.api.cri import api_pb2 as cri
 from shim.core import cgroup
+from shim.core.bundle import (
+    SANDBOX_CPU_PERIOD,
+    SANDBOX_CPU_QUOTA,
+    SANDBOX_CPU_SHARES,
+    SANDBOX_MEMORY,
+)
 from shim.core.errors import InvalidArgument
 from shim.daemon.sandbox_service import POD_CONFIG_TYPE, pod_spec
 from shim.pod.sizing import (
     DEFAULT_MEMORY_ANNOTATION,
     DEFAULT_VCPUS_ANNOTATION,
-    SANDBOX_CPU_PERIOD,
-    SANDBOX_CPU_QUOTA,
-    SANDBOX_CPU_SHARES,
-    SANDBOX_MEMORY,
     HostSize,
     PodLimits,
     pod_limits,
