@@ -21,7 +21,7 @@ from shim.binary import bootstrap
 from shim.binary.flags import Flags, UsageError, to_argv
 from shim.core import identifiers, interpreter
 from shim.core.bundle import group_id, read_spec
-from shim.core.config import config_source, decode_runtime_options, shim_config
+from shim.core.config import config_source, decode_runtime_options
 from shim.core.crash_record import ShimState
 from shim.core.errors import Unavailable
 
@@ -53,15 +53,16 @@ def start(flags: Flags, stdin: bytes) -> str:
     identifiers.validate("namespace", flags.namespace)
     identifiers.validate("id", flags.id)
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
-    config = shim_config(config_source(decode_runtime_options(stdin)))
+    spec = read_spec(bundle, missing_ok=True)
+    group = group_id(spec, flags.id)
+    # After the bundle's checks: a refused start leaves no config cache behind.
+    config = bootstrap.cached_shim_config(config_source(decode_runtime_options(stdin)))
     if config.bootstrap_version == "auto":
         version = bootstrap.bootstrap_version_for(
             bootstrap.containerd_major(flags.publish_binary))
     else:
         version = config.bootstrap_version
     protocol = bootstrap.protocol_for(config.protocol, version)
-    spec = read_spec(bundle, missing_ok=True)
-    group = group_id(spec, flags.id)
     path = bootstrap.socket_path(flags.address, flags.namespace, group)
     answer = bootstrap.bootstrap_json(version, protocol, path)
     try:  # for the first container and every other one the pod's shim serves

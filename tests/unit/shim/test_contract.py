@@ -93,6 +93,41 @@ def test_shim_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         _shim(RuntimeOptions(config_body=b"\xff"))
 
 
+def test_starts_shim_config_is_cached_by_text_and_bad_text_never_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paths.STATE_DIR_ENV, str(tmp_path))
+    parsed: list[str] = []
+
+    def counting(found: config.ConfigSource) -> ShimConfig:
+        parsed.append(found.source)
+        return shim_config(found)
+
+    monkeypatch.setattr(bootstrap, "shim_config", counting)
+    grpc = config.ConfigSource('[shim]\nprotocol = "grpc"\nbootstrap_version = 2\n', "a")
+    want = ShimConfig(protocol="grpc", bootstrap_version=2, early_boot=True)
+    assert bootstrap.cached_shim_config(grpc) == want
+    assert bootstrap.cached_shim_config(grpc._replace(source="b")) == want
+    assert parsed == ["a"]  # the same text: parsed once
+    bad = config.ConfigSource('[shim]\nprotocol = "udp"\n', "bad")
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="protocol must be"):
+            bootstrap.cached_shim_config(bad)
+    assert parsed == ["a", "bad", "bad"]
+    assert bootstrap.cached_shim_config(config.ConfigSource(None, "none")) == ShimConfig()
+    del parsed[-1]
+    # A damaged cache is parsed around (and repaired), never believed.
+    cache = tmp_path / bootstrap.SHIM_CONFIG_CACHE
+    entries = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: ["udp", 2, True] for key in entries}))
+    assert bootstrap.cached_shim_config(grpc) == want
+    assert parsed == ["a", "bad", "bad", "a"]
+    cache.write_text("{not json")
+    assert bootstrap.cached_shim_config(grpc) == want
+    for n in range(bootstrap.SHIM_CONFIG_CACHE_ENTRIES + 5):  # bounded: the newest are kept
+        bootstrap.cached_shim_config(config.ConfigSource(f"# {n}\n", str(n)))
+    assert len(json.loads(cache.read_text())) == bootstrap.SHIM_CONFIG_CACHE_ENTRIES
+
+
 def test_one_fallback_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Options body → options path → $COCO_SHIM_CONFIG → the default file."""
     default, env, path = (tmp_path / name for name in ("default.toml", "env.toml", "p.toml"))
