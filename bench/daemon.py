@@ -4,8 +4,9 @@ shim (containerd-shim-runc-v2 of the same containerd release), in one run, round
 
 The shim is measured as a node operator installs it: `coco-shim install` into a private prefix
 (its `usr/local/bin/containerd-shim-coco-v2`, the launcher containerd finds on its PATH);
-`--pip-script` measures pip's console script in the venv instead (what the README's "before"
-figures ran).
+each round also times `start` through pip's console script in the venv (same code: what the
+launcher saves); `--pip-script` measures only that instead (what the README's "before" figures
+ran).
 
 (1) `start`: the same argv and environment for both binaries (a bundle whose daemon is not
     running yet: both spawn one), wall time of the `start` process;
@@ -104,7 +105,8 @@ class Bench:
         self.daemons: list[int] = []
         self.fifos: list[int] = []
 
-    def start(self, binary: Path, protocol: str = "ttrpc") -> tuple[float, str, Path]:
+    def start(self, binary: Path, protocol: str = "ttrpc",
+              env: dict[str, str] | None = None) -> tuple[float, str, Path]:
         """Run ``<binary> … start`` for a new id; (seconds, the address it printed, bundle)."""
         self.serial += 1
         task_id = f"bench{os.getpid()}-{self.serial}"
@@ -121,7 +123,8 @@ class Bench:
         argv = [str(binary), "-namespace", "bench", "-address", str(self.base / "containerd.sock"),
                 "-publish-binary", str(self.containerd), "-id", task_id, "start"]
         t0 = time.perf_counter()
-        done = subprocess.run(argv, cwd=bundle, env=self.env, capture_output=True, text=True,
+        done = subprocess.run(argv, cwd=bundle, env={**self.env, **(env or {})},
+                              capture_output=True, text=True,
                               input="", timeout=30, check=False)
         elapsed = time.perf_counter() - t0
         if done.returncode != 0:
@@ -161,18 +164,18 @@ class Bench:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def round(self, binary: Path) -> dict[str, Any]:
+    def round(self, binary: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
         """One start, its first RPC, and the daemon left serving (pid recorded)."""
-        elapsed, path, bundle = self.start(binary)
+        elapsed, path, bundle = self.start(binary, env=env)
         rpc, pid = asyncio.run(self.first_rpc(path, bundle.name))
         self.daemons.append(pid)
         settle(pid)
         return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path,
                 "id": bundle.name}
 
-    def grpc_daemon(self) -> int:
+    def grpc_daemon(self, binary: Path | None = None, env: dict[str, str] | None = None) -> int:
         """A gRPC daemon (containerd 1.7's transport): start waits for its readiness."""
-        _, _, bundle = self.start(self.coco, protocol="grpc")
+        _, _, bundle = self.start(binary or self.coco, protocol="grpc", env=env)
         state = json.loads((self.base / "state" / "bench" / bundle.name / "shim.json")
                            .read_text())
         pid = int(state["pid"])
@@ -202,6 +205,9 @@ def main() -> int:
                         help="daemons serving at once for the memory figures")
     parser.add_argument("--pip-script", action="store_true",
                         help=f"measure {PIP_SCRIPT} instead of the installed launcher")
+    parser.add_argument("--before", type=Path, default=None, metavar="TREE",
+                        help="also measure another checkout of the shim (pip's console "
+                        "script with PYTHONPATH=TREE), interleaved: before/after in one run")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).with_name("daemon-results.json"))
     args = parser.parse_args()
@@ -212,23 +218,35 @@ def main() -> int:
     runc_base = base / "runc-root"
     try:
         samples: dict[str, list[dict[str, Any]]] = {"coco": [], "runc": []}
-        pairs = (("coco", coco), ("runc", bench.runc))
-        for i in range(args.rounds):  # interleaved; the order flips every round
-            for name, binary in (pairs if i % 2 == 0 else pairs[::-1]):
-                sample = bench.round(binary)
+        pairs: list[tuple[str, Path, dict[str, str]]] = [("coco", coco, {}),
+                                                         ("runc", bench.runc, {})]
+        if not args.pip_script:  # start through pip's console script too, same code
+            samples["pip"] = []
+            pairs.append(("pip", PIP_SCRIPT, {}))
+        if args.before:
+            samples["before"] = []
+            pairs.append(("before", PIP_SCRIPT, {"PYTHONPATH": str(args.before.resolve())}))
+        kept = [name for name in samples if name != "pip"]  # memory: daemons left serving
+        for i in range(args.rounds):  # interleaved; the order rotates every round
+            for name, binary, extra in pairs[i % len(pairs):] + pairs[:i % len(pairs)]:
+                sample = bench.round(binary, extra)
                 samples[name].append(sample)
-                if i >= args.daemons:
+                if i >= args.daemons or name not in kept:
                     bench.shutdown(sample["path"], sample["id"], sample["pid"])
         # The first --daemons of each are still serving: their memory, side by side.
         time.sleep(1)  # let the last daemons finish their start-up allocations
-        mem = {name: [memory(s["pid"]) for s in rounds[:args.daemons]]
-               for name, rounds in samples.items()}
-        for rounds in samples.values():
-            for sample in rounds[:args.daemons]:
+        mem = {name: [memory(s["pid"]) for s in samples[name][:args.daemons]]
+               for name in kept}
+        for name in kept:
+            for sample in samples[name][:args.daemons]:
                 bench.shutdown(sample["path"], sample["id"], sample["pid"])
         grpc_pid = bench.grpc_daemon()
         time.sleep(1)
         grpc_mem = memory(grpc_pid)
+        grpc_before = None
+        if args.before:
+            grpc_before = memory(bench.grpc_daemon(
+                PIP_SCRIPT, {"PYTHONPATH": str(args.before.resolve())}))
     finally:
         bench.close()
         # runc's shim keeps its sockets under /run/containerd/s: ours were named from our ids.
@@ -247,12 +265,17 @@ def main() -> int:
         "start_ms": {n: [s["start_s"] * 1000 for s in samples[n]] for n in samples},
         "first_rpc_ms": {n: [s["first_rpc_s"] * 1000 for s in samples[n]] for n in samples},
         "memory_mib": mem, "grpc_daemon_memory_mib": grpc_mem,
+        "before": str(args.before) if args.before else None,
+        "grpc_daemon_memory_mib_before": grpc_before,
     }
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'figure (medians, ' + str(args.rounds) + ' interleaved rounds)':<44} "
           f"{'coco':>11}  {'runc shim':>11}  ratio  {'target':<14} issue 18 baseline")
     print(row("`start` (spawns the daemon)", med("coco", "start_s"), med("runc", "start_s"),
               "ms", "≤ 2.5x", "76 vs 11.8 ms: 6.7x"))
+    if "pip" in samples:
+        print(row("`start` through pip's console script", med("pip", "start_s"),
+                  med("runc", "start_s"), "ms", "", "(the venv's, editable)"))
     print(row("first RPC (Connect) after `start` exits", med("coco", "first_rpc_s"),
               med("runc", "first_rpc_s"), "ms", "≤ 100 ms", "303 ms (runc 19)"))
     print(row(f"daemon PSS, {args.daemons} serving at once", mmed("coco", "pss_mib"),
@@ -263,6 +286,17 @@ def main() -> int:
               mmed("runc", "rss_mib"), "MiB", "", ""))
     print(row("gRPC daemon RSS (containerd 1.7's transport)", grpc_mem["rss_mib"], None, "MiB",
               "≤ 30 MiB", "44.2 MiB (with a pod)"))
+    if args.before:
+        print(f"--before {args.before} (pip's console script), same run, same runc column:")
+        print(row("  `start`", med("before", "start_s"), med("runc", "start_s"), "ms", "", ""))
+        print(row("  first RPC", med("before", "first_rpc_s"), med("runc", "first_rpc_s"),
+                  "ms", "", ""))
+        print(row("  daemon PSS", mmed("before", "pss_mib"), mmed("runc", "pss_mib"), "MiB",
+                  "", ""))
+        print(row("  daemon USS", mmed("before", "uss_mib"), mmed("runc", "uss_mib"), "MiB",
+                  "", ""))
+        assert grpc_before is not None
+        print(row("  gRPC daemon RSS", grpc_before["rss_mib"], None, "MiB", "", ""))
     print(f"raw samples: {args.out}")
     return 0
 
