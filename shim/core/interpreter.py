@@ -38,9 +38,22 @@ def module_path() -> list[str]:
 
 
 def entry_code(path: Sequence[str]) -> str:
-    """Python that sets the module path and runs ``containerd-shim-coco-v2``'s main."""
-    return (f"import sys\nsys.path[:] = {list(path)!r}\n"
+    """Python that sets the module path and runs ``containerd-shim-coco-v2``'s main, with the
+    cyclic garbage collector off: start-up (≈ 280 modules for the daemon) makes no cyclic
+    garbage, and collecting while importing costs ≈ 7 % of it. ``start`` and ``delete`` exit
+    within milliseconds; the daemon turns it back on once it serves (:func:`collect_again`)."""
+    return (f"import gc, sys\ngc.disable()\nsys.path[:] = {list(path)!r}\n"
             "from shim.__main__ import main\nsys.exit(main())\n")
+
+
+def collect_again() -> None:
+    """The daemon serves: what start-up made stays (``gc.freeze``: later collections skip it)
+    and the collector runs again. Nothing to do where the entry code did not turn it off."""
+    import gc
+
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def daemon_argv(args: Sequence[str]) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from shim.binary.flags import Flags
+from shim.core import interpreter
 from shim.core.bundle import read_spec
 from shim.core.config import decode_runtime_options
 from shim.core.crash_record import ShimState
@@ -221,6 +222,7 @@ async def run(flags: Flags) -> int:
             _notify(flags.ready_fd, f"cannot serve {flags.socket}: {err}")
             raise
         _notify(flags.ready_fd, "ready")
+        interpreter.collect_again()
         log.info("serving containerd.task on %s (%s, pid %d)", flags.socket, flags.protocol,
                  os.getpid())
         await pod.shutdown_requested.wait()

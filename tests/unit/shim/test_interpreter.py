@@ -38,3 +38,23 @@ def test_launcher_is_python_isolated_without_site_on_the_path() -> None:
     assert text.splitlines()[0] == "#!/opt/py/bin/python3 -IS"
     assert "sys.path[:] = ['/x', '/y']\n" in text
     compile(text, "launcher", "exec")
+
+
+def test_the_daemon_turns_the_collector_back_on_once_it_serves(tmp_path: Path) -> None:
+    """The entry code turns the cyclic collector off for start-up; collect_again (called by
+    the daemon once it serves) freezes what start-up made and turns it on; where the collector
+    was never off (tests, coco-shim), it changes nothing."""
+    code = interpreter.entry_code(interpreter.module_path()).replace(
+        "from shim.__main__ import main\nsys.exit(main())\n",
+        "off = not gc.isenabled()\n"
+        "from shim.core.interpreter import collect_again\n"
+        "collect_again()\n"
+        "print(off, gc.isenabled(), gc.get_freeze_count() > 0)\n")
+    done = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert done.stdout.split() == ["True", "True", "True"]
+    import gc
+
+    frozen = gc.get_freeze_count()
+    interpreter.collect_again()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
