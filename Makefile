@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-coco bench-guest bench-cri bench-burst bench-overhead bench-daemon bench-relay soak fuzz \
+	bench-coco bench-guest bench-cri bench-burst bench-overhead bench-daemon bench-relay \
+	bench-stdout soak fuzz \
 	clean
 
 env:
@@ -58,6 +59,13 @@ bench-daemon: env
 # ProcessIO into a FIFO, every byte checked, next to the agent alone. No VM, no containerd.
 bench-relay: env
 	@$(PY) bench/relay.py
+
+# Where a container's stdout throughput goes (64 MiB, development profile, TCG), stage by stage
+# side by side: whole `ctr run`, the guest alone, raw vsock, the agent's ReadStdout without the
+# relay. Boots VMs and runs containerd: run it under `heavy`. BASELINE=<initrd> adds another
+# guest image's guest and vsock stages to every round (before/after).
+bench-stdout: env
+	@$(PY) bench/stdout_path.py $(if $(BASELINE),--baseline-initrd $(BASELINE))
 
 # CRI pods with networking: RunPodSandbox+CreateContainer+StartContainer, shim memory.
 bench-cri: env
