@@ -37,7 +37,7 @@ from guest.agent.errors import (
 )
 from guest.agent.reaper import Reaper
 from guest.agent.runc import Runc, Stdio
-from guest.agent.stdio import InputPipe, OutputBuffer
+from guest.agent.stdio import InputPipe, OutputBuffer, grow_pipe
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +349,8 @@ async def start_process(
         pipes = [in_r, in_w, out_r, out_w, err_r, err_w]
         for fd in (in_w, out_r, err_r):
             os.set_inheritable(fd, False)
+        for fd in (out_r, err_r):
+            grow_pipe(fd)
         try:
             await launch(Stdio(in_r, out_w, err_w), None)
         finally:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import os
+import tempfile
 
 import pytest
 
-from guest.agent.stdio import InputPipe, OutputBuffer
+from guest.agent.stdio import DEFAULT_LIMIT, READ_CHUNK, InputPipe, OutputBuffer, grow_pipe
 
 
 async def test_reads_wait_for_data_then_eof() -> None:
@@ -42,6 +45,36 @@ async def test_buffer_is_bounded_and_applies_backpressure() -> None:
     assert total == written
     os.close(w)
     assert await buffer.read(10) == b""
+
+
+def test_grow_pipe_gives_room_for_a_whole_reply_and_tolerates_what_is_no_pipe() -> None:
+    r, w = os.pipe()
+    try:
+        grow_pipe(r)
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) >= DEFAULT_LIMIT
+    finally:
+        os.close(r)
+        os.close(w)
+    with tempfile.TemporaryFile() as regular:
+        grow_pipe(regular.fileno())  # EBADF from the kernel: kept as it is, no error
+
+
+async def test_one_wakeup_drains_the_pipe_in_order() -> None:
+    """A grown pipe holding several READ_CHUNKs is read out at one wakeup: the next read
+    returns all of it (one ReadStdout reply, not one per 64 KiB), every byte in order."""
+    r, w = os.pipe()
+    grow_pipe(r)
+    payload = os.urandom(5 * READ_CHUNK + 123)
+    assert os.write(w, payload) == len(payload)  # fits: the pipe holds 1 MiB
+    os.close(w)
+    buffer = OutputBuffer(r)
+    first = await buffer.read(DEFAULT_LIMIT)
+    assert len(first) == len(payload)
+    rest = b""
+    while chunk := await buffer.read(DEFAULT_LIMIT):
+        rest += chunk
+    assert hashlib.sha256(first + rest).digest() == hashlib.sha256(payload).digest()
+    assert buffer.at_eof
 
 
 async def test_read_size_zero_means_up_to_the_limit() -> None:
