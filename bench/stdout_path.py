@@ -373,7 +373,8 @@ def main() -> int:
                 for name, value in figures.items():
                     samples.setdefault(name, []).append(value)
                 print(f"round {i + 1}/{args.runs}: " + ", ".join(
-                    f"{name} {value:.2f} s" for name, value in figures.items()), flush=True)
+                    f"{name} {value:.0f}" if name.endswith(("replies", "reads"))
+                    else f"{name} {value:.2f} s" for name, value in figures.items()), flush=True)
     finally:
         subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
                        check=False)
