@@ -42,9 +42,10 @@ from guest.image_pull.digest import Digest, VerifyingReader, verify_bytes
 from guest.image_pull.imagespec import apply_image_config, apply_pause_process
 from guest.image_pull.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from guest.image_pull.pause import PAUSE_BUNDLE, is_sandbox, prepare_pause_rootfs
+from guest.image_pull.pipeline import Channel, Fetcher
 from guest.image_pull.reference import ImageReference, parse_reference
 from guest.image_pull.store import LayerStore
-from guest.image_pull.timing import PhaseTimer
+from guest.image_pull.timing import PhaseTimer, describe_sides
 
 if TYPE_CHECKING:  # imported on first pull: ssl and http.client cost agent start-up time
     from guest.image_pull.registry import BlobStream, RegistryClient
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 DRIVER = "image_guest_pull"
 MAX_CONFIG_BYTES = 8 << 20
 PROGRESS_EVERY = 16 << 20
+# The fetch → unpack hand-off: chunks of a MiB (one interpreter round trip per MiB on either
+# side), at most PIPELINE_DEPTH in flight per layer (what bounds the memory a pull takes).
+PIPELINE_CHUNK = 1 << 20
+PIPELINE_DEPTH = 4
 MAX_LOWERDIR_DATA = 3900  # mount(2) data is one page; beyond it, layers go by /proc/self/fd
 ARCHITECTURES = {
     "x86_64": "amd64",
@@ -316,39 +321,61 @@ class ImagePuller:
         diff_id: Digest,
         what: str,
     ) -> Path:
-        """In a worker thread: stream, verify and unpack one layer into the store."""
+        """In a worker thread: stream, verify and unpack one layer into the store. The blob is
+        fetched and its digest computed by a second thread (:mod:`.pipeline`) while this one
+        inflates, hashes the tar and writes the files."""
         from guest.image_pull.unpack import Decompressed, unpack
 
         started = time.monotonic()
-        timer = PhaseTimer()
-        staged = self.store.stage()
-        try:
-            previous = timer.enter("network")
+        fetch_timer, unpack_timer = PhaseTimer(), PhaseTimer()
+        channel = Channel(PIPELINE_DEPTH, fetch_timer, unpack_timer)
+        streams: list[BlobStream] = []
+
+        def produce(channel: Channel) -> None:
+            """The fetch side: receive the blob, hash it, hand it over; verify at its end."""
+            previous = fetch_timer.enter("network")
             stream = client.open_blob(ref, digest)
-            timer.leave(previous)
+            streams.append(stream)
+            fetch_timer.leave(previous)
             try:
-                received = _Progress(stream, what, timer)
-                verifier = VerifyingReader(received, digest, size, what, timer)
-                try:
-                    data = Decompressed(verifier, what, timer, raw_digest=digest)
-                    stats = unpack(data, staged / "fs", what, client.token.check, timer)
-                    data.drain()
-                except (DataLoss, InvalidArgument, Unimplemented) as err:
-                    # Bad content: if the blob is not what its digest says, that is the cause
-                    # to report (a corrupted or tampered blob), not the tar/gzip symptom.
-                    verifier.drain()
-                    verifier.verify()
-                    raise err
-                verifier.drain()
+                received = _Progress(stream, what, fetch_timer)
+                verifier = VerifyingReader(received, digest, size, what, fetch_timer)
+                while chunk := verifier.read(PIPELINE_CHUNK):
+                    channel.put(chunk)
                 verifier.verify()
             finally:
                 stream.close()
+
+        fetcher = Fetcher(channel, produce, name=f"pull-{digest.hex[:12]}")
+        staged = self.store.stage()
+        done = False
+        try:
+            fetcher.start()
+            try:
+                data = Decompressed(channel, what, unpack_timer, raw_digest=digest)
+                stats = unpack(data, staged / "fs", what, client.token.check, unpack_timer)
+                data.drain()
+            except (DataLoss, InvalidArgument, Unimplemented) as err:
+                # Bad content: if the blob is not what its digest says, that is the cause to
+                # report (a corrupted or tampered blob), not the tar/gzip symptom: the fetch
+                # side goes on to the blob's end and its verdict comes first.
+                if err is not fetcher.error:
+                    channel.drain()
+                raise err
+            channel.drain()  # its end means the fetch side verified the blob's size and digest
+            done = True
             if data.diff_id != diff_id:
                 raise DataLoss(f"{what}: uncompressed digest {data.diff_id}, expected {diff_id}")
             path = self.store.commit_layer(digest, staged, diff_id)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
+        finally:
+            if not done:
+                channel.close_reader()  # a fetch side blocked on a full channel stops
+                for stream in streams:
+                    stream.abort()  # and one blocked in the network
+            fetcher.join()
         log.info(
             "image pull: %s: %d bytes (%s, %d uncompressed), %d entries, %d whiteouts, "
             "%d opaque dirs, %d skipped, in %.2f s (%s)",
@@ -361,7 +388,7 @@ class ImagePuller:
             stats.opaque_dirs,
             len(stats.skipped),
             time.monotonic() - started,
-            PhaseTimer.describe(timer.stop()),
+            describe_sides(fetch=fetch_timer.stop(), unpack=unpack_timer.stop()),
         )
         return path
 

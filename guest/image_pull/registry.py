@@ -82,19 +82,31 @@ class CancelToken:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    @contextlib.contextmanager
-    def tracking(self, sock: socket.socket | None) -> Iterator[None]:
+    def track(self, sock: socket.socket | None) -> None:
+        """cancel() shuts ``sock`` down (ending any blocked read) until untrack(); Cancelled
+        if that already happened."""
         if sock is None:
-            yield
             return
         with self._lock:
             self._sockets.add(sock)
         try:
             self.check()
-            yield
-        finally:
+        except Cancelled:
+            self.untrack(sock)
+            raise
+
+    def untrack(self, sock: socket.socket | None) -> None:
+        if sock is not None:
             with self._lock:
                 self._sockets.discard(sock)
+
+    @contextlib.contextmanager
+    def tracking(self, sock: socket.socket | None) -> Iterator[None]:
+        self.track(sock)
+        try:
+            yield
+        finally:
+            self.untrack(sock)
 
 
 @dataclass
@@ -115,8 +127,17 @@ class BlobStream:
             raise Unavailable(f"reading from the registry failed: {err}") from err
 
     def close(self) -> None:
+        self.token.untrack(self.connection.sock)
         self.response.close()
         self.connection.close()
+
+    def abort(self) -> None:
+        """From another thread: end a read blocked on this transfer (it fails; close() is
+        still the reading thread's)."""
+        sock = self.connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -167,6 +188,13 @@ class RegistryClient:
         """A streaming response for a blob; the caller verifies what it reads."""
         url = self._url(ref, f"blobs/{digest}")
         response, connection = self._request(ref, url, accept="*/*", what=f"blob {digest}")
+        try:
+            # Tracked while the body streams: cancel() ends a transfer stalled mid-body too.
+            self.token.track(connection.sock)
+        except Cancelled:
+            response.close()
+            connection.close()
+            raise
         length = response.getheader("Content-Length")
         return BlobStream(
             response, connection, self.token, int(length) if length and length.isdigit() else None

@@ -1,11 +1,13 @@
-"""Where a layer's time goes: exclusive wall time per phase of the streaming pipeline.
+"""Where a layer's time goes: exclusive wall time per phase, per thread of the pipeline.
 
-One layer is one worker thread pulling bytes through nested readers (socket → digest →
-inflate → diff ID → tar → file writes). Each stage brackets its own work with
-:meth:`PhaseTimer.enter` / :meth:`PhaseTimer.leave`; time is charged to the innermost open
-phase only, so the phases add up to the layer's wall time (what no stage claims is ``other``:
-tar header parsing, buffer copies, the interpreter between calls). Two clock reads per
-bracket: cheap enough to stay on for every pull, whose log line then says where its time went.
+One layer is two threads (:mod:`.pipeline`): the fetch side pulls bytes through the socket and
+the blob digest, the unpack side through inflate → diff ID → tar → file writes. Each side has
+its own timer; each stage brackets its own work with :meth:`PhaseTimer.enter` /
+:meth:`PhaseTimer.leave`; time is charged to the innermost open phase only, so one side's
+phases add up to the layer's wall time (``wait``: blocked on the other side; what no stage
+claims is ``other``: tar header parsing, buffer copies, the interpreter between calls). Two
+clock reads per bracket: cheap enough to stay on for every pull, whose log line then says where
+its time went.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import time
 
 OTHER = "other"
-PHASES = ("network", "digest", "inflate", "diff_id", "write", OTHER)
+WAIT = "wait"
+PHASES = ("network", "digest", "inflate", "diff_id", "write", WAIT, OTHER)
+FETCH_PHASES = ("network", "digest", WAIT, OTHER)
+UNPACK_PHASES = ("inflate", "diff_id", "write", WAIT, OTHER)
 
 
 class PhaseTimer:
-    """Not thread-safe: one timer per layer, used by the one thread that streams it."""
+    """Not thread-safe: one timer per side of a layer, used by that side's thread only."""
 
     def __init__(self) -> None:
         self.totals = dict.fromkeys(PHASES, 0.0)
@@ -48,3 +53,14 @@ class PhaseTimer:
     @staticmethod
     def describe(totals: dict[str, float]) -> str:
         return ", ".join(f"{name} {seconds:.2f}" for name, seconds in totals.items())
+
+
+def describe_sides(*, fetch: dict[str, float], unpack: dict[str, float]) -> str:
+    """One layer's two timers: ``fetch: network …, digest …, wait …, other …; unpack: …``."""
+    return "; ".join(
+        f"{side}: " + PhaseTimer.describe({name: totals[name] for name in phases})
+        for side, totals, phases in (
+            ("fetch", fetch, FETCH_PHASES),
+            ("unpack", unpack, UNPACK_PHASES),
+        )
+    )

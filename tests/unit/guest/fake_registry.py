@@ -33,6 +33,10 @@ class FakeRegistry:
     basic: tuple[str, str] | None = None
     redirect_blobs_to: str | None = None  # "host:port" of another FakeRegistry
     hang: threading.Event | None = None  # set: requests block until it is cleared... by stop
+    # Set: each blob body stops after this many bytes until ``resume`` is set (or the server
+    # stops): a transfer stalled mid-body.
+    stall_blobs_after: int | None = None
+    resume: threading.Event = field(default_factory=threading.Event)
     host: str = ""
     token_value: str = "test-token"
 
@@ -107,6 +111,18 @@ def serve(registry: FakeRegistry) -> Iterator[FakeRegistry]:
             elif kind == "blobs" and registry.redirect_blobs_to:
                 self.reply(307, b"", {"Location":
                                       f"http://{registry.redirect_blobs_to}{self.path}"})
+            elif kind == "blobs" and ref in registry.blobs and registry.stall_blobs_after:
+                body, cut = registry.blobs[ref], registry.stall_blobs_after
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    registry.resume.wait(30)
+                    self.wfile.write(body[cut:])
+                except OSError:
+                    pass  # the client went away
             elif kind == "blobs" and ref in registry.blobs:
                 self.reply(200, registry.blobs[ref], {"Content-Type": "application/octet-stream"})
             else:
@@ -122,6 +138,7 @@ def serve(registry: FakeRegistry) -> Iterator[FakeRegistry]:
     finally:
         if registry.hang is not None:
             registry.hang.set()
+        registry.resume.set()
         server.shutdown()
         server.server_close()
         thread.join(5)
