@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from protocols.api.cri import api_pb2 as cri
 from tests import envinfo
 from tests.e2e.coco_dev import CocoDevCri, coco_dev_cri
 from tests.support import oci
@@ -60,13 +61,16 @@ PHASES = re.compile(r"image pull: .*: layer (?P<digest>sha256:[0-9a-f]{64}): .* 
 
 def layer_phases(log: str, digest: str) -> dict[str, float] | None:
     """The puller's breakdown of layer ``digest`` from its log line in ``log``: ``total`` and
-    seconds per phase; None without such a line."""
+    seconds per phase of each side (``fetch: network 0.1, …; unpack: inflate 0.2, …`` →
+    ``fetch_network``, ``unpack_inflate``, …); None without such a line."""
     for match in PHASES.finditer(log):
         if match["digest"] == digest:
             phases = {"total": float(match["total"])}
-            for part in match["phases"].split(", "):
-                name, _, seconds = part.partition(" ")
-                phases[name] = float(seconds)
+            for side_text in match["phases"].split("; "):
+                side, _, parts = side_text.partition(": ")
+                for part in parts.split(", "):
+                    name, _, seconds = part.partition(" ")
+                    phases[f"{side}_{name}"] = float(seconds)
             return phases
     return None
 
@@ -146,20 +150,41 @@ def check_received(output: str, blobs: dict[str, tuple[str, int]]) -> None:
                              f"fetching a {size}-byte blob ({output!r})")
 
 
-def pull_vs_wget(env: CocoDevCri, run: int, large_ref: str, large: oci.Image) -> dict[str, float]:
-    pod = env.run_pod(f"pull-{run}", initdata=env.initdata())
+CPU_PERIOD = 100_000
+
+
+def pod_resources(vcpus: int) -> cri.LinuxContainerResources | None:
+    """Limits that make static sizing give the pod VM ``vcpus`` (the coco-dev profile's base
+    is 1 vCPU; a CPU quota of n whole CPUs adds n, shim/pod/sizing.py)."""
+    if vcpus <= 1:
+        return None
+    return cri.LinuxContainerResources(cpu_period=CPU_PERIOD, cpu_quota=(vcpus - 1) * CPU_PERIOD)
+
+
+def check_vcpus(env: CocoDevCri, pod: str, vcpus: int) -> int:
+    """Fail unless the pod's QEMU has ``vcpus`` (its -smp); return its thread count (TCG
+    runs each vCPU in a thread of its own when it is multi-threaded, QEMU's default for an
+    x86 guest on an x86 host: a 2-vCPU VM shows one thread more than a 1-vCPU one)."""
+    argv = env.qemu_argv(pod)
+    smp = argv[argv.index("-smp") + 1].split(",")[0]
+    if smp != str(vcpus):
+        raise SystemExit(f"pod {pod}: wanted {vcpus} vCPUs, its QEMU has -smp {smp}")
+    needle = str(env.pod_dir(pod)).encode()
+    for pid in env.qemus():
+        if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return len(list(Path(f"/proc/{pid}/task").iterdir()))
+    raise SystemExit(f"pod {pod}: no QEMU found")
+
+
+def pull_vs_wget(env: CocoDevCri, run: int, large_ref: str, large: oci.Image,
+                 vcpus: int) -> dict[str, float]:
+    pod = env.run_pod(f"pull-{run}-{vcpus}cpu", initdata=env.initdata(),
+                      resources=pod_resources(vcpus))
     try:
+        threads = check_vcpus(env, pod, vcpus)
         env.start(pod, "warm", env.refs["busybox"], ["true"])  # busybox into the layer cache
-        host = env.registries.plain.host
-        repository = large_ref.split("/", 1)[1].rsplit(":", 1)[0]
-        config = large.config_bytes()
+        urls, blobs = blob_urls(env, large_ref, large)
         layer = large.layers[-1]
-        blobs = {"manifest": (large.manifest_digest, len(large.manifest_bytes())),
-                 "config": (oci.sha256(config), len(config)),
-                 "layer": (layer.digest, len(layer.blob))}
-        urls = {"manifest": f"http://{host}/v2/{repository}/manifests/{large.manifest_digest}",
-                "config": f"http://{host}/v2/{repository}/blobs/{blobs['config'][0]}",
-                "layer": f"http://{host}/v2/{repository}/blobs/{layer.digest}"}
         base = timed_run(env, pod, "base", env.refs["busybox"], ["true"])
         pull = timed_run(env, pod, "pull", large_ref, ["true"])
         phases = guest_phases(env, pod, layer.digest)
@@ -168,20 +193,35 @@ def pull_vs_wget(env: CocoDevCri, run: int, large_ref: str, large: oci.Image) ->
         wget = timed_run(env, pod, "wget", env.refs["busybox"],
                          ["sh", "-c", rx_wget_script(urls)])
         check_received(env.logs(pod, "wget", until="layer "), blobs)
-        if run == 0:  # once: what these URLs serve is the blobs themselves (untimed)
+        if run == 0 and vcpus == 1:  # once: what these URLs serve is the blobs (untimed)
             env.start(pod, "wget-sha", env.refs["busybox"],
                       ["sh", "-c", wget_script(urls, "sha256sum")])
             check_wget(env.logs(pod, "wget-sha", until="layer "), blobs, "sha256")
     finally:
         env.remove_pod(pod)
-    return {"base": base, "pull": pull, "wget": wget,
+    return {"vcpus": vcpus, "qemu_threads": threads, "base": base, "pull": pull, "wget": wget,
             "ratio": (pull - base) / (wget - base),
-            **{f"guest_{name}": seconds for name, seconds in phases.items()},
-            **host_pull_vs_wget(env, large_ref, urls, blobs)}
+            **{f"guest_{name}": seconds for name, seconds in phases.items()}}
 
 
-def host_pull_vs_wget(env: CocoDevCri, large_ref: str, urls: dict[str, str],
-                      blobs: dict[str, tuple[str, int]]) -> dict[str, float]:
+def blob_urls(env: CocoDevCri, large_ref: str, large: oci.Image,
+              ) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+    """The big image's manifest, config and big layer: URLs on the plain registry, and
+    (digest, size) of each."""
+    host = env.registries.plain.host
+    repository = large_ref.split("/", 1)[1].rsplit(":", 1)[0]
+    config = large.config_bytes()
+    layer = large.layers[-1]
+    blobs = {"manifest": (large.manifest_digest, len(large.manifest_bytes())),
+             "config": (oci.sha256(config), len(config)),
+             "layer": (layer.digest, len(layer.blob))}
+    urls = {"manifest": f"http://{host}/v2/{repository}/manifests/{large.manifest_digest}",
+            "config": f"http://{host}/v2/{repository}/blobs/{blobs['config'][0]}",
+            "layer": f"http://{host}/v2/{repository}/blobs/{layer.digest}"}
+    return urls, blobs
+
+
+def host_pull_vs_wget(env: CocoDevCri, large_ref: str, large: oci.Image) -> dict[str, float]:
     """The same comparison at native speed, without a VM: the guest's puller code run on this
     host against the same registry (its layer cache on tmpfs, busybox cached first), and the
     host's busybox wget of the same URLs. Separates the puller's design from TCG's cost."""
@@ -192,6 +232,7 @@ def host_pull_vs_wget(env: CocoDevCri, large_ref: str, urls: dict[str, str],
     from guest.image_pull.config import PullConfig, RegistryRule
     from guest.image_pull.puller import ImagePuller
 
+    urls, blobs = blob_urls(env, large_ref, large)
     lines: list[str] = []
 
     class Collect(logging.Handler):
@@ -267,6 +308,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--vcpus", type=int, nargs="+", default=[1, 2],
+                        help="pod VM sizes for the pull/wget pair, interleaved within each run "
+                             "(1: the profile's own; more through the pod's CPU limit)")
     parser.add_argument("--no-pod-start", action="store_true",
                         help="measure only the pull against wget (skip the pod start figures)")
     args = parser.parse_args()
@@ -274,6 +318,7 @@ def main() -> int:
     image = guest_image()
     large = oci.large()
     pulls: list[dict[str, float]] = []
+    hosts: list[dict[str, float]] = []
     starts: dict[str, list[float]] = {"coco": [], DEV_HANDLER: []}
     dev_profile = Path(f"/tmp/coco-bench-dev-{uuid.uuid4().hex[:6]}.toml")
     dev_profile.write_text(dev_profile_text(env_info.kernel, image.image))
@@ -283,34 +328,43 @@ def main() -> int:
             large_ref = env.registries.push([large], env.registries.plain, "coco/large")
             env.client.pull_image(large_ref)
             for run in range(args.runs):
-                pulls.append(pull_vs_wget(env, run, large_ref, large))
+                for vcpus in args.vcpus:
+                    pulls.append(pull_vs_wget(env, run, large_ref, large, vcpus))
+                hosts.append(host_pull_vs_wget(env, large_ref, large))
                 for handler in () if args.no_pod_start else ("coco", DEV_HANDLER):
                     starts[handler].append(pod_start(env, handler, run))
     finally:
         dev_profile.unlink(missing_ok=True)
     size = sum(len(b) for b in large.blobs().values()) / 2**20
     print(f"\ncoco-dev, containerd 2.1.9 CRI podsandbox, QEMU TCG, {args.runs} runs (medians)")
-    for key in ("base", "pull", "wget"):
-        print(f"  {key:5} start→exit            {statistics.median(p[key] for p in pulls):7.2f} s")
-    print(f"  guest pull / wget of the {size:.0f} MiB image (minus base)  "
-          f"{statistics.median(p['ratio'] for p in pulls):.2f}x  (target ≤ 1.3)")
+    for vcpus in args.vcpus:
+        mine = [p for p in pulls if p["vcpus"] == vcpus]
+        print(f"  pod VM with {vcpus} vCPU{'s' if vcpus > 1 else ''}:")
+        for key in ("base", "pull", "wget"):
+            print(f"    {key:5} start→exit            "
+                  f"{statistics.median(p[key] for p in mine):7.2f} s")
+        ratios = sorted(p["ratio"] for p in mine)
+        print(f"    guest pull / wget of the {size:.0f} MiB image (minus base)  "
+              f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f} to {ratios[-1]:.2f})  "
+              "(target ≤ 1.3)")
+        phases = [k for k in mine[0] if k.startswith("guest_")]
+        print("    the big layer in the guest (the puller's own clock, exclusive time per phase "
+              "of each thread):")
+        print("      " + ", ".join(f"{k.removeprefix('guest_')} "
+                                  f"{statistics.median(p[k] for p in mine):.2f}" for k in phases))
     print("  wget -O /dev/null: the bytes the pod received checked against each blob's size "
           "every run; what the URLs serve checked by SHA-256 in the first")
-    phases = [k for k in pulls[0] if k.startswith("guest_")]
-    print("  the big layer in the guest (the puller's own clock, exclusive time per phase):")
-    print("    " + ", ".join(f"{k.removeprefix('guest_')} "
-                            f"{statistics.median(p[k] for p in pulls):.2f} s" for k in phases))
-    host = {k: statistics.median(p[k] for p in pulls) for k in pulls[0] if k.startswith("host_")}
+    host = {k: statistics.median(h[k] for h in hosts) for k in hosts[0]}
     print(f"  the same without a VM (this host's CPU, the puller's code, busybox wget): pull "
           f"{host['host_pull']:.2f} s, wget {host['host_wget']:.2f} s: "
           f"{host['host_ratio']:.2f}x")
-    print("    " + ", ".join(f"{k.removeprefix('host_')} {v:.2f} s" for k, v in host.items()
+    print("    " + ", ".join(f"{k.removeprefix('host_')} {v:.2f}" for k, v in host.items()
                             if k not in ("host_pull", "host_wget", "host_ratio")))
     if not args.no_pod_start:
         coco, dev = (statistics.median(starts[h]) for h in ("coco", DEV_HANDLER))
         print(f"  pod start (RunPodSandbox+CreateContainer+StartContainer): coco-dev "
               f"{coco:.2f} s, dev profile {dev:.2f} s ({coco / dev:.2f}x)")
-    print(json.dumps({"pull": pulls, "pod_start": starts}))
+    print(json.dumps({"pull": pulls, "host": hosts, "pod_start": starts}))
     return 0
 
 

@@ -123,7 +123,9 @@ class CocoDevCri:
     # --- pods and containers ----------------------------------------------------------------
 
     def pod_config(self, name: str, *, initdata: str | None = None, policy: str | None = None,
-                   annotations: Mapping[str, str] | None = None) -> cri.PodSandboxConfig:
+                   annotations: Mapping[str, str] | None = None,
+                   resources: cri.LinuxContainerResources | None = None,
+                   ) -> cri.PodSandboxConfig:
         extra = dict(annotations or {})
         if initdata is not None:
             extra[INITDATA_ANNOTATION] = initdata_annotation(initdata)
@@ -131,12 +133,14 @@ class CocoDevCri:
             extra[POLICY_ANNOTATION] = policy_annotation(policy)
         logs = self.base / "logs" / name
         logs.mkdir(parents=True, exist_ok=True)
-        return pod_config(name, uuid.uuid4().hex, logs, annotations=extra)
+        return pod_config(name, uuid.uuid4().hex, logs, annotations=extra, resources=resources)
 
     def run_pod(self, name: str, *, initdata: str | None = None, policy: str | None = None,
-                annotations: Mapping[str, str] | None = None, handler: str = HANDLER) -> str:
+                annotations: Mapping[str, str] | None = None, handler: str = HANDLER,
+                resources: cri.LinuxContainerResources | None = None) -> str:
+        """``resources``: the pod's summed limits (a CPU quota sizes its VM, shim/pod/sizing)."""
         config = self.pod_config(name, initdata=initdata, policy=policy,
-                                 annotations=annotations)
+                                 annotations=annotations, resources=resources)
         pod = self.client.run_pod(config, handler)
         self.pods.append(pod)
         self.configs[pod] = config
