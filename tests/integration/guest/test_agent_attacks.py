@@ -114,6 +114,9 @@ async def test_copy_file_through_a_planted_symlink(start_agent: Start, workdir: 
 
 async def test_a_9p_storage_over_the_agents_directory(start_agent: Start, workdir: Path) -> None:
     agent_process, agent = await start_agent()
+    # The agent answers Check before its AgentService (and the sandbox that makes the state
+    # dir) is built; an AgentService call returns once they are.
+    await agent.call("GetGuestDetails", agent_pb2.GuestDetailsRequest())
     state = workdir / "agent/state"
     before = sorted(p.name for p in state.iterdir())
     shared = workdir / "agent/shared"
