@@ -13,7 +13,8 @@
    - on the guest's clock (the headline): the whole pull's duration from the puller's own log
      line (``image pull: …, N layers (M fetched) in X s``, its monotonic clock around the
      pull) against the sum of the three wget fetches timed in the same shell by reading
-     /proc/uptime (a builtin ``read``: nothing forks) just before and after each ``wget``;
+     /proc/uptime (a builtin ``read``: nothing but the wget forks in between) just before
+     and after each ``wget``;
    - start→exit: (pull - base) / (wget - base), each term a difference of two container runs
      seen through CRI (noisy: a ~0.4 s difference of ~1.4 s runs), printed beside.
    Each run is a new pod (an empty layer cache).
