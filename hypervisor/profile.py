@@ -318,9 +318,9 @@ def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
     Every profile: ``machine_type``/``cpu_model`` limited to ``[A-Za-z0-9._-]`` (a comma would
     smuggle extra QEMU options in). TEE profiles: debug policy bits (unless ``allow_debug``),
     SNP MIGRATE_MA, direct kernel boot without ``kernel_hashes``, a console without the capped
-    ``debug_console_bytes``, vsock ``none``, free page reporting (virtio-balloon), and a
-    default
-    initdata file where no launch field can bind it (unless ``allow_unbound_initdata``).
+    ``debug_console_bytes``, vsock ``none``, and a default initdata file
+    where no launch field can bind it (unless ``allow_unbound_initdata``). (Free page
+    reporting is refused for every confidential profile: the ``no-balloon`` invariant.)
     """
     out: list[Conflict] = []
     for key, value in (("hypervisor.machine_type", profile.machine_type),
@@ -372,9 +372,6 @@ def tee_safety_conflicts(profile: RuntimeProfile) -> list[Conflict]:
     if profile.vsock == "none":
         out.append(Conflict("hypervisor.vsock", "a TEE guest without vsock cannot be reached "
                             "by the shim (use \"kernel\")", profile.vsock))
-    if profile.free_page_reporting:
-        out.append(Conflict("hypervisor.free_page_reporting", "virtio-balloon would hand the "
-                            "guest's private pages to the host", True))
     if profile.initdata is not None and tee.initdata_field is None and (
             not profile.allow_unbound_initdata):
         out.append(Conflict("runtime.initdata", unbound_initdata_message(tee),
@@ -411,6 +408,8 @@ CONFIDENTIAL_INVARIANTS: tuple[ConfidentialInvariant, ...] = (
                           f"({KERNEL_PARAMS_ANNOTATION} is not allow-listed)"),
     ConfidentialInvariant("guest-knows", f"the guest knows it is confidential: a TEE it "
                           f"detects, or {GUEST_CONFIDENTIAL_PARAM} on the kernel command line"),
+    ConfidentialInvariant("no-balloon", "no virtio-balloon (free_page_reporting): the host "
+                          "never gets the guest's pages back, free or not"),
 )
 
 
@@ -441,6 +440,9 @@ def confidential_conflicts(profile: RuntimeProfile,
             out.append(Conflict("runtime.enable_annotations", f"(static-sizing) {key} would "
                                 "let a pod choose its own VM size (a confidential pod is "
                                 "sized from its limits)", key))
+    if profile.free_page_reporting:
+        out.append(Conflict("hypervisor.free_page_reporting", "(no-balloon) virtio-balloon "
+                            "would hand the guest's private pages to the host", True))
     if not profile.tee.confidential and (
             GUEST_CONFIDENTIAL_PARAM not in profile.kernel_params.split()):
         out.append(Conflict("hypervisor.kernel_params", f"(guest-knows) no TEE for the guest "

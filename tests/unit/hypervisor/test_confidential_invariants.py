@@ -32,7 +32,7 @@ CONFIDENTIAL = ["coco-dev", "sev", "sev-es", "snp", "tdx", "s390-pv", "pef"]
 
 def test_the_invariants_listed() -> None:
     assert [i.name for i in CONFIDENTIAL_INVARIANTS] == [
-        "no-host-share", "static-sizing", "measured-cmdline", "guest-knows"]
+        "no-host-share", "static-sizing", "measured-cmdline", "guest-knows", "no-balloon"]
 
 
 def coco_dev() -> RuntimeProfile:
@@ -61,6 +61,7 @@ BREAKS: list[tuple[str, object]] = [
     ("static-sizing", {"memory_slots": 4, "max_memory_mib": 8192}),
     ("static-sizing", {"max_vcpus": 8}),
     ("measured-cmdline", {"enable_annotations": (KERNEL_PARAMS_ANNOTATION,)}),
+    ("no-balloon", {"free_page_reporting": True}),
 ]
 
 
@@ -69,7 +70,8 @@ def test_every_confidential_profile_is_confidential(name: str) -> None:
     prof = confidential_profile(name)
     assert prof.confidential
     assert confidential_conflicts(prof) == []
-    launch_argv(prof)  # launches as it is
+    argv = launch_argv(prof)  # launches as it is
+    assert not any("balloon" in a for a in argv)
 
 
 @pytest.mark.parametrize("name", CONFIDENTIAL)
@@ -120,7 +122,9 @@ def test_shipped_coco_dev_profile(root: Path) -> None:  # noqa: F811
     assert GUEST_CONFIDENTIAL_PARAM in prof.kernel_params.split()
     assert "io.katacontainers.config.hypervisor.cc_init_data" in prof.enable_annotations
     assert "io.katacontainers.config.agent.policy" in prof.enable_annotations
-    assert "9p" not in " ".join(launch_argv(prof))
+    assert not prof.free_page_reporting
+    argv = " ".join(launch_argv(prof))
+    assert "9p" not in argv and "balloon" not in argv
 
 
 COCO_DEV_TOML = """
@@ -142,6 +146,8 @@ confidential = true
      "hypervisor.memory_slots", "static-sizing"),
     (GUEST_CONFIDENTIAL_PARAM, "", f'enable_annotations = ["{KERNEL_PARAMS_ANNOTATION}"]',
      "runtime.enable_annotations", "measured-cmdline"),
+    (GUEST_CONFIDENTIAL_PARAM, "free_page_reporting = true", "",
+     "hypervisor.free_page_reporting", "no-balloon"),
 ])
 def test_the_loader_refuses_a_broken_coco_dev_profile(params: str, hv: str, rt: str, key: str,
                                                       invariant: str) -> None:

@@ -219,7 +219,8 @@ VIOLATIONS: list[tuple[str, RuntimeProfile, dict[str, object], str]] = [
     ("snp-hybrid-vsock", S["snp"], {"vsock": HybridVsock(RUN / "vhu.sock")}, "hybrid vsock"),
     ("tdx-profile-hybrid", replace(S["tdx"], vsock="hybrid"), {}, 'vsock = "hybrid"'),
     ("snp-free-page-reporting", replace(S["snp"], free_page_reporting=True), {},
-     "hypervisor.free_page_reporting: virtio-balloon would hand the guest's private pages"),
+     "hypervisor.free_page_reporting: (no-balloon) virtio-balloon would hand the guest's "
+     "private pages"),
     ("sev-es-bit-in-sev", replace(S["sev"], tee_params=SevParams(policy=0x5, cbitpos=47,
                                                                 reduced_phys_bits=1)),
      {}, "sets the SEV-ES bit 0x4: use profile sev-es"),
