@@ -3,7 +3,7 @@
 goes (on the guest's own clock), and what the pod VM costs the host in memory.
 
     heavy $COCO_CACHE/venv/bin/python bench/guest.py [--runs 5] [--initrd NAME=PATH ...]
-        [--importtime] [--no-memory]
+        [--importtime] [--no-memory] [--balloon-ab] [--params NAME=KERNEL_PARAMS ...]
 
 Every sample boots the development profile's exact QEMU argv (hypervisor.launch_vm: 1 vCPU,
 512 MiB, TCG, hybrid vsock, the pod's 9p rootfs share), and the series are interleaved, so
@@ -25,7 +25,12 @@ Memory (the first agent boot): once an idle busybox pod runs (CreateSandbox, a `
 container) and the guest had time to return free pages, QEMU's /proc/<pid>/smaps is split into
 guest RAM (the memfd backend), the TCG translation cache (anonymous executable mappings), QEMU's
 heap and other anonymous memory, its binary and shared libraries, and other mapped files (RSS;
-PSS beside it). "On a KVM host" is everything but the TCG cache.
+PSS beside it). "On a KVM host" is everything but the TCG cache. The guest says whether its
+balloon driver is bound and negotiated free page reporting (virtio feature bit 5).
+``--balloon-ab`` adds the series "no-balloon" (the same image and argv with
+``free_page_reporting = false``: no virtio-balloon) and measures the memory of both in every
+round, side by side; each ``--params NAME=...`` adds a series booting the reference image with
+those kernel parameters too (e.g. ``page_reporting.page_reporting_order=N``), measured the same.
 """
 
 from __future__ import annotations
@@ -100,7 +105,12 @@ MEMINFO = (  # the guest's memory, the agent's RSS as one more "key: value kB" l
     "cat /proc/meminfo; for p in /proc/[0-9]*; do "
     "grep -q guest.agent $p/cmdline 2>/dev/null && "
     "sed -n 's/^VmRSS:/AgentRSS:/p' $p/status; done; "
-    "echo Modules= $(sed 's/ .*//' /proc/modules)")
+    "echo Modules= $(sed 's/ .*//' /proc/modules); "
+    # the balloon driver bound to a device, with the features it negotiated (a string of 0/1,
+    # index = bit): bit 5 is VIRTIO_BALLOON_F_REPORTING, free page reporting
+    "for d in /sys/bus/virtio/drivers/virtio_balloon/virtio*; do "
+    "[ -e $d/features ] && echo Balloon= ${d##*/} $(cat $d/features); done")
+REPORTING_BIT = 5
 DMESG = re.compile(r"^\[\s*(\d+\.\d+)\]\s(.*)$")
 
 
@@ -128,10 +138,12 @@ def build_bare_initrd(folder: Path) -> Path:
     return out
 
 
-def profile_for(folder: Path, name: str, initrd: Path) -> Path:
+def profile_for(folder: Path, name: str, initrd: Path, *,
+                free_page_reporting: bool = True) -> Path:
     env = envinfo.load()
     path = folder / f"profile-{name}.toml"
-    path.write_text(dev_profile_text(env.kernel, initrd, memory_mib=MEMORY_MIB))
+    path.write_text(dev_profile_text(env.kernel, initrd, memory_mib=MEMORY_MIB,
+                                     free_page_reporting=free_page_reporting))
     return path
 
 
@@ -288,6 +300,12 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
                 boot.memory["guest_modules"] = next(
                     (line.split("=", 1)[1].split() for line in meminfo.decode().splitlines()
                      if line.startswith("Modules=")), [])
+                balloon = [line.split()[1:] for line in meminfo.decode().splitlines()
+                           if line.startswith("Balloon=")]
+                boot.memory["guest_balloon"] = {
+                    "bound": [b[0] for b in balloon],
+                    "reporting": any(len(b) > 1 and len(b[1]) > REPORTING_BIT
+                                     and b[1][REPORTING_BIT] == "1" for b in balloon)}
             try:
                 out = await run_container(agent, "dmesg", ["dmesg"],
                                           capabilities=["CAP_SYSLOG"])
@@ -346,6 +364,45 @@ def image_facts(path: Path) -> str:
     return f"{path} ({size / MIB:.1f} MiB)"
 
 
+def wants_memory(name: str, run: int, args: argparse.Namespace) -> bool:
+    if args.no_memory:
+        return False
+    if args.balloon_ab:
+        return name not in ("bare", *(i.partition("=")[0] for i in args.initrd))
+    return name == "agent" and run == 0
+
+
+def print_memory_ab(series: dict[str, list[Boot]]) -> None:
+    """QEMU's memory with and without the balloon, medians over the rounds, side by side."""
+    measured = {n: [b.memory for b in boots if b.memory] for n, boots in series.items()}
+    measured = {n: ms for n, ms in measured.items() if ms}
+    if "agent" not in measured or "no-balloon" not in measured:
+        return
+    names = list(measured)
+    kinds = sorted({k for ms in measured.values() for m in ms for k in m["kinds"]})
+
+    def rss(name: str, kind: str) -> float:
+        return med([m["kinds"].get(kind, {}).get("rss", 0.0) for m in measured[name]])
+
+    print("\nQEMU memory, idle busybox pod, 512 MiB guest: free page reporting on (agent) vs "
+          "off (no-balloon), RSS MiB, medians of "
+          + " / ".join(f"{len(v)}" for v in measured.values()) + " rounds")
+    print(f"  {'kind':<40} " + " ".join(f"{n:>12}" for n in names))
+    for kind in kinds:
+        print(f"  {kind:<40} " + " ".join(f"{rss(n, kind):>12.1f}" for n in names))
+    for label, key in (("total", "total"), ("on a KVM host", "kvm_host_rss")):
+        values = [med([m[key]["rss"] if key == "total" else m[key] for m in measured[n]])
+                  for n in names]
+        off = values[names.index("no-balloon")]
+        print(f"  {label:<40} " + " ".join(f"{v:>12.1f}" for v in values)
+              + "   ÷ no-balloon " + " ".join(f"{v / off:.2f}" for v in values))
+    for name, ms in measured.items():
+        print(f"  {name}: on a KVM host per round "
+              + " ".join(f"{m['kvm_host_rss']:.0f}" for m in ms)
+              + f"; guest balloon {ms[0].get('guest_balloon')}"
+              + "; settled after " + " ".join(f"{m['settle_s']:.0f}" for m in ms) + " s")
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,12 +416,25 @@ async def main() -> int:
     parser.add_argument("--append", default="", help="extra kernel parameters for every agent "
                         "boot (e.g. coco.agent.confidential=1)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--balloon-ab", action="store_true",
+                        help="add the series no-balloon (free_page_reporting = false) and "
+                        "measure the memory of it and of agent in every round")
+    parser.add_argument("--params", action="append", default=[], metavar="NAME=KERNEL_PARAMS",
+                        help="one more series: the reference image with these kernel "
+                        "parameters added")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
     args = parser.parse_args()
     image = args.image or guest_image().image
     base = Path(tempfile.mkdtemp(prefix="coco-bench-guest-", dir="/tmp"))
     series: dict[str, list[Boot]] = {"bare": [], "agent": []}
+    if args.balloon_ab:
+        series["no-balloon"] = []
     variants: dict[str, tuple[Path, bool]] = {}
+    extra_params: dict[str, str] = {}
+    for item in args.params:
+        name, _, params = item.partition("=")
+        extra_params[name] = params
+        series[name] = []
     for item in args.initrd:
         name, _, rest = item.partition("=")
         path, _, flag = rest.partition(":")
@@ -376,6 +446,10 @@ async def main() -> int:
     try:
         profiles = {"bare": profile_for(base, "bare", build_bare_initrd(base)),
                     "agent": profile_for(base, "agent", image),
+                    **({"no-balloon": profile_for(base, "no-balloon", image,
+                                                  free_page_reporting=False)}
+                       if args.balloon_ab else {}),
+                    **{n: profile_for(base, n, image) for n in extra_params},
                     **{n: profile_for(base, n, p) for n, (p, _) in variants.items()}}
         for run in range(args.runs):
             for name, profile in profiles.items():
@@ -386,8 +460,10 @@ async def main() -> int:
                     else:
                         gate = variants[name][1] if name in variants else True
                         boot = await agent_boot(profile, root, gate=gate,
-                                                memory=name == "agent" and run == 0
-                                                and not args.no_memory, append=args.append)
+                                                memory=wants_memory(name, run, args),
+                                                append=" ".join(p for p in (
+                                                    args.append, extra_params.get(name, ""))
+                                                    if p))
                 except Exception as err:  # one broken variant must not hide the others
                     failures.append(f"run {run + 1} {name}: {err}")
                     print(f"run {run + 1} {name}: FAILED: {err}", flush=True)
@@ -424,6 +500,8 @@ async def main() -> int:
         print(f"\ntimeline of '{name}' (medians; guest steps on the guest's kernel clock)")
         for label, seconds in timeline(boots):
             print(f"  {label:<52} {seconds:>6.2f} s")
+    if args.balloon_ab:
+        print_memory_ab(series)
     memory = series["agent"][0].memory if series["agent"] else None
     if memory:
         print("\nQEMU memory, idle busybox pod, 512 MiB guest (MiB, RSS / PSS)")
@@ -434,6 +512,7 @@ async def main() -> int:
               "   target <= 120")
         print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
         print(f"  guest modules loaded: {' '.join(memory['guest_modules'])}")
+        print(f"  guest balloon: {memory['guest_balloon']}")
         print(f"  guest RAM held by QEMU every {SETTLE_STEP_S:g} s after the pod started "
               f"(MiB): {' '.join(f'{v:.0f}' for v in memory['guest_ram_history_mib'])}")
     if imports:

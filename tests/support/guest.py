@@ -28,7 +28,8 @@ def guest_image() -> BuildResult:
 
 
 def dev_profile_text(kernel: Path, initrd: Path, *,
-                     enable_annotations: tuple[str, ...] = (), memory_mib: int = 1024) -> str:
+                     enable_annotations: tuple[str, ...] = (), memory_mib: int = 1024,
+                     free_page_reporting: bool = True) -> str:
     """firmware-configs/qemu-none.toml pinned to this machine: TCG, hybrid vsock (the tests
     give the guest 1 GiB; the benchmarks use the profile's 512 MiB)."""
     allowed = ", ".join(f'"{a}"' for a in enable_annotations)
@@ -43,7 +44,7 @@ accelerator = "tcg"
 vcpus = 1
 memory_mib = {memory_mib}
 vsock = "hybrid"
-free_page_reporting = true
+free_page_reporting = {"true" if free_page_reporting else "false"}
 
 [runtime]
 dial_timeout = 120
