@@ -61,6 +61,7 @@ def vm(guest_image: BuildResult) -> Iterator[GuestVM]:
         shares=(Share9p(SHARE_TAG, share),),
         disks=(Disk(make_disk(files), DISK_SLOT),),
         nic_mac=NIC_MAC,
+        balloon=True,
     )
     try:
         guest.start()
@@ -325,6 +326,31 @@ async def test_kernel_modules_load_on_demand(agent: AgentClient) -> None:
     assert b"loaded-at-boot" not in output
     assert b": br-coco: " in output and b": vc0@" in output and output.endswith(b"done\n")
     await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="netadmin"))
+
+
+async def test_free_page_reporting_is_active(agent: AgentClient) -> None:
+    """The guest loads virtio_balloon for the balloon device (by its modalias, after Check)
+    and negotiates free page reporting: feature bit 5, VIRTIO_BALLOON_F_REPORTING (the
+    features file is a string of 0/1, index = bit). Its kernel has CONFIG_PAGE_REPORTING."""
+    storage, rootfs = share_storage("balloon")
+    drivers = "/sys/bus/virtio/drivers/virtio_balloon"
+    script = (  # the drivers after Check load in the background: a bounded wait (10 s)
+        f"i=0; while [ ! -e {drivers} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done;"
+        f" grep -qw ^virtio_balloon /proc/modules && echo module-loaded;"
+        f" for d in {drivers}/virtio*; do cat $d/features; done")
+    await agent.call(
+        "CreateContainer",
+        agent_pb2.CreateContainerRequest(container_id="balloon", storages=[storage],
+                                         OCI=spec(rootfs, ["sh", "-c", script])),
+    )
+    await start(agent, "balloon")
+    output, code = await asyncio.gather(agent.read_all("balloon"), agent.wait("balloon"))
+    assert code == 0, output
+    lines = output.decode().split()
+    assert lines[0] == "module-loaded", output
+    (features,) = lines[1:]
+    assert features[5] == "1", f"free page reporting not negotiated: {features}"
+    await agent.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="balloon"))
 
 
 async def test_stats_pause_resume_on_cgroup2(agent: AgentClient) -> None:

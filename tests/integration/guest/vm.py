@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypervisor.cmdline import VirtioBalloon
+
 QEMU = "/usr/bin/qemu-system-x86_64"
 AGENT_PORT = 1024
 READY_PORT = 1029  # hypervisor.vsock.GUEST_READY_PORT: the guest's "my agent listens"
@@ -50,6 +52,7 @@ class GuestVM:
     memory_mib: int = 512
     cpus: int = 2
     append: str = ""
+    balloon: bool = False  # virtio-balloon with free page reporting, as the dev profile has
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="coco-guest-vm-")))
     vhost: subprocess.Popen[bytes] | None = None
     qemu: subprocess.Popen[bytes] | None = None
@@ -102,6 +105,8 @@ class GuestVM:
                 "-drive", f"file={disk.path},if=none,id=disk{index},format=raw",
                 "-device", f"virtio-blk-pci,drive=disk{index},addr={disk.pci_slot:#x}",
             ]  # fmt: skip
+        if self.balloon:
+            argv += VirtioBalloon().to_argv()
         if self.nic_mac is not None and self.tap is not None:
             argv += [
                 "-netdev", f"tap,id=net0,ifname={self.tap},script=no,downscript=no",
