@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from shim.core import paths
 from shim.core.config import ConfigSource, Protocol, ShimConfig, shim_config
@@ -117,20 +117,13 @@ def containerd_major(binary: str) -> int | None:
         return None
     key = f"{binary}:{st.st_size}:{st.st_mtime_ns}"
     cache_path = paths.state_root() / VERSION_CACHE
-    cache: dict[str, int | None] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(cache_path.read_text())
-        if isinstance(loaded, dict):
-            cache = loaded
+    cache = _read_cache(cache_path)
     if key in cache:
-        return cache[key]
+        cached: int | None = cache[key]
+        return cached
     major = parse_containerd_major(_run_version(binary))
     cache[key] = major
-    with contextlib.suppress(OSError):
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{VERSION_CACHE}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        tmp.rename(cache_path)
+    _write_cache(cache_path, cache)
     return major
 
 
@@ -146,11 +139,7 @@ def cached_shim_config(found: ConfigSource) -> ShimConfig:
         return shim_config(found)
     key = paths.sha256_hex(found.text.encode())
     cache_path = paths.state_root() / SHIM_CONFIG_CACHE
-    cache: dict[str, list[object]] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(cache_path.read_text())
-        if isinstance(loaded, dict):
-            cache = loaded
+    cache = _read_cache(cache_path)
     entry = cache.get(key)
     if isinstance(entry, list) and len(entry) == 3:
         protocol, version, early = entry
@@ -162,12 +151,28 @@ def cached_shim_config(found: ConfigSource) -> ShimConfig:
     cache[key] = list(config)
     for stale in list(cache)[:-SHIM_CONFIG_CACHE_ENTRIES]:
         del cache[stale]
-    with contextlib.suppress(OSError):
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{SHIM_CONFIG_CACHE}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        tmp.rename(cache_path)
+    _write_cache(cache_path, cache)
     return config
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """A node-wide JSON cache of ``start`` (under the state root); empty when it is missing or
+    unreadable: a cache is only ever a shortcut."""
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(path.read_text())
+        if isinstance(loaded, dict):
+            return loaded
+    return {}
+
+
+def _write_cache(path: Path, cache: dict[str, Any]) -> None:
+    """Replace ``path`` with ``cache`` atomically (a temp file of this process, renamed); a
+    failure costs the next ``start`` the work again, nothing else."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        tmp.rename(path)
 
 
 def _run_version(binary: str) -> str:
