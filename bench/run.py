@@ -34,6 +34,7 @@ from hypervisor.vm import LaunchOptions, launch_vm
 from shim.pod.agent import AgentClient
 from shim.pod.rootfs import HostShare
 from tests import envinfo
+from tests.e2e.conftest import shim_env
 from tests.support.containerd import (
     Containerd,
     coco_processes,
@@ -156,10 +157,8 @@ def main() -> int:
         profile = base / "profile.toml"
         profile.write_text(dev_profile_text(env.kernel, image.image))
 
-        shim_env = {"COCO_SHIM_CONFIG": str(profile), "COCO_SHIM_RUN_DIR": str(base / "run"),
-                    "COCO_SHIM_SOCKET_DIR": str(base / "s"),
-                    "COCO_SHIM_STATE_DIR": str(base / "state")}
-        with private_containerd(args.containerd, env=shim_env, log_level="info",
+        shim_vars = shim_env(base, profile)
+        with private_containerd(args.containerd, env=shim_vars, log_level="info",
                                 extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
             cd.ctr("images", "import", "--platform", "linux/amd64",
@@ -195,7 +194,7 @@ def main() -> int:
 
         # (c) again on the other containerd line, whose default transport differs
         other = "1.7.24" if args.containerd.startswith("2.") else "2.1.9"
-        with private_containerd(other, env=shim_env, log_level="info",
+        with private_containerd(other, env=shim_vars, log_level="info",
                                 extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
             cd.ctr("images", "import", "--platform", "linux/amd64", str(base / "busybox.tar"))

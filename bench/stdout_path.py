@@ -52,6 +52,7 @@ from protocols.api.kata import oci_pb2
 from shim.pod.agent import READ_CHUNK, AgentClient
 from shim.pod.rootfs import GUEST_SHARED, HostShare
 from tests import envinfo
+from tests.e2e.conftest import shim_env
 from tests.integration.guest.support import make_busybox_rootfs, spec
 from tests.support.containerd import Containerd, coco_processes, private_containerd
 from tests.support.guest import dev_profile_text, guest_image
@@ -344,10 +345,8 @@ def main() -> int:
         before = base / "profile-baseline.toml"
         if args.baseline_initrd:
             before.write_text(dev_profile_text(env.kernel, args.baseline_initrd.resolve()))
-        shim_env = {"COCO_SHIM_CONFIG": str(profile), "COCO_SHIM_RUN_DIR": str(base / "run"),
-                    "COCO_SHIM_SOCKET_DIR": str(base / "s"),
-                    "COCO_SHIM_STATE_DIR": str(base / "state")}
-        with private_containerd(args.containerd, env=shim_env, log_level="info",
+        shim_vars = shim_env(base, profile)
+        with private_containerd(args.containerd, env=shim_vars, log_level="info",
                                 extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
             cd.ctr("images", "import", "--platform", "linux/amd64",
