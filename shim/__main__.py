@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from shim.binary.flags import USAGE, UsageError, parse_flags
 from shim.core.errors import RpcError
 
+if TYPE_CHECKING:
+    from shim.binary.start import Launch
 
-def main(argv: list[str] | None = None) -> int:
+
+def main(argv: list[str] | None = None, stdin: bytes | None = None,
+         launch: Launch | None = None) -> int:
+    """Run one action. ``stdin``: start's runtime options when already read (the template
+    path); ``launch``: how ``start`` brings up the daemon (the template forks it)."""
+    if argv is None and sys.argv[-1:] == ["start"]:  # pip's console script: the template too
+        from shim.binary.template_client import via_template
+
+        served = via_template(sys.argv[1:])
+        if isinstance(served, int):
+            return served
+        stdin = served
     args = sys.argv[1:] if argv is None else argv
     try:
         flags = parse_flags(args)
@@ -32,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         if flags.action == "start":
             from shim.binary.start import start
 
-            print(start(flags, _read_stdin()), flush=True)
+            options = _read_stdin() if stdin is None else stdin
+            print(start(flags, options, launch), flush=True)
             return 0
         if flags.action == "delete":
             from shim.binary.delete import delete

@@ -141,11 +141,12 @@ def cached_shim_config(found: ConfigSource) -> ShimConfig:
     cache_path = paths.state_root() / SHIM_CONFIG_CACHE
     cache = _read_cache(cache_path)
     entry = cache.get(key)
-    if isinstance(entry, list) and len(entry) == 3:
-        protocol, version, early = entry
+    if isinstance(entry, list) and len(entry) == len(ShimConfig._fields):
+        protocol, version, early, template = entry
         if (protocol in ("grpc", "ttrpc", "auto") and version in ("auto", 2, 3)
-                and not isinstance(version, bool) and isinstance(early, bool)):
-            return ShimConfig(protocol, version, early)
+                and not isinstance(version, bool) and isinstance(early, bool)
+                and isinstance(template, bool)):
+            return ShimConfig(protocol, version, early, template)
     config = shim_config(found)
     cache.pop(key, None)
     cache[key] = list(config)

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shim.binary import bootstrap
@@ -28,6 +29,21 @@ from shim.core.errors import Unavailable
 
 class StartError(Unavailable):
     """``start`` could not bring up the shim (printed for containerd, exit status 1)."""
+
+
+# How the daemon comes to life: (its command line, its flags) -> its pid. The default spawns a
+# new interpreter; the template forks one that has the daemon's modules already imported.
+Launch = Callable[[list[str], Flags], int]
+
+
+def spawn_process(argv: list[str], serve: Flags) -> int:
+    """A new interpreter in its own session, stdio on /dev/null, inheriting the listening
+    socket (and the options memfd, the readiness pipe)."""
+    return os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 1),
+        (os.POSIX_SPAWN_DUP2, 0, 2),
+    ])
 
 
 def _listen(path: Path) -> socket.socket:
@@ -46,8 +62,11 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def start(flags: Flags, stdin: bytes) -> str:
-    """Bring up (or find) the pod's shim and return the bootstrap line for containerd."""
+def start(flags: Flags, stdin: bytes, launch: Launch | None = None) -> str:
+    """Bring up (or find) the pod's shim and return the bootstrap line for containerd.
+
+    ``launch`` None: this process is ``start`` itself; it spawns the daemon and, if the
+    ``[shim]`` table keeps ``template`` on, the node's template for the next ``start``."""
     if not flags.namespace or not flags.id:
         raise UsageError("start needs -namespace and -id")
     identifiers.validate("namespace", flags.namespace)
@@ -94,7 +113,7 @@ def start(flags: Flags, stdin: bytes) -> str:
         options_fd = _options_memfd(stdin) if early else -1
         try:
             _spawn_daemon(serve._replace(runtime_options_fd=options_fd), listener,
-                          ShimState.of(flags.namespace, flags.id))
+                          ShimState.of(flags.namespace, flags.id), launch or spawn_process)
         except BaseException:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -102,6 +121,10 @@ def start(flags: Flags, stdin: bytes) -> str:
         finally:
             if options_fd >= 0:
                 os.close(options_fd)
+    if launch is None and config.template:
+        from shim.binary.template_client import ensure_template
+
+        ensure_template(flags.address)
     return answer
 
 
@@ -120,7 +143,8 @@ def _options_memfd(options: bytes) -> int:
     return fd
 
 
-def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> None:
+def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState,
+                  launch: Launch) -> None:
     """Spawn the daemon in its own session, stdio on /dev/null, holding the listening socket.
 
     gRPC cannot serve an inherited fd, so a gRPC daemon binds a fresh socket and renames it over
@@ -136,11 +160,7 @@ def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState) -> No
     os.set_inheritable(listener.fileno(), True)
     argv = interpreter.daemon_argv(to_argv(serve))
     try:
-        pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
-            (os.POSIX_SPAWN_DUP2, 0, 1),
-            (os.POSIX_SPAWN_DUP2, 0, 2),
-        ])
+        pid = launch(argv, serve)
     finally:
         if write_end >= 0:
             os.close(write_end)

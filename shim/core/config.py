@@ -146,14 +146,20 @@ class ShimConfig(NamedTuple):
     ``early_boot`` (default true) lets the daemon boot the pod VM as soon as it runs, from the
     bundle ``start`` was given, so that the boot overlaps the daemon's start-up and containerd's
     round trips; false boots it when Create (or StartSandbox) arrives.
+
+    ``template`` (default true): ``start`` asks the node's template process (one per
+    containerd and installed code, :mod:`shim.template`), which has the daemon's modules
+    imported, to fork the pod's daemon, and launches it when none runs; false spawns every
+    daemon as a new interpreter (and a running template declines this profile's starts).
     """
 
     protocol: Protocol | Literal["auto"] = "auto"
     bootstrap_version: int | Literal["auto"] = "auto"
     early_boot: bool = True
+    template: bool = True
 
 
-SHIM_KEYS: Final = ("protocol", "bootstrap_version", "early_boot")
+SHIM_KEYS: Final = ("protocol", "bootstrap_version", "early_boot", "template")
 
 
 def shim_config(found: ConfigSource) -> ShimConfig:
@@ -182,8 +188,12 @@ def shim_config(found: ConfigSource) -> ShimConfig:
     early_boot = table.get("early_boot", True)
     if not isinstance(early_boot, bool):
         raise InvalidArgument(f"[shim] early_boot must be true or false, not {early_boot!r}")
+    template = table.get("template", True)
+    if not isinstance(template, bool):
+        raise InvalidArgument(f"[shim] template must be true or false, not {template!r}")
     unknown = sorted(set(table) - set(SHIM_KEYS))
     if unknown:
         raise InvalidArgument(f"[shim] unknown key {unknown[0]!r} (known: "
                               f"{', '.join(SHIM_KEYS)})")
-    return ShimConfig(protocol=protocol, bootstrap_version=version, early_boot=early_boot)
+    return ShimConfig(protocol=protocol, bootstrap_version=version, early_boot=early_boot,
+                      template=template)

@@ -38,13 +38,27 @@ def module_path() -> list[str]:
     return path
 
 
+# ``start`` asks the node's template first (shim.binary.template_client: built-in modules
+# only); everything else, and a ``start`` no template served, runs shim.__main__.main.
+ENTRY_MAIN: Final = (
+    "args = sys.argv[1:]\n"
+    "served = None\n"
+    "if args[-1:] == ['start']:\n"
+    "    from shim.binary.template_client import via_template\n"
+    "    served = via_template(args)\n"
+    "    if isinstance(served, int):\n"
+    "        sys.exit(served)\n"
+    "from shim.__main__ import main\n"
+    "sys.exit(main(args, stdin=served))\n")
+
+
 def entry_code(path: Sequence[str]) -> str:
-    """Python that sets the module path and runs ``containerd-shim-coco-v2``'s main, with the
+    """Python that sets the module path and runs ``containerd-shim-coco-v2``'s main (through
+    ``start``'s template fast path, :mod:`shim.binary.template_client`), with the
     cyclic garbage collector off: start-up (≈ 280 modules for the daemon) makes no cyclic
     garbage, and collecting while importing costs ≈ 7 % of it. ``start`` and ``delete`` exit
     within milliseconds; the daemon turns it back on once it serves (:func:`collect_again`)."""
-    return (f"import gc, sys\ngc.disable()\nsys.path[:] = {list(path)!r}\n"
-            "from shim.__main__ import main\nsys.exit(main())\n")
+    return f"import gc, sys\ngc.disable()\nsys.path[:] = {list(path)!r}\n" + ENTRY_MAIN
 
 
 def collect_again() -> None:

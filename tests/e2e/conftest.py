@@ -17,12 +17,14 @@ import pytest
 
 from guest.image.build import BuildResult
 from shim.binary.bootstrap import can_connect
+from shim.core.crash_record import process_start_time
 from shim.core.paths import pod_key
 from tests import envinfo
 from tests.support.containerd import Containerd, coco_processes, private_containerd
 from tests.support.guest import dev_profile_text
 from tests.support.guest import guest_image as build_guest_image
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
+from tests.support.templates import template_pids
 
 RUNTIME = "io.containerd.coco.v2"
 VERSIONS = ["2.1.9", "1.7.24"]
@@ -67,12 +69,15 @@ class CocoContainerd:
 REPO = Path(__file__).resolve().parents[2]
 
 
+TEMPLATE_EXIT_GRACE = 2.0
+
+
 def shim_env(base: Path, profile: Path) -> dict[str, str]:
     # PYTHONPATH: the shim containerd starts runs this checkout's code, whichever checkout the
     # venv's editable install points at.
     return {"COCO_SHIM_CONFIG": str(profile), "COCO_SHIM_RUN_DIR": str(base / "run"),
             "COCO_SHIM_SOCKET_DIR": str(base / "s"), "COCO_SHIM_STATE_DIR": str(base / "state"),
-            "PYTHONPATH": str(REPO)}
+            "COCO_SHIM_TEMPLATE_DIR": str(base / "templates"), "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -90,6 +95,13 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
             archive = busybox_oci_archive(base / "busybox.tar")
             cd.ctr("images", "import", "--platform", "linux/amd64", str(archive))
             yield CocoContainerd(cd, base, profile)
+            templates = template_pids(base / "templates")  # start's fast path served pods
+        # A template exits the moment its containerd does (it watches it with a pidfd).
+        deadline = time.monotonic() + TEMPLATE_EXIT_GRACE
+        while (alive := [p for p in templates if process_start_time(p) is not None]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive, f"templates outlived their containerd: {describe(alive)}"
         # containerd is stopped now. Shims finish their Shutdown (VM power-off) on their own
         # after the last Delete; whatever still carries this base after that is a leak.
         deadline = time.monotonic() + SHIM_EXIT_GRACE

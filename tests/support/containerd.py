@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from shim.binary.template_client import TEMPLATE_ENTRY
 from shim.core import interpreter
 from tests import envinfo
 
@@ -176,8 +177,17 @@ def private_containerd(version: str, *, extra_config: str = "",
 
 def is_shim_daemon(cmdline: Sequence[str]) -> bool:
     """A shim daemon's command line: `<python> -IS -c <entry> … serve`
-    (shim.core.interpreter.daemon_argv)."""
+    (shim.core.interpreter.daemon_argv). A daemon the template forked shows the same (the
+    template rewrites /proc/<pid>/cmdline and environ to a spawned daemon's)."""
     return list(cmdline[1:3]) == [*interpreter.FLAGS, "-c"] and "serve" in cmdline
+
+
+def is_shim_template(cmdline: Sequence[str]) -> bool:
+    """The node's template process (shim.binary.template_client.template_argv). Its
+    environment is its containerd's (the first ``start``'s), so :func:`coco_processes` of a
+    test base finds it too: it must be gone once its containerd is."""
+    return list(cmdline[1:3]) == [*interpreter.FLAGS, "-c"] and len(cmdline) > 3 and \
+        f"from {TEMPLATE_ENTRY} import" in cmdline[3]
 
 
 def shim_daemons(run_dir_marker: Path) -> list[psutil.Process]:

@@ -22,6 +22,8 @@ ROOMS: dict[str, set[str]] = {
     "binary": {"core", "network", "pod.mounts"},  # start and delete (the crash record undone)
     "cli": {"core"},  # coco-shim: operator commands
     "__main__": {"core", "binary", "daemon"},
+    # the node's template: start (through __main__) and the daemon, forked
+    "template": {"core", "binary", "daemon", "__main__"},
 }
 MODULE_LIMIT = 420  # lines: "no module in shim/ over ~400 lines"
 

@@ -28,8 +28,10 @@ from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.api.runtimeoptions.v1 import api_pb2
 from protocols.ttrpc import Client
+from shim.binary.template_client import TEMPLATE_DIR_ENV
 from shim.core import paths
 from shim.core.bundle import SANDBOX_ID_ANNOTATION
+from tests.support.templates import stop_templates
 
 REPO = Path(__file__).resolve().parents[3]
 SHIM = Path(sys.executable).with_name("containerd-shim-coco-v2")
@@ -143,17 +145,23 @@ def env(tmp_path: Path) -> Iterator[Env]:
         "PYTHONPATH": str(REPO),
         "COCO_SHIM_BOOTER": "tests.unit.shim.fakes:FakeBooter",
         "TTRPC_ADDRESS": str(sockets / "containerd.sock.ttrpc"),
+        TEMPLATE_DIR_ENV: str(sockets / "templates"),
     })
     events = FakeContainerdEvents(sockets / "containerd.sock.ttrpc")
     result = Env(tmp_path, sockets, state, variables, events)
     yield result
     events.close()
+    stop_templates(sockets / "templates")  # (its "containerd" is this test process)
     # No stray daemon, no stray socket.
     for record in state.glob("*/*/shim.json"):
         pid = json.loads(record.read_text())["pid"]
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
+    for leftover in (sockets / "templates").glob("*"):
+        leftover.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (sockets / "templates").rmdir()
     for leftover in sockets.iterdir():
         leftover.unlink()
     sockets.rmdir()

@@ -45,7 +45,7 @@ def test_the_daemon_turns_the_collector_back_on_once_it_serves(tmp_path: Path) -
     the daemon once it serves) freezes what start-up made and turns it on; where the collector
     was never off (tests, coco-shim), it changes nothing."""
     code = interpreter.entry_code(interpreter.module_path()).replace(
-        "from shim.__main__ import main\nsys.exit(main())\n",
+        interpreter.ENTRY_MAIN,
         "off = not gc.isenabled()\n"
         "from shim.core.interpreter import collect_again\n"
         "collect_again()\n"

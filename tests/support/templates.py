@@ -1,0 +1,43 @@
+"""The shim's template processes a test started (shim.template): find and stop them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from shim.core.crash_record import process_start_time
+from tests.support.containerd import is_shim_template
+
+
+def template_pids(directory: Path) -> list[int]:
+    """Live templates whose lock file lies in ``directory`` (each writes its pid there)."""
+    pids = []
+    for lock in directory.glob("*.lock") if directory.is_dir() else []:
+        text = lock.read_text().strip()
+        if not text.isdigit() or process_start_time(int(text)) is None:
+            continue
+        try:
+            cmdline = Path(f"/proc/{text}/cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        if is_shim_template(cmdline):
+            pids.append(int(text))
+    return pids
+
+
+def stop_templates(directory: Path, timeout: float = 10.0) -> None:
+    """SIGTERM every template of ``directory`` and wait until each is gone."""
+    pids = template_pids(directory)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while process_start_time(pid) is not None:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
