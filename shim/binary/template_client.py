@@ -235,9 +235,12 @@ def ask(paths: TemplatePaths, request: bytes) -> Reply:
             return Reply(None, reason=f"no template at {paths.socket}: {err.strerror or err}")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in (cwd, 1, 2))
-        sent = sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        if sent < len(request):
-            sock.sendall(request[sent:])
+        try:
+            sent = sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+            if sent < len(request):
+                sock.sendall(request[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the template answered without reading (it declined): its answer says why
         os.close(cwd)
         cwd = -1
         reply = b""

@@ -247,6 +247,28 @@ def fork_daemon(argv: list[str], serve: Flags) -> int:
         os._exit(status)
 
 
+NAMESPACES: Final = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
+
+
+def unlike(pid: int) -> str | None:
+    """What of ``start`` (``pid``) the forked daemon could not inherit from us: a namespace,
+    a resource limit or the OOM score adjustment that differs (the one adjustment that may be
+    written is). None: nothing."""
+    for ns in NAMESPACES:
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
+                return f"start runs in another {ns} namespace"
+    if Path(f"/proc/{pid}/limits").read_text() != Path("/proc/self/limits").read_text():
+        return "start has other resource limits"
+    theirs = Path(f"/proc/{pid}/oom_score_adj").read_text()
+    if theirs != Path("/proc/self/oom_score_adj").read_text():
+        try:
+            Path("/proc/self/oom_score_adj").write_text(theirs)
+        except OSError as err:
+            return f"cannot take start's oom_score_adj {theirs.strip()}: {err.strerror}"
+    return None
+
+
 def shim_config_of(stdin: bytes) -> bool:
     """Whether ``start``'s configuration keeps the template on (True when it cannot be read:
     ``start`` reports that itself, as it would without the template)."""
@@ -265,9 +287,13 @@ def run_start(conn: socket.socket, containerd_pid: int, log: Log) -> None:
     conn.settimeout(REQUEST_TIMEOUT)
     request, (cwd, out, err) = read_request(conn)
     pid, _, _ = peer_credentials(conn)
+    if request.argv[-1:] != ["start"]:
+        raise Declined(f"not a start: {request.argv[-1:]}")
     if parent_of(pid) != containerd_pid:
         raise Declined(f"start's parent {parent_of(pid)} is not this template's containerd "
                        f"{containerd_pid}")
+    if (difference := unlike(pid)) is not None:
+        raise Declined(difference)
     try:
         join_cgroups(request.cgroup)
     except OSError as error:

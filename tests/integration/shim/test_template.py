@@ -40,6 +40,11 @@ import json, os, sys
 sys.path[:0] = [{repo!r}]
 from shim.binary import template_client as t
 paths = t.TemplatePaths({directory!r}, {digest!r})
+if len(sys.argv) > 1 and sys.argv[1] == "--nofile":
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(
+        resource.RLIMIT_NOFILE)[1]))
+    del sys.argv[1:3]
 if len(sys.argv) > 1 and sys.argv[1] == "--cgroup":
     with open(sys.argv[2], "w") as f:
         f.write("0")
@@ -104,12 +109,15 @@ class Node:
         return bundle
 
     def start(self, cid: str, *, cgroup: str = "", via_shell: bool = False,
-              env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+              env: dict[str, str] | None = None,
+              nofile: int = 0) -> tuple[dict[str, Any], str]:
         """``start`` for ``cid`` through the template: (its reply, start's stdout)."""
         bundle = self.bundle(cid)
         code = CLIENT.format(repo=str(REPO), directory=self.paths.socket.rsplit("/", 1)[0],
                              digest=self.paths.digest)
         argv = [sys.executable, "-c", code]
+        if nofile:
+            argv += ["--nofile", str(nofile)]
         if cgroup:
             argv += ["--cgroup", cgroup]
         argv += ["-namespace", "default", "-address", ADDRESS, "-id", cid, "start"]
@@ -244,6 +252,13 @@ def test_a_start_whose_parent_is_not_its_containerd_is_declined(node: Node) -> N
     reply, out = node.start("c-shell", via_shell=True)
     assert reply["status"] is None and "is not this template's containerd" in reply["reason"]
     assert out == "" and not (node.base / "state/default/c-shell").exists()
+
+
+def test_a_start_with_other_limits_is_declined(node: Node) -> None:
+    """The daemon would inherit the template's limits, not start's: start runs itself."""
+    reply, out = node.start("c-limits", nofile=100)
+    assert reply["status"] is None and reply["reason"] == "start has other resource limits"
+    assert out == ""
 
 
 def test_a_profile_without_the_template_is_declined(node: Node) -> None:
