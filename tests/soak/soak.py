@@ -49,7 +49,13 @@ import psutil
 
 from tests import envinfo
 from tests.e2e.conftest import RUNTIME, shim_env
-from tests.support.containerd import Containerd, coco_processes, private_containerd, shim_daemons
+from tests.support.containerd import (
+    Containerd,
+    coco_processes,
+    is_shim_template,
+    private_containerd,
+    shim_daemons,
+)
 from tests.support.guest import dev_profile_text
 from tests.support.guest import guest_image as build_guest_image
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
@@ -57,6 +63,15 @@ from tests.support.netns import VethPair, veth_pair
 
 SETTLE_TIMEOUT = 30.0  # a deleted pod's shim, QEMU and helper exit within this
 RSS_TOLERANCE_MIB = 2.0  # a fresh daemon per cycle: RSS differences below this are noise
+
+
+def _is_template(pid: int) -> bool:
+    try:
+        return is_shim_template(Path(f"/proc/{pid}/cmdline").read_text().split("\0"))
+    except OSError:
+        return False
+
+
 JUDGED = ("run_processes", "containerd_fds", "taps", "ingress_qdiscs", "mounts", "dirs",
           "shim_rss_mib")
 
@@ -148,7 +163,10 @@ class SoakRun:
     # -- counters -----------------------------------------------------------------------------
 
     def run_processes(self) -> list[int]:
-        return sorted(set(coco_processes(self.base)) | {self.cd.process.pid})
+        """containerd and this run's shim processes, but the node's template (one for the
+        whole run, gone with containerd: the e2e fixture checks that)."""
+        return sorted({pid for pid in coco_processes(self.base) if not _is_template(pid)}
+                      | {self.cd.process.pid})
 
     def sample(self, index: int, seconds: float, phases: tuple[float, float, float, float],
                rss: float) -> Sample:
