@@ -249,7 +249,11 @@ def main() -> int:
         pairs: list[tuple[str, Path, dict[str, str]]] = [("template", coco, {}),
                                                          ("coco", coco, {}),
                                                          ("runc", bench.runc, {})]
-        # The cold start: no template yet (this start spawns the daemon and the template).
+        # A warm-up (containerd's version and the profile's [shim] table cached, files in the
+        # page cache), then the cold start: no template yet (this start spawns the daemon
+        # itself and launches the template).
+        warm = bench.round(coco, template=False)
+        bench.shutdown(warm["path"], warm["id"], warm["pid"])
         cold = bench.round(coco, template=True)
         template_pid = bench.template_pid()
         bench.shutdown(cold["path"], cold["id"], cold["pid"])
