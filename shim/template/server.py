@@ -32,6 +32,7 @@ PRELOAD: Final[tuple[str, ...]] = (
     "shim.daemon.task_service",
     "shim.task.manager",
     "shim.pod.boot",  # the boot machinery the daemon loads in a thread once it serves
+    "concurrent.futures.thread",  # asyncio.to_thread's executor (that load, its first use)
     *TRANSPORT_MODULES,
 )
 
