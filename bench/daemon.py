@@ -246,20 +246,23 @@ def main() -> int:
     runc_base = base / "runc-root"
     try:
         samples: dict[str, list[dict[str, Any]]] = {"template": [], "coco": [], "runc": []}
+        # Template off as on a node whose profile turns it off: no template runs for it (its
+        # own, empty template directory), so `start` finds none and spawns the daemon.
+        off = {"COCO_SHIM_TEMPLATE_DIR": str(base / "no-templates")}
         pairs: list[tuple[str, Path, dict[str, str]]] = [("template", coco, {}),
-                                                         ("coco", coco, {}),
+                                                         ("coco", coco, off),
                                                          ("runc", bench.runc, {})]
         # A warm-up (containerd's version and the profile's [shim] table cached, files in the
         # page cache), then the cold start: no template yet (this start spawns the daemon
         # itself and launches the template).
-        warm = bench.round(coco, template=False)
+        warm = bench.round(coco, off, template=False)
         bench.shutdown(warm["path"], warm["id"], warm["pid"])
         cold = bench.round(coco, template=True)
         template_pid = bench.template_pid()
         bench.shutdown(cold["path"], cold["id"], cold["pid"])
         if not args.pip_script:  # start through pip's console script too, same code
             samples["pip"] = []
-            pairs.append(("pip", PIP_SCRIPT, {}))
+            pairs.append(("pip", PIP_SCRIPT, off))
         if args.before:
             samples["before"] = []
             pairs.append(("before", PIP_SCRIPT, {"PYTHONPATH": str(args.before.resolve())}))
