@@ -13,18 +13,20 @@ from tests.support.containerd import is_shim_template
 
 
 def template_pids(directory: Path) -> list[int]:
-    """Live templates whose lock file lies in ``directory`` (each writes its pid there)."""
+    """Live templates serving a socket in ``directory`` (their command line names it: found
+    even before they took their lock)."""
     pids = []
-    for lock in directory.glob("*.lock") if directory.is_dir() else []:
-        text = lock.read_text().strip()
-        if not text.isdigit() or process_start_time(int(text)) is None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            cmdline = Path(f"/proc/{text}/cmdline").read_text().split("\0")
+            cmdline = (entry / "cmdline").read_text().split("\0")
         except OSError:
             continue
-        if is_shim_template(cmdline):
-            pids.append(int(text))
+        if is_shim_template(cmdline) and len(cmdline) > 4 and \
+                os.path.dirname(cmdline[4]) == str(directory) and \
+                process_start_time(int(entry.name)) is not None:
+            pids.append(int(entry.name))
     return pids
 
 
@@ -38,6 +40,7 @@ def stop_templates(directory: Path, timeout: float = 10.0) -> None:
     for pid in pids:
         while process_start_time(pid) is not None:
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.01)
