@@ -189,9 +189,11 @@ class Bench:
         return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path,
                 "id": bundle.name}
 
-    def grpc_daemon(self, binary: Path | None = None, env: dict[str, str] | None = None) -> int:
+    def grpc_daemon(self, binary: Path | None = None, env: dict[str, str] | None = None,
+                    template: bool | None = False) -> int:
         """A gRPC daemon (containerd 1.7's transport): start waits for its readiness."""
-        _, _, bundle = self.start(binary or self.coco, protocol="grpc", env=env)
+        _, _, bundle = self.start(binary or self.coco, protocol="grpc", env=env,
+                                  template=template)
         state = json.loads((self.base / "state" / "bench" / bundle.name / "shim.json")
                            .read_text())
         pid = int(state["pid"])
@@ -291,7 +293,7 @@ def main() -> int:
         grpc_before = None
         if args.before:
             grpc_before = memory(bench.grpc_daemon(
-                PIP_SCRIPT, {"PYTHONPATH": str(args.before.resolve())}))
+                PIP_SCRIPT, {"PYTHONPATH": str(args.before.resolve())}, template=None))
     finally:
         bench.close()
         # runc's shim keeps its sockets under /run/containerd/s: ours were named from our ids.
