@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -167,6 +168,17 @@ def node() -> Iterator[Node]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _removed(cgroup: Path) -> bool:
+    """rmdir ``cgroup`` once no process (a zombie not yet reaped counts) is left in it."""
+    try:
+        cgroup.rmdir()
+    except OSError as err:
+        if err.errno != errno.EBUSY:
+            raise
+        return False
+    return True
+
+
 def _proc_status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -218,8 +230,8 @@ def test_a_forked_daemon_serves_ttrpc_in_starts_session_cwd_env_and_cgroup(node:
         for pid in node.daemons:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _wait(lambda: not (cgroup_dir / "cgroup.procs").read_text().strip(), what="cgroup empty")
-        cgroup_dir.rmdir()
+        _wait(lambda: _removed(cgroup_dir), what=f"{cgroup_dir} removed (its killed daemon "
+              "and the intermediate reaped)")
 
 
 def test_a_grpc_daemon_is_forked_and_ready_before_start_answers(node: Node) -> None:
