@@ -227,15 +227,20 @@ def main(argv: list[str], modules: Iterable[str] = PRELOAD) -> int:
     except Exception as err:
         log(f"not serving: {err!r}\n{traceback.format_exc()}")
         return 1
+
     def stop(signum: int, _frame: object) -> None:
         raise Stopped(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, stop)
+    status = 0
     try:
         why = template.serve()
     except Stopped as stopped:
         why = str(stopped)
+    except Exception as err:  # (fork refused, …): starts run themselves, the next relaunches
+        why = f"failed: {err!r}\n{traceback.format_exc()}"
+        status = 1
     finally:
         template.close()
     log(f"exits: {why}")
-    return 0
+    return status
