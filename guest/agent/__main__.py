@@ -20,6 +20,14 @@ given initdata, or was started with ``--confidential`` (init passes it for the k
 line's ``coco.agent.confidential=1``: coco-dev's way, where there is no TEE to detect and so
 nothing the host could not change anyway; on a TEE that line is measured).
 
+If one of init's background boot steps fails (``--boot-failed``: a driver does not load, a
+mount fails, the steps die), or the container machinery cannot be built, the agent stops
+waiting at once: Health answers NOT_SERVING and every AgentService call, waiting or later,
+fails naming the cause (FAILED_PRECONDITION ``guest failed to start: init's boot step failed:
+<step, exit status, stderr tail>`` for a step), for ``--refuse-for`` seconds; then it exits
+with status 3 and init powers the VM off. A step that never ends is named after
+:data:`WAIT_FOR_TIMEOUT`.
+
 If initdata must be refused (or its policy does not compile), the agent does not serve the
 agent API: it answers every Health call with FAILED_PRECONDITION ``guest refused to start: <why>``
 for ``--refuse-for`` seconds, so the host's dial loop learns the reason over the same channel
@@ -31,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
@@ -44,9 +51,10 @@ from typing import TYPE_CHECKING
 
 from guest.agent import initdata
 from guest.agent.bootlog import KMSG, BootLog
+from guest.agent.bootsteps import BootStepFailed, wait_for_step
 from guest.agent.errors import InvalidArgument
 from guest.agent.health import HealthService
-from guest.agent.pending import PendingService
+from guest.agent.pending import PendingService, failure_status
 from guest.agent.policy import (
     AllowAll,
     DeferredPolicy,
@@ -72,6 +80,7 @@ AGENT_PORT = 1024
 WAIT_FOR_TIMEOUT = 120.0  # module loading under TCG takes seconds, never minutes
 REFUSE_FOR = 60.0  # seconds the refusal is served: longer than a shim's dial timeout
 REFUSED_EXIT = 2
+FAILED_EXIT = 3  # the guest could not start (a boot step, the machinery): served, then exit
 VMADDR_CID_HOST = 2
 READY_ANNOUNCE_TIMEOUT = 10.0  # the host listens from before the VM starts: one try will do
 
@@ -120,6 +129,11 @@ OPTIONS = (
     Option(("--serve-after",), "serve_after", "path", None,
            "answer Health at once but serve the AgentService only once this file exists "
            "(init creates it when the device drivers are loaded)"),
+    Option(("--boot-failed",), "boot_failed", "path", None,
+           "init writes this file if a boot step fails (the step, its exit status, its stderr "
+           "tail): the agent then stops waiting and answers every call with it"),
+    Option(("--boot-step",), "boot_step", "path", None,
+           "init writes the name of its running boot step here (named if a wait times out)"),
     Option(("--ready-vsock-port",), "ready_vsock_port", "int", None,
            "once listening, connect to the host (CID 2) on this port and say READY (the host "
            "dials hybrid vsock only after it: see hypervisor/vsock.py)"),
@@ -374,9 +388,7 @@ async def refuse(
     try:
         await _listen(server, args, boot)
         print(f"coco-agent: refusing for {args.refuse_for:g} s", file=sys.stderr, flush=True)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(args.refuse_for):
-                await stop.wait()
+        await _linger(args.refuse_for, stop)
     finally:
         await server.close()
     return REFUSED_EXIT
@@ -486,7 +498,11 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if args.wait_for is not None:
-        await _wait_for_file(args.wait_for, WAIT_FOR_TIMEOUT)
+        try:
+            await wait_for_step(args.wait_for, WAIT_FOR_TIMEOUT, failed=args.boot_failed,
+                                step=args.boot_step)
+        except BootStepFailed as err:
+            return await serve_failed(args, err, stop, boot)
     try:
         evidence = evidence_source(args.dev_evidence_field)
         startup = prepare(args, evidence)
@@ -505,8 +521,9 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
         return await refuse(args, str(err), stop, boot)
 
     server = Server()
-    health = HealthService(on_check=lambda: boot.mark_once("first Check answered"))
     agent = PendingService(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+    health = HealthService(on_check=lambda: boot.mark_once("first Check answered"),
+                           failed=lambda: agent.failed)
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
     imported: asyncio.Future[None] | None = None
@@ -516,22 +533,33 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
         assert imported is not None
         await asyncio.shield(imported)
         if args.serve_after is not None:
-            await _wait_for_file(args.serve_after, WAIT_FOR_TIMEOUT)
+            await wait_for_step(args.serve_after, WAIT_FOR_TIMEOUT, failed=args.boot_failed,
+                                step=args.boot_step)
         return build_machinery(args, startup, components, pull_config)
 
     stopped = asyncio.ensure_future(stop.wait())
+    status = 0
     try:
         await _listen(server, args, boot)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
         imported = in_thread(lambda: import_machinery(startup.policy), "agent-imports")
         starting = asyncio.ensure_future(start_machinery())
+        failure: Exception | None = None
         try:
-            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting  # raises what the start-up raised
-        if not starting.cancelled():
+            try:
+                await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting  # raises what the start-up raised
+        except Exception as err:  # a boot step or the machinery: served below, then exit
+            failure = err
+        if failure is not None:
+            agent.fail(failure)
+            _say_failed(failure, boot)
+            await _linger(args.refuse_for, stop)
+            status = FAILED_EXIT
+        elif not starting.cancelled():
             machinery = starting.result()
         if machinery is not None and not stop.is_set():
             agent.resolve(machinery.agent)
@@ -541,7 +569,8 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
                 await asyncio.wait([stopped, shutdown], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 shutdown.cancel()
-        log.info("shutting down (%s)", "signal" if stop.is_set() else "sandbox destroyed")
+        if failure is None:
+            log.info("shutting down (%s)", "signal" if stop.is_set() else "sandbox destroyed")
     except Exception as err:
         agent.fail(err)
         raise
@@ -557,13 +586,43 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
             machinery.reaper.close()
         if components is not None:
             components.close()
-    return 0
+    return status
 
 
-async def _wait_for_file(path: Path, seconds: float) -> None:
-    async with asyncio.timeout(seconds):
-        while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - another process's file
-            await asyncio.sleep(0.02)
+async def serve_failed(
+    args: SimpleNamespace, error: Exception, stop: asyncio.Event, boot: BootLog
+) -> int:
+    """The guest cannot start (a boot step failed before the agent listens): listen anyway, if
+    the channel's modules are in, with Health answering NOT_SERVING and every AgentService
+    call the cause, for ``--refuse-for`` seconds; FAILED_EXIT. If it cannot listen, the error
+    ends the agent (init powers off; the console has the cause)."""
+    _say_failed(error, boot)
+    agent = PendingService(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+    agent.fail(error)
+    server = Server()
+    server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"],
+                            HealthService(failed=lambda: True))
+    server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
+    try:
+        await _listen(server, args, boot)
+        await _linger(args.refuse_for, stop)
+    finally:
+        await server.close()
+    return FAILED_EXIT
+
+
+def _say_failed(error: Exception, boot: BootLog) -> None:
+    """The cause on the console (kept by the host after a failed boot) and in the boot log."""
+    message = failure_status(error).message
+    print(f"coco-agent: {message}; serving that for a while, then exiting",
+          file=sys.stderr, flush=True)
+    boot.mark("agent service failed")
+
+
+async def _linger(seconds: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 def _uptime() -> str:

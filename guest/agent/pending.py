@@ -7,7 +7,10 @@ background, and every RPC that arrives before it is ready waits for it, then run
 it would have (the policy is settled before listening and is the real service's: nothing
 reaches a handler unchecked). An RPC the real implementation lacks answers UNIMPLEMENTED, as
 the server answers methods missing on an implementation. If the build fails, every waiting
-and later RPC answers UNAVAILABLE naming the cause (the agent's owner sees the failure too).
+and later RPC answers at once naming the cause: FAILED_PRECONDITION ``guest failed to start:
+<cause>`` when one of init's boot steps failed (:class:`guest.agent.bootsteps.BootStepFailed`:
+the guest is broken, a retry cannot help), UNAVAILABLE ``the agent failed to start: <cause>``
+otherwise (the agent's owner sees the failure too).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
+from guest.agent.bootsteps import BootStepFailed
 from protocols.ttrpc import Code, RequestContext, TtrpcError
 
 Method = Callable[[Message, RequestContext], Awaitable[Message]]
@@ -36,6 +40,10 @@ class PendingService:
     def ready(self) -> bool:
         return self._ready.done() and self._ready.exception() is None
 
+    @property
+    def failed(self) -> bool:
+        return self._ready.done() and self._ready.exception() is not None
+
     def resolve(self, impl: object) -> None:
         self._ready.set_result(impl)
 
@@ -50,7 +58,7 @@ class PendingService:
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            raise TtrpcError(Code.UNAVAILABLE, f"the agent failed to start: {err}") from err
+            raise failure_status(err) from err
 
     def _forward(self, name: str) -> Method:
         async def forward(request: Message, ctx: RequestContext) -> Any:
@@ -62,3 +70,10 @@ class PendingService:
 
         forward.__name__ = forward.__qualname__ = name
         return forward
+
+
+def failure_status(error: BaseException) -> TtrpcError:
+    """What every AgentService call answers once the implementation cannot come."""
+    if isinstance(error, BootStepFailed):
+        return TtrpcError(Code.FAILED_PRECONDITION, f"guest failed to start: {error}")
+    return TtrpcError(Code.UNAVAILABLE, f"the agent failed to start: {error}")

@@ -39,6 +39,7 @@ AGENT_RPC: Final[Mapping[str, float | None]] = MappingProxyType({
     "UpdateContainer": 10.0,
     "RemoveContainer": 30.0,
     "GetOOMEvent": None,
+    "GetGuestDetails": 10.0,  # the dial asks a guest that answered NOT_SERVING why
 })
 
 

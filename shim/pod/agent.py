@@ -131,7 +131,8 @@ class AgentClient:
         what the last attempt saw. A guest that refuses to start (bad initdata, a digest
         that does not match its evidence) answers Check with FAILED_PRECONDITION ``guest
         refused to start: <why>``: that ends the dial at once as FailedPrecondition with the
-        guest's words."""
+        guest's words. A guest that cannot start (a boot step failed) answers Check NOT_SERVING:
+        the dial asks it why once (:meth:`why_not_serving`) and ends as FailedPrecondition."""
         hybrid = channel.hybrid_socket
         name = f"hvsock:{hybrid}:{port}" if hybrid else f"vsock:{channel.guest_cid}:{port}"
         deadline = time.monotonic() + dial_timeout
@@ -163,6 +164,14 @@ class AgentClient:
             except FailedPrecondition as err:
                 await client.close()
                 raise FailedPrecondition(f"agent at {name}: {err}") from err
+            except AgentNotServing as err:
+                try:
+                    why = await agent.why_not_serving()
+                finally:
+                    await client.close()
+                if why is not None:
+                    raise FailedPrecondition(f"{err}: {why}") from err
+                last = _describe(err, last)
             except (OSError, TimeoutError, RpcError) as err:
                 last = _describe(err, last)
                 await client.close()
@@ -211,7 +220,22 @@ class AgentClient:
         reply = await self._call("Check", health_pb2.CheckRequest(),
                                  health_pb2.HealthCheckResponse, HEALTH_SERVICE)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise Unavailable(f"agent at {self.name} is not serving (status {reply.status})")
+            statuses = health_pb2.HealthCheckResponse.ServingStatus
+            status = (statuses.Name(reply.status) if reply.status in statuses.values()
+                      else str(reply.status))
+            raise AgentNotServing(f"agent at {self.name} is not serving (status {status})")
+
+    async def why_not_serving(self) -> str | None:
+        """Why it cannot serve: its answer to one harmless call (None: no error came back)."""
+        try:
+            await self.get_guest_details()
+        except RpcError as err:
+            return str(err) if isinstance(err.__cause__, TtrpcError) else None
+        return None
+
+    async def get_guest_details(self) -> agent_pb2.GuestDetailsResponse:
+        return await self._call("GetGuestDetails", agent_pb2.GuestDetailsRequest(),
+                                agent_pb2.GuestDetailsResponse)
 
     async def create_sandbox(self, sandbox_id: str, hostname: str, dns: Sequence[str],
                              storages: Sequence[agent_pb2.Storage]) -> None:
@@ -323,6 +347,10 @@ class AgentClient:
         reply = await self._call("GetOOMEvent", agent_pb2.GetOOMEventRequest(),
                                  agent_pb2.OOMEvent)
         return reply.container_id
+
+
+class AgentNotServing(Unavailable):
+    """The agent answered Health.Check, with a status other than SERVING."""
 
 
 class _AttemptTimeout(TimeoutError):

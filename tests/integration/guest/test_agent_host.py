@@ -574,3 +574,59 @@ async def test_sigterm_while_the_agent_service_is_pending_ends_the_agent(workdir
     finally:
         process.stop()
         remove_cgroup_parent(process.cgroup_parent)
+
+
+async def test_a_failed_boot_step_fails_the_waiting_calls_at_once(workdir: Path) -> None:
+    """--boot-failed: init's report of a failed step, written while the AgentService is
+    pending (--serve-after never comes), ends the wait at once: the waiting call and every
+    later one fail with the report, Check answers NOT_SERVING, and after --refuse-for the
+    agent exits with status 3."""
+    failed = workdir / "boot-failed"
+    process = AgentProcess(workdir / "failing")
+    process.workdir.mkdir()
+    process.start("--serve-after", str(workdir / "never"), "--boot-failed", str(failed),
+                  "--refuse-for", "3")
+    client = await Client.connect_unix(process.socket, timeout=10)
+    try:
+        agent = AgentClient(client)
+        assert await agent.check() == health_pb2.HealthCheckResponse.SERVING
+        waiting = asyncio.ensure_future(expect_code(
+            Code.FAILED_PRECONDITION, agent, "GetGuestDetails", agent_pb2.GuestDetailsRequest()))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        failed.write_text('step "drivers" exited with status 1\nmodprobe: no such module\n')
+        message = await asyncio.wait_for(waiting, 2)
+        assert message == ('guest failed to start: init\'s boot step failed: step "drivers" '
+                           "exited with status 1; modprobe: no such module")
+        assert await agent.check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert message == await expect_code(
+            Code.FAILED_PRECONDITION, agent, "ListInterfaces", agent_pb2.ListInterfacesRequest())
+    finally:
+        await client.close()
+    assert process.proc is not None
+    assert await asyncio.to_thread(process.proc.wait, 20) == 3, process.output()
+    assert "coco-agent: guest failed to start: init's boot step failed" in process.output()
+    process.stop()
+    remove_cgroup_parent(process.cgroup_parent)
+
+
+async def test_a_boot_step_that_failed_before_listening_is_served(workdir: Path) -> None:
+    """A step failed before the agent could listen (--wait-for never comes): it listens
+    anyway, Check answers NOT_SERVING and every AgentService call the report."""
+    failed = workdir / "boot-failed"
+    failed.write_text('step "modules" exited with status 1\nmodules not loaded: vsock\n')
+    process = AgentProcess(workdir / "failed-early")
+    process.workdir.mkdir()
+    process.start("--wait-for", str(workdir / "never"), "--boot-failed", str(failed),
+                  ready="serving on")
+    client = await Client.connect_unix(process.socket, timeout=10)
+    try:
+        agent = AgentClient(client)
+        assert await agent.check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        message = await expect_code(
+            Code.FAILED_PRECONDITION, agent, "CreateSandbox", agent_pb2.CreateSandboxRequest())
+        assert 'step "modules" exited with status 1; modules not loaded: vsock' in message
+    finally:
+        await client.close()
+        assert process.stop() == 3, process.output()
+        remove_cgroup_parent(process.cgroup_parent)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from guest.agent.bootsteps import BootStepFailed
+from guest.agent.health import HealthService
 from guest.agent.pending import PendingService
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
@@ -66,6 +68,55 @@ async def test_a_failed_start_answers_unavailable_naming_the_cause() -> None:
         assert info.value.code == Code.UNAVAILABLE
         assert "no module named guest.agent.sandbox" in info.value.message
     assert not pending.ready
+
+
+STEP_FAILED = BootStepFailed('init\'s boot step failed: step "drivers" exited with status 1')
+
+
+async def check(health: HealthService) -> int:
+    reply = await health.Check(health_pb2.CheckRequest(), CTX)
+    return int(reply.status)
+
+
+async def test_health_serves_while_pending_and_once_resolved() -> None:
+    pending = PendingService(SERVICE)
+    health = HealthService(failed=lambda: pending.failed)
+    assert await check(health) == health_pb2.HealthCheckResponse.SERVING
+    pending.resolve(Impl())
+    assert await check(health) == health_pb2.HealthCheckResponse.SERVING
+    assert pending.ready and not pending.failed
+
+
+async def test_a_boot_step_failing_while_calls_wait_fails_them_at_once() -> None:
+    pending = PendingService(SERVICE)
+    health = HealthService(failed=lambda: pending.failed)
+    calls = [asyncio.ensure_future(
+        pending.GetGuestDetails(agent_pb2.GuestDetailsRequest(), CTX))  # type: ignore[attr-defined]
+        for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(call.done() for call in calls)
+    pending.fail(STEP_FAILED)
+    done, _ = await asyncio.wait(calls, timeout=0.05)  # a few turns of the loop, no more
+    assert len(done) == 2
+    for call in calls:
+        with pytest.raises(TtrpcError) as info:
+            await call
+        assert info.value.code == Code.FAILED_PRECONDITION
+        assert info.value.message == f"guest failed to start: {STEP_FAILED}"
+    assert await check(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert pending.failed and not pending.ready
+
+
+async def test_a_boot_step_failed_before_any_call_fails_every_call() -> None:
+    pending = PendingService(SERVICE)
+    health = HealthService(failed=lambda: pending.failed)
+    pending.fail(STEP_FAILED)
+    assert await check(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+    for method in ("CreateSandbox", "ExecProcess", "GetGuestDetails"):
+        with pytest.raises(TtrpcError) as info:
+            await getattr(pending, method)(agent_pb2.GuestDetailsRequest(), CTX)
+        assert info.value.code == Code.FAILED_PRECONDITION
+        assert 'step "drivers" exited with status 1' in info.value.message
 
 
 async def test_a_cancelled_waiter_leaves_the_others_waiting() -> None:

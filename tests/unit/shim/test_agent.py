@@ -105,6 +105,7 @@ async def test_one_method_per_rpc_and_every_rpc_in_the_table(wire: Wire) -> None
     await c.update_container("c1", oci_pb2.LinuxResources())
     await c.remove_container("c1")
     assert await c.get_oom_event() == ""
+    await c.get_guest_details()
     await c.destroy_sandbox()
     assert sorted(wire.agent.calls) == sorted(AGENT_RPC)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from hypervisor.vm import AgentChannel
-from protocols.api.kata import health_pb2
-from protocols.ttrpc import RequestContext, Server
-from shim.core.errors import Unavailable
+from protocols.api.kata import agent_pb2, health_pb2
+from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
+from shim.core.errors import FailedPrecondition, Unavailable
 from shim.core.timeouts import AGENT_RPC, Timeouts
 from shim.pod.agent import AgentClient
 
@@ -54,11 +55,22 @@ class Front:
 @dataclass
 class Health:
     delay: float = 0.0
+    status: health_pb2.HealthCheckResponse.ServingStatus = (
+        health_pb2.HealthCheckResponse.SERVING)
+    why: str | None = None  # what every AgentService call answers (FAILED_PRECONDITION)
+    asked: int = 0
 
     async def check(self, request: health_pb2.CheckRequest,
                     ctx: RequestContext) -> health_pb2.HealthCheckResponse:
         await asyncio.sleep(self.delay)
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return health_pb2.HealthCheckResponse(status=self.status)
+
+    async def details(self, request: agent_pb2.GuestDetailsRequest,
+                      ctx: RequestContext) -> agent_pb2.GuestDetailsResponse:
+        self.asked += 1
+        if self.why is not None:
+            raise TtrpcError(Code.FAILED_PRECONDITION, self.why)
+        return agent_pb2.GuestDetailsResponse()
 
 
 def gate(event: asyncio.Event) -> Callable[[], Awaitable[None]]:
@@ -84,6 +96,8 @@ def health() -> Health:
 async def front(socket_dir: Path, health: Health) -> AsyncIterator[Front]:
     server = Server()
     server.register("grpc.Health", "Check", health_pb2.CheckRequest, health.check)
+    server.register("grpc.AgentService", "GetGuestDetails", agent_pb2.GuestDetailsRequest,
+                    health.details)
     result = Front(server)
     listener = await asyncio.start_unix_server(result.on_connect, str(socket_dir / "vsock.sock"))
     try:
@@ -146,3 +160,25 @@ async def test_the_vm_exit_ends_the_wait(socket_dir: Path, front: Front) -> None
     with pytest.raises(Unavailable, match=r"the VM exited \(guest-panic\) before the guest"):
         await AgentClient.dial(channel(socket_dir, gate(never)), 5, exited=exited,
                                timeouts=FAST)
+
+
+async def test_a_guest_that_cannot_start_ends_the_dial_at_once_with_its_reason(
+        socket_dir: Path, front: Front, health: Health) -> None:
+    health.status = health_pb2.HealthCheckResponse.NOT_SERVING
+    health.why = 'guest failed to start: init\'s boot step failed: step "drivers" exited'
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition) as info:
+        await AgentClient.dial(channel(socket_dir), 5, timeouts=FAST)
+    assert time.monotonic() - started < 1.0  # not the 5 s dial timeout
+    assert str(info.value) == (f"agent at hvsock:{socket_dir / 'vsock.sock'}:1024 is not serving "
+                               f"(status NOT_SERVING): agent GetGuestDetails: {health.why}")
+    assert health.asked == 1 and len(front.connects) == 1
+
+
+async def test_not_serving_without_a_reason_is_retried_and_named(
+        socket_dir: Path, front: Front, health: Health) -> None:
+    health.status = health_pb2.HealthCheckResponse.NOT_SERVING  # its calls pass: no reason
+    with pytest.raises(Unavailable, match=r"did not answer within 0.5 s .*last attempt: agent "
+                                          r"at .* is not serving \(status NOT_SERVING\)\)"):
+        await AgentClient.dial(channel(socket_dir), 0.5, timeouts=FAST)
+    assert health.asked >= 2

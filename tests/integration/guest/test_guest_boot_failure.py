@@ -1,0 +1,84 @@
+"""A guest whose boot step fails, booted as the shim boots a pod (the development profile's
+QEMU argv, hybrid vsock): within seconds of the guest's announcement, not at the dial's 120 s
+bound, the shim has an error naming the failing step and its cause, and the console log
+(which the shim keeps after a failed boot: shim/core/failed_boot.py) says the same.
+
+"modules" fails before the agent listens: its Check answers NOT_SERVING and the dial ends
+with the cause. "drivers" fails while the agent answers its first Check or soon after: the
+dial ends so, or the shim's next call (waiting for the AgentService) fails with the cause.
+The failure is real: ``coco.test.fail_step=NAME`` makes init's step NAME also load a module
+the image does not have (see packaging/guest-image/init).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from guest.image.build import BuildResult
+from hypervisor.config import load_profile
+from hypervisor.vm import LaunchOptions, launch_vm
+from shim.core.errors import FailedPrecondition
+from shim.core.timeouts import TIMEOUTS
+from shim.pod.agent import AgentClient
+from tests import envinfo
+from tests.support.guest import dev_profile_text
+
+pytestmark = pytest.mark.integration
+
+DIAL_TIMEOUT = 120.0  # the profile's: the dial must end long before it
+WITHIN = 10.0  # seconds from the guest's announcement to the shim's error, at most
+
+
+@pytest.mark.parametrize("step", ["modules", "drivers"])
+async def test_a_failed_boot_step_reaches_the_shim_within_seconds(
+        guest_image: BuildResult, tmp_path: Path, step: str) -> None:
+    env = envinfo.load()
+    profile = tmp_path / "profile.toml"
+    profile.write_text(dev_profile_text(env.kernel, guest_image.image, memory_mib=512))
+    run_root, logs = tmp_path / "run", tmp_path / "logs"
+    vm = await launch_vm(load_profile(profile), LaunchOptions(
+        run_root=run_root, name="bootfail", accel="tcg",
+        vhost_device_vsock=env.vhost_device_vsock, log_dir=logs,
+        extra_kernel_params=f"coco.test.fail_step={step}"))
+    exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
+    try:
+        assert vm.channel is not None and vm.channel.wait_guest_ready is not None
+        async with asyncio.timeout(DIAL_TIMEOUT):
+            await vm.channel.wait_guest_ready()  # the agent listens: the dial starts here
+        announced = time.monotonic()
+        try:  # the step fails while the agent answers its first Check, or before
+            agent = await AgentClient.dial(vm.channel, DIAL_TIMEOUT, exited=exited,
+                                           timeouts=TIMEOUTS)
+        except FailedPrecondition as err:  # before: Check said NOT_SERVING
+            error = err
+            assert "is not serving (status NOT_SERVING)" in str(error)
+        else:  # after: the shim's next call, waiting for the AgentService, fails with it
+            assert step != "modules", "the agent served after its modules step failed"
+            try:
+                with pytest.raises(FailedPrecondition) as info:
+                    await agent.create_sandbox("bootfail", "bootfail", [], [])
+                error = info.value
+            finally:
+                await agent.close()
+        elapsed = time.monotonic() - announced
+        print(f"failed boot step {step}: the shim had the error {elapsed:.2f} s after the guest "
+              "announced")
+        message = str(error)
+        assert ("guest failed to start: init's boot step failed: step "
+                f"\"{step}\" exited with status 1") in message
+        assert "coco-test-missing-module" in message  # modprobe's own words, from its stderr
+        assert elapsed < WITHIN
+        assert not exited.done()  # the guest said why; the VM did not have to die first
+    finally:
+        pid = vm.pid
+        await vm.aclose()
+        exited.cancel()
+    assert pid is not None and not psutil.pid_exists(pid)
+    console = (logs / "console.log").read_text(errors="replace")
+    assert f'coco-init: boot step "{step}" exited with status 1' in console
+    assert "coco-agent: guest failed to start: init's boot step failed" in console
