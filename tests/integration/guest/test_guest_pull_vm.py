@@ -96,6 +96,9 @@ def pull_vm(guest_image: BuildResult) -> Iterator[PullVM]:
 @pytest.fixture
 async def agent(pull_vm: PullVM) -> AsyncIterator[AgentClient]:
     deadline = time.monotonic() + BOOT_TIMEOUT
+    # Dial only once the guest announced its agent: a CONNECT while the guest starts its
+    # vsock device can stall vhost-device-vsock for good (hypervisor/vsock.py).
+    await asyncio.to_thread(pull_vm.vm.wait_agent_ready, BOOT_TIMEOUT)
     while True:
         try:
             client = await Client.connect_hybrid_vsock(pull_vm.vm.vsock_uds, AGENT_PORT,
