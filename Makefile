@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: env test lint typecheck unit integration protos protos-check demo guest-image bench \
-	bench-coco bench-guest bench-cri bench-burst bench-overhead bench-daemon bench-relay \
+	bench-coco bench-guest bench-cri bench-burst bench-idle bench-overhead bench-daemon bench-relay \
 	bench-stdout soak fuzz \
 	clean
 
@@ -76,6 +76,11 @@ bench-cri: env
 BURSTS ?= 1,10,16
 bench-burst: env
 	@$(PY) bench/burst.py --bursts $(BURSTS)
+
+# Idle pods' CPU on the host, process by process (QEMU by thread, shim, containerd), and the
+# guest's interrupts and forks, variants side by side in one window (~3 min).
+bench-idle: env
+	@$(PY) bench/idle.py
 
 # coco-dev (no TEE; protects nothing): guest pull of a 64 MiB image vs busybox wget of its
 # blobs in the same guest, and pod start against the development profile.

@@ -58,9 +58,11 @@ class CriNode(NamedTuple):
 
 @contextlib.contextmanager
 def cri_node(version: str, *, subnet: str = "198.18.201.0/24",
-             prefix: str = "coco-bcri-") -> Iterator[CriNode]:
+             prefix: str = "coco-bcri-",
+             enable_annotations: tuple[str, ...] = ()) -> Iterator[CriNode]:
     """Bring a CRI node up (the development profile on the reference guest image, TCG); leave
-    nothing running after."""
+    nothing running after. ``enable_annotations``: pod annotations the profile allows and CRI
+    passes on (e.g. kata's kernel_params)."""
     env = envinfo.load()
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     tag = uuid.uuid4().hex[:6]
@@ -69,11 +71,13 @@ def cri_node(version: str, *, subnet: str = "198.18.201.0/24",
     try:
         image = guest_image()
         profile = base / "profile.toml"
-        profile.write_text(dev_profile_text(env.kernel, image.image))
+        profile.write_text(dev_profile_text(env.kernel, image.image,
+                                            enable_annotations=enable_annotations))
         network.write(base / "cni")
         shim_env = {"COCO_SHIM_RUN_DIR": str(base / "run"), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
                     "COCO_SHIM_STATE_DIR": str(base / "state"), "PYTHONPATH": str(REPO)}
-        config = cri_config(version, profile=profile, cni_conf_dir=base / "cni")
+        config = cri_config(version, profile=profile, cni_conf_dir=base / "cni",
+                            pod_annotations=enable_annotations)
         with private_containerd(version, extra_config=config, env=shim_env,
                                 log_level="info", extra_path=[Path(sys.executable).parent,
                                             env.vhost_device_vsock.parent]) as cd:
