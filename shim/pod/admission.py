@@ -10,6 +10,12 @@ closed, so a daemon that crashes or is killed frees its slot by itself and nothi
 cleaning up. The files are opened close-on-exec (QEMU never inherits a slot);
 a holder writes its pid and pod into its file, so a waiter can say whom it waits for.
 
+While a boot waits for its slot, its daemon runs at the lowest CPU priority
+(:class:`Priority`, nice 19, every thread, and so the netns helper it spawns meanwhile): in a
+burst the work every waiting pod does before its boot (its network wired, …) yields the CPU to
+the boots holding a slot; the daemon is back at its own priority as soon as it holds one, before
+QEMU starts (QEMU and vhost-device-vsock inherit that).
+
 N is the profile's ``[runtime] boot_slots``: absent, one per CPU this process may run on; 0,
 no limit. Daemons whose profiles give different N share the same files: each admits itself
 while fewer than its own N boots run. The wait has no bound here: the caller owns it (the
@@ -23,6 +29,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Final
@@ -32,6 +39,51 @@ from shim.core import paths
 log = logging.getLogger(__name__)
 
 POLL: Final = 0.05  # seconds between looks at the slots while all are taken
+WAITING_NICE: Final = 19  # a daemon's nice while its boot waits for a slot
+
+
+class Priority:
+    """This process's CPU priority (nice), lowered while a boot waits and given back after.
+
+    Linux keeps a nice value per thread (``setpriority(PRIO_PROCESS, tid)``; a new thread or
+    child inherits its creator's), so both set every thread in ``/proc/self/task``. The
+    priority is lowered only if the process may raise it back (root, CAP_SYS_NICE-less
+    processes within their RLIMIT_NICE): a VM must never be left at nice 19."""
+
+    def __init__(self, nice: int = WAITING_NICE) -> None:
+        self.nice = nice
+        self._before: int | None = None
+
+    def lower(self) -> None:
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        if before >= self.nice or not _may_raise_to(before):
+            return
+        self._before = before
+        _set_every_thread(self.nice)
+
+    def restore(self) -> None:
+        """Back to the priority before :meth:`lower`. Idempotent."""
+        before, self._before = self._before, None
+        if before is not None:
+            try:
+                _set_every_thread(before)
+            except PermissionError as err:  # _may_raise_to said yes: a changed rlimit
+                log.warning("could not restore the daemon's nice %d: %s", before, err)
+
+
+def _may_raise_to(nice: int) -> bool:
+    if os.geteuid() == 0:
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
+def _set_every_thread(nice: int) -> None:
+    for name in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(name), nice)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
 
 
 def host_cpus() -> int:

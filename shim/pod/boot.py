@@ -41,7 +41,7 @@ from shim.network.tcfilter import (
     guest_requests,
     netns_of,
 )
-from shim.pod.admission import BootSlots
+from shim.pod.admission import BootSlots, HeldSlot, Priority
 from shim.pod.agent import Agent, AgentClient
 from shim.pod.guest_spec import annotations_of
 from shim.pod.mounts import remove_tree
@@ -90,6 +90,8 @@ class BootEnv:
     cgroup_root: Callable[[], Path | None] = cgroup.unified_mount
     # Node-wide boot slots from the profile's [runtime] boot_slots (None: no limit).
     admission: Callable[[int | None], BootSlots | None] = BootSlots.for_node
+    # The daemon's CPU priority, lowered while its boot waits for a slot.
+    priority: Callable[[], Priority] = Priority
 
 
 class VmBooter:
@@ -129,17 +131,18 @@ class BootScript:
     async def run(self) -> PodVm:
         async with self.undo:
             self.read_profile()
-            self.check_annotations()
-            self.resolve_initdata()
-            self.size_vm()
-            self.choose_rootfs()
-            self.find_network()
-            await self.resolve_accelerator()
-            self.make_run_dir()
-            await self.join_pod_cgroup()
-            await self.prepare_rootfs()
-            await self.wire_network()
-            async with self.admitted():  # launch to first Check: the CPU-bound part
+            async with self.admission() as admitted:  # a slot, waited for from here on
+                self.check_annotations()
+                self.resolve_initdata()
+                self.size_vm()
+                self.choose_rootfs()
+                self.find_network()
+                await self.resolve_accelerator()
+                self.make_run_dir()
+                await self.join_pod_cgroup()
+                await self.prepare_rootfs()
+                await self.wire_network()
+                await admitted()  # held from here: launch to first Check, the CPU-bound part
                 await self.launch_vm()
                 await self.dial_agent()
             await self.set_policy()
@@ -154,18 +157,27 @@ class BootScript:
         return time.monotonic() - self.started
 
     @contextlib.asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        """Hold a node-wide boot slot (:mod:`shim.pod.admission`) from QEMU's launch to the
-        agent's first answer. The wait has its own bound (``boot_slot_wait``); the boot's clock
-        stops meanwhile and the dial's starts after it, so a burst's waiting is charged to
-        neither. Cancelled while waiting (the pod deleted), it holds nothing."""
+    async def admission(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """A node-wide boot slot (:mod:`shim.pod.admission`), held until the agent's first
+        answer. The wait starts at once, beside the boot's first steps, and the daemon runs at
+        the lowest CPU priority until it holds a slot: in a burst, the pods that wait do their
+        pre-boot work (network wiring, …) on the CPU the boots in a slot leave, and a pod that
+        finds a slot free does its own at its normal priority. The caller awaits the yielded
+        function before QEMU's launch. The wait has its own bound (``boot_slot_wait``); the
+        boot's clock stops while the caller awaits the slot and the dial's starts after it,
+        so a burst's waiting is charged to neither. Cancelled or failed, nothing is held."""
         slots = self.env.admission(self.profile.boot_slots)
         if slots is None:
-            yield
+            async def no_limit() -> None:
+                return None
+
+            yield no_limit
             return
         name = f"pod {self.config.sandbox_id}"
         bound = self.env.timeouts.boot_slot_wait
-        with self.clock.stopped():
+        priority = self.env.priority()
+
+        async def take() -> HeldSlot:
             try:
                 async with asyncio.timeout(bound):
                     held = await slots.wait(name)
@@ -174,10 +186,33 @@ class BootScript:
                     f"{name}: no boot slot free in {bound:g} s (all {slots.slots} held by "
                     f"other boots: {'; '.join(slots.holders()) or 'holders unknown'})"
                 ) from err
+            priority.restore()  # the boot holding a slot gets the CPU (QEMU inherits this)
+            return held
+
+        async def admitted() -> None:
+            if waiting.done():
+                waiting.result()  # raises what the wait raised
+                return
+            with self.clock.stopped():
+                await asyncio.shield(waiting)
+
+        waiting: asyncio.Future[HeldSlot]
+        free = slots.try_take(name)
+        if free is None:
+            priority.lower()
+            waiting = asyncio.create_task(take(), name=f"{name}: boot slot")
+        else:  # a slot free now: no waiting, no lowered priority
+            waiting = asyncio.get_running_loop().create_future()
+            waiting.set_result(free)
         try:
-            yield
+            yield admitted
         finally:
-            held.release()
+            priority.restore()
+            if not waiting.done():
+                waiting.cancel()
+            await asyncio.wait({waiting})
+            if not waiting.cancelled() and waiting.exception() is None:
+                waiting.result().release()
 
     # --- decide (nothing made yet) ------------------------------------------------------------
 

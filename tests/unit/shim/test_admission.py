@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -159,3 +160,42 @@ def test_the_slot_directory_is_made_when_missing_and_made_again_if_removed(tmp_p
     assert again is not None and again.index == 0
     assert (directory / "slot-0").read_text().split()[1] == "p2"
     again.release()
+
+
+PRIORITY_PROBE = """
+import json, os, threading
+from shim.pod.admission import Priority
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait)
+worker.start()
+def nices():
+    return sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
+before = nices()
+priority = Priority()
+priority.lower()
+low = nices()
+child = os.fork()
+if child == 0:
+    os._exit(os.getpriority(os.PRIO_PROCESS, 0))
+child_nice = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+priority.restore()
+priority.restore()
+stop.set()
+worker.join()
+print(json.dumps({"before": before, "low": low, "child": child_nice, "back": nices(),
+                  "root": os.geteuid() == 0}))
+"""
+
+
+def test_priority_lowers_every_thread_and_children_and_gives_it_back() -> None:
+    """Linux's nice is per thread: every thread of the daemon goes to 19 (and what it spawns
+    meanwhile inherits it), then back, for a process that may raise it again."""
+    out = subprocess.run([sys.executable, "-c", PRIORITY_PROBE], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             sys.path)}).stdout
+    seen = json.loads(out)
+    assert seen["back"] == seen["before"] and len(seen["before"]) == 1
+    if seen["root"] and seen["before"][0] < 19:
+        assert (seen["low"], seen["child"]) == ([19], 19)
+    else:  # may not raise it back (or already there): never lowered
+        assert seen["low"] == seen["before"]

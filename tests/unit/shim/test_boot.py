@@ -37,7 +37,7 @@ from shim.network.tcfilter import (
     Route,
     WiredNetwork,
 )
-from shim.pod.admission import BootSlots, HeldSlot
+from shim.pod.admission import BootSlots, HeldSlot, Priority
 from shim.pod.agent import Agent
 from shim.pod.boot import BootEnv, VmBooter
 from shim.pod.sizing import HostSize
@@ -139,6 +139,8 @@ class Harness:
     cgroup_root: Path | None = None
     boot_slots: int | None = None  # the profile's [runtime] boot_slots (None: host CPUs)
     slot_wait: float = 5.0  # Timeouts.boot_slot_wait
+    # The daemon's priority: "low" / "back" each with the log's length at the time.
+    nice: list[tuple[str, int]] = field(default_factory=list)
 
     def config(self, netns: str | None, sandbox_id: str = "pod1",
                annotations: dict[str, str] | None = None) -> PodConfig:
@@ -190,7 +192,25 @@ class Harness:
             accelerator=accelerator, vhost_device_vsock=lambda: None, launch=launch,
             dial=dial, timeouts=dataclasses.replace(FAST, boot_slot_wait=self.slot_wait),
             host_size=lambda: HostSize(cpus=4, memory_mib=8192),
-            cgroup_root=lambda: self.cgroup_root))
+            cgroup_root=lambda: self.cgroup_root, priority=lambda: FakePriority(self)))
+
+
+class FakePriority(Priority):
+    """Records instead of renicing the test process."""
+
+    def __init__(self, harness: Harness) -> None:
+        super().__init__()
+        self.harness = harness
+        self.low = False
+
+    def lower(self) -> None:
+        self.low = True
+        self.harness.nice.append(("low", len(self.harness.log)))
+
+    def restore(self) -> None:
+        if self.low:
+            self.low = False
+            self.harness.nice.append(("back", len(self.harness.log)))
 
 
 @pytest.fixture
@@ -464,6 +484,47 @@ async def test_launch_waits_for_a_node_boot_slot(harness: Harness) -> None:
     for slot in [*held, back]:
         slot.release()
     await vm.destroy(vm_gone=False)
+
+
+async def test_a_waiting_boot_works_at_low_priority_until_it_holds_a_slot(
+        harness: Harness) -> None:
+    """All slots held: the boot lowers its daemon's priority at once and wires its network
+    meanwhile (the netns helper inherits that); it is back at its own priority as soon as it
+    holds a slot, before QEMU's launch. A boot that finds a slot free never lowers it."""
+    harness.boot_slots = 1
+    held = hold_every_slot(1)
+    boot = asyncio.create_task(harness.booter().boot(harness.config(str(netns_file(harness)))))
+    await asyncio.sleep(0.2)
+    assert harness.log == ["network setup"] and harness.nice == [("low", 0)]
+    held[0].release()
+    vm = await asyncio.wait_for(boot, 5)
+    assert harness.nice == [("low", 0), ("back", 1)]  # after the wiring, before the launch
+    assert harness.log[1:3] == ["launch", "agent connect"]
+    await vm.destroy(vm_gone=False)
+    harness.nice.clear()
+    vm = await asyncio.wait_for(harness.booter().boot(harness.config(None, "pod2")), 5)
+    assert harness.nice == []
+    await vm.destroy(vm_gone=False)
+
+
+async def test_a_boot_that_fails_or_is_cancelled_while_waiting_gets_its_priority_back(
+        harness: Harness) -> None:
+    harness.boot_slots = 1
+    held = hold_every_slot(1)
+    try:
+        boot = asyncio.create_task(harness.booter().boot(harness.config(None)))
+        await asyncio.sleep(0.1)
+        boot.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await boot
+        assert [what for what, _ in harness.nice] == ["low", "back"]
+        harness.nice.clear()
+        harness.slot_wait = 0.1
+        with pytest.raises(DeadlineExceeded):
+            await harness.booter().boot(harness.config(None))
+        assert [what for what, _ in harness.nice] == ["low", "back"]
+    finally:
+        held[0].release()
 
 
 async def test_boot_slots_come_from_the_profile(harness: Harness) -> None:
