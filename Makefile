@@ -74,8 +74,9 @@ bench-cri: env
 # Many pods at once: per-pod ready times for bursts of 1, 10 and 16 CRI pods with the node's
 # boot slots on and off, against 16 in a row (minutes; both cores; ~7 GiB for 16 TCG pods).
 BURSTS ?= 1,10,16
+SLOTS ?= both
 bench-burst: env
-	@$(PY) bench/burst.py --bursts $(BURSTS)
+	@$(PY) bench/burst.py --bursts $(BURSTS) --slots $(SLOTS)
 
 # Idle pods' CPU on the host, process by process (QEMU by thread, shim, containerd), and the
 # guest's interrupts and forks, variants side by side in one window (~3 min).

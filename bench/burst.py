@@ -37,6 +37,7 @@ from tests.support.containerd import shim_daemons
 
 RESULTS = Path(__file__).resolve().parent / "burst-results.json"
 WAITED = re.compile(r"boot slot \d+ of \d+ after waiting ([0-9.]+) s")
+PREPARED = re.compile(r"pre-boot work ([0-9.]+) s, then ([0-9.]+) s more for a boot slot")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class Run:
     own: list[float] = field(default_factory=list)  # each pod's own start duration
     failures: list[str] = field(default_factory=list)
     slot_waits: list[float] = field(default_factory=list)  # from the shims' log lines
+    # Each boot's own work before its launch (profile to network wired), and how much longer
+    # it then waited for a slot (the shims' log lines; the wait starts with the boot).
+    pre_boot: list[float] = field(default_factory=list)
+    slot_after: list[float] = field(default_factory=list)
     min_available_gib: float = 0.0
     wall: float = 0.0
 
@@ -65,6 +70,9 @@ class Run:
                      f"{last / ideal_last:5.2f}x")
         if self.slot_waits:
             line += f"   waits ≤ {max(self.slot_waits):.1f} s ({len(self.slot_waits)} pods)"
+        if self.pre_boot:
+            line += (f"   pre-boot work {min(self.pre_boot):.1f}/"
+                     f"{statistics.median(self.pre_boot):.1f}/{max(self.pre_boot):.1f} s")
         return line
 
     def label(self) -> str:
@@ -159,6 +167,9 @@ def measure(node: CriNode, run: Run, tag: str) -> None:
         f.seek(offset)
         text = f.read().decode(errors="replace")
     run.slot_waits = [float(m) for m in WAITED.findall(text)]
+    prepared = PREPARED.findall(text)
+    run.pre_boot = sorted(float(work) for work, _ in prepared)
+    run.slot_after = sorted(float(more) for _, more in prepared)
     print(f"  {run.label()}: {len(run.ready)} ready, {len(run.failures)} failed, "
           f"wall {run.wall:.1f} s, lowest available memory {run.min_available_gib:.1f} GiB",
           flush=True)
@@ -182,6 +193,8 @@ def main() -> int:
     parser.add_argument("--containerd", default="2.1.9")
     parser.add_argument("--bursts", default="1,10,16", help="burst sizes (comma separated)")
     parser.add_argument("--sequential", type=int, default=16, help="pods started in a row")
+    parser.add_argument("--slots", choices=("both", "on", "off"), default="both",
+                        help="the bursts with the node's boot slots on, off, or both")
     parser.add_argument("--report", type=Path, help="print the table of a results file again")
     args = parser.parse_args()
     if args.report is not None:
@@ -194,8 +207,9 @@ def main() -> int:
     with cri_node(args.containerd, subnet="198.18.202.0/24", prefix="coco-bburst-") as node:
         base_text = node.profile.read_text()
         plan = [Run("sequential", args.sequential, True)] if args.sequential else []
+        modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.slots]
         for size in sizes:
-            plan += [Run("burst", size, True), Run("burst", size, False)]
+            plan += [Run("burst", size, on) for on in modes]
         for n, run in enumerate(plan):
             set_slots(node, base_text, run.slots)
             measure(node, run, f"b{n}")

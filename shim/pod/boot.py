@@ -190,11 +190,14 @@ class BootScript:
             return held
 
         async def admitted() -> None:
+            prepared = self._elapsed()
             if waiting.done():
                 waiting.result()  # raises what the wait raised
-                return
-            with self.clock.stopped():
-                await asyncio.shield(waiting)
+            else:
+                with self.clock.stopped():
+                    await asyncio.shield(waiting)
+            log.info("%s: pre-boot work %.3f s, then %.3f s more for a boot slot", name,
+                     prepared, self._elapsed() - prepared)
 
         waiting: asyncio.Future[HeldSlot]
         free = slots.try_take(name)
