@@ -27,6 +27,10 @@ def guest_image() -> BuildResult:
     return build(guest_recipe(), envinfo.load().cache)
 
 
+# An idle guest that sleeps, as the shipped profiles' kernel_params (firmware-configs/).
+IDLE_PARAMS = "tsc=reliable nowatchdog sysctl.vm.compaction_proactiveness=0"
+
+
 def dev_profile_text(kernel: Path, initrd: Path, *,
                      enable_annotations: tuple[str, ...] = (), memory_mib: int = 1024,
                      free_page_reporting: bool = True) -> str:
@@ -39,7 +43,7 @@ tee = "none"
 qemu_path = "/usr/bin/qemu-system-x86_64"
 kernel = "{kernel}"
 initrd = "{initrd}"
-kernel_params = "console=ttyS0 panic=-1 quiet"
+kernel_params = "console=ttyS0 panic=-1 quiet {IDLE_PARAMS}"
 accelerator = "tcg"
 vcpus = 1
 memory_mib = {memory_mib}
@@ -57,7 +61,8 @@ def coco_dev_profile_text(kernel: Path, initrd: Path, *, kernel_params: str = ""
     """firmware-configs/qemu-coco-dev.toml pinned to this machine (TCG, hybrid vsock): the
     confidential code path without a TEE. ``kernel_params`` are added to the profile's own
     (a pod cannot add any on a confidential profile)."""
-    params = " ".join(p for p in ("console=ttyS0 panic=-1 quiet coco.agent.confidential=1",
+    params = " ".join(p for p in (f"console=ttyS0 panic=-1 quiet {IDLE_PARAMS} "
+                                  "coco.agent.confidential=1",
                                   kernel_params) if p)
     return f"""# coco-dev profile pointed at the reference guest image (TCG, hybrid vsock)
 [hypervisor]

@@ -92,7 +92,8 @@ def test_vm_print_cmdline_is_the_profile_argv(tmp_path: Path) -> None:
         run_dir=run_dir, name="dbg", accel="tcg",
         vsock=HybridVsock(run_dir / "vhu.sock"))).to_argv()
     assert lines == expected
-    assert lines[lines.index("-append") + 1] == "console=ttyS0 quiet panic=1"
+    assert lines[lines.index("-append") + 1] == (
+        "console=ttyS0 quiet panic=1 tsc=reliable nowatchdog sysctl.vm.compaction_proactiveness=0")
 
 
 def test_vm_print_cmdline_only_imports_hypervisor_and_stdlib(tmp_path: Path) -> None:
