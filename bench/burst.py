@@ -54,6 +54,7 @@ class Run:
     pre_boot: list[float] = field(default_factory=list)
     slot_after: list[float] = field(default_factory=list)
     min_available_gib: float = 0.0
+    removal_errors: list[str] = field(default_factory=list)
     wall: float = 0.0
 
     def row(self, ideal: float, cpus: int) -> str:
@@ -120,27 +121,41 @@ def sequential(node: CriNode, run: Run, tag: str) -> None:
         run.ready.append(now - t0)
 
 
-def remove_all(node: CriNode) -> None:
-    """Every pod of the node, stopped and removed (in parallel); then no daemon is left."""
+def remove_all(node: CriNode) -> list[str]:
+    """Every pod of the node, stopped and removed (in parallel); then no daemon is left. A
+    removal that fails is tried once more, pod-level only (RemovePodSandbox removes what is
+    left of its containers), and reported: the removal's errors, as text."""
     client = node.client
 
-    def remove(pod_id: str) -> None:
-        for container in client.list_containers(pod_id):
-            client.stop_container(container.id, timeout=5)
-            client.remove_container(container.id)
-        client.stop_pod(pod_id)
-        client.remove_pod(pod_id)
+    def remove(pod_id: str) -> str:
+        try:
+            for container in client.list_containers(pod_id):
+                client.stop_container(container.id, timeout=5)
+                client.remove_container(container.id)
+            client.stop_pod(pod_id)
+            client.remove_pod(pod_id)
+        except Exception as err:  # the bench goes on: the error is a figure
+            first = f"pod {pod_id[:12]}: {type(err).__name__}: {err}"[:400]
+            try:
+                client.stop_pod(pod_id)
+                client.remove_pod(pod_id)
+            except Exception as again:
+                return f"{first}; again: {type(again).__name__}: {again}"[:800]
+            return f"{first} (removed on the second try)"
+        return ""
 
     pods = [pod.id for pod in client.list_pods()]
+    errors: list[str] = []
     if pods:
         with concurrent.futures.ThreadPoolExecutor(len(pods)) as pool:
-            list(pool.map(remove, pods))
+            errors = [e for e in pool.map(remove, pods) if e]
     deadline = time.monotonic() + 60
     while shim_daemons(node.base) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = shim_daemons(node.base)
     if left:
-        raise RuntimeError(f"shim daemons left after removing every pod: {left}")
+        raise RuntimeError(f"shim daemons left after removing every pod: {left}; {errors}")
+    return errors
 
 
 def measure(node: CriNode, run: Run, tag: str) -> None:
@@ -175,7 +190,13 @@ def measure(node: CriNode, run: Run, tag: str) -> None:
           flush=True)
     for failure in run.failures:
         print(f"    failed: {failure}", flush=True)
-    remove_all(node)
+    run.removal_errors = remove_all(node)
+    with log.open("rb") as f:  # what the shims said while their pods went
+        f.seek(offset)
+        errors = [line for line in f.read().decode(errors="replace").splitlines()
+                  if "level=error" in line or "Traceback" in line]
+    for error in [*run.removal_errors, *errors[-20:]] if run.removal_errors else []:
+        print(f"    removal: {error[:600]}", flush=True)
 
 
 def t1(runs: list[Run]) -> float:
