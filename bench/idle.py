@@ -228,7 +228,7 @@ def report(rounds: list[list[Result]]) -> None:
         print(f"\n{name}" + (f" (kernel params: {params})" if params else ""))
 
         def med(get: str, key: str, results: list[Result] = results) -> float:
-            return statistics.median(getattr(r, get).get(key, 0.0) for r in results)
+            return float(statistics.median(getattr(r, get).get(key, 0.0) for r in results))
 
         keys = sorted({k for r in results for k in r.cpu_ms_per_s})
         total = statistics.median(pod_total(r) for r in results)
