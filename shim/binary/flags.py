@@ -54,9 +54,8 @@ class Flags(NamedTuple):
     debug: bool = False
     version: bool = False
     help: bool = False
-    # serve only: the listening socket inherited from start, and the readiness pipe.
+    # serve only: the listening socket inherited from start (ttrpc and gRPC serve it).
     listen_fd: int = -1
-    ready_fd: int = -1
     protocol: Protocol = "grpc"
     bootstrap_version: int = 3
     group: str = ""
@@ -77,7 +76,7 @@ _STRING_FLAGS: Final = {
     "group": "group",
     "protocol": "protocol",
 }
-_INT_FLAGS: Final = {"listen-fd": "listen_fd", "ready-fd": "ready_fd",
+_INT_FLAGS: Final = {"listen-fd": "listen_fd",
                      "bootstrap-version": "bootstrap_version",
                      "runtime-options-fd": "runtime_options_fd"}
 _BOOL_FLAGS: Final = {"debug": "debug", "v": "version", "version": "version", "h": "help",

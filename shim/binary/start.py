@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
-import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +35,7 @@ Launch = Callable[[list[str], Flags], int]
 
 def spawn_process(argv: list[str], serve: Flags) -> int:
     """A new interpreter in its own session, stdio on /dev/null, inheriting the listening
-    socket (and the options memfd, the readiness pipe)."""
+    socket (and the options memfd)."""
     return os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
         (os.POSIX_SPAWN_DUP2, 0, 1),
@@ -147,52 +144,14 @@ def _spawn_daemon(serve: Flags, listener: socket.socket, state: ShimState,
                   launch: Launch) -> None:
     """Spawn the daemon in its own session, stdio on /dev/null, holding the listening socket.
 
-    gRPC cannot serve an inherited fd, so a gRPC daemon binds a fresh socket and renames it over
-    the bootstrap path; ``start`` waits for its readiness line so that containerd never meets a
-    socket nobody will accept on. A ttrpc daemon serves the inherited socket: no wait.
+    Both transports (ttrpc, and gRPC through grpclib) serve the inherited listening socket, so
+    ``start`` returns at once: a connection containerd makes before the daemon accepts waits in
+    the socket's backlog. There is no readiness pipe any more (grpcio could not serve an
+    inherited fd, so a gRPC daemon used to bind a fresh socket and ``start`` waited for its
+    readiness line); a daemon that dies before serving leaves a socket nobody accepts on, which
+    containerd sees as a refused connection, as it always did on ttrpc.
     """
-    wait_ready = serve.protocol == "grpc"
-    read_end = write_end = -1
-    if wait_ready:
-        read_end, write_end = os.pipe()
-        os.set_inheritable(write_end, True)
-        serve = serve._replace(ready_fd=write_end)
     os.set_inheritable(listener.fileno(), True)
     argv = interpreter.daemon_argv(to_argv(serve))
-    try:
-        pid = launch(argv, serve)
-    finally:
-        if write_end >= 0:
-            os.close(write_end)
+    pid = launch(argv, serve)
     state.write_shim(pid, Path(serve.socket), serve.group)
-    if not wait_ready:
-        return
-    try:
-        message = _read_ready(read_end)
-    finally:
-        os.close(read_end)
-    if message != "ready":
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        state.remove()
-        raise StartError(f"shim daemon failed to start: {message or 'exited without a word'}")
-
-
-def _read_ready(fd: int) -> str:
-    chunks: list[bytes] = []
-    from shim.core.timeouts import TIMEOUTS  # a gRPC start only: a ttrpc one never waits
-
-    deadline = time.monotonic() + TIMEOUTS.daemon_ready
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return f"not ready after {TIMEOUTS.daemon_ready:.0f} s"
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        if b"\n" in chunk:
-            break
-    return b"".join(chunks).decode(errors="replace").strip()

@@ -79,9 +79,8 @@ class Timeouts:
     # in-flight calls when the shim stops.
     shutdown_reply: float = 0.05
     server_grace: float = 1.0
-    # start and delete (the binary): a gRPC daemon's readiness, `containerd --version`, and
-    # how long SIGKILLed processes get to disappear.
-    daemon_ready: float = 20.0
+    # start and delete (the binary): `containerd --version`, and how long SIGKILLed processes
+    # get to disappear.
     version_probe: float = 5.0
     kill_wait: float = 5.0
     kill_poll: float = 0.01

@@ -154,28 +154,34 @@ class TtrpcEventSender:
 
 
 class GrpcEventSender:
-    """``Events/Publish`` over gRPC at GRPC_ADDRESS, namespace in ``containerd-namespace``."""
+    """``Events/Publish`` over gRPC (grpclib) at GRPC_ADDRESS, namespace in
+    ``containerd-namespace``; the channel reconnects by itself after containerd restarts."""
+
+    METHOD = "/containerd.services.events.v1.Events/Publish"
 
     def __init__(self, address: str) -> None:
         self._address = address.removeprefix("unix://")
         self._channel: object | None = None
 
     async def send(self, envelope: Envelope, timeout: float) -> None:  # noqa: ASYNC109
-        import grpc
+        from google.protobuf import empty_pb2
+        from grpclib.client import Channel, UnaryUnaryMethod
 
-        from protocols.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+        from protocols.api.containerd.services.events.v1 import events_pb2
 
-        if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(f"unix:{self._address}")
-        stub = events_pb2_grpc.EventsStub(self._channel)
-        await stub.Publish(events_pb2.PublishRequest(topic=envelope.topic, event=envelope.event),
-                           timeout=timeout,
-                           metadata=(("containerd-namespace", envelope.namespace),))
+        if not isinstance(self._channel, Channel):
+            self._channel = Channel(path=self._address)
+        publish = UnaryUnaryMethod(self._channel, self.METHOD, events_pb2.PublishRequest,
+                                   empty_pb2.Empty)
+        await publish(events_pb2.PublishRequest(topic=envelope.topic, event=envelope.event),
+                      timeout=timeout, metadata={"containerd-namespace": envelope.namespace})
 
     async def aclose(self) -> None:
+        from grpclib.client import Channel
+
         channel, self._channel = self._channel, None
-        if channel is not None:
-            await channel.close()  # type: ignore[attr-defined]
+        if isinstance(channel, Channel):
+            channel.close()
 
 
 class EventForwarder:

@@ -69,8 +69,9 @@ def setup_logging(bundle: Path, debug: bool, task_id: str) -> None:
             raise
         root.addHandler(logging.NullHandler())
         return
-    # grpc's own debug logging is one line per poller tick: keep it out of containerd's log.
-    logging.getLogger("grpc").setLevel(logging.WARNING)
+    # hpack (under grpclib's h2) logs every header it encodes at debug: keep it out of
+    # containerd's log when the shim runs with -debug.
+    logging.getLogger("hpack").setLevel(logging.WARNING)
     handler = FifoHandler(fd)
     handler.setFormatter(LogrusFormatter(runtime="io.containerd.coco.v2", id=task_id))
     root.addHandler(handler)

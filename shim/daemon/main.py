@@ -125,15 +125,6 @@ class Owner:
             await asyncio.wait(tasks)  # their own cancellations end there; ours propagates
 
 
-def _notify(fd: int, message: str) -> None:
-    if fd < 0:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, f"{message}\n".encode())
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
 def read_options_fd(fd: int) -> bytes:
     """The runtime options ``start`` passed in an inherited memfd (closed here); none if -1."""
     if fd < 0:
@@ -194,10 +185,10 @@ async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, pod.shutdown_requested.set)
     sandbox = SandboxService(pod, flags.namespace)
-    listener = socket.socket(fileno=flags.listen_fd) if flags.listen_fd >= 0 else None
+    if flags.listen_fd < 0:
+        raise RuntimeError("the daemon serves the listening socket from start (-listen-fd)")
+    listener = socket.socket(fileno=flags.listen_fd)
     if flags.protocol == "ttrpc":
-        if listener is None:
-            raise RuntimeError("ttrpc needs the listening socket from start")
         from shim.daemon.ttrpc_server import serve_ttrpc
 
         server = await serve_ttrpc(tasks, sandbox, listener)
@@ -205,10 +196,8 @@ async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
     else:
         from shim.daemon.grpc_server import serve_grpc
 
-        grpc_server = await serve_grpc(tasks, sandbox, Path(flags.socket))
+        grpc_server = await serve_grpc(tasks, sandbox, listener)
         stack.push_async_callback(grpc_server.stop, timeouts.server_grace)
-        if listener is not None:
-            listener.close()  # replaced by gRPC's socket before anyone learnt the path
     owner.spawn(booter.preload())
     return pod
 
@@ -216,12 +205,7 @@ async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
 async def run(flags: Flags) -> int:
     recorded = {flags.id}
     async with AsyncExitStack() as stack:
-        try:
-            pod = await serve(flags, stack, recorded)
-        except Exception as err:
-            _notify(flags.ready_fd, f"cannot serve {flags.socket}: {err}")
-            raise
-        _notify(flags.ready_fd, "ready")
+        pod = await serve(flags, stack, recorded)
         interpreter.collect_again()
         log.info("serving containerd.task on %s (%s, pid %d)", flags.socket, flags.protocol,
                  os.getpid())
@@ -245,6 +229,5 @@ def main(flags: Flags) -> int:
         return status
     except Exception as err:
         log.exception("shim daemon failed")
-        _notify(flags.ready_fd, f"shim daemon failed: {err}")
         print(f"shim daemon failed: {err}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[3]
 SHIM = Path(sys.executable).with_name("containerd-shim-coco-v2")
 ADDRESS = "/run/containerd-test/containerd.sock"
 TTRPC_PROFILE = b'[shim]\nprotocol = "ttrpc"\nbootstrap_version = 2\n'
+GRPC_PROFILE = b'[shim]\nprotocol = "grpc"\n'
 
 
 @dataclass
@@ -173,6 +174,18 @@ def _options(body: bytes) -> bytes:
                        value=options.SerializeToString()).SerializeToString()
 
 
+def _socket_inodes(pid: int) -> set[int]:
+    """The inodes of the unix sockets bound at a path that ``pid`` holds (/proc/net/unix)."""
+    held = {int(link[len("socket:["):-1]) for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if (link := os.readlink(fd)).startswith("socket:[")}
+    bound: set[int] = set()
+    for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and int(fields[6]) in held:
+            bound.add(os.stat(fields[7]).st_ino)
+    return bound
+
+
 def _listening(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
@@ -210,6 +223,9 @@ def test_start_grpc_and_shutdown(env: Env) -> None:
     assert stat.S_IMODE(os.stat(boot["address"]).st_mode) == 0o600
     pid = env.daemon_pid("c1")
     assert os.getsid(pid) == pid  # its own session: containerd's signals do not reach it
+    # It serves the very socket start bound (inherited): no sibling was bound and renamed.
+    assert not list(env.sockets.glob(f".{expected.name}*"))
+    assert os.stat(boot["address"]).st_ino in _socket_inodes(pid)
 
     import grpc
 
@@ -425,14 +441,16 @@ def test_start_records_the_address_in_every_bundle_for_containerd_1_7_reloads(
     assert (ttrpc / "address").read_text() == boot["address"] == f"unix://{env.socket('t1')}"
 
 
-def test_start_imports_nothing_heavy(env: Env) -> None:
-    env.start("c0", env.bundle("c0"), _options(TTRPC_PROFILE))  # the profile's [shim] is cached
+@pytest.mark.parametrize("profile", [TTRPC_PROFILE, GRPC_PROFILE], ids=["ttrpc", "grpc"])
+def test_start_imports_nothing_heavy(env: Env, profile: bytes) -> None:
+    env.start("c0", env.bundle("c0"), _options(profile))  # the profile's [shim] is cached
     bundle = env.bundle("c1")
     probe = (
         "import json, sys\n"
         "from shim.__main__ import main\n"
         "rc = main(['-namespace', 'default', '-address', '/a', '-id', 'c1', 'start'])\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'pyroute2')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in (\n"
+        "                   'grpc', 'grpclib', 'h2', 'hpack', 'pyroute2')\n"
         "               or m.endswith('_pb2') or m.endswith('_pb2_grpc')\n"
         "               or m.startswith('google.protobuf') or m == 'shim.daemon.main'\n"
         "               or m in ('asyncio', 'dataclasses', 'inspect', 'hashlib', 'shutil',\n"
@@ -440,7 +458,7 @@ def test_start_imports_nothing_heavy(env: Env) -> None:
         "print(json.dumps({'rc': rc, 'heavy': heavy}), file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=bundle, env=env.env,
-                          input=_options(TTRPC_PROFILE), capture_output=True, timeout=30,
+                          input=_options(profile), capture_output=True, timeout=30,
                           check=False)
     report = json.loads(done.stderr.decode().strip().splitlines()[-1])
     assert report == {"rc": 0, "heavy": []}

@@ -38,7 +38,7 @@ def test_go_style_flags() -> None:
 
 def test_daemon_flags_round_trip() -> None:
     flags = Flags(action="serve", namespace="n", address="/a", id="i", bundle="/b",
-                  socket="/s", group="g", listen_fd=3, ready_fd=5, protocol="ttrpc",
+                  socket="/s", group="g", listen_fd=3, protocol="ttrpc",
                   bootstrap_version=2, debug=True)
     assert parse_flags(to_argv(flags)) == flags
     early = flags._replace(early_boot=True, runtime_options_fd=7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from grpclib.const import Status
 
 from protocols import errors as shared
 from protocols.ttrpc import Code
@@ -46,7 +47,9 @@ def test_subclasses_inherit_their_code() -> None:
 
 def test_codes_match_both_transports() -> None:
     for code in StatusCode:
-        assert grpc_status(code).value[0] == int(code)
+        assert grpc_status(code).value == int(code)
+        assert grpc_status(code).name == code.name
+        assert grpc.StatusCode[code.name].value[0] == int(code)  # containerd's grpc-go numbers
         assert Code(int(code)).name == code.name
 
 
@@ -104,7 +107,7 @@ def test_pod_transitions() -> None:
 
 
 def test_grpc_status_names() -> None:
-    assert grpc_status(StatusCode.FAILED_PRECONDITION) is grpc.StatusCode.FAILED_PRECONDITION
+    assert grpc_status(StatusCode.FAILED_PRECONDITION) is Status.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize("code", [c for c in StatusCode if c is not StatusCode.OK],

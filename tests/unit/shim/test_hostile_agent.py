@@ -6,6 +6,7 @@ stays bounded, and nothing is left behind (no task, no fd)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import struct
@@ -80,6 +81,7 @@ def open_fds() -> int:
 
 @pytest.fixture
 async def baseline() -> AsyncIterator[tuple[int, set[asyncio.Task[object]]]]:
+    gc.collect()  # earlier tests' unreachable loops and channels hold fds until collected
     fds, tasks = open_fds(), asyncio.all_tasks()
     yield fds, tasks
 

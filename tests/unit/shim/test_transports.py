@@ -1,4 +1,5 @@
-"""Every task RPC through both transports (real grpc.aio and ttrpc servers on unix sockets)."""
+"""Every task RPC through both transports (our grpclib and ttrpc servers on unix sockets; the
+gRPC client is grpcio, a second implementation like containerd's grpc-go)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,11 @@ async def wire(request: pytest.FixtureRequest,
     short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
     path = short / "task.sock"
     pb = task_v2 if request.param == "ttrpc-v2" else task_v3
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
     if request.param.startswith("grpc"):
-        server: Any = await serve_grpc(pod.tasks, sandbox, path)
+        server: Any = await serve_grpc(pod.tasks, sandbox, listener)
         channel = grpc.aio.insecure_channel(f"unix:{path}")
         stub = task_v3_grpc.TaskStub(channel)
 
@@ -70,9 +74,6 @@ async def wire(request: pytest.FixtureRequest,
         await channel.close()
         await server.stop(0)
     else:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen()
         server = await serve_ttrpc(pod.tasks, sandbox, listener)
         client = await Client.connect_unix(path)
         service = f"{pb.DESCRIPTOR.package}.Task"

@@ -29,7 +29,10 @@ NOT_UTF8 = wrappers_pb2.BytesValue(value=b"\xff\xfe")
 async def test_grpc(tmp_path: Path, method: str) -> None:
     h = make_harness(tmp_path)
     short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
-    server = await serve_grpc(h.tasks, SandboxService(h.pod, "default"), short / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(short / "s.sock"))
+    listener.listen()
+    server = await serve_grpc(h.tasks, SandboxService(h.pod, "default"), listener)
     try:
         async with grpc.aio.insecure_channel(f"unix:{short / 's.sock'}") as channel:
             call = channel.unary_unary(f"/containerd.task.v3.Task/{method}",
