@@ -20,12 +20,15 @@ ran).
 (3) daemon memory: RSS, PSS and USS (smaps_rollup) of N daemons serving at the same time
     (each idle: no container, no VM — what the daemon itself costs; a pod's VM is QEMU's, and
     `make bench` measures one daemon with a running pod), so PSS shares the interpreter and
-    libraries between them as it does on a node with N pods; and the same for a gRPC daemon
-    (what containerd 1.7 talks to with `protocol = "auto"`). Template daemons share the
+    libraries between them as it does on a node with N pods. Template daemons share the
     template's pages: their per-daemon figure is (the sum of the N daemons' PSS + the
     template's PSS) / N, i.e. the template counted in full and divided among its daemons (PSS
     already splits each shared page among the processes mapping it, so the sum is what the
-    N daemons and their template cost together).
+    N daemons and their template cost together);
+(4) gRPC daemons (what containerd 1.7 talks to with `protocol = "auto"`), template off:
+    `start`, the first gRPC call (Connect, grpclib's client) after it, and RSS/PSS/USS of
+    --grpc-rounds of them serving at once; with --before, the other checkout's gRPC daemons
+    interleaved in the same run.
 
 No VM, no containerd: it runs in seconds (run it under `heavy` all the same: figures need a
 quiet machine). The bench process plays containerd: the template watches it and exits with it.
@@ -189,16 +192,46 @@ class Bench:
         return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path,
                 "id": bundle.name}
 
-    def grpc_daemon(self, binary: Path | None = None, env: dict[str, str] | None = None,
-                    template: bool | None = False) -> int:
-        """A gRPC daemon (containerd 1.7's transport): start waits for its readiness."""
-        _, _, bundle = self.start(binary or self.coco, protocol="grpc", env=env,
-                                  template=template)
-        state = json.loads((self.base / "state" / "bench" / bundle.name / "shim.json")
-                           .read_text())
-        pid = int(state["pid"])
+    async def first_grpc_rpc(self, path: str, task_id: str) -> tuple[float, int]:
+        """The same over gRPC (grpclib's client, h2 prior knowledge like containerd's)."""
+        from grpclib.client import Channel, UnaryUnaryMethod
+
+        t0 = time.perf_counter()
+        deadline = t0 + 20
+        while True:
+            channel = Channel(path=path)
+            try:
+                connect = UnaryUnaryMethod(channel, f"/{TASK}/Connect", task_v3.ConnectRequest,
+                                           task_v3.ConnectResponse)
+                reply = await connect(task_v3.ConnectRequest(id=task_id), timeout=20)
+                return time.perf_counter() - t0, reply.shim_pid
+            except OSError:
+                if time.perf_counter() > deadline:
+                    raise
+                await asyncio.sleep(0.001)
+            finally:
+                channel.close()
+
+    def grpc_round(self, binary: Path, env: dict[str, str] | None = None,
+                   template: bool | None = False) -> dict[str, Any]:
+        """A gRPC daemon (containerd 1.7's transport): start, its first gRPC call, left serving
+        (before grpclib, `start` waited for a gRPC daemon's readiness line)."""
+        elapsed, path, bundle = self.start(binary, protocol="grpc", env=env, template=template)
+        rpc, pid = asyncio.run(self.first_grpc_rpc(path, bundle.name))
         self.daemons.append(pid)
-        return pid
+        settle(pid)
+        return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path}
+
+    def stop(self, pid: int, path: str) -> None:
+        """SIGTERM (the daemon's clean shutdown), SIGKILL if it lingers."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def template_pid(self, timeout: float = 30) -> int:
         """The template this bench process launched, once it serves."""
@@ -233,6 +266,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--daemons", type=int, default=10,
                         help="daemons serving at once for the memory figures")
+    parser.add_argument("--grpc-rounds", type=int, default=5,
+                        help="gRPC daemons started (and left serving at once) per column")
     parser.add_argument("--pip-script", action="store_true",
                         help=f"measure {PIP_SCRIPT} instead of the installed launcher")
     parser.add_argument("--before", type=Path, default=None, metavar="TREE",
@@ -287,13 +322,22 @@ def main() -> int:
         for name in kept:
             for sample in samples[name][:args.daemons]:
                 bench.shutdown(sample["path"], sample["id"], sample["pid"])
-        grpc_pid = bench.grpc_daemon()
-        time.sleep(1)
-        grpc_mem = memory(grpc_pid)
-        grpc_before = None
+        # gRPC (containerd 1.7): start, first call and memory, interleaved with --before.
+        grpc_pairs: list[tuple[str, Path, dict[str, str]]] = [("coco", coco, off)]
         if args.before:
-            grpc_before = memory(bench.grpc_daemon(
-                PIP_SCRIPT, {"PYTHONPATH": str(args.before.resolve())}, template=None))
+            grpc_pairs.append(("before", PIP_SCRIPT,
+                               {"PYTHONPATH": str(args.before.resolve())}))
+        grpc: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in grpc_pairs}
+        for i in range(args.grpc_rounds):
+            for name, binary, extra in grpc_pairs[i % len(grpc_pairs):] + grpc_pairs[
+                    :i % len(grpc_pairs)]:
+                grpc[name].append(bench.grpc_round(
+                    binary, extra, template=None if name == "before" else False))
+        time.sleep(1)
+        grpc_mems = {name: [memory(s["pid"]) for s in grpc[name]] for name in grpc}
+        for name in grpc:
+            for sample in grpc[name]:
+                bench.stop(sample["pid"], sample["path"])
     finally:
         bench.close()
         # runc's shim keeps its sockets under /run/containerd/s: ours were named from our ids.
@@ -310,17 +354,25 @@ def main() -> int:
     template_share = (sum(m["pss_mib"] for m in mem["template"]) + template_mem["pss_mib"]) \
         / n_template
 
+    def gmed(name: str, key: str) -> float:
+        return float(statistics.median(s[key] for s in grpc[name])) * 1000
+
+    def gmem(name: str, key: str) -> float:
+        return statistics.median(m[key] for m in grpc_mems[name])
+
     results = {
         "command": " ".join([sys.executable, *sys.argv]), "rounds": args.rounds,
         "daemons": args.daemons, "runc": str(bench.runc), "coco": str(coco),
         "start_ms": {n: [s["start_s"] * 1000 for s in samples[n]] for n in samples},
         "first_rpc_ms": {n: [s["first_rpc_s"] * 1000 for s in samples[n]] for n in samples},
-        "memory_mib": mem, "grpc_daemon_memory_mib": grpc_mem,
+        "memory_mib": mem,
         "template_memory_mib": template_mem, "template_pss_per_daemon_mib": template_share,
         "cold_template_start_ms": cold["start_s"] * 1000,
         "cold_template_first_rpc_ms": cold["first_rpc_s"] * 1000,
         "before": str(args.before) if args.before else None,
-        "grpc_daemon_memory_mib_before": grpc_before,
+        "grpc": {name: {"start_ms": [s["start_s"] * 1000 for s in grpc[name]],
+                        "first_rpc_ms": [s["first_rpc_s"] * 1000 for s in grpc[name]],
+                        "memory_mib": grpc_mems[name]} for name in grpc},
     }
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'figure (medians, ' + str(args.rounds) + ' interleaved rounds)':<44} "
@@ -351,8 +403,15 @@ def main() -> int:
               mmed("runc", "uss_mib"), "MiB", "", ""))
     print(row(f"daemon RSS, {args.daemons} serving, template off", mmed("coco", "rss_mib"),
               mmed("runc", "rss_mib"), "MiB", "", ""))
-    print(row("gRPC daemon RSS (containerd 1.7's transport)", grpc_mem["rss_mib"], None, "MiB",
-              "≤ 30 MiB", "44.2 MiB (with a pod)"))
+    print(f"gRPC daemons (containerd 1.7's transport), {args.grpc_rounds} serving at once:")
+    print(row("  gRPC `start`", gmed("coco", "start_s"), med("runc", "start_s"), "ms", "",
+              ""))
+    print(row("  gRPC first call (Connect) after `start`", gmed("coco", "first_rpc_s"), None,
+              "ms", "", ""))
+    print(row("  gRPC daemon RSS", gmem("coco", "rss_mib"), None, "MiB", "≤ 30 MiB",
+              "44.2 MiB (with a pod)"))
+    print(row("  gRPC daemon PSS", gmem("coco", "pss_mib"), None, "MiB", "", ""))
+    print(row("  gRPC daemon USS", gmem("coco", "uss_mib"), None, "MiB", "", ""))
     if args.before:
         print(f"--before {args.before} (pip's console script), same run, same runc column:")
         print(row("  `start`", med("before", "start_s"), med("runc", "start_s"), "ms", "", ""))
@@ -362,8 +421,15 @@ def main() -> int:
                   "", ""))
         print(row("  daemon USS", mmed("before", "uss_mib"), mmed("runc", "uss_mib"), "MiB",
                   "", ""))
-        assert grpc_before is not None
-        print(row("  gRPC daemon RSS", grpc_before["rss_mib"], None, "MiB", "", ""))
+        for label, key, unit, value in (
+                ("gRPC `start`", "start_s", "ms", gmed),
+                ("gRPC first call after `start`", "first_rpc_s", "ms", gmed),
+                ("gRPC daemon RSS", "rss_mib", "MiB", gmem),
+                ("gRPC daemon PSS", "pss_mib", "MiB", gmem),
+                ("gRPC daemon USS", "uss_mib", "MiB", gmem)):
+            now, was = value("coco", key), value("before", key)
+            print(f"  {label:<42} {was:8.1f} {unit} before → {now:8.1f} {unit} now "
+                  f"({now / was:.2f}x)")
     print(f"raw samples: {args.out}")
     return 0
 
