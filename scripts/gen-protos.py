@@ -18,7 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 API = REPO / "protocols" / "api"
 GEN_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
-# Services reached over gRPC (grpcio) get *_pb2_grpc.py stubs; the rest travel over ttrpc only.
+# Services reached over gRPC get grpcio *_pb2_grpc.py stubs, for the tests' grpcio clients and
+# servers only (dev extras): the shim itself speaks gRPC through grpclib, bound to the services'
+# descriptors (shim/daemon/grpc_server.py, shim/daemon/events.py), and never imports them.
 GRPC_PROTOS = {
     "protocols/api/containerd/task/v3/shim.proto",
     "protocols/api/containerd/services/events/v1/events.proto",

@@ -3,12 +3,14 @@
 A TaskExit published through containerd's own ttrpc endpoint (`<grpc address>.ttrpc`,
 `containerd.services.events.ttrpc.v1.Events/Forward`) and through gRPC `Publish` must come out
 of a gRPC `Subscribe` byte-for-byte: that proves framing, status handling and Any type URLs.
+The gRPC `Publish` is the shim's own sender (grpclib), the one a containerd 1.7 daemon uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -22,6 +24,7 @@ from protocols.api.containerd.services.events.v1 import events_pb2 as grpc_event
 from protocols.api.containerd.services.events.v1 import events_pb2_grpc as grpc_events_stub
 from protocols.api.containerd.types import event_pb2
 from protocols.ttrpc import Client, Code, TtrpcError
+from shim.daemon.events import Envelope, GrpcEventSender
 from tests.support.containerd import Containerd, private_containerd
 
 pytestmark = pytest.mark.integration
@@ -123,11 +126,15 @@ async def test_ttrpc_forward_reaches_subscribers(containerd: Containerd) -> None
 
 
 async def test_grpc_publish_reaches_subscribers(containerd: Containerd) -> None:
+    """The shim's own gRPC sender (grpclib), as a containerd 1.7 daemon publishes events."""
     cid = f"pub-{uuid.uuid4().hex[:8]}"
     sent = task_exit(cid)
     async with subscription(containerd) as queue:
-        async with grpc.aio.insecure_channel(f"unix://{containerd.address}") as channel:
-            await publish_grpc(channel, "/tasks/exit", sent)
+        sender = GrpcEventSender(str(containerd.address))
+        try:
+            await sender.send(Envelope(time.time_ns(), NAMESPACE, "/tasks/exit", pack(sent)), 5)
+        finally:
+            await sender.aclose()
         got = await next_exit(queue, cid)
     assert got.namespace == NAMESPACE
     assert got.event.type_url == "containerd.events.TaskExit"

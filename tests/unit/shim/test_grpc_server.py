@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from shim.daemon.sandbox_service import SandboxService
 from tests.unit.shim.conftest import Harness, make_harness
 
 NAMESPACE = (("containerd-namespace", "default"),)
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -97,3 +101,19 @@ async def test_stop_cancels_a_long_poll_and_returns_within_its_grace(
             await asyncio.wait_for(wait, 5)
         assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
                                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def test_the_daemon_runs_without_grpcio() -> None:
+    """grpcio is a dev dependency only: a gRPC daemon's modules (server, event sender, boot
+    machinery) import none of it, and the runtime dependencies do not list it."""
+    probe = ("import sys\n"
+             "import shim.daemon.main, shim.daemon.grpc_server, shim.daemon.events, "
+             "shim.pod.boot, grpclib.client\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_tools')"
+             " or m.endswith('_pb2_grpc')))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=True, cwd=REPO)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("grpcio")]
+    assert [d for d in project["dependencies"] if d.startswith("grpclib")]
