@@ -141,14 +141,67 @@ def start_latency(base: Path, runs: int) -> list[float]:
     return samples
 
 
+def memory_only(env: envinfo.TestEnv, first: str, runs: int, before: Path | None,
+                out: Path) -> int:
+    """(c) alone: one running pod's shim daemon on each containerd line, ``runs`` samples each;
+    with ``before``, that checkout's daemon alternates with this one's in the same run."""
+    base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
+    trees: dict[str, dict[str, str]] = {"now": {}}
+    if before is not None:
+        trees["before"] = {"PYTHONPATH": str(before.resolve())}
+    versions = [first, "1.7.24" if first.startswith("2.") else "2.1.9"]
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {
+        v: {t: [] for t in trees} for v in versions}
+    try:
+        image = guest_image()
+        profile = base / "profile.toml"
+        profile.write_text(dev_profile_text(env.kernel, image.image))
+        busybox = busybox_oci_archive(base / "busybox.tar")
+        for i in range(runs):
+            for version in versions:
+                order = list(trees) if i % 2 == 0 else list(reversed(trees))
+                for tree in order:
+                    with private_containerd(version, env={**shim_env(base, profile),
+                                                          **trees[tree]},
+                                            log_level="info",
+                                            extra_path=[Path(sys.executable).parent,
+                                                        env.vhost_device_vsock.parent]) as cd:
+                        cd.ctr("images", "import", "--platform", "linux/amd64", str(busybox))
+                        samples[version][tree].append(pod_memory(cd, base))
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
+                       check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    out.write_text(json.dumps({"command": " ".join([sys.executable, *sys.argv]),
+                               "before": str(before) if before else None,
+                               "daemon_memory": samples}, indent=2))
+    print(f"\n(c) shim daemon of one running pod, medians of {runs}, alternating")
+    for version in versions:
+        for tree, got in samples[version].items():
+            print(f"  {version:<8} {tree:<7} ({got[0]['protocol']:<5}) RSS "
+                  f"{median([m['rss_mib'] for m in got]):5.1f} MiB  PSS "
+                  f"{median([m['pss_mib'] for m in got]):5.1f} MiB")
+    print(f"\nraw samples: {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--containerd", default="2.1.9")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only (c), on both containerd lines")
+    parser.add_argument("--before", type=Path, default=None, metavar="TREE",
+                        help="with --memory-only: also another checkout of the shim "
+                        "(PYTHONPATH=TREE for the shim containerd runs), alternating")
     args = parser.parse_args()
     env = envinfo.load()
+    if args.memory_only:
+        return memory_only(env, args.containerd, args.runs, args.before, args.out)
+    if args.before:
+        parser.error("--before needs --memory-only")
     base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
     results: dict[str, object] = {"runs": args.runs, "containerd": args.containerd,
                                   "command": " ".join([sys.executable, *sys.argv])}
