@@ -24,9 +24,9 @@ import os
 import sys
 
 MAGIC = b"COCO-TEMPLATE/1\n"
-# How long ``start`` waits for the template's answer. It covers a gRPC daemon's readiness
-# (``TIMEOUTS.daemon_ready``, 20 s; a unit test keeps this above it): past it, the template is
-# taken for hung and ``start`` runs itself.
+# How long ``start`` waits for the template's answer (its own ``start`` work and two forks: no
+# daemon is waited for, both transports serve the socket ``start`` bound): past it, the
+# template is taken for hung and ``start`` runs itself.
 REPLY_TIMEOUT = 30.0
 DEFAULT_TEMPLATE_DIR = "/run/coco-shim/templates"
 TEMPLATE_DIR_ENV = "COCO_SHIM_TEMPLATE_DIR"

@@ -216,7 +216,7 @@ def close_except(keep: set[int], low: int = 3) -> None:
 
 def fork_daemon(argv: list[str], serve: Flags) -> int:
     """``start``'s launch in the intermediate: fork the daemon (see the module docstring)."""
-    keep = {fd for fd in (serve.listen_fd, serve.runtime_options_fd, serve.ready_fd) if fd >= 0}
+    keep = {fd for fd in (serve.listen_fd, serve.runtime_options_fd) if fd >= 0}
     for fd in keep:
         os.set_inheritable(fd, True)
     pid = os.fork()

@@ -20,10 +20,11 @@ from shim.binary.template_client import TemplatePaths
 from shim.template.child import Log, intermediate, peer_credentials
 
 # What the daemon imports before (and right after) it serves: every pod's daemon gets them
-# from the template. The transport modules are one list of their own so that a change of
-# transport (grpclib for containerd 1.7) is one edit: gRPC's are not preloaded today (grpcio's
-# import is 12 MiB and its threads and fork handlers do not belong in a template).
-TRANSPORT_MODULES: Final[tuple[str, ...]] = ("shim.daemon.ttrpc_server",)
+# from the template. The transport modules are one list of their own: ttrpc (containerd 2.x)
+# and gRPC (containerd 1.7: grpclib, h2, hpack, hyperframe, multidict; pure Python, no threads
+# and no fork handlers, ≈ 2 MiB the daemons share).
+TRANSPORT_MODULES: Final[tuple[str, ...]] = ("shim.daemon.ttrpc_server",
+                                             "shim.daemon.grpc_server")
 PRELOAD: Final[tuple[str, ...]] = (
     "shim.__main__",
     "shim.binary.start",

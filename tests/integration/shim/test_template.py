@@ -235,16 +235,31 @@ def test_a_forked_daemon_serves_ttrpc_in_starts_session_cwd_env_and_cgroup(node:
 
 
 def test_a_grpc_daemon_is_forked_and_ready_before_start_answers(node: Node) -> None:
-    """containerd 1.7's transport: the intermediate waits for the daemon's readiness line."""
+    """containerd 1.7's transport: the forked daemon serves gRPC (grpclib) on the socket
+    ``start`` bound, like ttrpc; nobody waits for it."""
     profile = node.base / "grpc.toml"
     profile.write_text('[shim]\nprotocol = "grpc"\nbootstrap_version = 2\nearly_boot = false\n')
     reply, out = node.start("g1", env={"COCO_SHIM_CONFIG": str(profile)})
     assert reply["status"] == 0 and reply["pid"], reply
     boot = json.loads(out)
     assert boot["protocol"] == "grpc" and boot["version"] == 2
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.connect(boot["address"])  # served the moment start answered
     assert b"serve" in Path(f"/proc/{reply['pid']}/cmdline").read_bytes()
+
+    async def connect() -> int:
+        from grpclib.client import Channel, UnaryUnaryMethod
+
+        from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
+
+        channel = Channel(path=boot["address"])  # the socket start bound: served, no retry
+        try:
+            call = UnaryUnaryMethod(channel, "/containerd.task.v3.Task/Connect",
+                                    task_v3.ConnectRequest, task_v3.ConnectResponse)
+            reply = await call(task_v3.ConnectRequest(id="g1"), timeout=30)
+            return int(reply.shim_pid)
+        finally:
+            channel.close()
+
+    assert asyncio.run(connect()) == reply["pid"]
 
 
 def test_the_second_container_of_a_pod_shares_its_shim(node: Node) -> None:
