@@ -323,7 +323,8 @@ def main() -> int:
             for sample in samples[name][:args.daemons]:
                 bench.shutdown(sample["path"], sample["id"], sample["pid"])
         # gRPC (containerd 1.7): start, first call and memory, interleaved with --before.
-        grpc_pairs: list[tuple[str, Path, dict[str, str]]] = [("coco", coco, off)]
+        grpc_pairs: list[tuple[str, Path, dict[str, str]]] = [("coco", coco, off),
+                                                              ("template", coco, {})]
         if args.before:
             grpc_pairs.append(("before", PIP_SCRIPT,
                                {"PYTHONPATH": str(args.before.resolve())}))
@@ -332,7 +333,7 @@ def main() -> int:
             for name, binary, extra in grpc_pairs[i % len(grpc_pairs):] + grpc_pairs[
                     :i % len(grpc_pairs)]:
                 grpc[name].append(bench.grpc_round(
-                    binary, extra, template=None if name == "before" else False))
+                    binary, extra, template=None if name == "before" else name == "template"))
         time.sleep(1)
         grpc_mems = {name: [memory(s["pid"]) for s in grpc[name]] for name in grpc}
         for name in grpc:
@@ -412,6 +413,15 @@ def main() -> int:
               "44.2 MiB (with a pod)"))
     print(row("  gRPC daemon PSS", gmem("coco", "pss_mib"), None, "MiB", "", ""))
     print(row("  gRPC daemon USS", gmem("coco", "uss_mib"), None, "MiB", "", ""))
+    print(row("  gRPC `start`, template forks the daemon", gmed("template", "start_s"),
+              med("runc", "start_s"), "ms", "", ""))
+    print(row("  gRPC first call after `start`, template", gmed("template", "first_rpc_s"),
+              None, "ms", "", ""))
+    print(row("  gRPC daemon RSS, template", gmem("template", "rss_mib"), None, "MiB",
+              "≤ 30 MiB", "(shared pages count whole)"))
+    print(row("  gRPC daemon PSS alone, template", gmem("template", "pss_mib"), None, "MiB",
+              "", ""))
+    print(row("  gRPC daemon USS, template", gmem("template", "uss_mib"), None, "MiB", "", ""))
     if args.before:
         print(f"--before {args.before} (pip's console script), same run, same runc column:")
         print(row("  `start`", med("before", "start_s"), med("runc", "start_s"), "ms", "", ""))
