@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Coroutine
+import shutil
+import socket
+import tempfile
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +100,18 @@ async def write_fifo(path: Path, data: bytes) -> None:
         await write_all(fd, data)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def short_listener() -> Iterator[tuple[Path, socket.socket]]:
+    """A listening unix socket in a fresh directory under /tmp (a pytest tmp_path can exceed
+    sun_path's 108 bytes), for a server to take; the directory is removed afterwards."""
+    short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
+    try:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with listener:
+            listener.bind(str(short / "s.sock"))
+            listener.listen()
+            yield short / "s.sock", listener
+    finally:
+        shutil.rmtree(short)

@@ -5,11 +5,8 @@ The client is grpcio (a second gRPC implementation, like containerd's grpc-go)."
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -28,6 +25,7 @@ from shim.daemon.grpc_server import (
 )
 from shim.daemon.sandbox_service import SandboxService
 from tests.unit.shim.conftest import Harness, make_harness
+from tests.unit.shim.helpers import short_listener
 
 NAMESPACE = (("containerd-namespace", "default"),)
 REPO = Path(__file__).resolve().parents[3]
@@ -36,17 +34,13 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Harness, GrpcServer, str]]:
     h = make_harness(tmp_path)
-    short = Path(tempfile.mkdtemp(prefix="cs", dir="/tmp"))
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(short / "s.sock"))
-    listener.listen()
-    server = await serve_grpc(h.tasks, SandboxService(h.pod, "default"), listener)
-    try:
-        yield h, server, f"unix:{short / 's.sock'}"
-    finally:
-        await server.stop(1.0)
-        await h.aclose()
-        shutil.rmtree(short)
+    with short_listener() as (path, listener):
+        server = await serve_grpc(h.tasks, SandboxService(h.pod, "default"), listener)
+        try:
+            yield h, server, f"unix:{path}"
+        finally:
+            await server.stop(1.0)
+            await h.aclose()
 
 
 async def test_requests_above_the_receive_limit_are_resource_exhausted(
