@@ -183,10 +183,14 @@ class Bench:
             os.unlink(path)
 
     def round(self, binary: Path, env: dict[str, str] | None = None,
-              template: bool | None = False) -> dict[str, Any]:
-        """One start, its first RPC, and the daemon left serving (pid recorded)."""
-        elapsed, path, bundle = self.start(binary, env=env, template=template)
-        rpc, pid = asyncio.run(self.first_rpc(path, bundle.name))
+              template: bool | None = False, protocol: str = "ttrpc") -> dict[str, Any]:
+        """One start, its first RPC, and the daemon left serving (pid recorded). ``protocol``
+        "grpc": containerd 1.7's transport (before grpclib, `start` waited for a gRPC daemon's
+        readiness line)."""
+        elapsed, path, bundle = self.start(binary, protocol=protocol, env=env,
+                                           template=template)
+        first = self.first_grpc_rpc if protocol == "grpc" else self.first_rpc
+        rpc, pid = asyncio.run(first(path, bundle.name))
         self.daemons.append(pid)
         settle(pid)
         return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path,
@@ -211,16 +215,6 @@ class Bench:
                 await asyncio.sleep(0.001)
             finally:
                 channel.close()
-
-    def grpc_round(self, binary: Path, env: dict[str, str] | None = None,
-                   template: bool | None = False) -> dict[str, Any]:
-        """A gRPC daemon (containerd 1.7's transport): start, its first gRPC call, left serving
-        (before grpclib, `start` waited for a gRPC daemon's readiness line)."""
-        elapsed, path, bundle = self.start(binary, protocol="grpc", env=env, template=template)
-        rpc, pid = asyncio.run(self.first_grpc_rpc(path, bundle.name))
-        self.daemons.append(pid)
-        settle(pid)
-        return {"start_s": elapsed, "first_rpc_s": rpc, "pid": pid, "path": path}
 
     def stop(self, pid: int, path: str) -> None:
         """SIGTERM (the daemon's clean shutdown), SIGKILL if it lingers."""
@@ -332,8 +326,9 @@ def main() -> int:
         for i in range(args.grpc_rounds):
             for name, binary, extra in grpc_pairs[i % len(grpc_pairs):] + grpc_pairs[
                     :i % len(grpc_pairs)]:
-                grpc[name].append(bench.grpc_round(
-                    binary, extra, template=None if name == "before" else name == "template"))
+                grpc[name].append(bench.round(
+                    binary, extra, template=None if name == "before" else name == "template",
+                    protocol="grpc"))
         time.sleep(1)
         grpc_mems = {name: [memory(s["pid"]) for s in grpc[name]] for name in grpc}
         for name in grpc:
