@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -25,9 +26,11 @@ _CHUNK: Final = 1 << 16
 class CappedLog:
     """One capped log file fed by a pipe or FIFO the loop drains."""
 
-    def __init__(self, path: Path, limit: int = LOG_CAP_BYTES) -> None:
+    def __init__(self, path: Path, limit: int = LOG_CAP_BYTES,
+                 watch: Callable[[bytes], None] | None = None) -> None:
         self.path = path
         self.limit = limit
+        self.watch = watch  # sees every byte read, past the cap too (hypervisor.console)
         self.written = 0
         self.dropped = 0
         self._file = -1
@@ -73,6 +76,8 @@ class CappedLog:
             return None
         except OSError:
             data = b""
+        if data and self.watch is not None:
+            self.watch(data)
         keep = data[: max(self.limit - self.written, 0)]
         if keep:
             with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from hypervisor.caplog import CappedLog
 from hypervisor.choice import profile_vsock
 from hypervisor.cmdline import QemuCommandLine, SerialConsole, Share, VirtioBlk, VirtioNetTap
+from hypervisor.console import ConsoleWatch
 from hypervisor.errors import ExitReason, QemuError, VmExited
 from hypervisor.initdata import write_disk
 from hypervisor.monitor import QmpMonitor
@@ -66,6 +67,9 @@ class AgentChannel:
     # Hybrid vsock: until the guest announced that its agent listens; dial only after it
     # (see hypervisor.vsock). None: dial at will (kernel vhost-vsock).
     wait_guest_ready: Callable[[], Awaitable[None]] | None = None
+    # The guest console as it arrives (None: the profile has none, e.g. a TEE): its failure
+    # line ends the dial at once; its last lines name what a dial that ended otherwise saw.
+    console: ConsoleWatch | None = None
 
 
 class VirtualMachine(Protocol):
@@ -435,9 +439,12 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                               initdata=options.initdata)
         cmdline: QemuCommandLine = build_command_line(profile, instance)
         if isinstance(cmdline.serial, SerialConsole):
-            console = CappedLog(instance.console_log)  # whatever the guest prints
+            watch = ConsoleWatch()
+            console = CappedLog(instance.console_log, watch=watch.feed)  # what the guest prints
             console.fifo(cmdline.serial.path)
             stack.callback(console.close)
+            if channel is not None:
+                channel = replace(channel, console=watch)
         vm = QemuVm(cmdline.to_argv(options.argv_prefix), run_dir,
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
                     pass_fds=pass_fds, cleanup=stack.pop_all(), timeouts=options.timeouts)

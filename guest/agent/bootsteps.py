@@ -8,16 +8,36 @@ by init with the failing step, its exit status and the tail of its stderr; init'
 subshell also writes it if the steps end any other way (killed, crashed). The agent never
 waits out its bound on a step that already failed: :func:`wait_for_step` raises
 :class:`BootStepFailed` naming it as soon as the failure file exists.
+
+A step that hangs (rather than dies) writes nothing: each step has its own bound
+(:data:`STEP_BOUNDS`, counted from when init announced it: the step file's mtime), and
+:func:`wait_for_step` names the step that overran it, well within the host's per-call bounds
+(the shim's first AgentService call after Check waits 30 s), rather than the wait's overall one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Final
 
 POLL = 0.02  # seconds between two looks: another process writes the files
 MAX_REPORT = 900  # characters of init's failure report passed on (the shim keeps 1024)
+
+# Each of init's background steps, at most, from when it announced itself (under TCG each takes
+# well under a second on an idle host, a few in a burst). "modules" gates the agent's listening
+# (the shim's dial waits 120 s); "drivers" onwards gate its AgentService, whose first call the
+# shim bounds to 30 s after Check: their bounds leave the guest's answer time to arrive first.
+STEP_BOUNDS: Final[Mapping[str, float]] = MappingProxyType({
+    "modules": 30.0,
+    "drivers": 20.0,
+    "mounts": 10.0,
+    "loopback": 5.0,
+})
 
 
 class BootStepFailed(Exception):
@@ -44,19 +64,45 @@ def read_failure(path: Path | None) -> str | None:
 
 def current_step(path: Path | None) -> str | None:
     """The step init announced last, if it says."""
+    announced = _announced_step(path)
+    return None if announced is None else announced[0]
+
+
+def _announced_step(path: Path | None) -> tuple[str, float] | None:
+    """The step init announced last and when (the file's mtime, on the guest's clock)."""
     if path is None:
         return None
     try:
         with open(path, "rb") as f:
-            return f.read(200).decode(errors="replace").strip() or None
+            name = f.read(200).decode(errors="replace").strip()
+            since = os.fstat(f.fileno()).st_mtime
     except OSError:
         return None
+    return (name, since) if name else None
+
+
+def overran_step(path: Path | None, bounds: Mapping[str, float] = STEP_BOUNDS,
+                 now: float | None = None) -> str | None:
+    """Why the running step failed if it has run longer than its bound, else None."""
+    announced = _announced_step(path)
+    if announced is None:
+        return None
+    name, since = announced
+    bound = bounds.get(name)
+    if bound is None:
+        return None
+    ran = (time.time() if now is None else now) - since
+    if ran <= bound:
+        return None
+    return f'step "{name}" did not finish within its bound of {bound:g} s (running for {ran:.1f} s)'
 
 
 async def wait_for_step(done: Path, seconds: float, *, failed: Path | None = None,
-                        step: Path | None = None) -> None:
+                        step: Path | None = None,
+                        bounds: Mapping[str, float] = STEP_BOUNDS) -> None:
     """Until ``done`` exists. Raises :class:`BootStepFailed` at once when ``failed`` exists
-    (with init's report), or after ``seconds`` (naming the step init announced last)."""
+    (with init's report), when the step init announced last overran its own bound
+    (``bounds``, naming it), or after ``seconds`` (naming the step init announced last)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while True:
@@ -65,6 +111,9 @@ async def wait_for_step(done: Path, seconds: float, *, failed: Path | None = Non
             raise BootStepFailed(f"init's boot step failed: {report}")
         if os.path.exists(done):  # noqa: ASYNC240 - another process's file, polled
             return
+        overran = overran_step(step, bounds)
+        if overran is not None:
+            raise BootStepFailed(f"init's boot step hung: {overran}")
         if loop.time() >= deadline:
             running = current_step(step)
             raise BootStepFailed(

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
-from typing import Any, Final, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Final, Protocol, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
@@ -30,17 +30,25 @@ from shim.core.errors import (
     error_for,
 )
 from shim.core.timeouts import TIMEOUTS, Timeouts
+from shim.pod.dial import (
+    MAX_AGENT_MESSAGE,
+    await_guest,
+    bounded,
+    connect,
+    describe,
+    exit_text,
+    raise_console_failure,
+    with_console_tail,
+)
 
 log = logging.getLogger(__name__)
 
 AGENT_PORT: Final = 1024
 AGENT_SERVICE: Final = "grpc.AgentService"
 HEALTH_SERVICE: Final = "grpc.Health"
-MAX_AGENT_MESSAGE: Final = 1024  # characters of an agent's error message passed on
 READ_CHUNK: Final = 1 << 20  # kata: max data chunk 1 MiB
 
 R = TypeVar("R", bound=Message)
-T = TypeVar("T")
 
 
 class Agent(Protocol):
@@ -137,29 +145,34 @@ class AgentClient:
         name = f"hvsock:{hybrid}:{port}" if hybrid else f"vsock:{channel.guest_cid}:{port}"
         deadline = time.monotonic() + dial_timeout
         check_bound = timeouts.agent["Check"] or dial_timeout
+        console = channel.console
         if channel.wait_guest_ready is not None:
-            await _await_guest(channel.wait_guest_ready(), name, deadline, dial_timeout, exited)
+            await await_guest(channel.wait_guest_ready(), name, deadline, dial_timeout, exited,
+                               console)
         attempts = 0
         last = ""  # what the last attempt that ran its course saw
         while True:
+            raise_console_failure(name, console)
             if exited is not None and exited.done():
-                raise Unavailable(f"agent at {name}: {_exit_text(exited)} before the agent "
-                                  "answered" + (f" (last attempt: {last})" if last else ""))
+                raise Unavailable(f"agent at {name}: {exit_text(exited)} before the agent "
+                                  "answered" + (f" (last attempt: {last})" if last else "")
+                                  + with_console_tail(console))
             if deadline - time.monotonic() <= 0:
                 raise Unavailable(f"agent at {name} did not answer within {dial_timeout:g} s "
-                                  f"({attempts} attempts; last attempt: {last or 'none'})")
+                                  f"({attempts} attempts; last attempt: {last or 'none'})"
+                                  + with_console_tail(console))
             attempts += 1
             try:
-                client = await _bounded(_connect(channel, port), timeouts.agent_dial_attempt,
+                client = await bounded(connect(channel, port), timeouts.agent_dial_attempt,
                                         deadline, f"no reply to CONNECT {port}" if hybrid
                                         else "not connected")
             except (OSError, TimeoutError) as err:
-                last = _describe(err, last)
+                last = describe(err, last)
                 await asyncio.sleep(timeouts.agent_dial_retry_pause)
                 continue
             agent = cls(client, name, timeouts)
             try:
-                await _bounded(agent.check(), check_bound, deadline, "Health.Check not answered")
+                await bounded(agent.check(), check_bound, deadline, "Health.Check not answered")
                 return agent
             except FailedPrecondition as err:
                 await client.close()
@@ -171,9 +184,9 @@ class AgentClient:
                     await client.close()
                 if why is not None:
                     raise FailedPrecondition(f"{err}: {why}") from err
-                last = _describe(err, last)
+                last = describe(err, last)
             except (OSError, TimeoutError, RpcError) as err:
-                last = _describe(err, last)
+                last = describe(err, last)
                 await client.close()
             except BaseException:
                 await client.close()
@@ -351,70 +364,3 @@ class AgentClient:
 
 class AgentNotServing(Unavailable):
     """The agent answered Health.Check, with a status other than SERVING."""
-
-
-class _AttemptTimeout(TimeoutError):
-    """One bounded step of a dial attempt ran out of time (the message says which)."""
-
-    def __init__(self, message: str, cut: bool) -> None:
-        super().__init__(message)
-        self.cut = cut  # by the dial's deadline, before the step's own bound
-
-
-async def _bounded(step: Coroutine[Any, Any, T], bound: float, deadline: float,
-                   what: str) -> T:
-    """``step`` within its own ``bound``, or what is left until ``deadline`` if less."""
-    left = deadline - time.monotonic()
-    try:
-        async with asyncio.timeout(max(min(bound, left), 0.0)):
-            return await step
-    except TimeoutError as err:
-        if isinstance(err, _AttemptTimeout):
-            raise
-        if left < bound:
-            raise _AttemptTimeout(f"{what} when the dial timeout ran out", True) from err
-        raise _AttemptTimeout(f"{what} within {bound:g} s", False) from err
-
-
-async def _connect(channel: AgentChannel, port: int) -> Client:
-    if channel.hybrid_socket is not None:
-        return await Client.connect_hybrid_vsock(channel.hybrid_socket, port)
-    return await Client.connect_vsock(channel.guest_cid, port)
-
-
-def _describe(err: BaseException, before: str) -> str:
-    """What an attempt saw, never empty (a bare TimeoutError or EOF has no message); an
-    attempt cut short by the dial's deadline says less than the one before it."""
-    if isinstance(err, _AttemptTimeout) and err.cut and before:
-        return f"{before}; one more attempt was cut short by the dial timeout"
-    text = str(err) or type(err).__name__
-    return text if isinstance(err, RpcError | _AttemptTimeout) else f"{type(err).__name__}: {text}"
-
-
-def _exit_text(exited: asyncio.Future[object]) -> str:
-    return "the VM exited" + ("" if exited.cancelled() else f" ({exited.result()})")
-
-
-async def _await_guest(ready: Awaitable[None], name: str, deadline: float, dial_timeout: float,
-                       exited: asyncio.Future[object] | None) -> None:
-    """Wait for the guest's announcement, bounded by the dial deadline and the VM's exit."""
-    announced = asyncio.ensure_future(ready)
-    waiters: set[asyncio.Future[Any]] = {announced}
-    if exited is not None:
-        waiters.add(exited)
-    try:
-        await asyncio.wait(waiters, timeout=max(deadline - time.monotonic(), 0.0),
-                           return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not announced.done():
-            announced.cancel()
-            await asyncio.wait([announced])
-    if announced.done() and not announced.cancelled():
-        announced.result()  # the backend's own failure, if any, surfaces here
-        return
-    if exited is not None and exited.done():
-        raise Unavailable(f"agent at {name}: {_exit_text(exited)} before the guest announced "
-                          "its agent")
-    raise Unavailable(f"agent at {name}: the guest did not announce its agent within "
-                      f"{dial_timeout:g} s (hybrid vsock: the guest connects to the host's "
-                      "ready port once its agent listens; nothing was dialed before that)")

@@ -7,7 +7,15 @@ bound, the shim has an error naming the failing step and its cause, and the cons
 with the cause. "drivers" fails while the agent answers its first Check or soon after: the
 dial ends so, or the shim's next call (waiting for the AgentService) fails with the cause.
 The failure is real: ``coco.test.fail_step=NAME`` makes init's step NAME also load a module
-the image does not have (see packaging/guest-image/init).
+the image does not have (see packaging/guest-image/init). Init prints the failure on the
+console too, which the shim watches (hypervisor/console.py): the dial may end on that line
+first, with the same words.
+
+``NAME:hang`` makes the step never end: the agent names it at the step's own bound
+(guest/agent/bootsteps.py STEP_BOUNDS), not the shim's per-call DeadlineExceeded.
+``modules:before`` fails the modules step before it loads anything: the agent's vsock channel
+never comes up, the guest never announces, and only the console can say why; the dial ends on
+it, not at its 120 s bound.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from guest.agent.bootsteps import STEP_BOUNDS
 from guest.image.build import BuildResult
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, launch_vm
@@ -54,9 +63,10 @@ async def test_a_failed_boot_step_reaches_the_shim_within_seconds(
         try:  # the step fails while the agent answers its first Check, or before
             agent = await AgentClient.dial(vm.channel, DIAL_TIMEOUT, exited=exited,
                                            timeouts=TIMEOUTS)
-        except FailedPrecondition as err:  # before: Check said NOT_SERVING
+        except FailedPrecondition as err:  # before: Check said NOT_SERVING, or the console
             error = err
-            assert "is not serving (status NOT_SERVING)" in str(error)
+            assert ("is not serving (status NOT_SERVING)" in str(error)
+                    or "the guest cannot start; its console says: " in str(error)), error
         else:  # after: the shim's next call, waiting for the AgentService, fails with it
             assert step != "modules", "the agent served after its modules step failed"
             try:
@@ -69,8 +79,7 @@ async def test_a_failed_boot_step_reaches_the_shim_within_seconds(
         print(f"failed boot step {step}: the shim had the error {elapsed:.2f} s after the guest "
               "announced")
         message = str(error)
-        assert ("guest failed to start: init's boot step failed: step "
-                f"\"{step}\" exited with status 1") in message
+        assert f'step "{step}" exited with status 1' in message
         assert "coco-test-missing-module" in message  # modprobe's own words, from its stderr
         assert elapsed < WITHIN
         assert not exited.done()  # the guest said why; the VM did not have to die first
@@ -82,3 +91,56 @@ async def test_a_failed_boot_step_reaches_the_shim_within_seconds(
     console = (logs / "console.log").read_text(errors="replace")
     assert f'coco-init: boot step "{step}" exited with status 1' in console
     assert "coco-agent: guest failed to start: init's boot step failed" in console
+
+
+BOOT_TO_INIT = 30.0  # seconds from QEMU's start to init's steps, at most (TCG, shared host)
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("drivers:hang", 'guest failed to start: init\'s boot step hung: step "drivers" did not '
+                     f'finish within its bound of {STEP_BOUNDS["drivers"]:g} s'),
+    ("modules:before", 'coco-init: boot step "modules" exited with status 1; modprobe: module '
+                       "coco-test-missing-module not found"),
+])
+async def test_a_hung_step_or_a_missing_channel_is_named_at_its_bound(
+        guest_image: BuildResult, tmp_path: Path, fault: str, words: str) -> None:
+    """The pod's error names the step that hung (within seconds of the step's bound, not as a
+    DeadlineExceeded of the shim's call), or, when the agent's vsock channel never comes up,
+    what the console said (not the dial's 120 s "did not answer")."""
+    env = envinfo.load()
+    profile = tmp_path / "profile.toml"
+    profile.write_text(dev_profile_text(env.kernel, guest_image.image, memory_mib=512))
+    logs = tmp_path / "logs"
+    bound = STEP_BOUNDS[fault.partition(":")[0]] if fault.endswith(":hang") else 0.0
+    launched = time.monotonic()
+    vm = await launch_vm(load_profile(profile), LaunchOptions(
+        run_root=tmp_path / "run", name="bootfail", accel="tcg",
+        vhost_device_vsock=env.vhost_device_vsock, log_dir=logs,
+        extra_kernel_params=f"coco.test.fail_step={fault}"))
+    exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
+    try:
+        assert vm.channel is not None
+        try:
+            agent = await AgentClient.dial(vm.channel, DIAL_TIMEOUT, exited=exited,
+                                           timeouts=TIMEOUTS)
+        except FailedPrecondition as err:
+            error = err
+        else:  # the agent listens; the AgentService waits for the hung step
+            assert fault == "drivers:hang", "the agent answered without its vsock modules"
+            try:
+                with pytest.raises(FailedPrecondition) as info:
+                    await agent.create_sandbox("bootfail", "bootfail", [], [])
+                error = info.value
+            finally:
+                await agent.close()
+        elapsed = time.monotonic() - launched
+        print(f"{fault}: the shim had the error {elapsed:.1f} s after QEMU started: {error}")
+        assert words in str(error)
+        assert elapsed < bound + BOOT_TO_INIT
+    finally:
+        pid = vm.pid
+        await vm.aclose()
+        exited.cancel()
+    assert pid is not None and not psutil.pid_exists(pid)
+    console = (logs / "console.log").read_text(errors="replace")
+    assert words.removeprefix("guest failed to start: ") in console

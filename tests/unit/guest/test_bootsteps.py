@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-from guest.agent.bootsteps import MAX_REPORT, BootStepFailed, read_failure, wait_for_step
+from guest.agent.bootsteps import (
+    MAX_REPORT,
+    STEP_BOUNDS,
+    BootStepFailed,
+    overran_step,
+    read_failure,
+    wait_for_step,
+)
 
 
 async def test_returns_once_the_marker_exists(tmp_path: Path) -> None:
@@ -54,3 +63,56 @@ def test_a_report_is_bounded_and_never_empty(tmp_path: Path) -> None:
     report.write_text("x" * (10 * MAX_REPORT))
     text = read_failure(report)
     assert text is not None and len(text) == MAX_REPORT + 1 and text.endswith("…")
+
+
+async def test_a_step_that_hangs_is_named_at_its_own_bound(tmp_path: Path) -> None:
+    """A hung step writes no failure report: the step's own bound (from when init announced
+    it) names it long before the wait's overall bound."""
+    step = tmp_path / "step"
+    step.write_text("drivers\n")
+    started = time.monotonic()
+    with pytest.raises(BootStepFailed) as info:
+        await wait_for_step(tmp_path / "done", 60, failed=tmp_path / "failed", step=step,
+                            bounds={"drivers": 0.2})
+    assert time.monotonic() - started < 1
+    assert re.fullmatch(r"init's boot step hung: step \"drivers\" did not finish within its "
+                        r"bound of 0.2 s \(running for 0\.\d s\)", str(info.value)), info.value
+
+
+async def test_a_finished_step_is_not_bounded(tmp_path: Path) -> None:
+    """Init writes "NAME done" when a step ends well: the gap before the next step is not
+    that step running."""
+    step = tmp_path / "step"
+    step.write_text("modules done\n")
+    os.utime(step, (time.time() - 100, time.time() - 100))
+    done = tmp_path / "done"
+    waiting = asyncio.ensure_future(wait_for_step(done, 5, step=step,
+                                                  bounds={"modules": 0.1}))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    done.touch()
+    await asyncio.wait_for(waiting, 1)
+
+
+def test_the_bound_counts_from_the_announcement(tmp_path: Path) -> None:
+    step = tmp_path / "step"
+    step.write_text("mounts\n")
+    announced = step.stat().st_mtime
+    assert overran_step(step, {"mounts": 10}, now=announced + 9.9) is None
+    assert overran_step(step, {"mounts": 10}, now=announced + 10.5) == (
+        'step "mounts" did not finish within its bound of 10 s (running for 10.5 s)')
+    assert overran_step(step, {}, now=announced + 1000) is None  # a step with no bound
+    assert overran_step(tmp_path / "missing", {"mounts": 10}) is None
+
+
+def test_every_step_of_init_has_a_bound_below_the_shim_s_first_call() -> None:
+    """The AgentService waits for drivers, mounts and loopback; the shim's first call after
+    Check (SetPolicy/UpdateInterface: 30 s) must see the guest's answer, not its own bound."""
+    from shim.core.timeouts import AGENT_RPC
+
+    init = Path(__file__).parents[3] / "packaging" / "guest-image" / "init"
+    steps = re.findall(r"^\s+step (\w+) \w+", init.read_text(), re.MULTILINE)
+    assert steps == ["modules", "drivers", "mounts", "loopback"]
+    assert set(STEP_BOUNDS) == set(steps)
+    first_call = min(AGENT_RPC[m] or 0 for m in ("SetPolicy", "UpdateInterface", "CreateSandbox"))
+    assert all(STEP_BOUNDS[s] < first_call for s in steps[1:])

@@ -173,7 +173,8 @@ async def test_launch_with_kernel_vsock_passes_the_fd_and_closes_it(
         assert await asyncio.to_thread(os.path.exists, f"/proc/{vm.pid}/fd/{tap_r}")
         os.close(tap_r)  # the caller keeps ownership of its fds
         assert f"vhost-vsock-pci,id=vsock0,guest-cid=1234,vhostfd={fd}" in vm.argv
-        assert vm.channel == vm_module.AgentChannel(1234, None)
+        assert vm.channel is not None and vm.channel.console is not None  # a serial console
+        assert vm.channel == vm_module.AgentChannel(1234, None, console=vm.channel.console)
         assert vm.pid is not None
         assert spawned == [vm.pid]  # told as soon as QEMU existed (a crash record's cue)
         # inherited by "QEMU"

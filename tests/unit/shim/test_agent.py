@@ -21,7 +21,8 @@ from protocols.status import Code
 from protocols.ttrpc import Client, RequestContext, Server, TtrpcError
 from shim.core import errors
 from shim.core.timeouts import AGENT_RPC, Timeouts
-from shim.pod.agent import MAX_AGENT_MESSAGE, AgentClient
+from shim.pod.agent import AgentClient
+from shim.pod.dial import MAX_AGENT_MESSAGE
 
 Script = Callable[[Message], Awaitable[Message | None]]
 BOUND = 0.3

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.console import ConsoleWatch
 from hypervisor.vm import AgentChannel
 from protocols.api.kata import agent_pb2, health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
@@ -182,3 +183,71 @@ async def test_not_serving_without_a_reason_is_retried_and_named(
                                           r"at .* is not serving \(status NOT_SERVING\)\)"):
         await AgentClient.dial(channel(socket_dir), 0.5, timeouts=FAST)
     assert health.asked >= 2
+
+
+def console_channel(socket_dir: Path, console: ConsoleWatch,
+                    ready: Callable[[], Awaitable[None]] | None = None) -> AgentChannel:
+    return AgentChannel(guest_cid=3, hybrid_socket=socket_dir / "vsock.sock",
+                        wait_guest_ready=ready, console=console)
+
+
+async def test_a_failure_on_the_console_ends_the_wait_for_the_announcement(
+        socket_dir: Path, front: Front) -> None:
+    """The guest's vsock channel never comes up (its module did not load): the guest never
+    announces, but says why on its console, and the dial ends with those words at once."""
+    console = ConsoleWatch()
+    dialing = asyncio.ensure_future(AgentClient.dial(
+        console_channel(socket_dir, console, gate(asyncio.Event())), 60, timeouts=FAST))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    console.feed(b'[    1.2] virtio_blk virtio1: [vda] 2048 512-byte logical blocks\n'
+                 b'coco-init: boot step "modules" exited with status 1; modprobe: module '
+                 b'coco-test-missing-module not found in modules.dep\n')
+    with pytest.raises(FailedPrecondition) as info:
+        await asyncio.wait_for(dialing, 1)
+    assert time.monotonic() - started < 0.5
+    assert str(info.value) == (
+        f"agent at hvsock:{socket_dir / 'vsock.sock'}:1024: the guest cannot start; its "
+        'console says: coco-init: boot step "modules" exited with status 1; modprobe: module '
+        "coco-test-missing-module not found in modules.dep")
+    assert front.connects == []
+
+
+async def test_a_failure_on_the_console_ends_the_attempts(
+        socket_dir: Path, front: Front) -> None:
+    front.mode = "refuse"
+    console = ConsoleWatch()
+    dialing = asyncio.ensure_future(AgentClient.dial(
+        console_channel(socket_dir, console), 60, timeouts=FAST))
+    await asyncio.sleep(0.2)
+    assert front.connects and not dialing.done()
+    console.feed(b"[    3.4] Kernel panic - not syncing: Attempted to kill init!\n")
+    with pytest.raises(FailedPrecondition, match=r"its console says: .*Kernel panic - not "
+                                                 r"syncing: Attempted to kill init!$"):
+        await asyncio.wait_for(dialing, 1)
+
+
+async def test_a_dial_that_runs_out_names_the_console_s_last_lines(
+        socket_dir: Path, front: Front) -> None:
+    front.mode = "refuse"
+    console = ConsoleWatch()
+    console.feed(b"one\r\n\ntwo\nthree\nfour\nfive\nsix\nseven (no newline yet)")
+    with pytest.raises(Unavailable) as info:
+        await AgentClient.dial(console_channel(socket_dir, console), 0.3, timeouts=FAST)
+    # the last five whole lines: an unfinished one is not a line yet
+    assert str(info.value).endswith(
+        "; the console's last lines: two | three | four | five | six"), info.value
+
+
+async def test_an_exit_before_the_announcement_names_the_console_s_last_lines(
+        socket_dir: Path, front: Front) -> None:
+    console = ConsoleWatch()
+    console.feed(b"coco-init: bind mount of the root failed\n")
+    exited: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    exited.set_result("status 0")
+    with pytest.raises(Unavailable) as info:
+        await AgentClient.dial(console_channel(socket_dir, console, gate(asyncio.Event())), 5,
+                               exited=exited, timeouts=FAST)
+    assert str(info.value).endswith(
+        "the VM exited (status 0) before the guest announced its agent; the console's last "
+        "lines: coco-init: bind mount of the root failed"), info.value
