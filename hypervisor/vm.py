@@ -29,6 +29,7 @@ from hypervisor.cmdline import QemuCommandLine, SerialConsole, Share, VirtioBlk,
 from hypervisor.console import ConsoleWatch
 from hypervisor.errors import ExitReason, QemuError, VmExited
 from hypervisor.initdata import write_disk
+from hypervisor.lifeline import die_with_parent
 from hypervisor.monitor import QmpMonitor
 from hypervisor.probe import sev_geometry
 from hypervisor.profile import (
@@ -151,12 +152,13 @@ class QemuVm:
             raise
 
     async def _spawn(self) -> None:
+        argv = die_with_parent(self.argv, QemuError)  # dies with us (hypervisor.lifeline)
         stderr = CappedLog(self.stderr_log)  # QEMU repeats what the guest makes it say
         err = stderr.pipe()
         self._cleanup.callback(stderr.close)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
                 pass_fds=self.pass_fds, umask=0o077, start_new_session=True,
             )
         finally:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from hypervisor.caplog import CappedLog
 from hypervisor.errors import VsockError
+from hypervisor.lifeline import die_with_parent
 from hypervisor.timeouts import TIMEOUTS, Timeouts
 
 VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
@@ -128,11 +129,12 @@ class HybridVsockBackend:
 
     async def start(self, on_spawn: Callable[[int], None] | None = None) -> None:
         """Spawn the backend (``on_spawn`` gets its pid at once) and wait for its socket."""
+        argv = die_with_parent(self.argv(), VsockError)  # dies with us (hypervisor.lifeline)
         self._log = CappedLog(self.log_path)  # it logs what the guest's vsock traffic does
         log = self._log.pipe()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 umask=0o077, start_new_session=True,
             )
         finally:
