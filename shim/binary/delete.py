@@ -54,6 +54,10 @@ def delete(flags: Flags) -> bytes:
     killed: list[tuple[int, int]] = []
     if isinstance(pid, int) and isinstance(start_time, int) and kill_if_same(pid, start_time):
         killed.append((pid, start_time))
+        # containerd logs this as "warnings while cleaning up dead shim": a daemon that was
+        # alive with its socket closed (hung, or killed in its teardown) is worth a line.
+        print(f"delete: the shim daemon (pid {pid}) was alive with its socket closed: killed",
+              file=sys.stderr)
     # The daemon is gone now: nothing new can start. Its helpers are on the record; one that
     # spawned in the instant before the daemon could record it names the pod's (recorded) run
     # directory on its command line.

@@ -204,17 +204,28 @@ async def serve(flags: Flags, stack: AsyncExitStack, recorded: set[str],
 
 async def run(flags: Flags) -> int:
     recorded = {flags.id}
-    async with AsyncExitStack() as stack:
-        pod = await serve(flags, stack, recorded)
-        interpreter.collect_again()
-        log.info("serving containerd.task on %s (%s, pid %d)", flags.socket, flags.protocol,
-                 os.getpid())
-        await pod.shutdown_requested.wait()
-        log.info("shutting down")
-        await asyncio.sleep(TIMEOUTS.shutdown_reply)  # let the Shutdown reply leave first
-    # A clean exit: the pod VM is down, nothing is left for `delete` to reap.
-    for container_id in recorded:
-        ShimState.of(flags.namespace, container_id).remove()
+    # The listening socket stays open (a duplicate, accepting nothing) until the teardown below
+    # is done: containerd runs `delete` the moment its connection closes, right after the
+    # Shutdown reply, and a `delete` that found the socket refusing SIGKILLed this daemon in the
+    # middle of stopping its VM and redid the cleanup itself, past containerd's 5 s bound for
+    # it ("failed to delete dead shim ... signal: killed"). A socket that still accepts tells
+    # it the daemon is alive and cleans up on its own (shim/binary/delete.py).
+    held = socket.socket(fileno=os.dup(flags.listen_fd)) if flags.listen_fd >= 0 else None
+    try:
+        async with AsyncExitStack() as stack:
+            pod = await serve(flags, stack, recorded)
+            interpreter.collect_again()
+            log.info("serving containerd.task on %s (%s, pid %d)", flags.socket, flags.protocol,
+                     os.getpid())
+            await pod.shutdown_requested.wait()
+            log.info("shutting down")
+            await asyncio.sleep(TIMEOUTS.shutdown_reply)  # let the Shutdown reply leave first
+        # A clean exit: the pod VM is down, nothing is left for `delete` to reap.
+        for container_id in recorded:
+            ShimState.of(flags.namespace, container_id).remove()
+    finally:
+        if held is not None:
+            held.close()
     return 0
 
 

@@ -286,6 +286,9 @@ class LogFollower:
         self._seen += self._file.read()
         return text in self._seen
 
+    def text(self) -> str:
+        return self._seen.decode(errors="replace")
+
     def close(self) -> None:
         self._file.close()
 
@@ -346,3 +349,27 @@ def test_missing_firmware_is_a_clear_error(coco: CocoContainerd, tmp_path: Path)
         assert not coco.pod_dir(cid).exists()
     finally:
         cleanup(coco, cid)
+
+
+def test_a_pod_removal_leaves_delete_nothing_to_kill(coco: CocoContainerd) -> None:
+    """containerd runs our `delete` the moment a shim's connection closes, right after the
+    Shutdown reply, under its 5 s cleanup bound. The daemon holds its socket until it has torn
+    the pod down, so that `delete` finds it alive and answers at once: containerd logs neither
+    "failed to delete dead shim" (a delete killed at that bound: "signal: killed") nor a
+    warning from a delete that had to SIGKILL a live daemon mid-teardown."""
+    cid = name("rm")
+    follower = LogFollower(coco.cd.log_path)
+    try:
+        out = coco.run(cid, "true", flags=("--rm",))
+        assert out.returncode == 0
+        # every process naming the container (the daemon, containerd's `delete`) has exited
+        wait_for(lambda: not processes_of(coco, cid), "the shim and its delete to exit", 60)
+        follower.saw(b"")
+        said = [line for line in follower.text().splitlines() if f"id={cid}" in line]
+    finally:
+        follower.close()
+    assert any('msg="shim disconnected"' in line for line in said), said
+    trouble = [line for line in said if "failed to delete dead shim" in line
+               or "warnings while cleaning up dead shim" in line]
+    assert trouble == [], trouble
+    assert not host_leftovers(coco.base, coco.pod_dir(cid), coco.base / "state" / "default" / cid)
