@@ -559,7 +559,8 @@ class ReducedPrivileges:
     filter refusing modes with S_ISUID/S_ISGID, a chown to uid 0 a no-op) first, then
     setpriv(1): ``uid``/``gid``, no supplementary groups, no new privileges, and of all
     capabilities only ``keep`` (ambient, so they survive the exec into QEMU; nothing else in
-    the bounding set).
+    the bounding set), and the parent-death signal again (a credential change clears the one
+    :mod:`hypervisor.lifeline` set; setpriv sets it after changing them).
 
     Why: QEMU's 9p ``local`` backend with ``security_model=none`` creates files as QEMU's
     own uid and applies the guest's chown/chmod on the host. As root that lets a guest make
@@ -593,7 +594,9 @@ class ReducedPrivileges:
         caps = ",".join(["-all", *(f"+{cap}" for cap in self.keep)])
         return [str(self.setpriv), f"--reuid={self.uid}", f"--regid={self.gid}",
                 "--clear-groups", "--no-new-privs", f"--inh-caps={caps}",
-                f"--ambient-caps={caps}", f"--bounding-set={caps}", "--"]
+                f"--ambient-caps={caps}", f"--bounding-set={caps}",
+                # the uid change clears the parent-death signal hypervisor.lifeline set: again
+                "--pdeathsig=KILL", "--"]
 
 
 # --- the whole command line ------------------------------------------------------------------

@@ -3,7 +3,8 @@ hygiene: an interrupted run left vhost-device-vsock processes whose QEMU was gon
 
 The owner is a real process launching the development profile's VM (``hypervisor.launch_vm``,
 hybrid vsock) as the shim daemon and the benchmarks do. It is SIGKILLed right after
-vhost-device-vsock spawned, right after QEMU spawned (before QMP), and once the VM runs: no
+vhost-device-vsock spawned, right after QEMU spawned (before QMP), and once the VM runs (also
+with a host share, where QEMU runs unprivileged behind setpriv): no
 ``delete`` runs here (the bench, ``coco-shim vm``, or a shim containerd never deletes), yet
 neither QEMU nor vhost-device-vsock may outlive it. And QEMU SIGKILLed under a living owner:
 the owner's teardown leaves no process, socket or directory.
@@ -35,6 +36,7 @@ GONE_WITHIN = 5.0  # seconds for the kernel to deliver the owner's death and rea
 OWNER = r"""
 import asyncio, json, os, signal, sys
 from pathlib import Path
+from hypervisor.cmdline import NinePShare
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, launch_vm
 
@@ -48,11 +50,14 @@ def on_spawn(pid):
         os.kill(os.getpid(), signal.SIGKILL)
 
 async def main():
+    # a share: QEMU runs unprivileged (setpriv changes its uid, which clears a parent-death
+    # signal set before it)
+    shares = (NinePShare("fs0", "kataShared", Path(profile).parent),) if die_at == "shared" else ()
     vm = await launch_vm(load_profile(Path(profile)), LaunchOptions(
-        run_root=Path(run_root), name="owner", accel="tcg",
+        run_root=Path(run_root), name="owner", accel="tcg", shares=shares,
         vhost_device_vsock=Path(vsock_binary), on_spawn=on_spawn))
     print(json.dumps({"running": vm.pid, "run_dir": str(vm.run_dir)}), flush=True)
-    if die_at == "running":
+    if die_at in ("running", "shared"):
         os.kill(os.getpid(), signal.SIGKILL)
     print(json.dumps({"exited": str(await vm.wait())}), flush=True)
     await vm.aclose()
@@ -105,7 +110,7 @@ def _wait_gone(processes: list[psutil.Process], within: float = GONE_WITHIN) -> 
     assert not left, f"outlived their owner: {left}"
 
 
-@pytest.mark.parametrize("die_at", ["vsock", "qemu", "running"])
+@pytest.mark.parametrize("die_at", ["vsock", "qemu", "running", "shared"])
 def test_helpers_die_with_their_owner(guest_image: BuildResult, tmp_path: Path,
                                       die_at: str) -> None:
     owner = _start_owner(tmp_path, guest_image, die_at)
@@ -123,7 +128,7 @@ def test_helpers_die_with_their_owner(guest_image: BuildResult, tmp_path: Path,
         if owner.poll() is None:
             owner.kill()
             owner.wait()
-    assert len(spawned) == {"vsock": 1, "qemu": 2, "running": 2}[die_at], spawned
+    assert len(spawned) == {"vsock": 1, "qemu": 2, "running": 2, "shared": 2}[die_at], spawned
     _wait_gone(helpers)
 
 

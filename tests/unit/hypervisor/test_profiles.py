@@ -329,7 +329,7 @@ def test_a_vm_with_a_host_share_runs_qemu_unprivileged_and_without_setuid() -> N
         "chroot", "/root",
         "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
         "--no-new-privs", f"--inh-caps={caps}", f"--ambient-caps={caps}",
-        f"--bounding-set={caps}", "--"]
+        f"--bounding-set={caps}", "--pdeathsig=KILL", "--"]
     assert argv[qemu:] == replace(line, run_as=None).to_argv()  # QEMU's own argv unchanged
     plain = build_command_line(S["none"], instance("none"))
     assert plain.run_as is None
