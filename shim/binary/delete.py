@@ -34,7 +34,10 @@ def delete(flags: Flags) -> bytes:
     unwired, the recorded directories unmounted and removed, the pod's host cgroups the shim
     made emptied and removed, socket and state removed. A
     daemon that still serves is left alone, like containerd-shim-runc-v2's delete never kills
-    its shim.
+    its shim: after Shutdown the daemon holds its socket until its teardown is done (containerd
+    runs this the moment the connection closes), so an ordinary removal ends here at once. A
+    daemon found alive with its socket closed is killed, and said so on stderr (containerd
+    logs it as "warnings while cleaning up dead shim").
     The answer is runc-v2's: pid of the recorded init process, exit status 137 (128 + SIGKILL),
     exited_at now.
     """
