@@ -5,7 +5,8 @@ FIFO (:mod:`shim.daemon.logs`). Every resource it holds is on one AsyncExitStack
 this order and released in reverse: the TaskGroup that owns every background task, the event
 forwarder (drained last), the pod (its VM stopped), the task manager (its stdio relays), the
 server. So whatever ends the daemon — Shutdown, a signal, a crash — the server stops taking
-calls, the relays stop, the VM is stopped and queued events get their chance to leave. A
+calls, the relays stop, the VM is stopped and queued events get their chance to leave (the
+listening socket itself stays open, accepting nothing, until then: see :func:`run`). A
 background loop that raises is logged and fails the pod (its VM stops, its processes exit 137)
 instead of silently ending the TaskGroup.
 
