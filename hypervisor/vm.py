@@ -49,6 +49,11 @@ from protocols.initdata import Initdata
 log = logging.getLogger(__name__)
 
 OnSpawn = Callable[[int], None]  # told each process a launch starts, right after it exists
+OnStep = Callable[[str], None]  # told each step of a launch as it completes (a boot trace)
+
+
+def _no_step(step: str) -> None:
+    return None
 
 
 class VmState(enum.Enum):
@@ -128,17 +133,19 @@ class QemuVm:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    async def start(self, on_spawn: OnSpawn | None = None) -> None:
+    async def start(self, on_spawn: OnSpawn | None = None, on_step: OnStep = _no_step) -> None:
         """Launch QEMU paused (-S), connect QMP, check prelaunch, ``cont``; ``on_spawn`` gets
-        QEMU's pid as soon as it exists."""
+        QEMU's pid as soon as it exists, ``on_step`` each step's name as it completes."""
         if self._state is not VmState.CREATED:
             raise QemuError(f"cannot start in state {self._state.value}")
         self._state = VmState.STARTING
         try:
             await self._spawn()
+            on_step("QEMU spawned")
             if on_spawn is not None and self._proc is not None:
                 on_spawn(self._proc.pid)
             await self._connect()
+            on_step("QMP connected")
             status = await self.monitor.execute("query-status")
             paused = "-S" in self.argv
             if paused and status.get("status") not in ("prelaunch", "paused"):
@@ -146,6 +153,7 @@ class QemuVm:
             self._supervisor = asyncio.create_task(self._supervise(), name=f"vm-{self.pid}")
             if paused:
                 await self.monitor.execute("cont")
+            on_step("QEMU running (cont)")
             self._state = VmState.RUNNING
         except BaseException:
             await self._abort()
@@ -384,6 +392,7 @@ class LaunchOptions:
     initdata: Initdata | None = None  # see hypervisor.initdata.resolve_initdata
     timeouts: Timeouts = TIMEOUTS  # every bounded wait of this VM's life
     on_spawn: OnSpawn | None = None  # each process started (backend, QEMU), as it starts
+    on_step: OnStep = _no_step  # each launch step as it completes (benchmarks trace them)
 
 
 async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
@@ -428,6 +437,7 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                                          timeouts=options.timeouts)
             await backend.start(options.on_spawn)
             stack.push_async_callback(backend.stop)
+            options.on_step("vsock backend listening")
             vsock = HybridVsock(backend.vhost_user_socket)
             channel = AgentChannel(backend.guest_cid, backend.uds_path,
                                    backend.wait_guest_ready)
@@ -451,7 +461,9 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                     qmp_socket=instance.qmp_socket, stderr_log=log_dir / "qemu.stderr.log",
                     pass_fds=pass_fds, cleanup=stack.pop_all(), timeouts=options.timeouts)
         vm.channel = channel
-    await vm.start(options.on_spawn)  # on failure, start() releases what the stack held
+    options.on_step("QEMU argv ready")
+    # On failure, start() releases what the stack held.
+    await vm.start(options.on_spawn, options.on_step)
     return vm
 
 

@@ -45,15 +45,21 @@ def main(argv: list[str] | None = None, stdin: bytes | None = None,
     try:
         if flags.action == "start":
             from shim.binary.start import start
+            from shim.core import trace
 
+            trace.mark("start: begin")
             options = _read_stdin() if stdin is None else stdin
             print(start(flags, options, launch), flush=True)
+            trace.mark("start: answered")
             return 0
         if flags.action == "delete":
             from shim.binary.delete import delete
+            from shim.core import trace
 
+            trace.mark("delete: begin")
             sys.stdout.buffer.write(delete(flags))
             sys.stdout.buffer.flush()
+            trace.mark("delete: answered")
             return 0
         if flags.action == "serve":
             import shim.daemon.main as daemon

@@ -24,6 +24,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from protocols.api.containerd.events import task_pb2
+from shim.core import trace
 from shim.core.timeouts import TIMEOUTS, Timeouts
 from shim.task.events import (
     Event,
@@ -224,6 +225,7 @@ class EventForwarder:
         for attempt in range(1, attempts + 1):
             try:
                 await self._sender.send(item, self._timeouts.event_attempt)
+                trace.mark(f"event: {item.topic} delivered")
                 return
             except Exception as err:  # retried, then dropped: containerd may be restarting
                 log.warning("publish %s: attempt %d/%d failed: %s", item.topic, attempt,

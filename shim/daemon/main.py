@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from shim.binary.flags import Flags
-from shim.core import interpreter
+from shim.core import interpreter, trace
 from shim.core.bundle import read_spec
 from shim.core.config import decode_runtime_options
 from shim.core.crash_record import ShimState
@@ -218,12 +218,15 @@ async def run(flags: Flags) -> int:
             interpreter.collect_again()
             log.info("serving containerd.task on %s (%s, pid %d)", flags.socket, flags.protocol,
                      os.getpid())
+            trace.mark("daemon: serving")
             await pod.shutdown_requested.wait()
             log.info("shutting down")
+            trace.mark("daemon: shutting down")
             await asyncio.sleep(TIMEOUTS.shutdown_reply)  # let the Shutdown reply leave first
         # A clean exit: the pod VM is down, nothing is left for `delete` to reap.
         for container_id in recorded:
             ShimState.of(flags.namespace, container_id).remove()
+        trace.mark("daemon: exit")
     finally:
         if held is not None:
             held.close()
@@ -232,6 +235,7 @@ async def run(flags: Flags) -> int:
 
 def main(flags: Flags) -> int:
     os.umask(0o077)
+    trace.mark("daemon: main")
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
     try:
         setup_logging(bundle, flags.debug, flags.id)

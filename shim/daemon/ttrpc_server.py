@@ -18,6 +18,7 @@ from protocols.api.containerd.runtime.sandbox.v1 import sandbox_pb2
 from protocols.api.containerd.task.v2 import shim_pb2 as task_v2
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.ttrpc import Code, Server, TtrpcError
+from shim.core import trace
 from shim.core.errors import RpcError, status_code
 from shim.daemon import sandbox_service
 from shim.daemon.sandbox_service import SandboxService
@@ -39,8 +40,11 @@ class EdgeAdapter:
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         async def call(request: Any, context: Any) -> Any:
+            trace.mark(f"rpc: {method} received")
             try:
-                return await handler(request, context)
+                reply = await handler(request, context)
+                trace.mark(f"rpc: {method} answered")
+                return reply
             except Exception as err:
                 if not isinstance(err, RpcError | TtrpcError):
                     log.error("%s failed unexpectedly", method, exc_info=err)

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from hypervisor.vm import AgentChannel
 from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from protocols.ttrpc import Client, ConnectionClosed, OversizedMessage, TtrpcError
+from shim.core import trace
 from shim.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -71,7 +72,6 @@ class Agent(Protocol):
                                storages: Sequence[agent_pb2.Storage], *,
                                sandbox_pidns: bool = False) -> None:
         """``sandbox_pidns``: the container joins the pod's PID namespace in the guest."""
-        ...
 
     async def start_container(self, container_id: str) -> None: ...
 
@@ -82,17 +82,14 @@ class Agent(Protocol):
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:
         """Until the process exits (long poll); its exit status."""
-        ...
 
     async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes:
         """Up to ``size`` bytes, waiting for some (long poll); b"" at the end of the stream."""
-        ...
 
     async def read_stderr(self, container_id: str, exec_id: str, size: int) -> bytes: ...
 
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
         """How many bytes the agent took (maybe fewer than given)."""
-        ...
 
     async def close_stdin(self, container_id: str, exec_id: str) -> None: ...
 
@@ -112,11 +109,9 @@ class Agent(Protocol):
 
     async def get_oom_event(self) -> str:
         """Until a container of the pod hits its memory limit (long poll); its id."""
-        ...
 
     async def close(self) -> None:
         """Drop the connection: every pending call fails with Unavailable."""
-        ...
 
 
 class AgentClient:
@@ -149,6 +144,7 @@ class AgentClient:
         if channel.wait_guest_ready is not None:
             await await_guest(channel.wait_guest_ready(), name, deadline, dial_timeout, exited,
                                console)
+            trace.mark("dial: guest announced its agent")
         attempts = 0
         last = ""  # what the last attempt that ran its course saw
         while True:
@@ -222,6 +218,8 @@ class AgentClient:
                                    ) from err
         if log.isEnabledFor(logging.DEBUG):
             log.debug("agent %s: %.3f s", method, time.monotonic() - started)
+        if method not in ("ReadStdout", "ReadStderr", "WriteStdin"):  # not the streams
+            trace.mark(f"agent: {method} answered")
         return reply
 
     async def _empty(self, method: str, request: Message) -> None:

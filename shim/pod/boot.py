@@ -29,7 +29,7 @@ from hypervisor.profile import RuntimeProfile
 from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
 from protocols.initdata import ANNOTATION as INITDATA_ANNOTATION
 from protocols.initdata import Initdata, InitdataError
-from shim.core import cgroup, failed_boot, paths
+from shim.core import cgroup, failed_boot, paths, trace
 from shim.core.config import RuntimeOptions
 from shim.core.crash_record import ShimState
 from shim.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
@@ -129,6 +129,8 @@ class BootScript:
         self.started = time.monotonic()
 
     async def run(self) -> PodVm:
+        step = trace.mark  # each step's end on the boot trace (bench/run.py's timeline)
+        step("boot: begin")
         async with self.undo:
             self.read_profile()
             async with self.admission() as admitted:  # a slot, waited for from here on
@@ -138,11 +140,15 @@ class BootScript:
                 self.choose_rootfs()
                 self.find_network()
                 await self.resolve_accelerator()
+                step("boot: decided (profile, annotations, initdata, size, accelerator)")
                 self.make_run_dir()
                 await self.join_pod_cgroup()
+                step("boot: run dir and pod cgroup")
                 await self.prepare_rootfs()
                 await self.wire_network()
+                step("boot: rootfs share and network")
                 await admitted()  # held from here: launch to first Check, the CPU-bound part
+                step("boot: boot slot held")
                 await self.launch_vm()
                 await self.dial_agent()
             await self.set_policy()
@@ -360,7 +366,8 @@ class BootScript:
                 vhost_device_vsock=self.env.vhost_device_vsock(),
                 log_dir=self.pod_dir / "logs", shares=self.rootfs.vm_shares(), nics=nics,
                 extra_kernel_params=self.annotations.kernel_params, initdata=self.initdata,
-                timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid))
+                timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid,
+                on_step=lambda name: trace.mark(f"launch: {name}")))
         except (QemuError, InvariantError, ConfigError, OSError) as err:
             raise Unavailable(f"pod {self.config.sandbox_id}: VM did not start: {err}") from err
         finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
 from hypervisor.errors import QemuError
+from shim.core import trace
 from shim.core.config import RuntimeOptions
 from shim.core.errors import RpcError
 from shim.pod import guest_spec
@@ -145,10 +146,12 @@ class PodVm:
             with contextlib.suppress(QemuError):
                 await self.vm.stop()
             stopped = time.monotonic()
+            trace.mark("teardown: VM stopped")
             try:
                 await self.undo.aclose()
             finally:
                 self._torn_down = True
+            trace.mark("teardown: host side undone")
             log.info("pod %s: down (DestroySandbox %.3f s, VM stop %.3f s, cleanup %.3f s)",
                      self.sandbox_id, destroyed - started, stopped - destroyed,
                      time.monotonic() - stopped)
