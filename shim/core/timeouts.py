@@ -53,6 +53,10 @@ class Timeouts:
     # clock above (and the dial timeout) stop meanwhile. A burst of 16 pods on 2 CPUs waits
     # ≈ 7 boots for the last slot.
     boot_slot_wait: float = 300.0
+    # How long a pod keeps its boot slot after its agent first answered, waiting for its
+    # sandbox to be usable (its first container started; a lone TCG pod needs ≈ 3 s): past it
+    # the slot goes back to the node whatever the pod does.
+    boot_slot_hold: float = 30.0
     vm_stop: float = 30.0  # DestroySandbox, VM stop and host cleanup of a pod
     # The VM died: how long its processes get to report their exits before the teardown.
     vm_exit_reports: float = 10.0

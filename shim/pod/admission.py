@@ -1,9 +1,14 @@
 """Node-wide admission for pod boots: at most N VMs boot at once across every shim daemon.
 
-A boot (QEMU start to the agent's first Check answered) is CPU-bound; with more boots than
-CPUs every one of them slows down and all pods become ready only at the end of a burst, near
-the dial timeout. So each daemon takes one of N slots before it launches QEMU and gives it
-back once the agent has answered. The slots are files ``slot-0`` … ``slot-<N-1>`` in
+A boot (QEMU start to the pod's sandbox usable) is CPU-bound; with more boots than CPUs
+every one of them slows down and all pods become ready only at the end of a burst, near the
+dial timeout. So each daemon takes one of N slots before it launches QEMU and gives it back
+once its pod is usable: its first container started (:class:`SlotHold`; the agent's Check,
+SetPolicy, the guest's network, CreateSandbox and the first CreateContainer/StartContainer run
+inside the slot, so a pod that got one is not slowed down by the next boots), the hold bounded
+by ``Timeouts.boot_slot_hold`` from the agent's first answer (a pod whose agent stalls, or that
+never starts a container, cannot hold the node), and released at once on any failure or
+teardown. The slots are files ``slot-0`` … ``slot-<N-1>`` in
 ``/run/coco-shim/boot-slots`` (``$COCO_SHIM_BOOT_SLOTS_DIR``; beside the pods' run root,
 never in it), each held with ``flock``: the kernel releases a lock when its holder's file is
 closed, so a daemon that crashes or is killed frees its slot by itself and nothing needs
@@ -31,6 +36,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -102,6 +108,49 @@ class HeldSlot:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class SlotHold:
+    """A pod's hold on its boot slot, from the launch to its sandbox usable.
+
+    Released by the first of: :meth:`release` (the pod's first container started, a failed
+    boot, the pod's teardown) and the bound set by :meth:`bound` (a timer on the event loop,
+    cancelled by the release: no task to own). Idempotent; ``on_release`` hears why, once."""
+
+    def __init__(self, slot: HeldSlot, name: str,
+                 on_release: Callable[[str, float], None] | None = None) -> None:
+        self.slot: HeldSlot | None = slot
+        self.name = name
+        self.taken = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_release = on_release
+
+    @property
+    def held(self) -> bool:
+        return self.slot is not None
+
+    def bound(self, seconds: float) -> None:
+        """Release the slot ``seconds`` from now if nothing released it before."""
+        if self.slot is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(
+            seconds, self.release, f"held {seconds:g} s past the agent's first answer")
+
+    def release(self, why: str) -> None:
+        slot, self.slot = self.slot, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if slot is None:
+            return
+        slot.release()
+        held = time.monotonic() - self.taken
+        log.info("%s: boot slot %d given back after %.3f s (%s)", self.name, slot.index,
+                 held, why)
+        if self._on_release is not None:
+            self._on_release(why, held)
 
 
 class BootSlots:

@@ -41,7 +41,7 @@ from shim.network.tcfilter import (
     guest_requests,
     netns_of,
 )
-from shim.pod.admission import BootSlots, HeldSlot, Priority
+from shim.pod.admission import BootSlots, HeldSlot, Priority, SlotHold
 from shim.pod.agent import Agent, AgentClient
 from shim.pod.guest_spec import annotations_of
 from shim.pod.mounts import remove_tree
@@ -117,6 +117,7 @@ class BootScript:
     accel: str
     pod_dir: Path
     wired: WiredNetwork | None = None
+    hold: SlotHold | None = None  # the node-wide boot slot, from the launch to a usable pod
     vm: VirtualMachine
     agent: Agent
 
@@ -147,16 +148,16 @@ class BootScript:
                 await self.prepare_rootfs()
                 await self.wire_network()
                 step("boot: rootfs share and network")
-                await admitted()  # held from here: launch to first Check, the CPU-bound part
+                await admitted()  # held from here to the pod usable: the CPU-bound part
                 step("boot: boot slot held")
-                await self.launch_vm()
-                await self.dial_agent()
+            await self.launch_vm()
+            await self.dial_agent()
             await self.set_policy()
             await self.configure_guest_network()
             await self.create_sandbox()
             return PodVm(self.config.sandbox_id, self.vm, self.agent, self.rootfs,
                          self.undo.pop_all(), AnnotationPolicy.of(self.profile),
-                         size=self.size)
+                         size=self.size, boot_slot=self.hold)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _elapsed(self) -> float:
@@ -164,14 +165,15 @@ class BootScript:
 
     @contextlib.asynccontextmanager
     async def admission(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-        """A node-wide boot slot (:mod:`shim.pod.admission`), held until the agent's first
-        answer. The wait starts at once, beside the boot's first steps, and the daemon runs at
-        the lowest CPU priority until it holds a slot: in a burst, the pods that wait do their
-        pre-boot work (network wiring, …) on the CPU the boots in a slot leave, and a pod that
-        finds a slot free does its own at its normal priority. The caller awaits the yielded
-        function before QEMU's launch. The wait has its own bound (``boot_slot_wait``); the
-        boot's clock stops while the caller awaits the slot and the dial's starts after it,
-        so a burst's waiting is charged to neither. Cancelled or failed, nothing is held."""
+        """A node-wide boot slot (:mod:`shim.pod.admission`), from QEMU's launch until the pod
+        is usable (a :class:`SlotHold` the undo stack, then the pod, owns). The wait starts at
+        once, beside the boot's first steps, the daemon at the lowest CPU priority until it
+        holds a slot: in a burst, the pods that wait do their pre-boot work (network wiring,
+        …) on the CPU the boots in a slot leave; a pod that finds a slot free does its own at
+        its normal priority. The caller awaits the yielded function before QEMU's launch. The
+        wait has its own bound (``boot_slot_wait``); the boot's clock stops while the caller
+        awaits the slot and the dial's starts after it, so a burst's waiting is charged to
+        neither. Cancelled or failed before the slot is handed over, nothing is held."""
         slots = self.env.admission(self.profile.boot_slots)
         if slots is None:
             async def no_limit() -> None:
@@ -197,11 +199,13 @@ class BootScript:
 
         async def admitted() -> None:
             prepared = self._elapsed()
-            if waiting.done():
-                waiting.result()  # raises what the wait raised
-            else:
+            if not waiting.done():
                 with self.clock.stopped():
                     await asyncio.shield(waiting)
+            hold = SlotHold(waiting.result(), name)  # raises what the wait raised
+            # The undo stack owns it now: a failed boot (later: the pod's teardown) frees it.
+            self.undo.callback(hold.release, "boot undone")
+            self.hold = hold
             log.info("%s: pre-boot work %.3f s, then %.3f s more for a boot slot", name,
                      prepared, self._elapsed() - prepared)
 
@@ -220,8 +224,9 @@ class BootScript:
             if not waiting.done():
                 waiting.cancel()
             await asyncio.wait({waiting})
-            if not waiting.cancelled() and waiting.exception() is None:
-                waiting.result().release()
+            if (self.hold is None and not waiting.cancelled()
+                    and waiting.exception() is None):
+                waiting.result().release()  # taken but never handed to the undo stack
 
     # --- decide (nothing made yet) ------------------------------------------------------------
 
@@ -392,6 +397,8 @@ class BootScript:
         self.undo.push_async_callback(self.agent.close)
         log.info("pod %s: agent answered after %.3f s", self.config.sandbox_id,
                  self._elapsed())
+        if self.hold is not None:  # the rest of the pod's start, inside its slot, bounded
+            self.hold.bound(self.env.timeouts.boot_slot_hold)
 
     async def set_policy(self) -> None:
         """The policy annotation, after Check and before CreateSandbox; the guest's policy in

@@ -24,6 +24,7 @@ from shim.pod.mounts import Mount
 
 if TYPE_CHECKING:  # types only: the daemon serves before the boot machinery is loaded
     from hypervisor.vm import VirtualMachine
+    from shim.pod.admission import SlotHold
     from shim.pod.agent import Agent
     from shim.pod.profile import AnnotationPolicy
     from shim.pod.rootfs import RootfsStrategy
@@ -95,6 +96,8 @@ class PodVm:
     undo: AsyncExitStack
     annotations: AnnotationPolicy
     size: VmSize | None = None  # what it booted with (None: a fake booter's VM)
+    # The node-wide boot slot its boot still holds (None: no admission, or given back).
+    boot_slot: SlotHold | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     failing: bool = False  # Pod.fail is stopping it
     _teardown_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -104,6 +107,20 @@ class PodVm:
     def pid(self) -> int:
         """The host pid that stands for the pod's processes (the hypervisor), as Kata says."""
         return self.vm.pid or 0
+
+    async def start_container(self, container_id: str) -> None:
+        """StartContainer. The pod's first (started or refused) ends its boot: the pod is
+        usable and its boot slot goes back to the node (:mod:`shim.pod.admission`)."""
+        try:
+            await self.agent.start_container(container_id)
+        finally:
+            self.started()
+
+    def started(self) -> None:
+        """The pod's boot is over: its boot slot (if it still holds one) goes back. Idempotent."""
+        slot, self.boot_slot = self.boot_slot, None
+        if slot is not None:
+            slot.release("first container started")
 
     async def create_container(self, container_id: str, bundle: Path,
                                spec: Mapping[str, object], rootfs: Sequence[Mount]) -> None:

@@ -165,7 +165,7 @@ class TaskManager:
                     process.exec_spec, f"exec {exec_id}"))
                 process.pid = self._pod.pid
             else:
-                await agent.start_container(container_id)
+                await self._pod.ready_vm().start_container(container_id)  # ends the boot
             process.apply(ProcessTransition.START)
             process.io.start(self._spawn)
             if exec_id:

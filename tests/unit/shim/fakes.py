@@ -18,6 +18,7 @@ from hypervisor.errors import ExitReason
 from hypervisor.vm import AgentChannel
 from protocols.api.kata import agent_pb2, oci_pb2, types_pb2
 from shim.core.errors import NotFound, Unavailable
+from shim.pod.admission import BootSlots, SlotHold
 from shim.pod.agent import Agent
 from shim.pod.guest_spec import spec_mounts
 from shim.pod.mounts import Mount
@@ -307,6 +308,9 @@ class FakeBooter:
         self.vms: list[FakeVm] = []
         self.rootfs: list[FakeRootfs] = []
         self.failure: Exception | None = None
+        # Node-wide boot slots: each boot takes one and its pod holds it, as the real boot
+        # script hands it over (None: no admission).
+        self.slots: BootSlots | None = None
 
     async def boot(self, config: PodConfig, clock: BootClock | None = None) -> PodVm:
         self.configs.append(config)
@@ -328,8 +332,15 @@ class FakeBooter:
         undo.push_async_callback(rootfs.close)
         undo.push_async_callback(vm.aclose)
         undo.push_async_callback(agent.close)
+        hold = None
+        if self.slots is not None:
+            taken = self.slots.try_take(config.sandbox_id)
+            assert taken is not None, "the fake boots only with a slot free"
+            hold = SlotHold(taken, f"pod {config.sandbox_id}")
+            undo.callback(hold.release, "boot undone")
         await agent.create_sandbox(config.sandbox_id, "", [], rootfs.sandbox_storages())
-        return PodVm(config.sandbox_id, vm, agent, rootfs, undo, self.annotations)
+        return PodVm(config.sandbox_id, vm, agent, rootfs, undo, self.annotations,
+                     boot_slot=hold)
 
 
 class RecordingPublisher:

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,12 @@ class LoggingAgent(FakeAgent):
         super().__init__()
         self.log = log
         self.fail = fail
+        self.probe: Callable[[str], object] | None = None  # called at each step, before it runs
 
     def _step(self, method: str) -> None:
         self.log.append(method)
+        if self.probe is not None:
+            self.probe(method)
         if method == self.fail:
             raise RpcError(f"agent {method}: refused")
 
@@ -139,6 +143,7 @@ class Harness:
     cgroup_root: Path | None = None
     boot_slots: int | None = None  # the profile's [runtime] boot_slots (None: host CPUs)
     slot_wait: float = 5.0  # Timeouts.boot_slot_wait
+    slot_hold: float = 5.0  # Timeouts.boot_slot_hold
     # The daemon's priority: "low" / "back" each with the log's length at the time.
     nice: list[tuple[str, int]] = field(default_factory=list)
 
@@ -190,7 +195,8 @@ class Harness:
             networking=self.networking,
             profile=lambda options: profile,
             accelerator=accelerator, vhost_device_vsock=lambda: None, launch=launch,
-            dial=dial, timeouts=dataclasses.replace(FAST, boot_slot_wait=self.slot_wait),
+            dial=dial, timeouts=dataclasses.replace(
+                FAST, boot_slot_wait=self.slot_wait, boot_slot_hold=self.slot_hold),
             host_size=lambda: HostSize(cpus=4, memory_mib=8192),
             cgroup_root=lambda: self.cgroup_root, priority=lambda: FakePriority(self)))
 
@@ -479,8 +485,11 @@ async def test_launch_waits_for_a_node_boot_slot(harness: Harness) -> None:
     held.pop().release()  # one daemon's boot is over
     vm = await asyncio.wait_for(boot, 5)
     assert harness.log[:3] == ["network setup", "launch", "agent connect"]
-    back = BootSlots(paths.boot_slots_dir(), 2).try_take()
-    assert back is not None  # the boot gave its slot back once the agent answered
+    slots = BootSlots(paths.boot_slots_dir(), 2)
+    assert slots.try_take() is None  # the pod holds its slot until its first container starts
+    vm.started()
+    back = slots.try_take()
+    assert back is not None
     for slot in [*held, back]:
         slot.release()
     await vm.destroy(vm_gone=False)
@@ -654,3 +663,80 @@ async def test_a_bad_cgroups_path_is_refused_before_anything(harness: Harness) -
         await harness.booter().boot(PodConfig(config.sandbox_id, config.namespace,
                                               config.bundle, spec))
     assert harness.log == [] and not pod_dir(harness).exists()
+
+
+def slot_free(count: int) -> bool:
+    """Whether one of ``count`` node-wide boot slots is free now (taken and given back)."""
+    taken = BootSlots(paths.boot_slots_dir(), count).try_take("probe")
+    if taken is None:
+        return False
+    taken.release()
+    return True
+
+
+async def test_the_slot_is_held_across_create_sandbox_until_the_first_container_starts(
+        harness: Harness) -> None:
+    """One slot: held through the agent's Check, the guest's network and CreateSandbox; the
+    booted pod still holds it; the pod's first container start gives it back, once."""
+    harness.boot_slots = 1
+    seen: dict[str, bool] = {}
+    harness.agent.probe = lambda method: seen.setdefault(method, slot_free(1))
+    vm = await harness.booter().boot(harness.config(str(netns_file(harness))))
+    assert seen == {"UpdateInterface": False, "UpdateRoutes": False, "AddARPNeighbors": False,
+                    "CreateSandbox": False}
+    assert vm.boot_slot is not None and not slot_free(1)
+    vm.started()
+    assert vm.boot_slot is None and slot_free(1)
+    vm.started()  # a second container's start: nothing more to give back
+    await vm.destroy(vm_gone=False)
+
+
+@pytest.mark.parametrize("failing", ["UpdateInterface", "CreateSandbox"])
+async def test_a_boot_failing_after_the_launch_gives_its_slot_back(harness: Harness,
+                                                                   failing: str) -> None:
+    harness.boot_slots = 1
+    harness.agent.fail = failing
+    with pytest.raises(RpcError, match=failing):
+        await harness.booter().boot(harness.config(str(netns_file(harness))))
+    assert slot_free(1)
+
+
+async def test_a_cancelled_boot_after_the_launch_gives_its_slot_back(harness: Harness) -> None:
+    harness.boot_slots = 1
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stalled_create_sandbox(*_: object) -> None:
+        entered.set()
+        await release.wait()  # an agent that never answers CreateSandbox
+
+    harness.agent.create_sandbox = stalled_create_sandbox  # type: ignore[method-assign,assignment]
+    boot = asyncio.create_task(harness.booter().boot(harness.config(None)))
+    await asyncio.wait_for(entered.wait(), 5)
+    assert not slot_free(1)
+    boot.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await boot
+    assert slot_free(1) and not pod_dir(harness).exists()
+
+
+async def test_the_hold_is_bounded_from_the_agents_first_answer(harness: Harness) -> None:
+    """A pod that never starts a container (or whose agent stalls) gives its slot back
+    ``boot_slot_hold`` after the agent first answered, and runs on."""
+    harness.boot_slots = 1
+    harness.slot_hold = 0.2
+    vm = await harness.booter().boot(harness.config(None))
+    assert not slot_free(1)
+    await asyncio.sleep(0.4)
+    assert slot_free(1) and vm.boot_slot is not None and not vm.boot_slot.held
+    vm.started()  # late: nothing to give back
+    await vm.destroy(vm_gone=False)
+
+
+async def test_a_pod_torn_down_before_its_first_start_gives_its_slot_back(
+        harness: Harness) -> None:
+    harness.boot_slots = 1
+    vm = await harness.booter().boot(harness.config(None))
+    assert not slot_free(1)
+    await vm.destroy(vm_gone=False)
+    assert slot_free(1)

@@ -12,6 +12,7 @@ import pytest
 
 from protocols.api.containerd.cgroups.v2 import metrics_pb2 as v2
 from shim.core import errors
+from shim.pod.admission import BootSlots
 from shim.pod.pod import PodState
 from shim.task import events
 from shim.task.events import Stdio
@@ -540,3 +541,33 @@ async def test_an_unanswered_sigkill_stops_the_vm_and_the_task_is_deletable(
         assert h.publisher.topics()[-2:] == ["/tasks/exit", "/tasks/delete"]
     finally:
         await h.aclose()
+
+
+async def test_the_pods_first_container_start_gives_its_boot_slot_back(
+        tmp_path: Path) -> None:
+    """The boot slot the pod's boot holds goes back at its first container's start (the pod
+    is usable); a refused start gives it back too."""
+    for refused in (False, True):
+        agent = FakeAgent()
+        h = make_harness(tmp_path / f"refused-{refused}", agent)
+        h.root.mkdir()
+        slots = BootSlots(tmp_path / f"slots-{refused}", 1)
+        h.booter.slots = slots
+        try:
+            await create(h, "sandbox")
+            assert slots.try_take() is None  # held by the booted pod
+            if refused:
+                agent.start_container = refuse  # type: ignore[method-assign]
+                with pytest.raises(errors.RpcError):
+                    await h.tasks.start("sandbox")
+            else:
+                await h.tasks.start("sandbox")
+            free = slots.try_take()
+            assert free is not None
+            free.release()
+        finally:
+            await h.aclose()
+
+
+async def refuse(container_id: str) -> None:
+    raise errors.RpcError(f"agent StartContainer {container_id}: refused")
