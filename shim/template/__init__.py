@@ -12,8 +12,13 @@ Life of a request (``start``'s fast path, :mod:`shim.binary.template_client`):
    else it is refused and logged) and sends its argv, environment, ``/proc/self/cgroup``,
    umask and stdin, with its working directory, stdout and stderr as file descriptors.
 2. The template checks that its code on disk is still what it imported (the size and mtime of
-   every module file it loaded): if not, it stops serving (``start`` runs itself and launches
-   a new template) and exits. Then it forks the *intermediate* and goes back to waiting.
+   every module file it loaded, looked at only when inotify saw a change in their directories:
+   :mod:`shim.template.codewatch`): if not, it stops serving (``start`` runs itself and
+   launches a new template) and exits. Then it hands the connection (SCM_RIGHTS) to the
+   *spare intermediate* it forked in advance, while no request was waiting, and forks the next
+   spare: a spare serves one request and is never reused; an unused one exits when the
+   template closes its channel (or dies). With no spare (a fork refused, the spare killed) the
+   template forks the intermediate for the request, as it always could.
 3. The intermediate becomes ``start``: its cgroups, environment, working directory, umask,
    stdout and stderr; if the ``[shim]`` table turns ``template`` off it declines. It runs
    :func:`shim.__main__.main` with ``launch`` = :func:`shim.template.child.fork_daemon`,

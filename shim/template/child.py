@@ -327,12 +327,33 @@ def run_start(conn: socket.socket, containerd_pid: int, log: Log) -> None:
     conn.sendall(f"ok {status} {daemons[-1] if daemons else 0}\n".encode())
 
 
+def spare(channel: socket.socket, containerd_pid: int, log: Log, close: Iterable[int]) -> int:
+    """A spare intermediate's whole life (forked before its request, off ``start``'s path):
+    wait for one connection on ``channel``, serve it as :func:`intermediate`, exit. EOF (the
+    template closed its end, stopped or died) ends it at once with nothing served; it is never
+    reused: the template forks the next one."""
+    _close(close)
+    try:
+        _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+    except OSError:
+        return 0
+    finally:
+        channel.close()
+    if not fds:
+        return 0
+    return intermediate(socket.socket(fileno=fds[0]), containerd_pid, log, ())
+
+
+def _close(fds: Iterable[int]) -> None:
+    for fd in fds:  # the template's: above all its lock, which must die with the template
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def intermediate(conn: socket.socket, containerd_pid: int, log: Log,
                  close: Iterable[int]) -> int:
     """The forked intermediate's whole life; its exit status."""
-    for fd in close:  # the template's: above all its lock, which must die with the template
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    _close(close)
     try:
         run_start(conn, containerd_pid, log)
         return 0

@@ -1,5 +1,6 @@
 """The template's serving loop: preload, freeze, wait on the socket and containerd's pidfd,
-fork one intermediate per request (see :mod:`shim.template`)."""
+hand each request to the spare intermediate forked in advance, then fork the next spare (see
+:mod:`shim.template`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from collections.abc import Iterable
 from typing import Final
 
 from shim.binary.template_client import TemplatePaths
-from shim.template.child import Log, intermediate, peer_credentials
+from shim.template.child import Log, intermediate, peer_credentials, spare
+from shim.template.codewatch import CodeWatch, Stamp, code_stamp
 
 # What the daemon imports before (and right after) it serves: every pod's daemon gets them
 # from the template. The transport modules are one list of their own: ttrpc (containerd 2.x)
@@ -38,43 +40,19 @@ PRELOAD: Final[tuple[str, ...]] = (
 )
 
 
+class Spare:
+    """The intermediate forked in advance: it waits on its end of ``channel`` for one
+    request's connection (SCM_RIGHTS), runs it and exits; EOF (the template closed its end,
+    or died) ends it without a request."""
+
+    def __init__(self, pid: int, pidfd: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.channel = channel
+
+
 class Stopped(Exception):
     """SIGTERM: the template stops serving and exits (its socket removed)."""
-
-
-# --- code identity ----------------------------------------------------------------------------
-
-
-def code_stamp(modules: Iterable[object] | None = None) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every loaded module's file, and of the interpreter."""
-    stamp: dict[str, tuple[int, int]] = {}
-    files = [sys.executable]
-    for module in list(sys.modules.values()) if modules is None else modules:
-        path = getattr(module, "__file__", None)
-        if isinstance(path, str):
-            files.append(path)
-    for path in files:
-        try:
-            st = os.stat(path)
-        except OSError:
-            stamp[path] = (-1, -1)
-        else:
-            stamp[path] = (st.st_size, st.st_mtime_ns)
-    return stamp
-
-
-def changed(stamp: dict[str, tuple[int, int]]) -> str | None:
-    """The first file whose size or mtime differs from ``stamp``; None if none does."""
-    for path, (size, mtime) in stamp.items():
-        try:
-            st = os.stat(path)
-        except OSError:
-            now = (-1, -1)
-        else:
-            now = (st.st_size, st.st_mtime_ns)
-        if now != (size, mtime):
-            return path
-    return None
 
 
 # --- the template -----------------------------------------------------------------------------
@@ -111,22 +89,25 @@ class Template:
     """The serving loop; ``serve`` returns when containerd exits or the code changed."""
 
     def __init__(self, paths: TemplatePaths, containerd_pid: int, log: Log,
-                 lock_fd: int, watch: int, stamp: dict[str, tuple[int, int]]) -> None:
+                 lock_fd: int, watch: int, stamp: Stamp) -> None:
         self.paths = paths
         self.containerd_pid = containerd_pid
         self.log = log
         self.lock_fd = lock_fd
         self.watch = watch  # pidfd of containerd
-        self.stamp = stamp
-        self.children: dict[int, int] = {}  # pidfd -> pid of an intermediate
+        self.code = CodeWatch(stamp)  # cheap to ask on every request (inotify)
+        self.children: dict[int, int] = {}  # pidfd -> pid of an intermediate (or the spare)
+        self.spare: Spare | None = None
+        self.poller = select.poll()
         self.listener = listen(paths.socket)
         self.inode = os.stat(paths.socket).st_ino
 
     def serve(self) -> str:
         """Serve until containerd exits or the code changes; why it stopped."""
-        poller = select.poll()
+        poller = self.poller
         poller.register(self.listener.fileno(), select.POLLIN)
         poller.register(self.watch, select.POLLIN)
+        self._fork_spare()
         while True:
             for fd, _ in poller.poll():
                 if fd == self.watch:
@@ -135,17 +116,66 @@ class Template:
                     poller.unregister(fd)
                     self._reap(fd)
                 elif fd == self.listener.fileno():
-                    stop = self._accept(poller)
+                    stop = self._accept()
                     if stop:
                         return stop
+            if self.spare is None:  # used (or died): the next one, off this request's path
+                self._fork_spare()
 
     def _reap(self, pidfd: int) -> None:
         pid = self.children.pop(pidfd)
+        if self.spare is not None and self.spare.pidfd == pidfd:  # died unused (killed)
+            self._drop_spare()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         os.close(pidfd)
 
-    def _accept(self, poller: select.poll) -> str | None:
+    def _fork_spare(self) -> None:
+        """Fork the next spare intermediate. A fork refused (EAGAIN, ENOMEM) leaves none:
+        requests are forked for as they come, and the next one tries again."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            child = os.fork()
+        except OSError as err:
+            ours.close()
+            theirs.close()
+            self.log(f"no spare intermediate: {err}")
+            return
+        if child == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the template's own, below
+            status = 1
+            try:
+                status = spare(theirs, self.containerd_pid, self.log,
+                               [*self._fds(), ours.fileno()])
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.spare = Spare(child, os.pidfd_open(child), ours)
+        self.children[self.spare.pidfd] = child
+        self.poller.register(self.spare.pidfd, select.POLLIN)
+
+    def _drop_spare(self) -> None:
+        """Close our end of the spare's channel (an unused spare sees EOF and exits); the
+        process is reaped through its pidfd like any intermediate."""
+        used, self.spare = self.spare, None
+        if used is not None:
+            used.channel.close()
+
+    def _hand_to_spare(self, conn: socket.socket) -> bool:
+        """Give ``conn`` to the spare (which becomes this request's intermediate); False if
+        there is none or it is gone."""
+        if self.spare is None:
+            return False
+        try:
+            socket.send_fds(self.spare.channel, [b"r"], [conn.fileno()])
+        except OSError as err:  # it died meanwhile: its pidfd reaps it
+            self.log(f"spare intermediate {self.spare.pid} gone ({err.strerror}): forking")
+            return False
+        finally:
+            self._drop_spare()  # used or not, never again
+        return True
+
+    def _accept(self) -> str | None:
         try:
             conn, _ = self.listener.accept()
         except OSError:
@@ -155,12 +185,14 @@ class Template:
             if uid != os.getuid():
                 self.log(f"refused pid {pid}: uid {uid}, not {os.getuid()}")
                 return None
-            stale = changed(self.stamp)
+            stale = self.code.changed()
             if stale is not None:
                 self.stop_listening()  # before the answer: that start launches a new template
                 with contextlib.suppress(OSError):
                     conn.sendall(f"fallback the template's code changed ({stale})\n".encode())
                 return f"code on disk changed: {stale}"
+            if self._hand_to_spare(conn):
+                return None
             child = os.fork()
             if child == 0:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the template's own, below
@@ -171,11 +203,13 @@ class Template:
                     os._exit(status)
             pidfd = os.pidfd_open(child)
             self.children[pidfd] = child
-            poller.register(pidfd, select.POLLIN)
+            self.poller.register(pidfd, select.POLLIN)
         return None
 
     def _fds(self) -> list[int]:
-        return [self.listener.fileno(), self.lock_fd, self.watch, *self.children]
+        spare_channel = [self.spare.channel.fileno()] if self.spare is not None else []
+        return [self.listener.fileno(), self.lock_fd, self.watch, self.code.fd,
+                *self.children, *spare_channel]
 
     def stop_listening(self) -> None:
         if self.listener.fileno() < 0:
@@ -187,8 +221,10 @@ class Template:
 
     def close(self) -> None:
         self.stop_listening()
+        self._drop_spare()  # EOF: the unused spare exits at once
         for pidfd in list(self.children):
             self._reap(pidfd)  # intermediates are quick: they end with their start
+        self.code.close()
 
 
 def main(argv: list[str], modules: Iterable[str] = PRELOAD) -> int:

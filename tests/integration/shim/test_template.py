@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
@@ -394,3 +395,57 @@ def test_concurrent_launches_leave_one_template(tmp_path: Path) -> None:
         node.process = None
         node.close()
     assert not Path(node.paths.socket).exists()
+
+
+def _spare(template_pid: int, not_pid: int = 0) -> int:
+    """The template's spare intermediate: its one live child (intermediates that served a
+    start are gone or zombies), waited for if the template is forking it; not ``not_pid``."""
+    found: list[int] = []
+
+    def one() -> bool:
+        children = [c for c in psutil.Process(template_pid).children()
+                    if c.status() != psutil.STATUS_ZOMBIE and c.pid != not_pid]
+        found[:] = [c.pid for c in children]
+        return len(children) == 1
+
+    _wait(one, what=f"template {template_pid}'s one spare intermediate")
+    return found[0]
+
+
+def test_a_spare_intermediate_serves_one_start_and_is_replaced(node: Node) -> None:
+    """The template forks the intermediate before the request comes: it waits (holding
+    nothing of the template's but its log), serves exactly one start, exits; a new one takes
+    its place. A spare killed while it waits is replaced too, and starts keep being served."""
+    assert node.process is not None
+    template = node.process.pid
+    first = _spare(template)
+    targets = {os.readlink(f"/proc/{first}/fd/{fd}") for fd in os.listdir(f"/proc/{first}/fd")}
+    assert not targets & {node.paths.lock, "anon_inode:[pidfd]"}, targets
+    assert os.getsid(first) == os.getsid(template)  # start's session only once it serves
+    reply, _ = node.start("c-spare1")
+    assert reply["status"] == 0 and reply["pid"], reply
+    _wait(lambda: not _alive(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE,
+          what=f"the used spare {first} to exit")
+    second = _spare(template, not_pid=first)
+    os.kill(second, signal.SIGKILL)  # dies unused: the template reaps it and forks another
+    third = _spare(template, not_pid=second)
+    assert third not in (first, second)
+    reply, _ = node.start("c-spare2")
+    assert reply["status"] == 0 and reply["pid"], reply
+
+
+def test_the_spare_does_not_outlive_its_template(tmp_path: Path) -> None:
+    """Stopped (SIGTERM) or killed, the template leaves no spare behind: the spare reads EOF
+    on its channel and exits."""
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        (tmp_path / how.name).mkdir()
+        node = Node(tmp_path / how.name)
+        try:
+            template = node.launch()
+            node.serving()
+            spare = _spare(template.pid)
+            template.send_signal(how)
+            template.wait(10)
+            _wait(lambda spare=spare: not _alive(spare), what=f"spare {spare} to exit")
+        finally:
+            node.close()

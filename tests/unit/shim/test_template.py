@@ -20,7 +20,7 @@ from shim.binary.template_client import (
 )
 from shim.core.config import ConfigSource, ShimConfig, shim_config
 from shim.core.errors import InvalidArgument
-from shim.template import server as template
+from shim.template import codewatch
 
 
 def _request(**changes: object) -> bytes:
@@ -102,23 +102,82 @@ def test_the_code_identity_covers_interpreter_module_path_and_import_time_env(
 
 
 def test_a_changed_or_removed_module_file_makes_the_template_stale(tmp_path: Path) -> None:
-    class Module:
-        def __init__(self, path: Path) -> None:
-            self.__file__ = str(path)
-
     first, second = tmp_path / "a.py", tmp_path / "b.py"
     first.write_text("x = 1\n")
     second.write_text("y = 1\n")
-    stamp = template.code_stamp([Module(first), Module(second), object()])
-    assert str(first) in stamp and template.changed(stamp) is None
+    stamp = codewatch.code_stamp([Module(first), Module(second), object()])
+    assert str(first) in stamp and codewatch.changed(stamp) is None
     second.write_text("y = 22\n")  # same second or not: the size differs
-    assert template.changed(stamp) == str(second)
-    stamp = template.code_stamp([Module(first), Module(second)])
+    assert codewatch.changed(stamp) == str(second)
+    stamp = codewatch.code_stamp([Module(first), Module(second)])
     os.utime(first, ns=(1, 1))
-    assert template.changed(stamp) == str(first)
-    stamp = template.code_stamp([Module(first)])
+    assert codewatch.changed(stamp) == str(first)
+    stamp = codewatch.code_stamp([Module(first)])
     first.unlink()
-    assert template.changed(stamp) == str(first)
+    assert codewatch.changed(stamp) == str(first)
+
+
+class Module:
+    def __init__(self, path: Path) -> None:
+        self.__file__ = str(path)
+
+
+@pytest.mark.parametrize("change", ["write", "touch", "replace", "remove"])
+def test_the_code_watch_checks_every_file_only_after_inotify_saw_a_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """No event queued: no stat of every file (the full check is not run). An edit in place,
+    a touch, a replacement by rename or a removal queues one: the full check then names the
+    file, and keeps naming it on every later request."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    module, other = lib / "m.py", lib / "other.txt"
+    module.write_text("x = 1\n")
+    calls: list[int] = []
+    full = codewatch.changed
+
+    def counted(stamp: codewatch.Stamp) -> str | None:
+        calls.append(1)
+        return full(stamp)
+
+    monkeypatch.setattr(codewatch, "changed", counted)
+    watch = codewatch.CodeWatch(codewatch.code_stamp([Module(module)]))
+    try:
+        assert watch.watching
+        assert [watch.changed() for _ in range(3)] == [None, None, None] and calls == []
+        other.write_text("a neighbour\n")  # an event, but the code is unchanged
+        assert watch.changed() is None and len(calls) == 1
+        assert watch.changed() is None and len(calls) == 1  # drained: cheap again
+        if change == "write":
+            module.write_text("x = 22\n")
+        elif change == "touch":
+            os.utime(module, ns=(1, 1))
+        elif change == "replace":
+            (lib / "m.new").write_text("x = 3\n")
+            os.rename(lib / "m.new", module)
+        else:
+            module.unlink()
+        assert watch.changed() == str(module) and watch.changed() == str(module)
+    finally:
+        watch.close()
+
+
+def test_without_inotify_every_request_runs_the_full_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("x = 1\n")
+    monkeypatch.setattr(codewatch, "_inotify", lambda paths: -1)
+    watch = codewatch.CodeWatch(codewatch.code_stamp([Module(module)]))
+    assert not watch.watching and watch.changed() is None
+    module.write_text("x = 22\n")
+    assert watch.changed() == str(module)
+
+
+def test_a_watch_refused_means_no_inotify(tmp_path: Path) -> None:
+    """A directory gone before it is watched: no inotify at all (the full check decides)."""
+    assert codewatch._inotify([str(tmp_path), str(tmp_path / "gone")]) == -1
+    fd = codewatch._inotify([str(tmp_path)])
+    assert fd >= 0
+    os.close(fd)
 
 
 @pytest.mark.parametrize(("reply", "status", "pid", "reason"), [
