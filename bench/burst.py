@@ -56,6 +56,7 @@ class Run:
     min_available_gib: float = 0.0
     removal_errors: list[str] = field(default_factory=list)
     wall: float = 0.0
+    slot_count: int | None = None  # the slots on: how many (None: one per host CPU)
 
     def row(self, ideal: float, cpus: int) -> str:
         if not self.ready:
@@ -77,14 +78,17 @@ class Run:
         return line
 
     def label(self) -> str:
-        mode = "slots on" if self.slots else "slots off"
+        mode = "slots off" if not self.slots else (
+            "slots on" if self.slot_count is None else f"{self.slot_count} slots")
         return f"{self.pods} {'in a row' if self.kind == 'sequential' else 'at once'}, {mode}"
 
 
-def set_slots(node: CriNode, base_text: str, on: bool) -> None:
-    """Every pod's daemon reads the profile when its pod boots."""
-    node.profile.write_text(base_text if on else
-                            base_text.replace("[runtime]\n", "[runtime]\nboot_slots = 0\n", 1))
+def set_slots(node: CriNode, base_text: str, on: bool, count: int | None = None) -> None:
+    """Every pod's daemon reads the profile when its pod boots. ``count``: that many slots
+    (None: the node's default, one per CPU)."""
+    setting = 0 if not on else count
+    node.profile.write_text(base_text if setting is None else base_text.replace(
+        "[runtime]\n", f"[runtime]\nboot_slots = {setting}\n", 1))
 
 
 def burst(node: CriNode, run: Run, tag: str) -> None:
@@ -216,6 +220,8 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=16, help="pods started in a row")
     parser.add_argument("--slots", choices=("both", "on", "off"), default="both",
                         help="the bursts with the node's boot slots on, off, or both")
+    parser.add_argument("--boot-slots", type=int, default=None, metavar="N",
+                        help="with the slots on: N of them (default: one per host CPU)")
     parser.add_argument("--report", type=Path, help="print the table of a results file again")
     args = parser.parse_args()
     if args.report is not None:
@@ -232,7 +238,8 @@ def main() -> int:
         for size in sizes:
             plan += [Run("burst", size, on) for on in modes]
         for n, run in enumerate(plan):
-            set_slots(node, base_text, run.slots)
+            run.slot_count = args.boot_slots if run.slots else None
+            set_slots(node, base_text, run.slots, run.slot_count)
             measure(node, run, f"b{n}")
             runs.append(run)
     RESULTS.write_text(json.dumps({"containerd": args.containerd, "cpus": cpus,
