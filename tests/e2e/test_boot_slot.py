@@ -114,7 +114,9 @@ def test_a_boot_failing_after_the_launch_gives_its_slot_back(node: CocoContainer
                    check=False)
     assert out.returncode != 0, out
     lines = shim_lines(node, cid)
-    assert "(boot undone)" in lines[index_of(lines, "given back after")], lines
+    given_back = index_of(lines, "given back after")
+    assert index_of(lines, "running (tcg)") < given_back, lines  # QEMU had been launched
+    assert "(boot undone)" in lines[given_back], lines
     held, holder = slot(node)
     assert not held and f"pod {cid}" in holder, (held, holder)
     node.ctr("container", "rm", cid, check=False)
