@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
@@ -362,3 +362,12 @@ class AgentClient:
 
 class AgentNotServing(Unavailable):
     """The agent answered Health.Check, with a status other than SERVING."""
+
+
+async def dial_agent(channel: AgentChannel, dial_timeout: float,
+                     exited: asyncio.Future[object], timeouts: Timeouts) -> Agent:
+    """The pod's agent, dialled (the boot script's default :data:`Dial`)."""
+    return await AgentClient.dial(channel, dial_timeout, exited=exited, timeouts=timeouts)
+
+
+Dial = Callable[[AgentChannel, float, "asyncio.Future[object]", Timeouts], Awaitable[Agent]]

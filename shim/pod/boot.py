@@ -26,7 +26,7 @@ from hypervisor.errors import ConfigError, InvariantError, QemuError
 from hypervisor.initdata import resolve_initdata
 from hypervisor.probe import resolve_accelerator, which_vhost_device_vsock
 from hypervisor.profile import RuntimeProfile
-from hypervisor.vm import AgentChannel, LaunchOptions, VirtualMachine, launch_vm
+from hypervisor.vm import LaunchOptions, VirtualMachine, launch_vm
 from protocols.initdata import ANNOTATION as INITDATA_ANNOTATION
 from protocols.initdata import Initdata, InitdataError
 from shim.core import cgroup, failed_boot, paths, trace
@@ -42,7 +42,7 @@ from shim.network.tcfilter import (
     netns_of,
 )
 from shim.pod.admission import BootSlots, HeldSlot, Priority, SlotHold
-from shim.pod.agent import Agent, AgentClient
+from shim.pod.agent import Agent, Dial, dial_agent
 from shim.pod.guest_spec import annotations_of
 from shim.pod.mounts import remove_tree
 from shim.pod.profile import (
@@ -58,14 +58,6 @@ from shim.pod.vm import BootClock, PodConfig, PodVm
 log = logging.getLogger(__name__)
 
 Launch = Callable[[RuntimeProfile, LaunchOptions], Awaitable[VirtualMachine]]
-
-
-async def dial_agent(channel: AgentChannel, dial_timeout: float,
-                     exited: asyncio.Future[object], timeouts: Timeouts) -> Agent:
-    return await AgentClient.dial(channel, dial_timeout, exited=exited, timeouts=timeouts)
-
-
-Dial = Callable[[AgentChannel, float, "asyncio.Future[object]", Timeouts], Awaitable[Agent]]
 
 
 def default_networking() -> PodNetworking:
