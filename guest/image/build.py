@@ -362,7 +362,8 @@ def install_busybox_links(root: Path) -> int:
 # Tracebacks keep file names and line numbers, not the source lines.
 _PRECOMPILE = """
 import os, py_compile, sys
-import guest.agent.__main__, guest.agent.service
+import guest.agent.entry, guest.agent.__main__ as agent  # init's command line, then the agent
+agent.import_machinery()  # what the agent imports once listening (the AgentService's build)
 import guest.attestation.components, guest.attestation.__main__
 import guest.agent.rego, jsonpatch, regorus  # loaded once a Rego policy is in force
 import guest.image_pull.registry, guest.image_pull.unpack  # imported on the first pull

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +64,43 @@ def test_image_holds_what_the_guest_needs(guest_image: BuildResult) -> None:
         assert source not in names, f"{source}: the pyc beside it suffices"
     assert not {"usr/bin/perl", "usr/bin/openssl", "usr/bin/catatonit"} & set(names)
     assert guest_image.size < 40 * 2**20
+
+
+# In the image's own interpreter, as init starts it: the agent's entry, the agent, then what it
+# imports once listening; every module must come from a pyc, a shared object, or be built in
+# (compiling a .py at boot costs the guest start-up time under TCG).
+_LOADERS = """
+import sys
+from guest.agent.entry import import_asyncio_without_ssl
+import_asyncio_without_ssl()
+import guest.agent.__main__ as agent
+from guest.agent.policy import deferred_confidential_default
+agent.import_machinery(deferred_confidential_default())
+for name, module in sorted(sys.modules.items()):
+    loader = getattr(getattr(module, "__spec__", None), "loader", None)
+    print(name, type(loader).__name__)
+"""
+
+
+def test_agent_imports_nothing_from_source(guest_image: BuildResult) -> None:
+    raw = read_initramfs(guest_image.image.read_bytes())
+    root = Path(tempfile.mkdtemp(prefix="coco-test-imageroot-"))
+    try:
+        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=raw,
+                       cwd=root, check=True, capture_output=True)
+        out = subprocess.run(
+            [shutil.which("chroot") or "/usr/sbin/chroot", str(root), "/usr/bin/python3.11",
+             "-S", "-c", _LOADERS],
+            env={"PYTHONPATH": "/opt/coco-guest:/usr/lib/python3/dist-packages",
+                 "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, check=True, timeout=120,
+        ).stdout
+    finally:
+        shutil.rmtree(root)
+    loaders = dict(line.split() for line in out.splitlines())
+    assert "guest.agent.entry" in loaders and "guest.image_pull.puller" in loaders
+    compiled_at_boot = sorted(n for n, kind in loaders.items() if kind == "SourceFileLoader")
+    assert compiled_at_boot == []
 
 
 def test_manifest_records_the_build(guest_image: BuildResult) -> None:
