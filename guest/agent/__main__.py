@@ -54,7 +54,7 @@ from guest.agent.bootlog import KMSG, BootLog
 from guest.agent.bootsteps import BootStepFailed, wait_for_step
 from guest.agent.errors import InvalidArgument
 from guest.agent.health import HealthService
-from guest.agent.pending import PendingService, failure_status
+from guest.agent.pending import AGENT_SERVICE, PendingService, failure_status
 from guest.agent.policy import (
     AllowAll,
     DeferredPolicy,
@@ -63,7 +63,7 @@ from guest.agent.policy import (
     deferred_confidential_default,
 )
 from guest.image_pull.config import DEFAULT_CONFIG_PATH, PullConfig, guest_pull_config
-from protocols.api.kata import agent_pb2, health_pb2
+from protocols.api.kata import health_pb2
 from protocols.ttrpc import Code, RequestContext, Server, TtrpcError
 
 if TYPE_CHECKING:
@@ -457,6 +457,13 @@ def build_machinery(
     return Machinery(reaper, sandbox, AgentService(sandbox, Network(), startup.policy))
 
 
+def register_agent_service(server: Server, service: AgentService) -> None:
+    """The AgentService's RPCs on ``server`` (its descriptors came with the machinery)."""
+    from protocols.api.kata import agent_pb2
+
+    server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], service)
+
+
 def in_thread(fn: Callable[[], None], name: str) -> asyncio.Future[None]:
     """Run ``fn`` in a thread of its own; the future (of the running loop) says when it ended.
 
@@ -521,11 +528,11 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
         return await refuse(args, str(err), stop, boot)
 
     server = Server()
-    agent = PendingService(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+    agent = PendingService()
     health = HealthService(on_check=lambda: boot.mark_once("first Check answered"),
                            failed=lambda: agent.failed)
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
-    server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
+    server.register_pending(AGENT_SERVICE, agent.wait)
     imported: asyncio.Future[None] | None = None
     machinery: Machinery | None = None
 
@@ -562,7 +569,8 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
         elif not starting.cancelled():
             machinery = starting.result()
         if machinery is not None and not stop.is_set():
-            agent.resolve(machinery.agent)
+            register_agent_service(server, machinery.agent)
+            agent.resolve()
             boot.mark("agent service ready")
             shutdown = asyncio.ensure_future(machinery.sandbox.shutdown.wait())
             try:
@@ -597,12 +605,12 @@ async def serve_failed(
     call the cause, for ``--refuse-for`` seconds; FAILED_EXIT. If it cannot listen, the error
     ends the agent (init powers off; the console has the cause)."""
     _say_failed(error, boot)
-    agent = PendingService(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+    agent = PendingService()
     agent.fail(error)
     server = Server()
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"],
                             HealthService(failed=lambda: True))
-    server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], agent)
+    server.register_pending(AGENT_SERVICE, agent.wait)
     try:
         await _listen(server, args, boot)
         await _linger(args.refuse_for, stop)

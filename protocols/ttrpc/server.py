@@ -70,6 +70,7 @@ class _Method:
 class Server:
     def __init__(self, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         self._services: dict[str, dict[str, _Method]] = {}
+        self._pending: dict[str, Callable[[], Awaitable[object]]] = {}
         self._max_in_flight = max_in_flight
         self._listeners: list[asyncio.Server] = []
         self._socket_files: list[tuple[Path, int, int]] = []  # path, st_dev, st_ino
@@ -103,6 +104,21 @@ class Server:
             if method.client_streaming or method.server_streaming:
                 raise TypeError(f"{service}/{method.name} streams; only unary RPCs are served")
             self.register(service, method.name, GetMessageClass(method.input_type), handler)
+
+    def register_pending(self, service: str, wait: Callable[[], Awaitable[object]]) -> None:
+        """Accept calls to ``service`` (a full name: ``package.Service``) before its methods
+        are registered: a call to a method not registered yet awaits ``wait()`` (within the
+        call's deadline), then is served by what is registered by then (UNIMPLEMENTED if
+        still nothing). A TtrpcError ``wait()`` raises is the call's answer. So a server can
+        listen before it has imported a service's descriptors."""
+        self._pending[service] = wait
+
+    def _waiting_for(self, service: str, method: str) -> Callable[[], Awaitable[object]] | None:
+        """The wait of a pending service whose ``method`` is not registered yet."""
+        wait = self._pending.get(service)
+        if wait is None or method in self._services.get(service, {}):
+            return None
+        return wait
 
     def _lookup(self, service: str, method: str) -> _Method:
         methods = self._services.get(service)
@@ -283,11 +299,13 @@ class _Connection:
                 stream_id, Code.INVALID_ARGUMENT, f"unmarshal request error: {err}"
             )
             return
-        try:
-            method = self._server._lookup(request.service, request.method)
-        except TtrpcError as err:
-            await self._send_status(stream_id, err.code, err.message)
-            return
+        method: _Method | None = None
+        if self._server._waiting_for(request.service, request.method) is None:
+            try:
+                method = self._server._lookup(request.service, request.method)
+            except TtrpcError as err:
+                await self._send_status(stream_id, err.code, err.message)
+                return
         limit = self._server._max_in_flight
         if len(self._handlers) >= limit:
             await self._send_status(
@@ -306,7 +324,8 @@ class _Connection:
     def _handler_done(self, stream_id: int, _task: asyncio.Task[None]) -> None:
         del self._handlers[stream_id]
 
-    async def _serve(self, stream_id: int, request: Request, method: _Method) -> None:
+    async def _serve(self, stream_id: int, request: Request, method: _Method | None) -> None:
+        """Serve one request; ``method`` None: its service is pending (looked up once ready)."""
         loop = asyncio.get_running_loop()
         # Go: timeout_nano == 0 means no deadline; a negative one has already expired.
         deadline = loop.time() + request.timeout_nano / 1e9 if request.timeout_nano else None
@@ -319,11 +338,17 @@ class _Connection:
         reply = Response(status=Status(code=Code.OK))
         scope = asyncio.timeout_at(deadline)
         try:
-            try:
-                message = method.request_type.FromString(request.payload)
-            except DecodeError as err:
-                raise TtrpcError(Code.INVALID_ARGUMENT, f"{where}: bad request: {err}") from err
             async with scope:
+                if method is None:
+                    wait = self._server._waiting_for(request.service, request.method)
+                    if wait is not None:
+                        await wait()
+                    method = self._server._lookup(request.service, request.method)
+                try:
+                    message = method.request_type.FromString(request.payload)
+                except DecodeError as err:
+                    raise TtrpcError(Code.INVALID_ARGUMENT,
+                                     f"{where}: bad request: {err}") from err
                 result = await method.handler(message, context)
             reply.payload = result.SerializeToString()
         except TtrpcError as err:

@@ -326,3 +326,94 @@ async def test_stray_cancellation_inside_a_handler_is_answered_cancelled(
         await client.call(SERVICE, "Stray", Empty(), Empty)
     assert info.value.code is Code.CANCELLED
     assert (await client.call(SERVICE, "Echo", StringValue(value="on"), StringValue)).value == "on"
+
+
+# -- register_pending ---------------------------------------------------------------------------
+
+PENDING = "test.Pending"
+
+
+async def test_a_pending_services_calls_wait_then_run_on_what_is_registered(
+    socket_dir: Path,
+) -> None:
+    server = Server()
+    ready = asyncio.Event()
+    server.register_pending(PENDING, ready.wait)
+    EchoService().install(server)
+    await server.serve_unix(socket_dir / "pending.sock")
+    try:
+        async with await Client.connect_unix(socket_dir / "pending.sock") as client:
+            early = asyncio.create_task(
+                client.call(PENDING, "Echo", StringValue(value="early"), StringValue))
+            # other services are served meanwhile; an unknown one is refused at once
+            assert (await client.call(SERVICE, "Echo", StringValue(value="x"), StringValue)
+                    ) == StringValue(value="x")
+            with pytest.raises(TtrpcError) as unknown:
+                await client.call("test.Other", "Echo", StringValue(), StringValue)
+            assert unknown.value.code is Code.UNIMPLEMENTED
+            assert not early.done()
+
+            async def echo(request: StringValue, ctx: RequestContext) -> StringValue:
+                return StringValue(value=f"{ctx.service}/{ctx.method} {request.value}")
+
+            server.register(PENDING, "Echo", StringValue, echo)
+            ready.set()
+            assert (await early).value == f"{PENDING}/Echo early"
+            assert (await client.call(PENDING, "Echo", StringValue(value="late"), StringValue)
+                    ).value == f"{PENDING}/Echo late"
+            with pytest.raises(TtrpcError) as missing:  # still not registered once ready
+                await client.call(PENDING, "Missing", StringValue(), StringValue)
+            assert missing.value.code is Code.UNIMPLEMENTED
+            assert missing.value.message == "method Missing"
+    finally:
+        await server.close()
+
+
+async def test_a_pending_services_wait_failing_is_every_calls_answer(socket_dir: Path) -> None:
+    server = Server()
+    failed = asyncio.Event()
+
+    async def wait() -> None:
+        await failed.wait()
+        raise TtrpcError(Code.FAILED_PRECONDITION, "guest failed to start: a boot step")
+
+    server.register_pending(PENDING, wait)
+    await server.serve_unix(socket_dir / "failing.sock")
+    try:
+        async with await Client.connect_unix(socket_dir / "failing.sock") as client:
+            calls = [asyncio.create_task(client.call(PENDING, m, Empty(), Empty))
+                     for m in ("A", "B")]
+            await asyncio.sleep(0.02)
+            assert not any(call.done() for call in calls)
+            failed.set()
+            for call in calls:
+                with pytest.raises(TtrpcError) as info:
+                    await call
+                assert info.value.code is Code.FAILED_PRECONDITION
+                assert info.value.message == "guest failed to start: a boot step"
+    finally:
+        await server.close()
+
+
+async def test_a_call_waiting_for_a_pending_service_keeps_its_deadline(socket_dir: Path) -> None:
+    server = Server()
+    given_up = asyncio.Event()
+
+    async def wait() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            given_up.set()
+            raise
+
+    server.register_pending(PENDING, wait)
+    await server.serve_unix(socket_dir / "deadline.sock")
+    try:
+        async with await Client.connect_unix(socket_dir / "deadline.sock") as client:
+            with pytest.raises(TtrpcError) as info:
+                await client.call(PENDING, "Echo", Empty(), Empty, timeout=0.05)
+            assert info.value.code is Code.DEADLINE_EXCEEDED
+            # the server's deadline ended the wait (the client is still connected)
+            await asyncio.wait_for(given_up.wait(), 2)
+    finally:
+        await server.close()
