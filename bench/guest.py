@@ -86,6 +86,7 @@ MARKS = (
     ("coco-agent: imports done", "imports"),
     ("coco-agent: listening on vsock port", "listening"),
     ("coco-agent: first Check answered", "check"),
+    ("coco-agent: machinery imported", "imported"),
     ("coco-init: device drivers loaded", "drivers"),
     ("coco-agent: agent service ready", "service"),
 )
@@ -98,6 +99,7 @@ STEPS = (  # (row, from, to): the timeline's rows, on the guest's clock
     ("agent: → listening (modules, initdata, policy)", "imports", "listening"),
     ("agent: listening → first Check answered", "listening", "check"),
     ("beside: init → boot modules loaded (agent waits)", "init", "modules"),
+    ("after Check: listening → machinery imported", "listening", "imported"),
     ("after Check: listening → device drivers loaded", "listening", "drivers"),
     ("after Check: listening → AgentService ready", "listening", "service"),
 )

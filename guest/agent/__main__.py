@@ -539,6 +539,7 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
     async def start_machinery() -> Machinery:
         assert imported is not None
         await asyncio.shield(imported)
+        boot.mark("machinery imported")
         if args.serve_after is not None:
             await wait_for_step(args.serve_after, WAIT_FOR_TIMEOUT, failed=args.boot_failed,
                                 step=args.boot_step)
