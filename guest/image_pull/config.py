@@ -25,8 +25,6 @@ believes is enforced must not be dropped.
 
 from __future__ import annotations
 
-import base64
-import json
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,6 +260,9 @@ def _credentials(uri: object, origin: str, resource: Resource | None) -> dict[st
     key = "authenticated_registry_credentials_uri"
     if not isinstance(uri, str) or not uri.startswith(("file:///", "kbs://")):
         raise InvalidArgument(f"{origin}: {key} must be a file:/// or kbs:/// URI")
+    import base64
+    import json  # here: the agent reads these settings before it listens
+
     path = Path(uri.removeprefix("file://"))
     try:
         if uri.startswith("kbs://"):

@@ -8,7 +8,6 @@ staging directory that is discarded on a mismatch).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,6 +16,9 @@ from guest.agent.errors import DataLoss, InvalidArgument
 from guest.image_pull.timing import PhaseTimer
 
 ALGORITHMS = {"sha256": 64, "sha512": 128}
+# hashlib is imported with the first digest: it loads OpenSSL's libcrypto (2.5 of the 21 ms the
+# agent's machinery imports take on the host), and the agent imports this module before its
+# AgentService serves; a guest that never pulls never needs it.
 _DIGEST = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
 
 
@@ -34,9 +36,13 @@ class Digest:
 
     @classmethod
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        import hashlib
+
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
     def hasher(self) -> Any:
+        import hashlib
+
         return hashlib.new(self.algorithm)
 
     def __str__(self) -> str:
