@@ -44,10 +44,9 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from guest.agent import initdata
 from guest.agent.bootlog import KMSG, BootLog
@@ -85,8 +84,7 @@ VMADDR_CID_HOST = 2
 READY_ANNOUNCE_TIMEOUT = 10.0  # the host listens from before the VM starts: one try will do
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One command-line option: argparse is built from these, and so is the fast path."""
 
     flags: tuple[str, ...]
@@ -199,8 +197,7 @@ def _parse_fast(argv: list[str]) -> SimpleNamespace | None:
     return SimpleNamespace(**values)
 
 
-@dataclass(frozen=True)
-class Startup:
+class Startup(NamedTuple):
     """What the agent settled before serving."""
 
     confidential: bool
@@ -394,8 +391,7 @@ async def refuse(
     return REFUSED_EXIT
 
 
-@dataclass
-class Machinery:
+class Machinery(NamedTuple):
     """What serves the agent API beyond Health: built after the agent listens."""
 
     reaper: Reaper

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from protocols import initdata as format_
@@ -61,8 +60,7 @@ class NoTee:
         return None
 
 
-@dataclass(frozen=True)
-class Initdata:
+class Initdata(NamedTuple):
     """A validated initdata document and the device it came from."""
 
     document: format_.Initdata

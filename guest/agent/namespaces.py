@@ -20,8 +20,8 @@ import ctypes
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from guest.agent import mounts
 from guest.agent.errors import AgentError, RuntimeFailure
@@ -31,8 +31,7 @@ CLONE_NEWIPC = 0x08000000
 KINDS: dict[str, int] = {"ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
 
 
-@dataclass(frozen=True)
-class PodNamespaces:
+class PodNamespaces(NamedTuple):
     """Files (nsfs bind mounts) naming the pod's namespaces, by OCI namespace type."""
 
     paths: dict[str, Path]

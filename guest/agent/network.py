@@ -10,6 +10,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest.agent.errors import AgentError, InvalidArgument, NotFound, RuntimeFailure
 from guest.agent.netlink import LinkInfo, Netlink
@@ -17,15 +18,13 @@ from guest.agent.netlink import LinkInfo, Netlink
 FAMILY_V4, FAMILY_V6 = 0, 1  # types.IPFamily
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
     family: int
     address: str
     mask: str  # prefix length as text, as Kata sends it
 
 
-@dataclass(frozen=True)
-class Interface:
+class Interface(NamedTuple):
     device: str
     name: str
     addresses: tuple[Address, ...] = ()
@@ -35,8 +34,7 @@ class Interface:
     type: str = ""
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     dest: str = ""  # "" is the default route
     gateway: str = ""
     device: str = ""
@@ -47,8 +45,7 @@ class Route:
     mtu: int = 0
 
 
-@dataclass(frozen=True)
-class Neighbor:
+class Neighbor(NamedTuple):
     address: str
     device: str
     lladdr: str

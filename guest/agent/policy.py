@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from google.protobuf.message import Message
 
@@ -40,8 +39,7 @@ PACKAGE = "agent_policy"
 CONFIDENTIAL_DEFAULT = Path(__file__).resolve().parent / "policies" / "confidential.rego"
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     reason: str = ""  # why it was denied (or allowed despite failing)
 

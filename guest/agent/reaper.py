@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PR_SET_CHILD_SUBREAPER = 36
 UNCLAIMED_LIMIT = 4096  # exits nobody asked for yet (orphans, or a pid read after its exit)
@@ -36,14 +36,12 @@ def become_subreaper() -> None:
         raise OSError(err, os.strerror(err))
 
 
-@dataclass(frozen=True)
-class Spawned:
+class Spawned(NamedTuple):
     proc: subprocess.Popen[bytes]  # returncode is filled in by the reaper, never by Popen
     exited: asyncio.Future[int]
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):
     code: int
     stdout: bytes
     stderr: bytes

@@ -16,9 +16,8 @@ import os
 import socket
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from guest.agent.errors import (
     AgentError,
@@ -69,8 +68,7 @@ def last_log_error(log_file: Path) -> str:
     return ""
 
 
-@dataclass(frozen=True)
-class Stdio:
+class Stdio(NamedTuple):
     """fds handed to the process (pipes); None for a terminal (console socket instead)."""
 
     stdin: int

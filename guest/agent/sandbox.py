@@ -16,9 +16,8 @@ import shutil
 import socket
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from guest.agent import beneath
 from guest.agent.containers import Container, Process, SecretUnsealer, validate_id
@@ -45,8 +44,7 @@ class SandboxState(enum.Enum):
     DESTROYED = "destroyed"
 
 
-@dataclass(frozen=True)
-class AgentPaths:
+class AgentPaths(NamedTuple):
     state_dir: Path  # bundles and runc's root
     shared_root: Path  # CopyFile may only write below it (Kata: /run/kata-containers)
     resolv_conf: Path = Path("/etc/resolv.conf")
@@ -71,8 +69,7 @@ class AgentPaths:
         return self.state_dir / "ns"
 
 
-@dataclass(frozen=True)
-class FileCopy:
+class FileCopy(NamedTuple):
     path: str
     file_size: int
     file_mode: int

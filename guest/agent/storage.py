@@ -23,7 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from guest.agent import beneath, mounts
 from guest.agent.errors import InvalidArgument, NotFound, Unimplemented
@@ -65,8 +65,7 @@ class GuestPull(Protocol):
     def release(self, mount_point: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class StorageSpec:
+class StorageSpec(NamedTuple):
     driver: str
     source: str
     fstype: str

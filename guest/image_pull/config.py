@@ -26,10 +26,10 @@ believes is enforced must not be dropped.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from guest.agent.errors import InvalidArgument
 
@@ -60,8 +60,7 @@ IMAGE_KEYS = {
 REGISTRY_KEYS = {"location", "prefix", "insecure", "blocked"}
 
 
-@dataclass(frozen=True)
-class RegistryRule:
+class RegistryRule(NamedTuple):
     """One ``[[registry]]`` entry: which images it covers and how to reach them."""
 
     prefix: str  # matched against "<registry>/<repository>"
@@ -77,13 +76,12 @@ class RegistryRule:
         )
 
 
-@dataclass(frozen=True)
-class PullConfig:
+class PullConfig(NamedTuple):
     work_dir: Path = DEFAULT_WORK_DIR
     ca_bundle: Path | None = DEFAULT_CA_BUNDLE  # system roots; None: only the extra ones
     extra_root_certificates: tuple[str, ...] = ()
     registries: tuple[RegistryRule, ...] = ()
-    credentials: dict[str, tuple[str, str]] = field(default_factory=dict)  # host -> user, pass
+    credentials: Mapping[str, tuple[str, str]] = MappingProxyType({})  # host -> user, pass
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     concurrency: int = DEFAULT_CONCURRENCY

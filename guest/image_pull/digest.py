@@ -9,8 +9,7 @@ staging directory that is discarded on a mismatch).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from guest.agent.errors import DataLoss, InvalidArgument
 from guest.image_pull.timing import PhaseTimer
@@ -22,8 +21,7 @@ ALGORITHMS = {"sha256": 64, "sha512": 128}
 _DIGEST = re.compile(r"^(sha256|sha512):([0-9a-f]+)$")
 
 
-@dataclass(frozen=True)
-class Digest:
+class Digest(NamedTuple):
     algorithm: str
     hex: str
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from guest.agent import mounts
 from guest.agent.errors import (
@@ -85,8 +85,7 @@ class Platform:
         return not self.variant or not variant or variant == self.variant
 
 
-@dataclass(frozen=True)
-class PulledImage:
+class PulledImage(NamedTuple):
     reference: ImageReference
     manifest_digest: Digest
     config: dict[str, Any]
@@ -431,8 +430,7 @@ def _check_manifest(manifest: dict[str, Any], media_type: str, ref: ImageReferen
 # -- the storage handler -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GuestRootfs:
+class GuestRootfs(NamedTuple):
     """A mounted guest-pull rootfs and how it changes the container's spec."""
 
     mount_point: Path

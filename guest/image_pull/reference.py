@@ -8,7 +8,7 @@ registry, repository and digest. The first path component names a registry when 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest.agent.errors import InvalidArgument
 
@@ -22,8 +22,7 @@ _DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$")
 
 
-@dataclass(frozen=True)
-class ImageReference:
+class ImageReference(NamedTuple):
     registry: str  # host[:port], as the configuration names it (docker.io for Docker Hub)
     repository: str  # path inside the registry, e.g. library/busybox
     tag: str | None

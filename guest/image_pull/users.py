@@ -18,8 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from guest.agent.errors import InvalidArgument, NotFound
 
@@ -27,8 +27,7 @@ MAX_FILE = 4 << 20
 MAX_LINKS = 40
 
 
-@dataclass(frozen=True)
-class ResolvedUser:
+class ResolvedUser(NamedTuple):
     uid: int
     gid: int
     additional_gids: tuple[int, ...]
@@ -75,15 +74,13 @@ def read_in_root(root: Path, path: str) -> bytes | None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class _Passwd:
+class _Passwd(NamedTuple):
     name: str
     uid: int
     gid: int
 
 
-@dataclass(frozen=True)
-class _Group:
+class _Group(NamedTuple):
     name: str
     gid: int
     members: tuple[str, ...]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER_LENGTH = 10
 MAX_DATA_LENGTH = 4 << 20
@@ -34,16 +34,14 @@ class Flag(enum.IntFlag):
     NO_DATA = 0x4
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     stream_id: int
     type: int  # a FrameType value, or an unknown type a newer peer sent
     flags: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OversizedFrame:
+class OversizedFrame(NamedTuple):
     """A frame whose claimed length exceeded the limit; its data was read and dropped."""
 
     stream_id: int

@@ -16,10 +16,9 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar, cast
+from typing import NamedTuple, Self, TypeVar, cast
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -45,8 +44,7 @@ DEFAULT_MAX_IN_FLIGHT = 1024
 Req = TypeVar("Req", bound=Message)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
+class RequestContext(NamedTuple):
     service: str
     method: str
     metadata: dict[str, list[str]]
@@ -61,8 +59,7 @@ class RequestContext:
 Handler = Callable[[Message, RequestContext], Awaitable[Message]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Method:
+class _Method(NamedTuple):
     request_type: type[Message]
     handler: Handler
 

@@ -61,7 +61,7 @@ def test_a_later_chunk_refuses_a_symlink(sandbox: Sandbox, tmp_path: Path) -> No
     link.symlink_to(victim)
     chunk = copy(link, b"tail")
     with pytest.raises(PermissionDenied, match="symlink"):
-        sandbox.copy_file(FileCopy(**{**chunk.__dict__, "offset": 4}))
+        sandbox.copy_file(chunk._replace(offset=4))
     assert victim.read_bytes() == b"precious"
 
 
