@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 PR_SET_CHILD_SUBREAPER = 36
 UNCLAIMED_LIMIT = 4096  # exits nobody asked for yet (orphans, or a pid read after its exit)
@@ -141,14 +141,24 @@ class Reaper:
             if input is not None:
                 assert proc.stdin is not None
                 await asyncio.to_thread(_feed, proc.stdin, input)
-            out, err = await asyncio.gather(
-                asyncio.to_thread(proc.stdout.read), asyncio.to_thread(proc.stderr.read)
-            )
+            out, err = await asyncio.gather(_read_all(proc.stdout), _read_all(proc.stderr))
             code = await spawned.exited
         finally:
             proc.stdout.close()
             proc.stderr.close()
         return Completed(code, out, err)
+
+
+async def _read_all(pipe: IO[bytes]) -> bytes:
+    """Everything until EOF, read on the event loop (no executor thread: the first would cost
+    the first RPC that runs a command the import of concurrent.futures' thread pool)."""
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        return await reader.read()
+    finally:
+        transport.close()
 
 
 def _feed(pipe: object, data: bytes) -> None:

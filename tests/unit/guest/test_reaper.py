@@ -30,6 +30,16 @@ async def test_exit_codes(reaper: Reaper) -> None:
     assert (done.stdout, done.stderr) == (b"out\n", b"err\n")
 
 
+async def test_output_beyond_the_pipe_buffers_is_read_whole_on_the_loop(reaper: Reaper) -> None:
+    # 1 MiB on each stream at once: a reader that took one after the other would deadlock
+    script = "head -c 1048576 /dev/zero; head -c 1048576 /dev/zero | tr '\\0' e >&2"
+    done = await reaper.run(["sh", "-c", script])
+    assert done.code == 0
+    assert done.stdout == bytes(1 << 20) and done.stderr == b"e" * (1 << 20)
+    # read by the event loop itself: no executor thread was started for it
+    assert asyncio.get_running_loop()._default_executor is None  # type: ignore[attr-defined]
+
+
 async def test_signal_gives_128_plus_signal(reaper: Reaper) -> None:
     spawned = reaper.spawn(["sleep", "30"])
     os.kill(spawned.proc.pid, signal.SIGTERM)
