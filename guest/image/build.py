@@ -364,7 +364,7 @@ _PRECOMPILE = """
 import os, py_compile, sys
 import guest.agent.entry, guest.agent.__main__ as agent  # init's command line, then the agent
 agent.import_machinery()  # what the agent imports once listening (the AgentService's build)
-import guest.attestation.components, guest.attestation.__main__
+import guest.attestation.components, guest.attestation.__main__, guest.tee.snp, guest.tee.tdx
 import guest.agent.rego, guest.agent.policy_explain, guest.agent.policy_input  # a Rego policy
 import jsonpatch, regorus  # loaded once a Rego policy is in force
 import guest.image_pull.registry, guest.image_pull.unpack  # imported on the first pull

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import enum
 
-from guest.tee.snp import SnpReport
-from guest.tee.tdx import TdxQuote
 from guest.tee.tsm import TsmError, TsmReports
 
 __all__ = ["Tee", "TeeError", "bound_field", "detect"]
@@ -68,6 +66,11 @@ def bound_field(tee: Tee, tsm: TsmReports | None = None) -> bytes | None:
     if tee is Tee.SAMPLE:
         return None
     raw = report(tee, b"", tsm)
+    # the parsers load here, with the first report: the agent detects the TEE before it
+    # listens, and a guest without one never needs them
+    from guest.tee.snp import SnpReport
+    from guest.tee.tdx import TdxQuote
+
     try:
         if tee is Tee.SNP:
             return SnpReport.parse(raw).host_data

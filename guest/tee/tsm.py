@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 INBLOB_MAX = 64
@@ -27,8 +27,7 @@ class TsmError(RuntimeError):
     """The configfs-tsm interface is missing or answered unexpectedly."""
 
 
-@dataclass(frozen=True)
-class TsmReport:
+class TsmReport(NamedTuple):
     provider: str  # "sev_guest", "tdx_guest", …
     outblob: bytes
     auxblob: bytes
