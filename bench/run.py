@@ -11,6 +11,8 @@
 (b) `containerd-shim-coco-v2 start` latency (the subcommand containerd runs per container);
 (c) shim daemon RSS and PSS per running pod;
 (d) stdout throughput: a container writing 64 MiB, read by `ctr run`.
+With ``--initrd NAME=PATH`` (repeatable): (a) alone, for this checkout's guest image and each
+NAME, interleaved in every round (a guest change's before/after in one run).
 Results are printed as a table and written to bench/results.json (or --out).
 """
 
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -375,6 +378,80 @@ def boot_before(env: envinfo.TestEnv, version: str, runs: int, before: Path,
     return 0
 
 
+def qemu_initrds(seen: set[str], stop: threading.Event) -> None:
+    """The ``-initrd`` of every QEMU seen until ``stop`` (which image a pod booted)."""
+    while not stop.wait(0.05):
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "-initrd" in cmd[:-1] and "qemu" in (proc.info["name"] or ""):
+                seen.add(cmd[cmd.index("-initrd") + 1])
+
+
+def boot_ab(env: envinfo.TestEnv, version: str, runs: int, initrds: list[str],
+            out: Path) -> int:
+    """(a) alone for several guest images, interleaved in the same run: every round boots
+    each image directly to Check and runs ``ctr run --rm … true`` on it (the shim reads the
+    profile, rewritten to point at the image, per pod; the pod's QEMU is checked to have
+    booted that image)."""
+    base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
+    images = {"this": guest_image().image}
+    for item in initrds:
+        name, _, path = item.partition("=")
+        images[name] = Path(path).resolve()
+    samples: dict[str, dict[str, list[float]]] = {n: {"boot": [], "run": []} for n in images}
+    profile = base / "profile.toml"
+    try:
+        profile.write_text(dev_profile_text(env.kernel, images["this"]))
+        with private_containerd(version, env=shim_env(base, profile), log_level="info",
+                                extra_path=[Path(sys.executable).parent,
+                                            env.vhost_device_vsock.parent]) as cd:
+            cd.ctr("images", "import", "--platform", "linux/amd64",
+                   str(busybox_oci_archive(base / "busybox.tar")))
+            for i in range(runs):
+                order = list(images) if i % 2 == 0 else list(reversed(images))
+                for name in order:
+                    path = images[name]
+                    variant = base / f"profile-{name}.toml"
+                    variant.write_text(dev_profile_text(env.kernel, path))
+                    profile.write_text(variant.read_text())
+                    settle(cd, base)
+                    boot = asyncio.run(direct_boot(variant, base / "direct",
+                                                   env.vhost_device_vsock))
+                    settle(cd, base)
+                    seen: set[str] = set()
+                    stop = threading.Event()
+                    watcher = threading.Thread(target=qemu_initrds, args=(seen, stop))
+                    watcher.start()
+                    try:
+                        run = ctr_run(cd, f"ab-{name}-{i}", "true")
+                    finally:
+                        stop.set()
+                        watcher.join()
+                    if seen and seen != {str(path)}:
+                        raise RuntimeError(f"the pod for {name} booted {seen}, not {path}")
+                    samples[name]["boot"].append(boot)
+                    samples[name]["run"].append(run)
+                    print(f"round {i + 1} {name}: boot {boot:.2f} s, ctr run {run:.2f} s "
+                          f"({run / boot:.2f}x)", flush=True)
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
+                       check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    out.write_text(json.dumps({"command": " ".join([sys.executable, *sys.argv]),
+                               "containerd": version,
+                               "images": {n: str(p) for n, p in images.items()},
+                               "samples": samples}, indent=2))
+    print(f"\n(a) {runs} rounds, containerd {version}, QEMU TCG, images interleaved (medians)")
+    print(f"  {'image':<10} {'direct boot to Check':>21} {'ctr run --rm true':>18} {'ratio':>7}"
+          f" {'ratio of medians':>17}")
+    for name, got in samples.items():
+        ratios = [r / b for r, b in zip(got["run"], got["boot"], strict=True)]
+        print(f"  {name:<10} {median(got['boot']):>19.2f} s {median(got['run']):>16.2f} s "
+              f"{median(ratios):>6.2f}x {median(got['run']) / median(got['boot']):>16.2f}x")
+    print(f"  target: ctr run / direct boot <= 1.05x\n\nraw samples: {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,10 +464,15 @@ def main() -> int:
                         help="another checkout of the shim (PYTHONPATH=TREE for the shim "
                         "containerd runs), alternating with this one: (a) alone, or with "
                         "--memory-only (c) alone")
+    parser.add_argument("--initrd", action="append", default=[], metavar="NAME=PATH",
+                        help="only (a), for this checkout's guest image and each of these, "
+                        "interleaved in every round (before/after of a guest change)")
     args = parser.parse_args()
     env = envinfo.load()
     if args.memory_only:
         return memory_only(env, args.containerd, args.runs, args.before, args.out)
+    if args.initrd:
+        return boot_ab(env, args.containerd, args.runs, args.initrd, args.out)
     if args.before:
         return boot_before(env, args.containerd, args.runs, args.before, args.out)
     base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
