@@ -396,8 +396,8 @@ def boot_ab(env: envinfo.TestEnv, version: str, runs: int, initrds: list[str],
     base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
     images = {"this": guest_image().image}
     for item in initrds:
-        name, _, path = item.partition("=")
-        images[name] = Path(path).resolve()
+        name, _, given = item.partition("=")
+        images[name] = Path(given).resolve()
     samples: dict[str, dict[str, list[float]]] = {n: {"boot": [], "run": []} for n in images}
     profile = base / "profile.toml"
     try:
