@@ -31,6 +31,13 @@ from guest.image.cpio import DeviceNode, lz4_library_version, write_initramfs
 from guest.image.kmod import KernelModule, ModuleTree, modules_alias, modules_dep
 
 IMAGE_NAME = "coco-guest.initrd"
+# The device form: the same tree as a read-only EROFS image with its dm-verity hash tree
+# appended (one file, shared by every pod of the node), the verity parameters beside it, and a
+# tiny initramfs whose init (the recipe's init-root) mounts it and switch_roots into it.
+ROOTFS_NAME = "coco-guest.erofs"
+VERITY_NAME = "coco-guest.erofs.verity"
+BOOT_INITRD_NAME = "coco-guest-boot.initrd"
+VERITY_BLOCK = 4096
 DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z; override with SOURCE_DATE_EPOCH
 PAYLOAD_DIR = "opt/coco-guest"  # PYTHONPATH of the agent inside the image
 DEVICES = (
@@ -43,7 +50,8 @@ PROJECT_PACKAGES = ("guest", "protocols")
 EXCLUDED_PROJECT_DIRS = {"guest/image"}
 PROTOBUF_DIRS = ("google/protobuf", "google/_upb")
 RECIPE_FILES = ("packages.txt", "modules.txt", "modules-on-demand.txt", "strip.txt", "init",
-                "fstab", "image-pull.toml")
+                "fstab", "image-pull.toml", "init-root", "modules-root.txt",
+                "modules-verity.txt")
 # Pure-Python libraries copied from the venv (no Debian bookworm package): RFC 8785 JCS.
 VENDORED_DIRS = ("rfc8785",)
 # Debian's python3-* packages live here; the agent runs with -S (no site), so it is on
@@ -89,7 +97,16 @@ class Recipe:
     def module_order(self, tree: ModuleTree) -> tuple[list[KernelModule], list[KernelModule]]:
         """(modules loaded at boot, every module in the image), dependencies first."""
         boot = tree.load_order(self.modules)
-        return boot, tree.load_order([*self.modules, *self.modules_on_demand])
+        return boot, tree.load_order([*self.modules, *self.modules_on_demand, *self.modules_root,
+                                           *self.modules_verity])
+
+    @property
+    def modules_root(self) -> list[str]:
+        return _lines(self.recipe_dir / "modules-root.txt")
+
+    @property
+    def modules_verity(self) -> list[str]:
+        return _lines(self.recipe_dir / "modules-verity.txt")
 
     @property
     def strip(self) -> list[str]:
@@ -162,6 +179,8 @@ class Recipe:
         feed("kernel", self.kernel_version.encode())
         feed("lz4", lz4_library_version().encode())
         feed("strip", strip_version().encode())
+        feed("mkfs.erofs", tool_version(["mkfs.erofs", "--version"]).encode())
+        feed("veritysetup", tool_version(["veritysetup", "--version"]).encode())
         for name in RECIPE_FILES:
             feed(f"recipe/{name}", (self.recipe_dir / name).read_bytes())
         for label, path in [
@@ -213,12 +232,27 @@ class Progress:
 
 @dataclass(frozen=True)
 class BuildResult:
-    image: Path
+    image: Path  # the initramfs form: the whole tree in one initramfs
     sha256: str
     size: int
     key: str
     cached: bool
     manifest: Path
+
+    @property
+    def rootfs(self) -> Path:
+        """The device form's root image (EROFS + dm-verity hash tree)."""
+        return self.image.parent / ROOTFS_NAME
+
+    @property
+    def verity(self) -> Path:
+        """The root image's dm-verity parameters (JSON, see :func:`write_rootfs`)."""
+        return self.image.parent / VERITY_NAME
+
+    @property
+    def boot_initrd(self) -> Path:
+        """The device form's tiny initramfs (init-root, modules, busybox, dmsetup)."""
+        return self.image.parent / BOOT_INITRD_NAME
 
 
 def _sha256(path: Path) -> str:
@@ -496,6 +530,12 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
         (stage / sub).mkdir(parents=True, exist_ok=True)
     (stage / "tmp").chmod(0o1777)
     (stage / "etc/hostname").write_text("coco-guest\n")
+    # The root is read-only in the device form: the one file the agent writes under /etc (the
+    # pod's DNS) lives on /run's tmpfs.
+    resolv = stage / "etc/resolv.conf"
+    if resolv.exists() or resolv.is_symlink():
+        resolv.unlink()
+    resolv.symlink_to("/run/resolv.conf")
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\ntty:x:5:\n")
     pruned = prune_libraries(stage)
@@ -553,6 +593,104 @@ def write_ca_bundle(base_root: Path, stage: Path) -> int:
     return len(certs)
 
 
+def tool_version(argv: list[str]) -> str:
+    """First line a tool prints for its version (part of the cache key: another version may
+    write other bytes). mkfs.erofs prints it and exits 1, so the status is not checked."""
+    result = subprocess.run([_tool(argv[0]), *argv[1:]], capture_output=True, text=True,
+                            check=False)
+    lines = (result.stdout + result.stderr).splitlines()
+    if not lines:
+        raise RuntimeError(f"{argv[0]} printed no version")
+    return lines[0]
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: apt-get install erofs-utils cryptsetup-bin")
+    return found
+
+
+def write_rootfs(stage: Path, image: Path, *, epoch: int, key: str) -> dict[str, object]:
+    """The tree as an uncompressed EROFS image (reproducible: fixed timestamps, root owner,
+    UUID and verity salt from the cache key), then its dm-verity hash tree (sha256, 4 KiB
+    blocks, no superblock: every parameter goes on the kernel command line) appended to the
+    same file. Returns the verity parameters (also the content of the ``.verity`` file)."""
+    seed = hashlib.sha256(f"coco-guest-rootfs\0{key}".encode()).hexdigest()
+    fs_uuid = f"{seed[0:8]}-{seed[8:12]}-{seed[12:16]}-{seed[16:20]}-{seed[20:32]}"
+    salt = hashlib.sha256(seed.encode()).hexdigest()
+    # The console, null and kmsg nodes stage 2 uses before it mounts devtmpfs over /dev.
+    for node in DEVICES:
+        path = stage / node.path
+        if not path.exists():
+            os.mknod(path, node.mode, os.makedev(node.major, node.minor))
+    subprocess.run([_tool("mkfs.erofs"), "--quiet", f"-T{epoch}", f"-U{fs_uuid}", "--all-root",
+                    "-x-1", str(image), str(stage)], check=True, capture_output=True)
+    data_bytes = image.stat().st_size
+    if data_bytes % VERITY_BLOCK:
+        raise RuntimeError(f"{image}: {data_bytes} bytes is not a whole number of 4 KiB blocks")
+    blocks = data_bytes // VERITY_BLOCK
+    result = subprocess.run(
+        [_tool("veritysetup"), "format", "--no-superblock", "--hash=sha256",
+         f"--data-block-size={VERITY_BLOCK}", f"--hash-block-size={VERITY_BLOCK}",
+         f"--data-blocks={blocks}", f"--hash-offset={data_bytes}", f"--salt={salt}",
+         str(image), str(image)],
+        capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"veritysetup format failed:\n{result.stderr}")
+    root_hash = ""
+    for line in result.stdout.splitlines():
+        if line.startswith("Root hash:"):
+            root_hash = line.split(":", 1)[1].strip()
+    if len(root_hash) != 64:
+        raise RuntimeError(f"no root hash in veritysetup's output:\n{result.stdout}")
+    return {"data_blocks": blocks, "hash_start_block": blocks, "block_size": VERITY_BLOCK,
+            "hash": "sha256", "root_hash": root_hash, "salt": salt,
+            "size": image.stat().st_size}
+
+
+# What the tiny initramfs (init-root) runs: busybox for the shell and insmod, dmsetup for
+# dm-verity; their libraries are found with the image's own loader.
+BOOT_PROGRAMS = ("bin/busybox", "sbin/dmsetup")
+
+
+def assemble_boot(recipe: Recipe, stage: Path, boot: Path, tree: ModuleTree) -> list[str]:
+    """Fill boot with the device form's initramfs, taken from the assembled stage: init-root,
+    busybox, dmsetup and their libraries, the root modules in load order. Returns the modules."""
+    programs = [Path(p) for p in BOOT_PROGRAMS]
+    libraries = needed_libraries(stage, programs)
+    for rel in programs:
+        (boot / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(stage / rel, boot / rel)
+    lib_dir = boot / "lib/x86_64-linux-gnu"
+    lib_dir.mkdir(parents=True)
+    for name in sorted(libraries):
+        for lib_root in LIBRARY_DIRS:
+            source = stage / lib_root / name
+            if source.exists():
+                shutil.copy2(source.resolve(), lib_dir / name)
+                break
+        else:
+            raise FileNotFoundError(f"{name}: needed by the boot programs, not in the image")
+    loader = "ld-linux-x86-64.so.2"  # the loader itself (ld.so --list names it without "=>")
+    shutil.copy2((stage / LIBRARY_DIRS[0] / loader).resolve(), lib_dir / loader)
+    (boot / "lib64").mkdir()
+    (boot / "lib64" / loader).symlink_to(f"/lib/x86_64-linux-gnu/{loader}")
+    order = tree.load_order(recipe.modules_root)
+    verity = [m for m in tree.load_order([*recipe.modules_root, *recipe.modules_verity])
+              if m not in order]
+    (boot / "lib/modules").mkdir(parents=True)
+    for module in [*order, *verity]:
+        (boot / "lib/modules" / f"{module.name}.ko").write_bytes(module.load_bytes())
+    (boot / "modules.order").write_text("".join(f"{m.name}\n" for m in order))
+    (boot / "modules-verity.order").write_text("".join(f"{m.name}\n" for m in verity))
+    (boot / "init").write_bytes((recipe.recipe_dir / "init-root").read_bytes())
+    (boot / "init").chmod(0o755)
+    for sub in ("dev", "proc", "newroot"):
+        (boot / sub).mkdir()
+    return [m.name for m in [*order, *verity]]
+
+
 def tree_size(root: Path) -> int:
     return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -592,7 +730,7 @@ def build(recipe: Recipe, cache: Path, *, force: bool = False) -> BuildResult:
 
 
 def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
-    progress = Progress(total=5)
+    progress = Progress(total=7)
     tree = ModuleTree(recipe.modules_dir)
 
     with progress.step("computing the cache key of the inputs"):
@@ -601,7 +739,8 @@ def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
     out_dir = guest_cache / key
     image = out_dir / IMAGE_NAME
     manifest_path = out_dir / "manifest.json"
-    if image.exists() and manifest_path.exists() and not force:
+    complete = all((out_dir / n).exists() for n in (ROOTFS_NAME, VERITY_NAME, BOOT_INITRD_NAME))
+    if image.exists() and manifest_path.exists() and complete and not force:
         manifest = json.loads(manifest_path.read_text())
         sys.stderr.write(f"    cached image {image} (key {key})\n")
         return BuildResult(
@@ -613,6 +752,7 @@ def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
         unpack_base(recipe, base)
 
     stage = guest_cache / f"stage-{key}-{os.getpid()}"
+    boot_stage = guest_cache / f"stage-{key}-{os.getpid()}-boot"
     _prune(guest_cache, keep=out_dir)
     try:
         with progress.step("assembling the tree (strip, busybox, agent, protobuf, modules)"):
@@ -628,7 +768,20 @@ def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
                 devices=DEVICES,
                 progress=lambda n: update(f"{n} entries") if n % 250 == 0 else None,
             )
+        with progress.step("writing the device form: EROFS root + dm-verity, tiny initramfs"):
+            tmp_rootfs = out_dir / f".{ROOTFS_NAME}.{os.getpid()}"
+            tmp_rootfs.unlink(missing_ok=True)
+            verity = write_rootfs(stage, tmp_rootfs, epoch=recipe.epoch, key=key)
+            boot_stage.mkdir()
+            root_modules = assemble_boot(recipe, stage, boot_stage, tree)
+            tmp_boot = out_dir / f".{BOOT_INITRD_NAME}.{os.getpid()}"
+            write_initramfs(boot_stage, tmp_boot, mtime=recipe.epoch, devices=DEVICES)
         with progress.step("hashing and recording the manifest"):
+            device_form = {
+                "rootfs": {"sha256": _sha256(tmp_rootfs), "verity": verity},
+                "boot_initrd": {"sha256": _sha256(tmp_boot), "size": tmp_boot.stat().st_size,
+                                "modules": root_modules},
+            }
             sha = _sha256(tmp_image)
             size = tmp_image.stat().st_size
             manifest = {
@@ -642,10 +795,15 @@ def _build(recipe: Recipe, guest_cache: Path, *, force: bool) -> BuildResult:
                 "packages": recipe.packages,
                 "source_date_epoch": recipe.epoch,
                 **facts,
+                "device_form": device_form,
             }
+            os.replace(tmp_rootfs, out_dir / ROOTFS_NAME)
+            (out_dir / VERITY_NAME).write_text(json.dumps(verity, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp_boot, out_dir / BOOT_INITRD_NAME)
             os.replace(tmp_image, image)
             manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(boot_stage, ignore_errors=True)
     sys.stderr.write(f"    built in {progress.total_seconds():.1f} s\n")
     return BuildResult(image, sha, size, key, False, manifest_path)
