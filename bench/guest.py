@@ -80,6 +80,7 @@ MARKS = (
     ("Trying to unpack rootfs image as initramfs", "unpack"),
     ("Freeing initrd memory", "unpacked"),
     ("Run /init as init process", "init"),
+    ("coco-init: root mounted", "rootmounted"),
     ("coco-init: stage 2", "stage2"),
     ("coco-init: modules loaded", "modules"),
     ("coco-init: starting agent", "agent-exec"),
@@ -95,6 +96,7 @@ STEPS = (  # (row, from, to): the timeline's rows, on the guest's clock
     ("kernel: initramfs unpack (decompress + cpio)", "unpack", "unpacked"),
     ("kernel: rest of init → /init", "unpacked", "init"),
     ("init: stage 1 + 2 → agent started (python exec)", "init", "agent-exec"),
+    ("  of which device form's stage 1 → root mounted", "init", "rootmounted"),
     ("agent: interpreter + imports", "agent-exec", "imports"),
     ("agent: → listening (modules, initdata, policy)", "imports", "listening"),
     ("agent: listening → first Check answered", "listening", "check"),
@@ -141,12 +143,20 @@ def build_bare_initrd(folder: Path) -> Path:
 
 
 def profile_for(folder: Path, name: str, initrd: Path, *,
-                free_page_reporting: bool = True) -> Path:
+                free_page_reporting: bool = True, image: Path | None = None) -> Path:
     env = envinfo.load()
     path = folder / f"profile-{name}.toml"
     path.write_text(dev_profile_text(env.kernel, initrd, memory_mib=MEMORY_MIB,
-                                     free_page_reporting=free_page_reporting))
+                                     free_page_reporting=free_page_reporting, image=image))
     return path
+
+
+def page_cache_mib(path: Path) -> float:
+    """How much of a file the host's page cache holds (util-linux fincore), MiB: the root
+    image's pages, shared by every pod of the node, outside any QEMU's RSS."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0]) / MIB
 
 
 async def launch(profile: Path, run_root: Path, extra: str = "") -> tuple[QemuVm, float, float]:
@@ -371,7 +381,7 @@ def wants_memory(name: str, run: int, args: argparse.Namespace) -> bool:
         return False
     if args.balloon_ab:
         return name not in ("bare", *(i.partition("=")[0] for i in args.initrd))
-    return name == "agent" and run == 0
+    return name in ("agent", "device") and run == 0
 
 
 def print_memory_ab(series: dict[str, list[Boot]]) -> None:
@@ -405,6 +415,22 @@ def print_memory_ab(series: dict[str, list[Boot]]) -> None:
               + "; settled after " + " ".join(f"{m['settle_s']:.0f}" for m in ms) + " s")
 
 
+def print_memory(name: str, memory: dict[str, Any] | None) -> None:
+    if not memory:
+        return
+    print(f"\nQEMU memory of '{name}', idle busybox pod, 512 MiB guest (MiB, RSS / PSS)")
+    for kind, v in sorted(memory["kinds"].items(), key=lambda kv: -kv[1]["rss"]):
+        print(f"  {kind:<40} {v['rss']:>7.1f} / {v['pss']:>7.1f}")
+    print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
+    print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
+          "   target <= 120")
+    print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
+    print(f"  guest modules loaded: {' '.join(memory['guest_modules'])}")
+    print(f"  guest balloon: {memory['guest_balloon']}")
+    print(f"  guest RAM held by QEMU every {SETTLE_STEP_S:g} s after the pod started "
+          f"(MiB): {' '.join(f'{v:.0f}' for v in memory['guest_ram_history_mib'])}")
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,13 +450,22 @@ async def main() -> int:
     parser.add_argument("--params", action="append", default=[], metavar="NAME=KERNEL_PARAMS",
                         help="one more series: the reference image with these kernel "
                         "parameters added")
+    parser.add_argument("--device", action="store_true",
+                        help="add the series device (and device-no-balloon with --balloon-ab):"
+                        " the reference image's device form (tiny initramfs + read-only EROFS "
+                        "root on virtio-blk), beside 'agent', the initramfs form")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
     args = parser.parse_args()
-    image = args.image or guest_image().image
+    built = guest_image()
+    image = args.image or built.image
     base = Path(tempfile.mkdtemp(prefix="coco-bench-guest-", dir="/tmp"))
     series: dict[str, list[Boot]] = {"bare": [], "agent": []}
     if args.balloon_ab:
         series["no-balloon"] = []
+    if args.device:
+        series["device"] = []
+        if args.balloon_ab:
+            series["device-no-balloon"] = []
     variants: dict[str, tuple[Path, bool]] = {}
     extra_params: dict[str, str] = {}
     for item in args.params:
@@ -452,6 +487,11 @@ async def main() -> int:
                                                   free_page_reporting=False)}
                        if args.balloon_ab else {}),
                     **{n: profile_for(base, n, image) for n in extra_params},
+                    **({"device": profile_for(base, "device", built.boot_initrd,
+                                              image=built.rootfs)} if args.device else {}),
+                    **({"device-no-balloon": profile_for(
+                        base, "device-no-balloon", built.boot_initrd, image=built.rootfs,
+                        free_page_reporting=False)} if args.device and args.balloon_ab else {}),
                     **{n: profile_for(base, n, p) for n, (p, _) in variants.items()}}
         for run in range(args.runs):
             for name, profile in profiles.items():
@@ -504,20 +544,16 @@ async def main() -> int:
             print(f"  {label:<52} {seconds:>6.2f} s")
     if args.balloon_ab:
         print_memory_ab(series)
-    memory = series["agent"][0].memory if series["agent"] else None
-    if memory:
-        print("\nQEMU memory, idle busybox pod, 512 MiB guest (MiB, RSS / PSS)")
-        for kind, v in sorted(memory["kinds"].items(), key=lambda kv: -kv[1]["rss"]):
-            print(f"  {kind:<40} {v['rss']:>7.1f} / {v['pss']:>7.1f}")
-        print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
-        print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
-              "   target <= 120")
-        print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
-        print(f"  guest modules loaded: {' '.join(memory['guest_modules'])}")
-        print(f"  guest balloon: {memory['guest_balloon']}")
-        print(f"  guest RAM held by QEMU every {SETTLE_STEP_S:g} s after the pod started "
-              f"(MiB): {' '.join(f'{v:.0f}' for v in memory['guest_ram_history_mib'])}")
+    for name in ("agent", "device"):
+        if series.get(name):
+            print_memory(name, series[name][0].memory)
+    if args.device:
+        print(f"\ndevice form: root image {image_facts(built.rootfs)}, tiny initramfs "
+              f"{image_facts(built.boot_initrd)}; the image's pages in the host's page cache "
+              f"now (shared by every pod of the node, in no QEMU's RSS): "
+              f"{page_cache_mib(built.rootfs):.1f} MiB")
     if imports:
+
         print("\nagent imports, costliest (cumulative, python -X importtime, one boot)")
         for micros, name in imports[:25]:
             print(f"  {micros / 1000:>8.1f} ms  {name}")

@@ -31,6 +31,7 @@ from hypervisor.profile import (
     confidential_conflicts,
     tee_safety_conflicts,
 )
+from hypervisor.rootimage import RootImage, RootImageError, VerityRoot, verity_file
 from protocols import initdata
 
 DEFAULT_VARIABLES: Mapping[str, str] = {"guest_image_dir": "/usr/share/coco-shim/guest"}
@@ -251,6 +252,28 @@ def _quote_socket(text: str) -> UnixSocketAddress | VsockSocketAddress:
     raise ValueError("must be unix:<path> or vsock:<cid>:<port>")
 
 
+def _root_image(source: str, image: Path | None, qemu_root: Path, confidential: bool,
+                check_files: bool) -> RootImage | None:
+    """The root image, with its dm-verity parameters (the builder's ``<image>.verity``, read
+    by the shim on the host) on a confidential profile, where they are required; a
+    development profile mounts it unchecked."""
+    if image is None:
+        return None
+    if not confidential:
+        return RootImage(image)
+    verity = qemu_root / verity_file(image).relative_to("/")
+    if not verity.is_file():
+        if check_files:
+            raise ConfigError(source, "hypervisor.image",
+                              f"a confidential profile needs the image's dm-verity parameters "
+                              f"in {verity} (written by the guest image builder)", str(image))
+        return RootImage(image)  # check_invariants refuses to launch it
+    try:
+        return RootImage(image, VerityRoot.from_file(verity))
+    except RootImageError as err:
+        raise ConfigError(source, "hypervisor.image", str(err), str(image)) from err
+
+
 def _tee_params(source: str, tee: TeeKind, doc: dict[str, Any]) -> TeeParams:
     wanted = _TEE_SECTIONS.get(tee)
     for section in ("sev", "snp", "tdx"):
@@ -347,6 +370,7 @@ def parse_profile(
     if initdata_file is not None and check_files:
         _check_initdata_file(source, initdata_file)
 
+    confidential = tee.confidential or rt.get("confidential", bool, False)
     qemu = paths.resolve("hypervisor.qemu_path", h.opt("qemu_path", str))
     assert qemu is not None  # required key
     profile = RuntimeProfile(
@@ -356,7 +380,8 @@ def parse_profile(
         qemu=qemu,
         kernel=paths.resolve("hypervisor.kernel", h.opt("kernel", str)),
         initrd=paths.resolve("hypervisor.initrd", h.opt("initrd", str)),
-        image=paths.resolve("hypervisor.image", h.opt("image", str)),
+        image=_root_image(source, paths.resolve("hypervisor.image", h.opt("image", str)),
+                          qemu_root, confidential, check_files),
         kernel_params=h.get("kernel_params", str, ""),
         machine_type=h.opt("machine_type", str),
         cpu_model=h.opt("cpu_model", str),

@@ -57,6 +57,7 @@ from hypervisor.cmdline import (
     VsockSocketAddress,
 )
 from hypervisor.errors import InvariantError
+from hypervisor.rootimage import RootImage
 from protocols.initdata import SNP_HOST_DATA_BYTES, TDX_MRCONFIGID_BYTES, Initdata
 
 SEV_POLICY_NODBG = 0x1  # bit 0: the host may not debug the guest
@@ -198,7 +199,7 @@ class RuntimeProfile:
     kernel: Path | None
     arch: Arch = Arch.X86_64
     initrd: Path | None = None
-    image: Path | None = None  # read-only root disk (guest image)
+    image: RootImage | None = None  # the read-only root filesystem image (hypervisor/rootimage)
     kernel_params: str = ""
     machine_type: str | None = None
     cpu_model: str | None = None
@@ -499,6 +500,11 @@ def check_invariants(profile: RuntimeProfile, vm: VmInstance) -> None:
                     f"{type(profile.tee_params).__name__}")
     if isinstance(vm.vsock, HybridVsock):
         chk.require(profile.arch is Arch.X86_64, "hybrid vsock is only wired for x86_64")
+    if profile.image is not None and profile.confidential and tee is not TeeKind.S390_PV:
+        chk.require(profile.image.verity is not None,
+                    f"root image {profile.image.path} has no dm-verity parameters: a "
+                    "confidential guest mounts its root only under a measured root hash "
+                    f"(the builder writes them to {profile.image.path.name}.verity)")
     for conflict in tee_safety_conflicts(profile):
         chk.conflicts.append(f"{conflict.key}: {conflict.message}")
     if vm.initdata is not None:
@@ -701,8 +707,14 @@ def _console(profile: RuntimeProfile, vm: VmInstance) -> Console | None:
 
 
 def kernel_append(profile: RuntimeProfile, vm: VmInstance) -> str:
-    """The guest kernel command line: the profile's parameters, then the VM's extra ones."""
-    return " ".join(p for p in (profile.kernel_params, vm.extra_kernel_params) if p)
+    """The guest kernel command line: the profile's parameters, how to mount the root image
+    (``coco.root=``, with its dm-verity root hash on a confidential profile: measured with the
+    command line), then the VM's extra ones. s390-pv boots one genprotimg image whose
+    command line is inside it (the root parameter too: see firmware-configs/qemu-se.toml)."""
+    root = None
+    if profile.image is not None and profile.tee is not TeeKind.S390_PV:
+        root = profile.image.kernel_param()
+    return " ".join(p for p in (profile.kernel_params, root, vm.extra_kernel_params) if p)
 
 
 def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLine:
@@ -722,7 +734,9 @@ def build_command_line(profile: RuntimeProfile, vm: VmInstance) -> QemuCommandLi
 
     devices: list[QemuArgs] = []
     if profile.image is not None:
-        devices.append(VirtioBlk("image0", profile.image, readonly=True))
+        # One file for every pod of the node, read through the host's page cache (shared by
+        # all of them: QEMU's default cache mode, not O_DIRECT).
+        devices.append(VirtioBlk("image0", profile.image.path, readonly=True, cache=None))
     if vm.initdata is not None:
         # Read-only and tiny: QEMU's default cache (no O_DIRECT, which tmpfs may refuse).
         devices.append(VirtioBlk("initdata", vm.initdata_disk, readonly=True, cache=None))

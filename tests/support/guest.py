@@ -31,11 +31,22 @@ def guest_image() -> BuildResult:
 IDLE_PARAMS = "tsc=reliable nowatchdog sysctl.vm.compaction_proactiveness=0"
 
 
+def image_line(image: Path | None) -> str:
+    """The profile's root image line (the device form), or nothing (the initramfs form)."""
+    return "" if image is None else f'image = "{image}"\n'
+
+
+def device_form(image: BuildResult) -> tuple[Path, Path]:
+    """(initrd, image) of the device form: the tiny initramfs and the EROFS root image."""
+    return image.boot_initrd, image.rootfs
+
+
 def dev_profile_text(kernel: Path, initrd: Path, *,
                      enable_annotations: tuple[str, ...] = (), memory_mib: int = 1024,
-                     free_page_reporting: bool = True) -> str:
+                     free_page_reporting: bool = True, image: Path | None = None) -> str:
     """firmware-configs/qemu-none.toml pinned to this machine: TCG, hybrid vsock (the tests
-    give the guest 1 GiB; the benchmarks use the profile's 512 MiB)."""
+    give the guest 1 GiB; the benchmarks use the profile's 512 MiB). With ``image``, the
+    device form: ``initrd`` is the tiny initramfs that mounts it."""
     allowed = ", ".join(f'"{a}"' for a in enable_annotations)
     return f"""# development profile pointed at the reference guest image (TCG, hybrid vsock)
 [hypervisor]
@@ -43,7 +54,7 @@ tee = "none"
 qemu_path = "/usr/bin/qemu-system-x86_64"
 kernel = "{kernel}"
 initrd = "{initrd}"
-kernel_params = "console=ttyS0 panic=-1 quiet {IDLE_PARAMS}"
+{image_line(image)}kernel_params = "console=ttyS0 panic=-1 quiet {IDLE_PARAMS}"
 accelerator = "tcg"
 vcpus = 1
 memory_mib = {memory_mib}
@@ -57,7 +68,7 @@ enable_annotations = [{allowed}]
 
 
 def coco_dev_profile_text(kernel: Path, initrd: Path, *, kernel_params: str = "",
-                          dial_timeout: float = 120) -> str:
+                          dial_timeout: float = 120, image: Path | None = None) -> str:
     """firmware-configs/qemu-coco-dev.toml pinned to this machine (TCG, hybrid vsock): the
     confidential code path without a TEE. ``kernel_params`` are added to the profile's own
     (a pod cannot add any on a confidential profile)."""
@@ -70,7 +81,7 @@ tee = "none"
 qemu_path = "/usr/bin/qemu-system-x86_64"
 kernel = "{kernel}"
 initrd = "{initrd}"
-kernel_params = "{params}"
+{image_line(image)}kernel_params = "{params}"
 accelerator = "tcg"
 vcpus = 1
 memory_mib = 1024
