@@ -20,8 +20,8 @@ from tests.support.guest import guest_recipe
 pytestmark = pytest.mark.integration
 
 
-def listing(result: BuildResult) -> list[str]:
-    raw = read_initramfs(result.image.read_bytes())
+def listing(result: BuildResult, initrd: Path | None = None) -> list[str]:
+    raw = read_initramfs((initrd or result.image).read_bytes())
     out = subprocess.run(["cpio", "-it", "--quiet"], input=raw, capture_output=True, check=True)
     return out.stdout.decode().splitlines()
 
@@ -120,6 +120,10 @@ def test_rebuild_is_bit_for_bit_identical(guest_image: BuildResult) -> None:
     # builds of the same key.)
     assert again.key == first.key
     assert again.sha256 == first.sha256
+    # the device form too: EROFS + hash tree, its verity parameters, the tiny initramfs
+    for name in ("rootfs", "verity", "boot_initrd"):
+        assert (hashlib.sha256(getattr(again, name).read_bytes()).hexdigest()
+                == hashlib.sha256(getattr(first, name).read_bytes()).hexdigest()), name
     if first.key == guest_image.key:
         assert first.sha256 == guest_image.sha256
     cached = build(guest_recipe(), cache)
@@ -136,4 +140,22 @@ def test_command_prints_the_sha256_last() -> None:
     )
     last = result.stdout.strip().splitlines()[-1]
     assert len(last) == 64 and int(last, 16) >= 0
-    assert "[1/5]" in result.stderr
+    assert "[1/7]" in result.stderr
+
+
+def test_device_form_holds_the_root_image_and_a_tiny_initramfs(guest_image: BuildResult) -> None:
+    names = set(listing(guest_image, guest_image.boot_initrd))
+    for required in ("init", "bin/busybox", "sbin/dmsetup", "modules.order",
+                     "modules-verity.order", "lib/modules/erofs.ko", "lib/modules/virtio_blk.ko",
+                     "lib/modules/dm_verity.ko", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                     "dev/console"):
+        assert required in names, required
+    assert not any(n.startswith("usr/") for n in names)  # nothing of stage 2's tree
+    assert guest_image.boot_initrd.stat().st_size < 4 * 2**20
+    verity = json.loads(guest_image.verity.read_text())
+    assert verity["data_blocks"] * 4096 < guest_image.rootfs.stat().st_size == verity["size"]
+    with guest_image.rootfs.open("rb") as f:
+        f.seek(1024)  # the EROFS superblock's magic
+        assert f.read(4) == (0xE0F5E1E2).to_bytes(4, "little")
+    manifest = json.loads(guest_image.manifest.read_text())
+    assert manifest["device_form"]["rootfs"]["verity"] == verity

@@ -463,3 +463,22 @@ def test_product_code_never_imports_the_oracle() -> None:
     for package in ("hypervisor", "shim", "protocols", "guest"):
         for source in (repo / package).rglob("*.py"):
             assert "sevsnpmeasure" not in source.read_text(), source
+
+
+def _with_root_image(root: Path, root_hash: str) -> str:
+    """SNP with the device form: the root image, its verity parameters beside it."""
+    (root / "guest/coco-guest.erofs").write_bytes(b"E" * 8192)
+    (root / "guest/coco-guest.erofs.verity").write_text(json.dumps({
+        "data_blocks": 2, "hash_start_block": 2, "root_hash": root_hash, "salt": "5" * 64,
+        "hash": "sha256", "block_size": 4096}))
+    return SNP.replace('kernel_params = "quiet panic=1"\n',
+                       'kernel_params = "quiet panic=1"\nimage = "/guest/coco-guest.erofs"\n')
+
+
+def test_the_root_images_verity_hash_is_measured_with_the_command_line(root: Path) -> None:
+    first = measure(load(_with_root_image(root, "a" * 64), root))
+    second = measure(load(_with_root_image(root, "b" * 64), root))
+    assert first.inputs.append == f"quiet panic=1 coco.root=verity:2:2:{'a' * 64}:{'5' * 64}"
+    assert f"coco.root=verity:2:2:{'a' * 64}" in report.render_text(first)
+    assert (first.value("snp_launch_measurement")
+            != second.value("snp_launch_measurement"))
