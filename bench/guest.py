@@ -3,7 +3,7 @@
 goes (on the guest's own clock), and what the pod VM costs the host in memory.
 
     heavy $COCO_CACHE/venv/bin/python bench/guest.py [--runs 5] [--initrd NAME=PATH ...]
-        [--importtime] [--no-memory] [--balloon-ab] [--params NAME=KERNEL_PARAMS ...]
+        [--importtime] [--no-memory] [--balloon-ab] [--params NAME=KERNEL_PARAMS ...] [--device]
 
 Every sample boots the development profile's exact QEMU argv (hypervisor.launch_vm: 1 vCPU,
 512 MiB, TCG, hybrid vsock, the pod's 9p rootfs share), and the series are interleaved, so
@@ -12,7 +12,11 @@ that each sees the same (shared, noisy) machine; every figure is a ratio within 
   bare    the same argv with a trivial initramfs whose /init powers off: launch → QEMU gone;
   agent   the reference image: launch → the shim's dial (the guest's ready announcement, then
           Health.Check OK);
-  NAME    each --initrd variant, the same way (before/after of a change).
+  NAME    each --initrd variant, the same way (before/after of a change);
+  device  with ``--device``: the reference image's device form (the tiny initramfs and the
+          read-only EROFS root on virtio-blk, ``coco.root=blk``), the same way; its memory is
+          measured like agent's, and the root image's pages in the host's page cache (shared
+          by every pod of the node, in no QEMU's RSS) are reported with fincore.
 
 The timeline comes from the guest's kernel log (init and the agent mark their steps in it;
 `dmesg` runs in a container with CAP_SYSLOG after the boot): kernel clock 0, initramfs unpacked,
