@@ -253,13 +253,15 @@ def _quote_socket(text: str) -> UnixSocketAddress | VsockSocketAddress:
 
 
 def _root_image(source: str, image: Path | None, qemu_root: Path, confidential: bool,
-                check_files: bool) -> RootImage | None:
+                direct_boot: bool, check_files: bool) -> RootImage | None:
     """The root image, with its dm-verity parameters (the builder's ``<image>.verity``, read
-    by the shim on the host) on a confidential profile, where they are required; a
-    development profile mounts it unchecked."""
+    by the shim on the host) on a confidential profile that boots a kernel directly, where
+    they are required (the root hash goes on its measured command line); a development
+    profile mounts it unchecked, and without a kernel the firmware boots the disk itself
+    (no command line of ours to carry a root hash)."""
     if image is None:
         return None
-    if not confidential:
+    if not confidential or not direct_boot:
         return RootImage(image)
     verity = qemu_root / verity_file(image).relative_to("/")
     if not verity.is_file():
@@ -373,15 +375,16 @@ def parse_profile(
     confidential = tee.confidential or rt.get("confidential", bool, False)
     qemu = paths.resolve("hypervisor.qemu_path", h.opt("qemu_path", str))
     assert qemu is not None  # required key
+    kernel = paths.resolve("hypervisor.kernel", h.opt("kernel", str))
     profile = RuntimeProfile(
         name=Path(source).stem,
         tee=tee,
         arch=arch,
         qemu=qemu,
-        kernel=paths.resolve("hypervisor.kernel", h.opt("kernel", str)),
+        kernel=kernel,
         initrd=paths.resolve("hypervisor.initrd", h.opt("initrd", str)),
         image=_root_image(source, paths.resolve("hypervisor.image", h.opt("image", str)),
-                          qemu_root, confidential, check_files),
+                          qemu_root, confidential, kernel is not None, check_files),
         kernel_params=h.get("kernel_params", str, ""),
         machine_type=h.opt("machine_type", str),
         cpu_model=h.opt("cpu_model", str),

@@ -11,13 +11,16 @@ moment its parent dies.
 
 The parent, for the kernel, is the thread that spawned it: launch from the thread that owns
 the VM for its whole life (the event loop's, in the daemon and every tool here). A parent that
-dies between the fork and the ``prctl`` (microseconds) leaves the child without its lifeline;
-the shim's ``delete`` still reaps it from the crash record.
+dies between the fork and the ``prctl`` would leave the child without its lifeline (seen under
+load, with the owner killed right after the spawn): so setpriv execs a one-line ``sh`` guard
+first, which compares its parent with the owner's pid and exits 125 if it was reparented
+already, else execs the binary (still the same pid).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from collections.abc import Sequence
 from typing import Final
@@ -32,10 +35,17 @@ def _setpriv() -> str | None:
     return shutil.which(SETPRIV)
 
 
+# $0 is the owner's pid: a child whose parent is someone else already (the owner died before
+# the prctl) must not start at all.
+GUARD: Final = '[ "$PPID" = "$0" ] || exit 125; exec "$@"'
+
+
 def die_with_parent(command: Sequence[str], error: type[HypervisorError]) -> list[str]:
-    """``command`` behind ``setpriv --pdeathsig KILL --``; ``error`` if setpriv is missing."""
+    """``command`` behind ``setpriv --pdeathsig KILL --`` and the owner guard (:data:`GUARD`),
+    for a child this process spawns; ``error`` if setpriv is missing."""
     setpriv = _setpriv()
     if setpriv is None:
         raise error(f"{SETPRIV} (util-linux) is not on PATH: without it the VM's processes "
                     "could outlive their owner (install util-linux)")
-    return [setpriv, "--pdeathsig", "KILL", "--", *command]
+    return [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", GUARD, str(os.getpid()),
+            *command]

@@ -500,7 +500,8 @@ def check_invariants(profile: RuntimeProfile, vm: VmInstance) -> None:
                     f"{type(profile.tee_params).__name__}")
     if isinstance(vm.vsock, HybridVsock):
         chk.require(profile.arch is Arch.X86_64, "hybrid vsock is only wired for x86_64")
-    if profile.image is not None and profile.confidential and tee is not TeeKind.S390_PV:
+    if (profile.image is not None and profile.confidential and profile.kernel is not None
+            and tee is not TeeKind.S390_PV):  # no kernel: the firmware boots the disk itself
         chk.require(profile.image.verity is not None,
                     f"root image {profile.image.path} has no dm-verity parameters: a "
                     "confidential guest mounts its root only under a measured root hash "

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -27,8 +28,20 @@ sys.stdin.read()  # until the test kills us
 
 def test_the_child_is_the_command_itself_behind_setpriv() -> None:
     argv = die_with_parent(["qemu-system-x86_64", "-S"], QemuError)
-    assert argv[1:] == ["--pdeathsig", "KILL", "--", "qemu-system-x86_64", "-S"]
+    assert argv[1:] == ["--pdeathsig", "KILL", "--", "/bin/sh", "-c", lifeline.GUARD,
+                        str(os.getpid()), "qemu-system-x86_64", "-S"]
     assert argv[0].endswith("/setpriv")
+
+
+def test_a_child_whose_owner_is_already_gone_does_not_start(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    argv = die_with_parent(["touch", str(marker)], QemuError)
+    # Spawned by this process (the owner): it runs.
+    assert subprocess.run(argv, check=False).returncode == 0 and marker.exists()
+    marker.unlink()
+    # Spawned by another process (as if reparented before its prctl): it does not.
+    other = subprocess.run(["sh", "-c", '"$@"', "sh", *argv], check=False)
+    assert other.returncode == 125 and not marker.exists()
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
