@@ -110,11 +110,17 @@ def coco(request: pytest.FixtureRequest, guest_image: BuildResult) -> Iterator[C
         assert not leftovers, f"processes left behind: {describe(leftovers)}"
         assert host_leftovers(base) == []
     finally:
-        for pid in coco_processes(base):
-            os.kill(pid, 9)
-        subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
-                       check=False)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_node(base)
+
+
+def remove_node(base: Path) -> None:
+    """Whatever a test node left under ``base``: its processes killed, its mounts detached, the
+    directory removed (a fixture's last word, after its own leak checks)."""
+    for pid in coco_processes(base):
+        os.kill(pid, 9)
+    subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
+                   check=False)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def host_leftovers(base: Path, pod_dir: Path | None = None,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -24,8 +22,8 @@ import pytest
 from guest.image.build import BuildResult
 from shim.core.paths import BOOT_SLOTS_ENV
 from tests import envinfo
-from tests.e2e.conftest import RUNTIME, CocoContainerd, shim_env
-from tests.support.containerd import coco_processes, private_containerd
+from tests.e2e.conftest import RUNTIME, CocoContainerd, remove_node, shim_env
+from tests.support.containerd import private_containerd
 from tests.support.guest import dev_profile_text
 from tests.support.images import BUSYBOX_REF, busybox_oci_archive
 
@@ -50,11 +48,7 @@ def node(guest_image: BuildResult) -> Iterator[CocoContainerd]:
                    str(busybox_oci_archive(base / "busybox.tar")))
             yield CocoContainerd(cd, base, profile)
     finally:
-        for pid in coco_processes(base):
-            os.kill(pid, 9)
-        subprocess.run(["umount", "-R", "-l", str(base / "run")], capture_output=True,
-                       check=False)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_node(base)
 
 
 def slot(node: CocoContainerd) -> tuple[bool, str]:

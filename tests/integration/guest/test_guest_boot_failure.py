@@ -30,7 +30,7 @@ import pytest
 from guest.agent.bootsteps import STEP_BOUNDS
 from guest.image.build import BuildResult
 from hypervisor.config import load_profile
-from hypervisor.vm import LaunchOptions, launch_vm
+from hypervisor.vm import AgentChannel, LaunchOptions, launch_vm
 from shim.core.errors import FailedPrecondition
 from shim.core.timeouts import TIMEOUTS
 from shim.pod.agent import AgentClient
@@ -41,6 +41,23 @@ pytestmark = pytest.mark.integration
 
 DIAL_TIMEOUT = 120.0  # the profile's: the dial must end long before it
 WITHIN = 10.0  # seconds from the guest's announcement to the shim's error, at most
+
+
+async def shims_error(channel: AgentChannel, exited: asyncio.Future[object]
+                      ) -> tuple[FailedPrecondition, bool]:
+    """The error a failed boot gives the shim, and whether the dial itself failed with it;
+    else the dial succeeded and the shim's next call (CreateSandbox, waiting for the
+    AgentService) must fail with it."""
+    try:
+        agent = await AgentClient.dial(channel, DIAL_TIMEOUT, exited=exited, timeouts=TIMEOUTS)
+    except FailedPrecondition as err:
+        return err, True
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            await agent.create_sandbox("bootfail", "bootfail", [], [])
+        return info.value, False
+    finally:
+        await agent.close()
 
 
 @pytest.mark.parametrize("step", ["modules", "drivers"])
@@ -60,21 +77,14 @@ async def test_a_failed_boot_step_reaches_the_shim_within_seconds(
         async with asyncio.timeout(DIAL_TIMEOUT):
             await vm.channel.wait_guest_ready()  # the agent listens: the dial starts here
         announced = time.monotonic()
-        try:  # the step fails while the agent answers its first Check, or before
-            agent = await AgentClient.dial(vm.channel, DIAL_TIMEOUT, exited=exited,
-                                           timeouts=TIMEOUTS)
-        except FailedPrecondition as err:  # before: Check said NOT_SERVING, or the console
-            error = err
+        # The step fails while the agent answers its first Check, or before (the dial fails:
+        # Check said NOT_SERVING, or the console), or after (the shim's next call fails).
+        error, at_dial = await shims_error(vm.channel, exited)
+        if at_dial:
             assert ("is not serving (status NOT_SERVING)" in str(error)
                     or "the guest cannot start; its console says: " in str(error)), error
-        else:  # after: the shim's next call, waiting for the AgentService, fails with it
+        else:
             assert step != "modules", "the agent served after its modules step failed"
-            try:
-                with pytest.raises(FailedPrecondition) as info:
-                    await agent.create_sandbox("bootfail", "bootfail", [], [])
-                error = info.value
-            finally:
-                await agent.close()
         elapsed = time.monotonic() - announced
         print(f"failed boot step {step}: the shim had the error {elapsed:.2f} s after the guest "
               "announced")
@@ -120,19 +130,9 @@ async def test_a_hung_step_or_a_missing_channel_is_named_at_its_bound(
     exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
     try:
         assert vm.channel is not None
-        try:
-            agent = await AgentClient.dial(vm.channel, DIAL_TIMEOUT, exited=exited,
-                                           timeouts=TIMEOUTS)
-        except FailedPrecondition as err:
-            error = err
-        else:  # the agent listens; the AgentService waits for the hung step
+        error, at_dial = await shims_error(vm.channel, exited)
+        if not at_dial:  # the agent listens; the AgentService waits for the hung step
             assert fault == "drivers:hang", "the agent answered without its vsock modules"
-            try:
-                with pytest.raises(FailedPrecondition) as info:
-                    await agent.create_sandbox("bootfail", "bootfail", [], [])
-                error = info.value
-            finally:
-                await agent.close()
         elapsed = time.monotonic() - launched
         print(f"{fault}: the shim had the error {elapsed:.1f} s after QEMU started: {error}")
         assert words in str(error)
