@@ -103,6 +103,30 @@ def test_the_bound_counts_from_the_announcement(tmp_path: Path) -> None:
         'step "mounts" did not finish within its bound of 10 s (running for 10.5 s)')
     assert overran_step(step, {}, now=announced + 1000) is None  # a step with no bound
     assert overran_step(tmp_path / "missing", {"mounts": 10}) is None
+    # announced before the agent began waiting: the wait is what is bounded
+    assert overran_step(step, {"mounts": 10}, now=announced + 10.5,
+                        waited_since=announced - 5) is not None
+    assert overran_step(step, {"mounts": 10}, now=announced + 30,
+                        waited_since=announced + 25) is None
+    assert overran_step(step, {"mounts": 10}, now=announced + 36,
+                        waited_since=announced + 25) == (
+        'step "mounts" did not finish within its bound of 10 s (running for 36.0 s, '
+        '11.0 s of them while the agent waited for it)')
+
+
+async def test_a_step_starved_before_the_agent_waits_is_not_charged(tmp_path: Path) -> None:
+    """A step announced long ago (starved at nice 19 while the agent started up) gets its
+    whole bound once the agent waits for it, and is then named at that bound."""
+    step = tmp_path / "step"
+    step.write_text("drivers\n")
+    os.utime(step, (time.time() - 100, time.time() - 100))
+    started = time.monotonic()
+    with pytest.raises(BootStepFailed) as info:
+        await wait_for_step(tmp_path / "done", 60, step=step, bounds={"drivers": 0.3})
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert re.fullmatch(r"init's boot step hung: step \"drivers\" did not finish within its "
+                        r"bound of 0.3 s \(running for 10\d\.\d s, 0\.\d s of them while the "
+                        r"agent waited for it\)", str(info.value)), info.value
 
 
 def test_every_step_of_init_has_a_bound_below_the_shim_s_first_call() -> None:
