@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 from cri import CriNode, cri_node, start_pod
 
+from shim.core import trace
 from tests.support.containerd import shim_daemons
 
 RESULTS = Path(__file__).resolve().parent / "burst-results.json"
@@ -97,12 +98,14 @@ def burst(node: CriNode, run: Run, tag: str) -> None:
     def one(i: int) -> float:
         release.wait()
         start_pod(node, f"{tag}-{i}")
+        trace.mark(f"bench: pod {tag}-{i} ready")
         return time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(run.pods) as pool:
         futures = [pool.submit(one, i) for i in range(run.pods)]
         release.wait()
         t0 = time.monotonic()
+        trace.mark(f"bench: burst of {run.pods} released")
         for future in concurrent.futures.as_completed(futures):
             try:
                 run.ready.append(future.result() - t0)
@@ -220,8 +223,12 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=16, help="pods started in a row")
     parser.add_argument("--slots", choices=("both", "on", "off"), default="both",
                         help="the bursts with the node's boot slots on, off, or both")
-    parser.add_argument("--boot-slots", type=int, default=None, metavar="N",
-                        help="with the slots on: N of them (default: one per host CPU)")
+    parser.add_argument("--boot-slots", default="", metavar="N[,M…]",
+                        help="with the slots on: N of them (default: one per host CPU); "
+                             "several counts: each burst once per count, side by side")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="the shims' boot trace ($COCO_SHIM_TRACE) of each run into "
+                             "DIR/<run>.trace (one clock for every daemon)")
     parser.add_argument("--report", type=Path, help="print the table of a results file again")
     args = parser.parse_args()
     if args.report is not None:
@@ -231,17 +238,26 @@ def main() -> int:
     sizes = [int(n) for n in args.bursts.split(",") if n]
     cpus = os.cpu_count() or 1
     runs: list[Run] = []
+    current: Path | None = None
+    if args.trace is not None:  # containerd, and so every daemon it spawns, inherits it
+        args.trace.mkdir(parents=True, exist_ok=True)
+        current = args.trace / "current.trace"
+        os.environ[trace.TRACE_ENV] = str(current)
     with cri_node(args.containerd, subnet="198.18.202.0/24", prefix="coco-bburst-") as node:
         base_text = node.profile.read_text()
         plan = [Run("sequential", args.sequential, True)] if args.sequential else []
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.slots]
+        counts: list[int | None] = [int(n) for n in args.boot_slots.split(",") if n] or [None]
         for size in sizes:
-            plan += [Run("burst", size, on) for on in modes]
+            for on in modes:
+                plan += [Run("burst", size, True, slot_count=c) for c in counts] if on else [
+                    Run("burst", size, False)]
         for n, run in enumerate(plan):
-            run.slot_count = args.boot_slots if run.slots else None
             set_slots(node, base_text, run.slots, run.slot_count)
             measure(node, run, f"b{n}")
             runs.append(run)
+            if args.trace is not None and current is not None and current.exists():
+                current.rename(args.trace / f"b{n}-{run.label().replace(' ', '-')}.trace")
     RESULTS.write_text(json.dumps({"containerd": args.containerd, "cpus": cpus,
                                    "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
     report(runs, args.containerd, cpus)
