@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +62,7 @@ class Run:
     removal_errors: list[str] = field(default_factory=list)
     wall: float = 0.0
     slot_count: int | None = None  # the slots on: how many (None: one per host CPU)
+    tree: str = ""  # with --before: "before" (that checkout's shim) or "now" (this one's)
 
     def row(self, ideal: float, cpus: int) -> str:
         if not self.ready:
@@ -83,7 +86,9 @@ class Run:
     def label(self) -> str:
         mode = "slots off" if not self.slots else (
             "slots on" if self.slot_count is None else f"{self.slot_count} slots")
-        return f"{self.pods} {'in a row' if self.kind == 'sequential' else 'at once'}, {mode}"
+        tree = f", {self.tree}" if self.tree else ""
+        return (f"{self.pods} {'in a row' if self.kind == 'sequential' else 'at once'}, "
+                f"{mode}{tree}")
 
 
 def set_slots(node: CriNode, base_text: str, on: bool, count: int | None = None) -> None:
@@ -231,6 +236,9 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, metavar="DIR",
                         help="the shims' boot trace ($COCO_SHIM_TRACE) of each run into "
                              "DIR/<run>.trace (one clock for every daemon)")
+    parser.add_argument("--before", type=Path, metavar="TREE",
+                        help="another checkout's shim on a second node: every run of the "
+                             "plan once on each, the order alternating (before/after)")
     parser.add_argument("--report", type=Path, help="print the table of a results file again")
     args = parser.parse_args()
     if args.report is not None:
@@ -260,8 +268,13 @@ def main() -> int:
 
 def bench(args: argparse.Namespace, sizes: list[int], current: Path | None) -> list[Run]:
     runs: list[Run] = []
-    with cri_node(args.containerd, subnet="198.18.202.0/24", prefix="coco-bburst-") as node:
-        base_text = node.profile.read_text()
+    trees: dict[str, Path | None] = {"": None} if args.before is None else {
+        "now": None, "before": args.before}
+    with contextlib.ExitStack() as stack:
+        nodes = {name: stack.enter_context(cri_node(
+            args.containerd, subnet=f"198.18.{202 + i}.0/24", prefix="coco-bburst-", tree=tree))
+            for i, (name, tree) in enumerate(trees.items())}
+        base_text = next(iter(nodes.values())).profile.read_text()
         plan = [Run("sequential", args.sequential, True)] if args.sequential else []
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.slots]
         counts: list[int | None] = [int(n) for n in args.boot_slots.split(",") if n] or [None]
@@ -269,12 +282,18 @@ def bench(args: argparse.Namespace, sizes: list[int], current: Path | None) -> l
             for on in modes:
                 plan += [Run("burst", size, True, slot_count=c) for c in counts] if on else [
                     Run("burst", size, False)]
-        for n, run in enumerate(plan):
-            set_slots(node, base_text, run.slots, run.slot_count)
-            measure(node, run, f"b{n}")
-            runs.append(run)
-            if args.trace is not None and current is not None and current.exists():
-                current.rename(args.trace / f"b{n}-{run.label().replace(' ', '-')}.trace")
+        n = 0
+        for i, planned in enumerate(plan):
+            order = list(trees) if i % 2 == 0 else list(reversed(trees))
+            for name in order:
+                run = dataclasses.replace(planned, tree=name)
+                node = nodes[name]
+                set_slots(node, base_text, run.slots, run.slot_count)
+                measure(node, run, f"b{n}")
+                runs.append(run)
+                if args.trace is not None and current is not None and current.exists():
+                    current.rename(args.trace / f"b{n}-{run.label().replace(' ', '-')}.trace")
+                n += 1
     return runs
 
 

@@ -59,10 +59,12 @@ class CriNode(NamedTuple):
 @contextlib.contextmanager
 def cri_node(version: str, *, subnet: str = "198.18.201.0/24",
              prefix: str = "coco-bcri-",
-             enable_annotations: tuple[str, ...] = ()) -> Iterator[CriNode]:
+             enable_annotations: tuple[str, ...] = (),
+             tree: Path | None = None) -> Iterator[CriNode]:
     """Bring a CRI node up (the development profile on the reference guest image, TCG); leave
     nothing running after. ``enable_annotations``: pod annotations the profile allows and CRI
-    passes on (e.g. kata's kernel_params)."""
+    passes on (e.g. kata's kernel_params). ``tree``: another checkout whose shim the node's
+    daemons run (a before/after in one run; default: this one)."""
     env = envinfo.load()
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     tag = uuid.uuid4().hex[:6]
@@ -75,7 +77,8 @@ def cri_node(version: str, *, subnet: str = "198.18.201.0/24",
                                             enable_annotations=enable_annotations))
         network.write(base / "cni")
         shim_env = {"COCO_SHIM_RUN_DIR": str(base / "run"), "COCO_SHIM_SOCKET_DIR": str(base / "s"),
-                    "COCO_SHIM_STATE_DIR": str(base / "state"), "PYTHONPATH": str(REPO)}
+                    "COCO_SHIM_STATE_DIR": str(base / "state"),
+                    "PYTHONPATH": str((tree or REPO).resolve())}
         config = cri_config(version, profile=profile, cni_conf_dir=base / "cni",
                             pod_annotations=enable_annotations)
         with private_containerd(version, extra_config=config, env=shim_env,
