@@ -10,6 +10,10 @@ the run ends, then are all removed before the next; the runs alternate slots on 
 
 The CPU-bound ideal: a lone pod's start on an empty node (T1, the bursts of one) keeps one
 CPU busy, so with C CPUs the k-th pod of a burst can be ready at best at ceil(k / C) x T1.
+The bench's daemons use their own boot-slot directory (the node's is shared with every other
+pod on the machine). `--boot-slots 2,1` runs each burst once per slot count; `--before TREE`
+runs each on a second node whose daemons run another checkout's shim, the order alternating
+(before/after in one run); `--trace DIR` keeps the shims' boot trace of each run.
 Needs `make env`; leaves nothing running; raw samples in `bench/burst-results.json`.
 """
 
