@@ -76,7 +76,7 @@ bench-cri: env
 BURSTS ?= 1,10,16
 SLOTS ?= both
 bench-burst: env
-	@$(PY) bench/burst.py --bursts $(BURSTS) --slots $(SLOTS)
+	@$(PY) bench/burst.py --bursts $(BURSTS) --slots $(SLOTS) $(if $(BEFORE),--before $(BEFORE))
 
 # Idle pods' CPU on the host, process by process (QEMU by thread, shim, containerd), and the
 # guest's interrupts and forks, variants side by side in one window (~3 min).
