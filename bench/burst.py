@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -290,7 +289,8 @@ def bench(args: argparse.Namespace, sizes: list[int], current: Path | None) -> l
         for i, planned in enumerate(plan):
             order = list(trees) if i % 2 == 0 else list(reversed(trees))
             for name in order:
-                run = dataclasses.replace(planned, tree=name)
+                run = Run(planned.kind, planned.pods, planned.slots,  # its own lists
+                          slot_count=planned.slot_count, tree=name)
                 node = nodes[name]
                 set_slots(node, base_text, run.slots, run.slot_count)
                 measure(node, run, f"b{n}")
