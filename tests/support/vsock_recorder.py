@@ -30,12 +30,16 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 1 << 16
 PR_SET_PDEATHSIG = 1
+# A backend's socket file appears at bind(), before its listen(): a connection in between is
+# refused, so the relay dials again within this bound (the backend is still starting).
+DIAL_BOUND = 10.0
 
 
 def write_wrapper(path: Path, real: Path, record_dir: Path) -> Path:
@@ -72,6 +76,42 @@ def rewrite_vm_option(argv: list[str]) -> tuple[list[str], Path]:
     raise SystemExit(f"vsock recorder: no uds-path in --vm option: {argv}")
 
 
+def listen_at(path: Path) -> socket.socket:
+    """A unix listener that appears at ``path`` already listening: bound beside it, then
+    renamed into place (a client that sees the file never meets a refusing socket)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        listener.bind(str(staging))
+        listener.listen(16)
+        os.rename(staging, path)
+    except OSError:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+        raise
+    return listener
+
+
+def dial(path: Path) -> socket.socket:
+    """Connect to ``path``, again while it refuses (bound, not yet listening) or is not there
+    yet, up to DIAL_BOUND."""
+    deadline = time.monotonic() + DIAL_BOUND
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+        except OSError:
+            sock.close()
+            raise
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -98,11 +138,9 @@ class Relay:
 
     def connection(self, host: socket.socket, number: int) -> None:
         stem = self.record_dir / f"{self.pod}.{os.getpid()}.{number}"
-        guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            guest.connect(str(self.real_uds))
+            guest = dial(self.real_uds)
         except OSError:
-            guest.close()
             host.close()
             return
         with open(f"{stem}.to-guest", "ab") as to_guest, open(f"{stem}.to-host", "ab") as to_host:
@@ -140,9 +178,7 @@ def relay_guest_initiated(uds: Path, record_dir: Path,
         front = uds.parent / f"{uds.name}.rec_{port}"
         if not port.isdigit() or front in known:
             continue
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(front))
-        listener.listen(16)
+        listener = listen_at(front)
         relay = Relay(target, record_dir, f"{uds.parent.name}.guest-port-{port}")
         threading.Thread(target=relay.accept_loop, args=(listener,), daemon=True).start()
         found[front] = listener
@@ -156,25 +192,26 @@ def serve(real: Path, record_dir: Path, argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: stop.set())
     backend = subprocess.Popen([str(real), *backend_argv], preexec_fn=_die_with_parent)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener: socket.socket | None = None
     reverse: dict[Path, socket.socket] = {}
     try:
         reverse.update(relay_guest_initiated(uds, record_dir, reverse))
-        # Listen only once the real backend does: a connection accepted earlier could only
-        # be dropped, which the real backend never does to a dialling shim.
+        # Listen only once the real backend's socket is there (each connection still dials
+        # it again while it refuses: bound, not yet listening), and appear already
+        # listening: the shim dials as soon as the file exists.
         while not real_uds.exists() and backend.poll() is None and not stop.is_set():
             stop.wait(0.005)
-        listener.bind(str(uds))
-        listener.listen(16)
+        listener = listen_at(uds)
         relay = Relay(real_uds, record_dir, uds.parent.name)
         threading.Thread(target=relay.accept_loop, args=(listener,), daemon=True).start()
         while not stop.is_set() and backend.poll() is None:
             reverse.update(relay_guest_initiated(uds, record_dir, reverse))
             stop.wait(0.05)
     finally:
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
         if backend.poll() is None:
             backend.terminate()
             try:

@@ -20,12 +20,15 @@ from tests.support.vsock_recorder import recordings, rewrite_vm_option, write_wr
 
 WAIT = 10.0
 
+# The stand-in listens a while after its socket file appears (bind, then listen), as a
+# loaded backend may: the recorder must neither drop a connection made in between nor let
+# the test meet its own socket before it listens.
 FAKE_BACKEND = textwrap.dedent("""\
-    import os, socket, sys, threading
+    import os, socket, sys, threading, time
     opts = dict(f.split("=", 1) for f in sys.argv[sys.argv.index("--vm") + 1].split(","))
     open(opts["socket"], "w").close()  # stands for the vhost-user socket
     srv = socket.socket(socket.AF_UNIX)
-    srv.bind(opts["uds-path"]); srv.listen()
+    srv.bind(opts["uds-path"]); time.sleep(0.3); srv.listen()
     def serve(conn):
         f = conn.makefile("rb")
         port = f.readline().split()[1]
