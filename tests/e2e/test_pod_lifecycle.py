@@ -85,26 +85,6 @@ def test_two_containers_of_one_pod_share_one_vm(coco: CocoContainerd) -> None:
     wait_for(lambda: not qemu_pids(coco, pod), "the pod VM to stop after its last task")
 
 
-def test_events_arrive_in_order(coco: CocoContainerd) -> None:
-    cid = name("ev")
-    events = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address", str(coco.cd.address),
-                               "events"], stdout=subprocess.PIPE, env=coco.cd.env())
-    try:
-        time.sleep(0.5)
-        coco.run(cid, "sh", "-c", "exit 2", flags=("--rm",), check=False)
-        time.sleep(1.0)
-    finally:
-        events.terminate()
-        out, _ = events.communicate(timeout=10)
-    # `ctr events` lines: <date> <time> <zone> UTC <namespace> <topic> <json>
-    topics = [line.split()[5] for line in out.decode().splitlines()
-              if cid in line and len(line.split()) > 5 and line.split()[5].startswith("/tasks/")]
-    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
-    exit_line = next(line for line in out.decode().splitlines() if "/tasks/exit" in line
-                     and cid in line)
-    assert '"exit_status":2' in exit_line.replace(" ", ""), exit_line
-
-
 class ExitWatch:
     """``ctr events`` read on a thread: when each /tasks/exit arrived (monotonic clock)."""
 
@@ -351,25 +331,67 @@ def test_missing_firmware_is_a_clear_error(coco: CocoContainerd, tmp_path: Path)
         cleanup(coco, cid)
 
 
-def test_a_pod_removal_leaves_delete_nothing_to_kill(coco: CocoContainerd) -> None:
-    """containerd runs our `delete` the moment a shim's connection closes, right after the
-    Shutdown reply, under its 5 s cleanup bound. The daemon holds its socket until it has torn
-    the pod down, so that `delete` finds it alive and answers at once: containerd logs neither
-    "failed to delete dead shim" (a delete killed at that bound: "signal: killed") nor a
-    warning from a delete that had to SIGKILL a live daemon mid-teardown."""
-    cid = name("rm")
+def test_events_in_order_and_a_removal_leaves_delete_nothing_to_kill(
+        coco: CocoContainerd) -> None:
+    """One `ctr run --rm` (one pod VM) for two proofs.
+
+    Events: /tasks/create, /start, /exit (with the exit status), /delete arrive in order.
+
+    Removal: containerd runs our `delete` the moment a shim's connection closes, right after
+    the Shutdown reply, under its 5 s cleanup bound. The daemon holds its socket until it has
+    torn the pod down, so that `delete` finds it alive and answers at once: containerd logs
+    neither "failed to delete dead shim" (a delete killed at that bound: "signal: killed") nor
+    a warning from a delete that had to SIGKILL a live daemon mid-teardown."""
+    cid = name("ev")
     follower = LogFollower(coco.cd.log_path)
+    events = EventLines(coco)
     try:
-        out = coco.run(cid, "true", flags=("--rm",))
-        assert out.returncode == 0
+        out = coco.run(cid, "sh", "-c", "exit 2", flags=("--rm",), check=False)
+        assert out.returncode == 2, out
         # every process naming the container (the daemon, containerd's `delete`) has exited
         wait_for(lambda: not processes_of(coco, cid), "the shim and its delete to exit", 60)
+        wait_for(lambda: events.saw(cid, "/tasks/delete"), "the /tasks/delete event", 10)
         follower.saw(b"")
         said = [line for line in follower.text().splitlines() if f"id={cid}" in line]
     finally:
         follower.close()
+        lines = events.close()
+    # `ctr events` lines: <date> <time> <zone> UTC <namespace> <topic> <json>
+    topics = [line.split()[5] for line in lines
+              if cid in line and len(line.split()) > 5 and line.split()[5].startswith("/tasks/")]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
+    exit_line = next(line for line in lines if "/tasks/exit" in line and cid in line)
+    assert '"exit_status":2' in exit_line.replace(" ", ""), exit_line
+
     assert any('msg="shim disconnected"' in line for line in said), said
     trouble = [line for line in said if "failed to delete dead shim" in line
                or "warnings while cleaning up dead shim" in line]
     assert trouble == [], trouble
     assert not host_leftovers(coco.base, coco.pod_dir(cid), coco.base / "state" / "default" / cid)
+
+
+class EventLines:
+    """Every line of ``ctr events``, read on a thread from subscription on."""
+
+    def __init__(self, coco: CocoContainerd) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address",
+                                      str(coco.cd.address), "events"],
+                                     stdout=subprocess.PIPE, env=coco.cd.env())
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        time.sleep(0.5)  # subscribed
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.decode(errors="replace"))
+
+    def saw(self, cid: str, topic: str) -> bool:
+        return any(cid in line and topic in line for line in list(self.lines))
+
+    def close(self) -> list[str]:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._thread.join(10)
+        return list(self.lines)
