@@ -139,78 +139,6 @@ def test_cri_sees_the_runtime_and_images(crictd: CriContainerd) -> None:
         assert crictd.client.image_status(ref) is not None, ref
 
 
-def test_pod_with_two_containers_in_one_vm(crictd: CriContainerd) -> None:
-    client, log_dir = crictd.client, crictd.base / "pod-logs"
-    log_dir.mkdir()
-    pod = pod_config("cri-pod", uuid.uuid4().hex, log_dir)
-    pod_id = client.run_pod(pod)
-    try:
-        sandbox = client.pod_status(pod_id)
-        assert sandbox.state == cri.SANDBOX_READY
-        # CNI ran in the pod's network namespace on the host (bridge + host-local).
-        assert ip_address(sandbox.network.ip) in ip_network(POD_SUBNET), sandbox
-        assert len(crictd.qemus()) == 1, crictd.cd.log_tail()
-        # One boot: the daemon's early boot is adopted by the pause container's Create
-        # (podsandbox), or cancelled by CreateSandbox before it launched anything (shim).
-        assert pod_boots(crictd.cd, pod_id) == 1, crictd.cd.log_tail()
-        # podsandbox: a pause container booted the VM; shim: the sandbox API did, no container.
-        assert (pod_id in crictd.containers()) == (crictd.sandboxer == "podsandbox")
-
-        ids = [client.create_container(pod_id, container_config(name, BUSYBOX_REF, SLEEPER),
-                                       pod)
-               for name in ("first", "second")]
-        for cid in ids:
-            client.start_container(cid)
-        for cid in ids:
-            status = client.container_status(cid)
-            assert status.state == cri.CONTAINER_RUNNING, status
-        # Both containers (and the pause container, in podsandbox mode) live in the pod's VM.
-        assert len(crictd.qemus()) == 1, describe(crictd.qemus())
-
-        # ExecSync: output and exit status come back; the answers come from the guest.
-        hostname = client.exec_sync(ids[0], ["uname", "-n"])
-        assert (hostname.exit_code, hostname.stdout, hostname.stderr) == (0, b"cri-pod\n", b"")
-        kernel = client.exec_sync(ids[1], ["cat", "/proc/version"])
-        assert kernel.exit_code == 0
-        assert kernel.stdout.split()[2] != Path("/proc/version").read_bytes().split()[2]
-        failed = client.exec_sync(ids[0], ["sh", "-c", "echo oops >&2; exit 3"])
-        assert (failed.exit_code, failed.stdout, failed.stderr) == (3, b"", b"oops\n")
-        # ContainerStats decodes the shim's cgroup v2 Metrics (containerd 2.1.9's first answer
-        # may still be all zeros; the next ones carry the guest cgroup's numbers).
-        deadline = time.monotonic() + STATS_WAIT
-        while True:
-            stats = client.container_stats(ids[0])
-            assert stats.attributes.id == ids[0] and stats.cpu.timestamp > 0
-            if stats.cpu.usage_core_nano_seconds.value > 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert stats.cpu.usage_core_nano_seconds.value > 0, stats
-        assert stats.memory.usage_bytes.value > 0, stats
-
-        for cid in ids:
-            client.stop_container(cid, timeout=10)
-            status = client.container_status(cid)
-            assert status.state == cri.CONTAINER_EXITED, status
-            assert status.exit_code == 0, status
-            client.remove_container(cid)
-        assert client.list_containers(pod_id) == []
-        log = (log_dir / "first.log").read_text()
-        assert "started" in log, log
-    finally:
-        client.stop_pod(pod_id)
-        client.remove_pod(pod_id)
-    assert [p.id for p in client.list_pods()] == []
-    # The shim tears the pod down after StopPodSandbox returns: the VM stops, then its run
-    # directory goes, with nothing left mounted (CRI bind-mounts files: hostname, hosts,
-    # resolv.conf).
-    deadline = time.monotonic() + SHIM_EXIT_GRACE
-    while (crictd.qemus() or pod_dirs(crictd)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert crictd.qemus() == []
-    assert pod_dirs(crictd) == []
-    assert mounts_under(crictd.run_dir) == [crictd.run_dir] or mounts_under(crictd.run_dir) == []
-
-
 def pod_dirs(crictd: CriContainerd) -> list[Path]:
     return [p for p in crictd.run_dir.iterdir() if p.is_dir()] if crictd.run_dir.exists() else []
 
@@ -219,26 +147,79 @@ HTTPD = ["/bin/sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /w
          " && exec httpd -f -p 8080 -h /www"]
 
 
-def test_pods_reach_each_other_and_the_host_over_the_pod_network(crictd: CriContainerd) -> None:
-    """CNI's veth in each pod netns is mirrored into the pod VM: the container sees the pod IP
-    on eth0, two pods on the bridge talk HTTP both ways, and the host (the bridge's gateway
-    address, inside the test's own 198.18.200.0/24) reaches a server in a container."""
+def test_pods_with_two_containers_reach_each_other_and_the_host(crictd: CriContainerd) -> None:
+    """Two pods, one VM each (two pod VMs serve both proofs; a third pod of its own used to
+    boot for the first).
+
+    Pod web-a runs two containers in its one VM: RunPodSandbox boots the VM once (CNI ran in
+    the pod's netns on the host; in podsandbox mode a pause container booted it, with the
+    shim sandboxer the sandbox API did), both containers run there, ExecSync's output and exit
+    status come from the guest, ContainerStats decodes the guest cgroup's numbers, a
+    container stops with its exit code and its log reached the kubelet's log dir.
+
+    The pod network: CNI's veth in each pod netns is mirrored into the pod VM, the container
+    sees the pod IP on eth0, the two pods talk HTTP both ways, and the host (the bridge's
+    gateway address, inside the test's own 198.18.200.0/24) reaches a server in a container.
+    After the pods' removal no VM, pod directory, mount or network namespace is left."""
     client, log_dir = crictd.client, crictd.base / "net-logs"
     log_dir.mkdir()
     pods: dict[str, tuple[str, str, cri.PodSandboxConfig]] = {}
+    second = ""
     try:
         for name in ("web-a", "web-b"):
             config = pod_config(name, uuid.uuid4().hex, log_dir)
             pod_id = client.run_pod(config)
+            if name == "web-a":
+                sandbox = client.pod_status(pod_id)
+                assert sandbox.state == cri.SANDBOX_READY
+                # CNI ran in the pod's network namespace on the host (bridge + host-local).
+                assert ip_address(sandbox.network.ip) in ip_network(POD_SUBNET), sandbox
+                assert len(crictd.qemus()) == 1, crictd.cd.log_tail()
+                # One boot: the daemon's early boot is adopted by the pause container's
+                # Create (podsandbox), or cancelled by CreateSandbox before it launched
+                # anything (shim).
+                assert pod_boots(crictd.cd, pod_id) == 1, crictd.cd.log_tail()
+                # podsandbox: a pause container booted the VM; shim: the sandbox API did.
+                assert (pod_id in crictd.containers()) == (crictd.sandboxer == "podsandbox")
             cid = client.create_container(pod_id, container_config(f"{name}-httpd", BUSYBOX_REF,
                                                                    HTTPD), config)
             client.start_container(cid)
             pods[name] = (pod_id, cid, config)
-        ips = {name: client.pod_status(pod_id).network.ip for name, (pod_id, _, _) in
-               pods.items()}
-        assert len(crictd.qemus()) == 2
+        pod_a, httpd_a, config_a = pods["web-a"]
+        second = client.create_container(pod_a, container_config("second", BUSYBOX_REF,
+                                                                 SLEEPER), config_a)
+        client.start_container(second)
+        for cid in (httpd_a, second):
+            status = client.container_status(cid)
+            assert status.state == cri.CONTAINER_RUNNING, status
+        # Both containers of web-a (and its pause container, in podsandbox mode) live in its
+        # VM: one QEMU per pod.
+        assert len(crictd.qemus()) == 2, describe(crictd.qemus())
         # Their network namespaces are where the teardown's leak check looks (not vacuous).
         assert len(crictd.cd.cni_netns()) == 2, crictd.cd.cni_netns()
+
+        # ExecSync: output and exit status come back; the answers come from the guest.
+        hostname = client.exec_sync(second, ["uname", "-n"])
+        assert (hostname.exit_code, hostname.stdout, hostname.stderr) == (0, b"web-a\n", b"")
+        kernel = client.exec_sync(httpd_a, ["cat", "/proc/version"])
+        assert kernel.exit_code == 0
+        assert kernel.stdout.split()[2] != Path("/proc/version").read_bytes().split()[2]
+        failed = client.exec_sync(second, ["sh", "-c", "echo oops >&2; exit 3"])
+        assert (failed.exit_code, failed.stdout, failed.stderr) == (3, b"", b"oops\n")
+        # ContainerStats decodes the shim's cgroup v2 Metrics (containerd 2.1.9's first answer
+        # may still be all zeros; the next ones carry the guest cgroup's numbers).
+        deadline = time.monotonic() + STATS_WAIT
+        while True:
+            stats = client.container_stats(second)
+            assert stats.attributes.id == second and stats.cpu.timestamp > 0
+            if stats.cpu.usage_core_nano_seconds.value > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert stats.cpu.usage_core_nano_seconds.value > 0, stats
+        assert stats.memory.usage_bytes.value > 0, stats
+
+        ips = {name: client.pod_status(pod_id).network.ip for name, (pod_id, _, _) in
+               pods.items()}
         for name, (_, cid, _) in pods.items():
             eth0 = client.exec_sync(cid, ["ip", "-4", "-o", "addr", "show", "eth0"])
             assert eth0.exit_code == 0 and f" {ips[name]}/" in eth0.stdout.decode(), eth0
@@ -261,16 +242,37 @@ def test_pods_reach_each_other_and_the_host_over_the_pod_network(crictd: CriCont
                     raise
                 time.sleep(0.5)
         assert body == "hello from web-a"
+
+        # A container of the pod stops with its exit code (its SIGTERM trap) and is removed;
+        # its output reached the pod's log directory.
+        client.stop_container(second, timeout=10)
+        status = client.container_status(second)
+        assert status.state == cri.CONTAINER_EXITED, status
+        assert status.exit_code == 0, status
+        client.remove_container(second)
+        second = ""
+        assert [c.id for c in client.list_containers(pod_a)] == [httpd_a]
+        log = (log_dir / "second.log").read_text()
+        assert "started" in log, log
     finally:
+        if second:
+            client.stop_container(second, timeout=5)
+            client.remove_container(second)
         for pod_id, cid, _ in pods.values():
             client.stop_container(cid, timeout=5)
             client.remove_container(cid)
             client.stop_pod(pod_id)
             client.remove_pod(pod_id)
+    assert [p.id for p in client.list_pods()] == []
+    # The shim tears each pod down after StopPodSandbox returns: the VM stops, then its run
+    # directory goes, with nothing left mounted (CRI bind-mounts files: hostname, hosts,
+    # resolv.conf).
     deadline = time.monotonic() + SHIM_EXIT_GRACE
-    while crictd.qemus() and time.monotonic() < deadline:
+    while (crictd.qemus() or pod_dirs(crictd)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert crictd.qemus() == []
+    assert pod_dirs(crictd) == []
+    assert mounts_under(crictd.run_dir) == [crictd.run_dir] or mounts_under(crictd.run_dir) == []
     # No network namespace of these pods stays behind (CRI pins them under its state dir).
     assert crictd.cd.cni_netns() == []
 
