@@ -14,6 +14,9 @@ Then it listens, with Health answering at once and the AgentService pending
 image pull) is imported in a worker thread meanwhile, and once it is in and the device drivers
 are loaded (``--serve-after``) the AgentService is built with the policy settled above; RPCs
 that arrive earlier wait for it. The host's first Check so waits for neither.
+Started by init (through :mod:`guest.agent.entry`), the interpreter collects no cyclic garbage
+until the AgentService is built, or the start-up has settled on failing or refusing
+(:func:`guest.agent.entry.end_startup`).
 
 A confidential guest is one that runs on a TEE (the host cannot hide the TEE from it), or was
 given initdata, or was started with ``--confidential`` (init passes it for the kernel command
@@ -51,6 +54,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from guest.agent import initdata
 from guest.agent.bootlog import KMSG, BootLog
 from guest.agent.bootsteps import BootStepFailed, wait_for_step
+from guest.agent.entry import end_startup
 from guest.agent.errors import InvalidArgument
 from guest.agent.health import HealthService
 from guest.agent.pending import AGENT_SERVICE, PendingService, failure_status
@@ -384,6 +388,7 @@ async def refuse(
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     try:
         await _listen(server, args, boot)
+        end_startup()
         print(f"coco-agent: refusing for {args.refuse_for:g} s", file=sys.stderr, flush=True)
         await _linger(args.refuse_for, stop)
     finally:
@@ -560,6 +565,7 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
             failure = err
         if failure is not None:
             agent.fail(failure)
+            end_startup()
             _say_failed(failure, boot)
             await _linger(args.refuse_for, stop)
             status = FAILED_EXIT
@@ -569,6 +575,7 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
             register_agent_service(server, machinery.agent)
             agent.resolve()
             boot.mark("agent service ready")
+            end_startup()
             shutdown = asyncio.ensure_future(machinery.sandbox.shutdown.wait())
             try:
                 await asyncio.wait([stopped, shutdown], return_when=asyncio.FIRST_COMPLETED)
@@ -610,6 +617,7 @@ async def serve_failed(
     server.register_pending(AGENT_SERVICE, agent.wait)
     try:
         await _listen(server, args, boot)
+        end_startup()
         await _linger(args.refuse_for, stop)
     finally:
         await server.close()
