@@ -24,6 +24,9 @@ none changes what the agent does once started:
   (:class:`importlib.util.LazyLoader`): executed on its first attribute access, which only the
   pure-Python backend makes. The wire format is upb's either way.
 
+It also marks the boot timeline (``coco-agent: interpreter up`` in the kernel log, see
+:mod:`guest.agent.bootlog`) between the interpreter's own start and the agent's imports.
+
 Only the guest's init uses this: on a host (tests, tools), importing the agent leaves the
 interpreter as it is.
 """
@@ -31,6 +34,7 @@ interpreter as it is.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 PURE_PYTHON_BACKEND = "google.protobuf.internal.python_message"
@@ -93,7 +97,24 @@ def defer_pure_python_protobuf() -> None:
     setattr(sys.modules[package], name, module)
 
 
+def mark_interpreter_up(kmsg: str = "/dev/kmsg") -> None:
+    """The boot timeline's mark between the interpreter's own start-up and the agent's imports
+    (the same line :class:`guest.agent.bootlog.BootLog` writes; that module is not imported
+    yet, and os is in already)."""
+    try:
+        fd = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, b"<6>coco-agent: interpreter up\n")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def main() -> int:
+    mark_interpreter_up()
     pause_gc()
     import_asyncio_without_ssl()
     defer_pure_python_protobuf()

@@ -99,3 +99,13 @@ def _site_path() -> str:
     import google.protobuf
 
     return str(Path(google.protobuf.__file__).resolve().parents[2])
+
+
+def test_the_interpreter_mark_goes_to_the_kernel_log(tmp_path: Path) -> None:
+    from guest.agent import entry
+
+    log = tmp_path / "kmsg"
+    log.write_bytes(b"")
+    entry.mark_interpreter_up(str(log))
+    assert log.read_bytes() == b"<6>coco-agent: interpreter up\n"
+    entry.mark_interpreter_up(str(tmp_path / "missing" / "kmsg"))  # no log: nothing, no error
