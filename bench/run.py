@@ -95,15 +95,36 @@ async def direct_boot(profile_path: Path, run_root: Path, vhost: Path,
 
 def traced_steps(trace_file: Path, since: float, until: float) -> Steps:
     """The shim's trace marks in [since, until] (one `ctr run`), as offsets from ``since``;
-    a step seen more than once is numbered (``rpc: Wait received #2``)."""
+    a step seen more than once is numbered (``rpc: Wait received #2``). The guest agent's own
+    marks (``guest@<seconds> <step>``, see :func:`guest_steps`) are left out."""
     seen: dict[str, int] = {}
     steps: Steps = []
     for stamp, _pid, step in trace.read(trace_file) if trace_file.exists() else []:
-        if not since <= stamp <= until:
+        if not since <= stamp <= until or trace.guest_step(step) is not None:
             continue
         seen[step] = seen.get(step, 0) + 1
         steps.append((step if seen[step] == 1 else f"{step} #{seen[step]}", stamp - since))
     return steps
+
+
+def guest_steps(trace_file: Path, since: float, until: float) -> Steps:
+    """The guest agent's timeline of one `ctr run` (guest/agent/timeline.py, relayed from its
+    console into the shim's trace), on the guest's own clock, as offsets from its first Check
+    answered (the host's `agent: Check answered` is that plus the answer's way back);
+    repeated steps numbered."""
+    seen: dict[str, int] = {}
+    marks: list[tuple[float, str]] = []
+    for stamp, _pid, step in trace.read(trace_file) if trace_file.exists() else []:
+        got = trace.guest_step(step)
+        if got is None or not since <= stamp <= until:
+            continue
+        seconds, name = got
+        seen[name] = seen.get(name, 0) + 1
+        marks.append((seconds, name if seen[name] == 1 else f"{name} #{seen[name]}"))
+    check = next((seconds for seconds, name in marks if name == "Check answered"), None)
+    if check is None:
+        return []
+    return [(f"guest: {name}", seconds - check) for seconds, name in marks]
 
 
 def timeline(samples: list[Steps]) -> Steps:
@@ -158,6 +179,16 @@ def print_gap(runs: list[Steps], boots: list[Steps]) -> None:
         print(f"  {median([spans[i][1] for spans, _ in rounds]):7.3f} s  {label}")
 
 
+def print_guest_timeline(name: str, samples: list[Steps]) -> None:
+    """The guest agent's own timeline after Check, medians over the rounds that have it (a
+    tree whose agent has no ``--trace`` has none)."""
+    have = [sample for sample in samples if sample]
+    if have:
+        print_timeline(f"(a) ctr run --rm true, {name}: the guest agent's timeline on its own "
+                       f"clock, s from its Check answered (medians of {len(have)})",
+                       timeline(have))
+
+
 def print_timeline(title: str, steps: Steps) -> None:
     print(f"\n{title}\n  {'s from start':>12} {'+ s':>7}  step")
     previous = 0.0
@@ -200,17 +231,21 @@ def pod_memory(cd: Containerd, base: Path) -> dict[str, Any]:
 
 
 def ctr_run(cd: Containerd, name: str, *command: str, steps: Steps | None = None,
-            trace_file: Path | None = None, base: Path | None = None) -> float:
+            trace_file: Path | None = None, base: Path | None = None,
+            guest: Steps | None = None) -> float:
     """One `ctr run --rm`; seconds until it returned. With ``steps``, the shim's trace marks
     of this run (until its pod is fully gone: the teardown may outlast `ctr`) go there, and
-    ``ctr: returned`` among them."""
+    ``ctr: returned`` among them; ``guest`` gets the guest agent's own timeline."""
     start = time.monotonic()
     cd.ctr("run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, name, *command, timeout=300)
     elapsed = time.monotonic() - start
     if steps is not None and trace_file is not None and base is not None:
         settle(cd, base)
-        steps.extend(traced_steps(trace_file, start, time.monotonic()))
+        until = time.monotonic()
+        steps.extend(traced_steps(trace_file, start, until))
         steps.append(("ctr: returned", elapsed))
+        if guest is not None:
+            guest.extend(guest_steps(trace_file, start, until))
     return elapsed
 
 
@@ -320,15 +355,25 @@ def boot_before(env: envinfo.TestEnv, version: str, runs: int, before: Path,
                 out: Path) -> int:
     """(a) alone, before/after in one run: per round a direct boot, then `ctr run --rm true`
     through this checkout's shim and through ``before``'s (the order alternating), each on its
-    own private containerd; both laid out step by step."""
+    own private containerd; both laid out step by step. Each side boots its own tree's guest
+    image (``before``'s built by its own builder); when the two differ, each round boots both
+    directly too (``direct-before``) and each side's ratio is against its own image's boot."""
     base = Path(tempfile.mkdtemp(prefix="coco-bench-", dir="/tmp"))
     trees: dict[str, Path | None] = {"now": None, "before": before}
-    samples: dict[str, list[float]] = {"direct": [], "now": [], "before": []}
-    steps: dict[str, list[Steps]] = {"direct": [], "now": [], "before": []}
+    samples: dict[str, list[float]] = {"direct": [], "direct-before": [], "now": [],
+                                       "before": []}
+    steps: dict[str, list[Steps]] = {"direct": [], "direct-before": [], "now": [],
+                                     "before": []}
+    guest: dict[str, list[Steps]] = {"now": [], "before": []}
     try:
-        image = guest_image()
-        profile = base / "profile.toml"
-        profile.write_text(dev_profile_text(env.kernel, image.image))
+        images = {"now": guest_image().image, "before": tree_guest_image(before)}
+        print(f"guest images: now {images['now']}, before {images['before']}", flush=True)
+        profiles = {name: base / f"profile-{name}.toml" for name in trees}
+        for name in trees:
+            profiles[name].write_text(dev_profile_text(env.kernel, images[name]))
+        directs = {"direct": profiles["now"]}
+        if images["before"] != images["now"]:
+            directs["direct-before"] = profiles["before"]
         busybox = busybox_oci_archive(base / "busybox.tar")
         with contextlib.ExitStack() as stack:
             bases = {name: base / name for name in trees}
@@ -336,27 +381,31 @@ def boot_before(env: envinfo.TestEnv, version: str, runs: int, before: Path,
             for name, tree in trees.items():
                 bases[name].mkdir()
                 cds[name] = stack.enter_context(
-                    shim_containerd(version, bases[name], profile, env, tree))
+                    shim_containerd(version, bases[name], profiles[name], env, tree))
                 cds[name].ctr("images", "import", "--platform", "linux/amd64", str(busybox))
             for i in range(runs):
                 for name in trees:
                     settle(cds[name], bases[name])
-                steps["direct"].append([])
-                samples["direct"].append(asyncio.run(direct_boot(
-                    profile, base / "direct", env.vhost_device_vsock, steps["direct"][-1])))
+                for direct, profile in (directs.items() if i % 2 == 0
+                                        else reversed(directs.items())):
+                    steps[direct].append([])
+                    samples[direct].append(asyncio.run(direct_boot(
+                        profile, base / "direct", env.vhost_device_vsock, steps[direct][-1])))
                 for name in (list(trees) if i % 2 == 0 else list(reversed(trees))):
                     settle(cds[name], bases[name])
                     steps[name].append([])
+                    guest[name].append([])
                     samples[name].append(ctr_run(cds[name], f"true-{i}", "true",
                                                  steps=steps[name][-1],
                                                  trace_file=bases[name] / "trace",
-                                                 base=bases[name]))
+                                                 base=bases[name], guest=guest[name][-1]))
     finally:
         subprocess.run(["umount", "-R", "-l", *(str(base / n / "run") for n in trees)],
                        capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
     out.write_text(json.dumps({"command": " ".join([sys.executable, *sys.argv]),
-                               "before": str(before), "samples_s": samples, "steps": steps},
+                               "before": str(before), "samples_s": samples, "steps": steps,
+                               "guest_steps": guest},
                               indent=2))
     print_timeline(f"(a) the direct boot, step by step (medians of {runs})",
                    timeline(steps["direct"]))
@@ -364,18 +413,37 @@ def boot_before(env: envinfo.TestEnv, version: str, runs: int, before: Path,
         print_timeline(f"(a) ctr run --rm true, {name} ({trees[name] or 'this tree'}), step "
                        f"by step (medians of {runs})", timeline(steps[name]))
     for name in trees:
+        print_guest_timeline(f"{name} ({trees[name] or 'this tree'})", guest[name])
+    for name in trees:
         print(f"\n{name}:", end="")
-        print_gap(steps[name], steps["direct"])
-    direct = median(samples["direct"])
+        print_gap(steps[name], steps["direct-before" if name == "before" and
+                                     "direct-before" in directs else "direct"])
     print(f"\n(a) before/after, {runs} rounds, containerd {version}, interleaved")
-    print(f"  direct boot to Check      {direct:6.2f} s  "
-          f"({' '.join(f'{v:.2f}' for v in samples['direct'])})")
+    for direct in directs:
+        print(f"  {'direct boot to Check' + (', before image' if direct != 'direct' else ''):<34}"
+              f" {median(samples[direct]):6.2f} s  "
+              f"({' '.join(f'{v:.2f}' for v in samples[direct])})")
     for name in trees:
         got = median(samples[name])
-        print(f"  ctr run --rm true, {name:<6} {got:6.2f} s  ratio {got / direct:.2f}x  "
+        direct = median(samples["direct-before" if name == "before" and
+                                "direct-before" in directs else "direct"])
+        print(f"  {'ctr run --rm true, ' + name:<34} {got:6.2f} s  ratio {got / direct:.2f}x  "
               f"({' '.join(f'{v:.2f}' for v in samples[name])})")
     print(f"\nraw samples: {out}")
     return 0
+
+
+def tree_guest_image(tree: Path) -> Path:
+    """Another checkout's guest image (initramfs form), built (or found in the cache) by that
+    tree's own builder."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests.support.guest import guest_image; "
+         "print(guest_image().image)"],
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree.resolve())},
+        capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"building {tree}'s guest image failed: {done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
 def qemu_initrds(seen: set[str], stop: threading.Event) -> None:
@@ -493,6 +561,7 @@ def main() -> int:
             runs: list[float] = []
             boot_steps: list[Steps] = []
             run_steps: list[Steps] = []
+            guest_run_steps: list[Steps] = []
             for i in range(args.runs):
                 settle(cd, base)
                 boot_steps.append([])
@@ -500,12 +569,15 @@ def main() -> int:
                                                      env.vhost_device_vsock, boot_steps[-1])))
                 settle(cd, base)
                 run_steps.append([])
+                guest_run_steps.append([])
                 runs.append(ctr_run(cd, f"true-{i}", "true", steps=run_steps[-1],
-                                    trace_file=base / "trace", base=base))
+                                    trace_file=base / "trace", base=base,
+                                    guest=guest_run_steps[-1]))
             results["direct_boot_to_check_s"] = boots
             results["ctr_run_true_s"] = runs
             results["direct_boot_steps"] = boot_steps
             results["ctr_run_steps"] = run_steps
+            results["ctr_run_guest_steps"] = guest_run_steps
             results.update(ctr_container_only(cd, args.runs))
 
             # (c) memory of one running pod's shim daemon
@@ -544,6 +616,7 @@ def main() -> int:
                    timeline(boot_steps))
     print_timeline(f"(a) ctr run --rm true, step by step on the shim's trace (medians of "
                    f"{args.runs}; s from ctr's start)", timeline(run_steps))
+    print_guest_timeline("this tree", guest_run_steps)
     print_gap(run_steps, boot_steps)
     print(f"  ctr container create alone (snapshot prepare, mounts): "
           f"{median(results['ctr_container_create_s']):.3f} s; "  # type: ignore[arg-type]

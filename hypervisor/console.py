@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 FAILURE_MARKERS: Final = (
@@ -34,8 +35,10 @@ TAIL_LINES: Final = 5
 class ConsoleWatch:
     """Lines of the guest console, fed as they arrive (:meth:`feed`)."""
 
-    def __init__(self, tail_lines: int = TAIL_LINES) -> None:
+    def __init__(self, tail_lines: int = TAIL_LINES,
+                 on_line: Callable[[str], None] | None = None) -> None:
         self.failure: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.on_line = on_line  # told every non-empty line (a benchmark's trace reads marks)
         self._partial = bytearray()
         self._last: deque[str] = deque(maxlen=tail_lines)
 
@@ -53,6 +56,8 @@ class ConsoleWatch:
         if not line:
             return
         self._last.append(line)
+        if self.on_line is not None:
+            self.on_line(line)
         if not self.failure.done() and is_failure(line):
             self.failure.set_result(line)
 

@@ -393,6 +393,7 @@ class LaunchOptions:
     timeouts: Timeouts = TIMEOUTS  # every bounded wait of this VM's life
     on_spawn: OnSpawn | None = None  # each process started (backend, QEMU), as it starts
     on_step: OnStep = _no_step  # each launch step as it completes (benchmarks trace them)
+    on_console_line: Callable[[str], None] | None = None  # each guest console line (a trace)
 
 
 async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
@@ -451,7 +452,7 @@ async def launch_vm(profile: RuntimeProfile, options: LaunchOptions) -> QemuVm:
                               initdata=options.initdata)
         cmdline: QemuCommandLine = build_command_line(profile, instance)
         if isinstance(cmdline.serial, SerialConsole):
-            watch = ConsoleWatch()
+            watch = ConsoleWatch(on_line=options.on_console_line)
             console = CappedLog(instance.console_log, watch=watch.feed)  # what the guest prints
             console.fifo(cmdline.serial.path)
             stack.callback(console.close)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from guest.agent import cgroups
+from guest.agent import cgroups, timeline
 from guest.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -400,6 +400,7 @@ class Container:
             )
 
     def _on_init_exit(self, future: asyncio.Future[int]) -> None:
+        timeline.mark("container init exited")
         self.state = ContainerState.STOPPED
         log.info("container %s exited with %s", self.id, future.result())
         self._on_process_exit(future)
@@ -439,6 +440,7 @@ class Container:
     ) -> Container:
         config = prepare_spec(spec, container_id, rootfs, cgroup_parent, pod_namespaces)
         write_bundle(bundle, rootfs, config)
+        timeline.mark("bundle written")
         if secrets is not None:  # sealed values are opened here, in the guest, before start
             try:
                 unsealed = await asyncio.to_thread(secrets.unseal_spec, config, bundle / "sealed")
@@ -509,6 +511,7 @@ class Container:
             started = asyncio.get_running_loop().time()
             if before is not None:
                 await wait_for_exec(self.init, before, self.exe_of)
+                timeline.mark("workload exec seen")
             now = asyncio.get_running_loop().time()
             log.info("container %s: exec seen %.1f ms after start", self.id, 1000 * (now - started))
             self.init.hold_signals_until = now + SIGNAL_HOLD

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 
+from guest.agent import timeline
 from guest.agent.bootsteps import BootStepFailed
 from protocols.ttrpc import Code, TtrpcError
 
@@ -51,6 +52,8 @@ class PendingService:
             self._ready.exception()  # retrieved here: no "never retrieved" warning
 
     async def wait(self) -> None:
+        if not self._ready.done():
+            timeline.mark("an AgentService call waits for the machinery")
         try:
             await asyncio.shield(self._ready)
         except asyncio.CancelledError:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from guest.agent import beneath
+from guest.agent import beneath, timeline
 from guest.agent.containers import Container, Process, SecretUnsealer, validate_id
 from guest.agent.errors import (
     AgentError,
@@ -131,6 +131,7 @@ class Sandbox:
             raise FailedPrecondition(f"cannot create sandbox in state {self.state.value}")
         # Storages first: a refused one (policy, confinement) leaves nothing behind.
         mounted = await self.storage.add_all(storages)
+        timeline.mark("sandbox storages mounted")
         made: PodNamespaces | None = None
         try:
             if self._pod_namespaces is None:
@@ -216,6 +217,7 @@ class Sandbox:
         try:
             async with contextlib.AsyncExitStack() as undo:
                 mounted = await self.storage.add_all(storages, container_id)
+                timeline.mark("container storages mounted")
                 undo.callback(self.storage.release_all, mounted)
                 pulled = self.storage.guest_rootfs(mounted)
                 if pulled is not None:  # the image's config (or the pause process) applies

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from guest.agent import oci
+from guest.agent import oci, timeline
 from guest.agent.errors import (
     AgentError,
     InvalidArgument,
@@ -73,6 +73,7 @@ def rpc(method: Callable[[Edge, Req], Awaitable[Resp]]) -> Handler[Edge, Req, Re
 
     @functools.wraps(method)
     async def handler(self: Edge, request: Req, ctx: RequestContext) -> Resp:
+        timeline.mark(f"{name} begins")
         try:
             decision = self.policy.decide(request)
         except AgentError as err:
@@ -83,6 +84,8 @@ def rpc(method: Callable[[Edge, Req], Awaitable[Resp]]) -> Handler[Edge, Req, Re
             return await method(self, request)
         except (AgentError, OSError) as err:
             raise _typed(name, err) from err
+        finally:
+            timeline.mark(f"{name} ends")
 
     return handler
 

@@ -42,3 +42,47 @@ def read(path: str | os.PathLike[str]) -> list[tuple[float, int, str]]:
             stamp, pid, step = line.rstrip("\n").split(" ", 2)
             marks.append((float(stamp), int(pid), step))
     return marks
+
+
+# The reference agent's own timeline (guest/agent/timeline.py): asked for with this kernel
+# parameter, printed on the guest console as "coco-agent trace <guest seconds> <step>".
+GUEST_TRACE_PARAM: Final = "coco.agent.trace=1"
+GUEST_PREFIX: Final = "coco-agent trace "
+GUEST_STEP: Final = "guest@"  # the guest's marks in the host's trace: "guest@<seconds> <step>"
+
+
+def enabled() -> bool:
+    """Whether this process traces (``$COCO_SHIM_TRACE`` is set)."""
+    return bool(os.environ.get(TRACE_ENV))
+
+
+def kernel_params(params: str) -> str:
+    """The pod's kernel parameters; while tracing, with the agent's timeline asked for
+    (``$COCO_SHIM_TRACE`` only: a benchmark's run, never a node's)."""
+    return " ".join(p for p in (params, GUEST_TRACE_PARAM) if p) if enabled() else params
+
+
+def guest_line(line: str) -> None:
+    """A guest console line: if it is one of the agent's marks, record it (host clock of its
+    arrival, and the guest's own clock in the step: ``guest@<seconds> <step>``)."""
+    at = line.find(GUEST_PREFIX)
+    if at < 0:
+        return
+    stamp, _, step = line[at + len(GUEST_PREFIX):].partition(" ")
+    try:
+        seconds = float(stamp)
+    except ValueError:
+        return
+    if step.strip():
+        mark(f"{GUEST_STEP}{seconds:.6f} {step.strip()}")
+
+
+def guest_step(step: str) -> tuple[float, str] | None:
+    """(guest seconds, step) of a trace step recorded by :func:`guest_line`, else None."""
+    if not step.startswith(GUEST_STEP):
+        return None
+    stamp, _, name = step[len(GUEST_STEP):].partition(" ")
+    try:
+        return float(stamp), name
+    except ValueError:
+        return None

@@ -362,9 +362,10 @@ class BootScript:
                 run_root=self.pod_dir, name="vm", accel=self.accel,
                 vhost_device_vsock=self.env.vhost_device_vsock(),
                 log_dir=self.pod_dir / "logs", shares=self.rootfs.vm_shares(), nics=nics,
-                extra_kernel_params=self.annotations.kernel_params, initdata=self.initdata,
-                timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid,
-                on_step=lambda name: trace.mark(f"launch: {name}")))
+                extra_kernel_params=trace.kernel_params(self.annotations.kernel_params),
+                initdata=self.initdata, timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid,
+                on_step=lambda name: trace.mark(f"launch: {name}"),
+                on_console_line=trace.guest_line if trace.enabled() else None))
         except (QemuError, InvariantError, ConfigError, OSError) as err:
             raise Unavailable(f"pod {self.config.sandbox_id}: VM did not start: {err}") from err
         finally:
