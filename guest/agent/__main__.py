@@ -51,7 +51,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, NamedTuple
 
-from guest.agent import initdata
+from guest.agent import initdata, timeline
 from guest.agent.bootlog import KMSG, BootLog
 from guest.agent.bootsteps import BootStepFailed, wait_for_step
 from guest.agent.entry import end_startup
@@ -75,7 +75,9 @@ if TYPE_CHECKING:
     from guest.agent.reaper import Reaper
     from guest.agent.sandbox import Sandbox
     from guest.agent.service import AgentService
+    from guest.agent.storage import GuestPull
     from guest.attestation.components import GuestComponents
+    from guest.image_pull.puller import GuestRootfs
 
 log = logging.getLogger("guest.agent")
 
@@ -142,6 +144,8 @@ OPTIONS = (
     Option(("--dev-evidence-field",), "dev_evidence_field", "evidence", None,
            "without a TEE only (coco-dev tests): the evidence field initdata must match (HEX)"),
     Option(("--debug",), "debug", "flag", False),
+    Option(("--trace",), "trace", "flag", False,
+           "print the agent's timeline on stderr (guest/agent/timeline.py; benchmarks)"),
 )
 
 
@@ -404,18 +408,46 @@ class Machinery(NamedTuple):
     agent: AgentService
 
 
-def import_machinery(policy: Policy | None = None) -> None:
+def import_machinery(policy: Policy | None = None, *, guest_pull: bool = True) -> None:
     """The container machinery's modules (≈ 0.5 s of a TCG boot) and a deferred policy's
     engine: imported in a worker thread while the event loop already answers Health (see
-    :class:`guest.agent.pending.PendingService`)."""
+    :class:`guest.agent.pending.PendingService`). The guest puller (≈ a quarter of it) only
+    with ``guest_pull`` (a confidential guest: every container is pulled in the guest); a
+    development guest imports it at its first ``image_guest_pull`` storage, if ever
+    (:class:`LazyGuestPull`)."""
     if isinstance(policy, DeferredPolicy):
         policy.prepare_engine()
     import guest.agent.network
     import guest.agent.reaper
     import guest.agent.sandbox
     import guest.agent.service
-    import guest.image_pull.pause
-    import guest.image_pull.puller  # noqa: F401
+
+    if guest_pull:
+        import guest.image_pull.pause
+        import guest.image_pull.puller  # noqa: F401
+
+
+class LazyGuestPull:
+    """:class:`guest.agent.storage.GuestPull` that builds the real handler
+    (:class:`guest.image_pull.puller.GuestPullStorage`, importing the puller) on first use."""
+
+    def __init__(self, make: Callable[[], GuestPull]) -> None:
+        self._make = make
+        self._real: GuestPull | None = None
+
+    def _handler(self) -> GuestPull:
+        if self._real is None:
+            self._real = self._make()
+        return self._real
+
+    async def mount(self, container_id: str, source: str, driver_options: tuple[str, ...],
+                    mount_point: str, target: str | None = None) -> GuestRootfs:
+        return await self._handler().mount(container_id, source, driver_options,
+                                           mount_point, target)
+
+    def release(self, mount_point: str) -> None:
+        if self._real is not None:  # nothing was mounted through a handler never made
+            self._real.release(mount_point)
 
 
 def build_machinery(
@@ -428,13 +460,14 @@ def build_machinery(
     with the policy settled before listening."""
     from guest.agent.network import Network
     from guest.agent.reaper import Reaper
+    from guest.agent.runc import pin_read_only
     from guest.agent.sandbox import AgentPaths, Sandbox
     from guest.agent.service import AgentService
-    from guest.image_pull.pause import PAUSE_BUNDLE
-    from guest.image_pull.puller import GuestPullStorage, ImagePuller
 
     if isinstance(startup.policy, DeferredPolicy):
         startup.policy.load()  # here, in the loop's thread, which will use the engine
+    if args.vsock:  # in the VM (never on a test host): the runtime's binary, read-only
+        pin_read_only(args.runtime)
     reaper = Reaper()
     reaper.install()
     paths = AgentPaths(
@@ -444,9 +477,16 @@ def build_machinery(
         cgroup_parent=args.cgroup_parent,
     )
     manage_system = args.vsock if args.manage_system is None else args.manage_system
-    guest_pull = GuestPullStorage(
-        lambda: ImagePuller(pull_config), args.shared_root, args.pause_bundle or PAUSE_BUNDLE
-    )
+
+    def guest_pull_storage() -> GuestPull:
+        from guest.image_pull.pause import PAUSE_BUNDLE
+        from guest.image_pull.puller import GuestPullStorage, ImagePuller
+
+        return GuestPullStorage(lambda: ImagePuller(pull_config), args.shared_root,
+                                args.pause_bundle or PAUSE_BUNDLE)
+
+    guest_pull = (guest_pull_storage() if startup.confidential
+                  else LazyGuestPull(guest_pull_storage))
     sandbox = Sandbox(
         reaper,
         paths,
@@ -530,7 +570,11 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
 
     server = Server()
     agent = PendingService()
-    health = HealthService(on_check=lambda: boot.mark_once("first Check answered"),
+    def on_check() -> None:
+        boot.mark_once("first Check answered")
+        timeline.mark("Check answered")
+
+    health = HealthService(on_check=on_check,
                            failed=lambda: agent.failed)
     server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], health)
     server.register_pending(AGENT_SERVICE, agent.wait)
@@ -541,17 +585,24 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
         assert imported is not None
         await asyncio.shield(imported)
         boot.mark("machinery imported")
+        timeline.mark("machinery imported")
         if args.serve_after is not None:
             await wait_for_step(args.serve_after, WAIT_FOR_TIMEOUT, failed=args.boot_failed,
                                 step=args.boot_step)
-        return build_machinery(args, startup, components, pull_config)
+            timeline.mark("init's boot steps done")
+        built = build_machinery(args, startup, components, pull_config)
+        timeline.mark("machinery built")
+        return built
 
     stopped = asyncio.ensure_future(stop.wait())
     status = 0
     try:
         await _listen(server, args, boot)
         print(f"coco-agent: ready (uptime {_uptime()})", file=sys.stderr, flush=True)
-        imported = in_thread(lambda: import_machinery(startup.policy), "agent-imports")
+        timeline.mark("machinery import begins")
+        imported = in_thread(
+            lambda: import_machinery(startup.policy, guest_pull=startup.confidential),
+            "agent-imports")
         starting = asyncio.ensure_future(start_machinery())
         failure: Exception | None = None
         try:
@@ -650,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     boot = BootLog(KMSG if args.vsock else None)  # in the VM
     boot.mark("imports done")
+    timeline.enable(args.trace)
     if not args.vsock and args.unix is None:
         parser().error("give --vsock and/or --unix PATH")
     logging.basicConfig(

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from guest.agent import timeline
 from guest.agent.errors import (
     AgentError,
     AlreadyExists,
@@ -28,6 +31,8 @@ from guest.agent.errors import (
     RuntimeFailure,
 )
 from guest.agent.reaper import Reaper
+
+log = logging.getLogger(__name__)
 
 CONSOLE_TIMEOUT = 30.0  # runc sends the pty master right after creating the container
 
@@ -89,7 +94,9 @@ class Runc:
         return [*argv, *args]
 
     async def _call(self, what: str, *args: str, input: bytes | None = None) -> bytes:
+        timeline.mark(f"runtime {args[0]}: spawning")
         done = await self._reaper.run(self._argv(None, *args), input=input)
+        timeline.mark(f"runtime {args[0]}: exited")
         if done.code != 0:
             message = done.stderr.decode(errors="replace").strip() or f"exit status {done.code}"
             raise error_for(what, message)
@@ -113,15 +120,18 @@ class Runc:
             args = [*args[:1], "--console-socket", str(console_socket), *args[1:]]
         master: asyncio.Future[int] | None = None
         try:
+            timeline.mark(f"runtime {args[0]}: spawning")
             spawned = self._reaper.spawn(
                 self._argv(log_file, *args),
                 stdin=stdio.stdin if stdio else subprocess.DEVNULL,
                 stdout=stdio.stdout if stdio else subprocess.DEVNULL,
                 stderr=stdio.stderr if stdio else subprocess.DEVNULL,
             )
+            timeline.mark(f"runtime {args[0]}: spawned")
             if listener is not None:
                 master = asyncio.ensure_future(asyncio.to_thread(_receive_fd, listener))
             code = await spawned.exited
+            timeline.mark(f"runtime {args[0]}: exited")
             if code != 0:
                 if master is not None:
                     listener_close(listener)
@@ -222,6 +232,37 @@ class Runc:
         event: dict[str, Any] = json.loads(out)
         data: dict[str, Any] = event.get("data", {})
         return data
+
+
+def pin_read_only(binary: str) -> bool:
+    """Bind-mount the OCI runtime's binary onto itself read-only, unless its filesystem is.
+
+    crun (and runc) guard against CVE-2019-5736 (a container overwriting the runtime through
+    ``/proc/<pid>/exe``) by copying themselves into a sealed memfd and re-executing that,
+    on every invocation, unless the binary they run from is on a read-only mount, which
+    makes that write fail anyway (runc's ``cloned_binary.c``, copied into crun). Under TCG
+    the copy and the second exec (crun's dynamic loading again: libsystemd, libgcrypt, ...)
+    cost every create, start, kill and delete tens of milliseconds. A read-only bind mount of
+    the binary in the agent's mount namespace keeps the protection and drops the copy.
+    False (and the runtime keeps copying itself) if the mount cannot be made.
+    """
+    from guest.agent import mounts
+
+    path = shutil.which(binary)
+    if path is None:
+        log.warning("runtime %s not found: not pinned read-only", binary)
+        return False
+    path = os.path.realpath(path)
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True  # the root image is read-only already (the device form)
+        mounts.mount(path, path, "", mounts.MS_BIND)
+        mounts.mount(path, path, "", mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY)
+    except (AgentError, OSError) as err:
+        log.warning("runtime %s not pinned read-only (it re-executes itself instead): %s",
+                    path, err)
+        return False
+    return True
 
 
 def listener_close(listener: socket.socket | None) -> None:
