@@ -86,7 +86,7 @@ def test_the_shim_asks_for_the_guests_timeline_only_when_tracing(
     boot = (REPO / "shim" / "pod" / "boot.py").read_text()
     assert "extra_kernel_params=trace.kernel_params(" in boot
     init = (REPO / "packaging" / "guest-image" / "init").read_text()
-    assert f'{trace.GUEST_TRACE_PARAM}) agent_args="$agent_args --trace"' in init
+    assert f'{trace.GUEST_TRACE_PARAM}) agent_args="$agent_args --trace"; TRACE=1' in init
     assert trace.GUEST_PREFIX == timeline.PREFIX
 
 
