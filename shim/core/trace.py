@@ -56,10 +56,14 @@ def enabled() -> bool:
     return bool(os.environ.get(TRACE_ENV))
 
 
-def kernel_params(params: str) -> str:
+def kernel_params(params: str, *, measured: bool) -> str:
     """The pod's kernel parameters; while tracing, with the agent's timeline asked for
-    (``$COCO_SHIM_TRACE`` only: a benchmark's run, never a node's)."""
-    return " ".join(p for p in (params, GUEST_TRACE_PARAM) if p) if enabled() else params
+    (``$COCO_SHIM_TRACE`` only: a benchmark's run, never a node's), unless the command line is
+    ``measured`` (a confidential profile: a parameter the shim adds would change the launch
+    measurement, and s390-pv takes none at all), where the guest's timeline stays off."""
+    if not enabled() or measured:
+        return params
+    return " ".join(p for p in (params, GUEST_TRACE_PARAM) if p)
 
 
 def guest_line(line: str) -> None:

@@ -355,14 +355,14 @@ class BootScript:
         wired = self.wired
         nics = tuple(VirtioNetTap(id=f"net{index}", tap_fd=fd, mac=endpoint.mac)
                      for index, (endpoint, fd) in enumerate(zip(
-                         wired.network.endpoints, wired.tap_fds, strict=True))
-                     ) if wired is not None else ()
+                         wired.network.endpoints, wired.tap_fds, strict=True))) if wired else ()
         try:
             self.vm = await self.env.launch(self.profile, LaunchOptions(
                 run_root=self.pod_dir, name="vm", accel=self.accel,
                 vhost_device_vsock=self.env.vhost_device_vsock(),
                 log_dir=self.pod_dir / "logs", shares=self.rootfs.vm_shares(), nics=nics,
-                extra_kernel_params=trace.kernel_params(self.annotations.kernel_params),
+                extra_kernel_params=trace.kernel_params(
+                    self.annotations.kernel_params, measured=self.profile.confidential),
                 initdata=self.initdata, timeouts=self.env.timeouts.vm, on_spawn=self.record.add_pid,
                 on_step=lambda name: trace.mark(f"launch: {name}"),
                 on_console_line=trace.guest_line if trace.enabled() else None))

@@ -79,12 +79,16 @@ def test_console_lines_without_a_mark_are_not_traced(tmp_path: Path,
 def test_the_shim_asks_for_the_guests_timeline_only_when_tracing(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(trace.TRACE_ENV, raising=False)
-    assert trace.kernel_params("quiet") == "quiet"
+    assert trace.kernel_params("quiet", measured=False) == "quiet"
     monkeypatch.setenv(trace.TRACE_ENV, str(tmp_path / "trace"))
-    assert trace.kernel_params("quiet") == f"quiet {trace.GUEST_TRACE_PARAM}"
-    assert trace.kernel_params("") == trace.GUEST_TRACE_PARAM
+    assert trace.kernel_params("quiet", measured=False) == f"quiet {trace.GUEST_TRACE_PARAM}"
+    assert trace.kernel_params("", measured=False) == trace.GUEST_TRACE_PARAM
+    # a measured command line (every confidential profile) is never changed by tracing
+    assert trace.kernel_params("quiet", measured=True) == "quiet"
+    assert trace.kernel_params("", measured=True) == ""
     boot = (REPO / "shim" / "pod" / "boot.py").read_text()
     assert "extra_kernel_params=trace.kernel_params(" in boot
+    assert "measured=self.profile.confidential)" in boot
     init = (REPO / "packaging" / "guest-image" / "init").read_text()
     assert f'{trace.GUEST_TRACE_PARAM}) agent_args="$agent_args --trace"; TRACE=1' in init
     assert trace.GUEST_PREFIX == timeline.PREFIX
