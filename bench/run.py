@@ -425,9 +425,9 @@ def boot_before(env: envinfo.TestEnv, version: str, runs: int, before: Path,
               f"({' '.join(f'{v:.2f}' for v in samples[direct])})")
     for name in trees:
         got = median(samples[name])
-        direct = median(samples["direct-before" if name == "before" and
-                                "direct-before" in directs else "direct"])
-        print(f"  {'ctr run --rm true, ' + name:<34} {got:6.2f} s  ratio {got / direct:.2f}x  "
+        boot = median(samples["direct-before" if name == "before" and
+                              "direct-before" in directs else "direct"])
+        print(f"  {'ctr run --rm true, ' + name:<34} {got:6.2f} s  ratio {got / boot:.2f}x  "
               f"({' '.join(f'{v:.2f}' for v in samples[name])})")
     print(f"\nraw samples: {out}")
     return 0
