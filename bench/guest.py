@@ -4,6 +4,8 @@ goes (on the guest's own clock), and what the pod VM costs the host in memory.
 
     heavy $COCO_CACHE/venv/bin/python bench/guest.py [--runs 5] [--initrd NAME=PATH ...]
         [--importtime] [--no-memory] [--balloon-ab] [--params NAME=KERNEL_PARAMS ...] [--device]
+        [--pmem] [--guest-cmd NAME=SHELL ...] [--qemu-env NAME=VAR=V[,...] ...]
+        [--variants-on-device] [--memory-all] [--only NAME,...]
 
 Every sample boots the development profile's exact QEMU argv (hypervisor.launch_vm: 1 vCPU,
 512 MiB, TCG, hybrid vsock, the pod's 9p rootfs share), and the series are interleaved, so
@@ -35,6 +37,20 @@ balloon driver is bound and negotiated free page reporting (virtio feature bit 5
 ``free_page_reporting = false``: no virtio-balloon) and measures the memory of both in every
 round, side by side; each ``--params NAME=...`` adds a series booting the reference image with
 those kernel parameters too (e.g. ``page_reporting.page_reporting_order=N``), measured the same.
+``--guest-cmd NAME=SHELL`` adds a series that runs SHELL in the guest (a container that sees the
+guest's PIDs and may write /proc/sys) once the idle pod runs, before memory settles (e.g.
+``echo 1 > /proc/sys/vm/compact_memory``); ``--qemu-env NAME=VAR=V,...`` one whose QEMU starts
+with that environment (e.g. ``MALLOC_ARENA_MAX=1``); ``--variants-on-device`` boots those
+series (and ``--params``') in the device form; ``--pmem`` adds the device form with its root
+image on virtio-pmem (``image_device = "pmem"``). ``--only`` keeps only the named series.
+
+Where the guest RAM goes: once memory settled, which guest-physical pages QEMU holds
+(``/proc/<qemu>/pagemap`` over its memfd guest RAM: by range, by 2 MiB block, a map) and what
+the guest's kernel says each of them is (``/proc/kpageflags`` read in the guest: reserved,
+page cache, free, slab, anonymous, unflagged kernel allocations), with the guest's buddyinfo,
+iomem and boot-time ``Memory:`` line. QEMU's heap is split into glibc's main arena, its
+per-thread arenas (64 MiB-aligned) and other anonymous mappings (the largest listed); the
+binary and libraries show RSS, PSS and private (the per-pod floor with N pods).
 """
 
 from __future__ import annotations
@@ -120,7 +136,9 @@ MEMINFO = (  # the guest's memory, the agent's RSS as one more "key: value kB" l
     # the balloon driver bound to a device, with the features it negotiated (a string of 0/1,
     # index = bit): bit 5 is VIRTIO_BALLOON_F_REPORTING, free page reporting
     "for d in /sys/bus/virtio/drivers/virtio_balloon/virtio*; do "
-    "[ -e $d/features ] && echo Balloon= ${d##*/} $(cat $d/features); done")
+    "[ -e $d/features ] && echo Balloon= ${d##*/} $(cat $d/features); done; "
+    # free blocks per order and zone: what free page reporting (order >= 9 here) can return
+    "sed 's/^/Buddy= /' /proc/buddyinfo")
 REPORTING_BIT = 5
 DMESG = re.compile(r"^\[\s*(\d+\.\d+)\]\s(.*)$")
 
@@ -150,11 +168,13 @@ def build_bare_initrd(folder: Path) -> Path:
 
 
 def profile_for(folder: Path, name: str, initrd: Path, *,
-                free_page_reporting: bool = True, image: Path | None = None) -> Path:
+                free_page_reporting: bool = True, image: Path | None = None,
+                image_device: str = "blk") -> Path:
     env = envinfo.load()
     path = folder / f"profile-{name}.toml"
     path.write_text(dev_profile_text(env.kernel, initrd, memory_mib=MEMORY_MIB,
-                                     free_page_reporting=free_page_reporting, image=image))
+                                     free_page_reporting=free_page_reporting, image=image,
+                                     image_device=image_device))
     return path
 
 
@@ -166,7 +186,8 @@ def page_cache_mib(path: Path) -> float:
     return int(out.split()[0]) / MIB
 
 
-async def launch(profile: Path, run_root: Path, extra: str = "") -> tuple[QemuVm, float, float]:
+async def launch(profile: Path, run_root: Path, extra: str = "",
+                 qemu_env: tuple[str, ...] = ()) -> tuple[QemuVm, float, float]:
     env = envinfo.load()
     share = run_root / "shared"
     share.mkdir(parents=True, exist_ok=True)
@@ -179,7 +200,7 @@ async def launch(profile: Path, run_root: Path, extra: str = "") -> tuple[QemuVm
     vm = await launch_vm(load_profile(profile), LaunchOptions(
         run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=env.vhost_device_vsock,
         log_dir=run_root / "logs", shares=HostShare(share).vm_shares(),
-        extra_kernel_params=extra))
+        extra_kernel_params=extra, argv_prefix=("/usr/bin/env", *qemu_env) if qemu_env else ()))
     return vm, started, time.monotonic() - started
 
 
@@ -204,10 +225,12 @@ def _storage() -> agent_pb2.Storage:
 
 async def run_container(agent: AgentClient, cid: str, args: list[str], *,
                         capabilities: Iterable[str] = (), wait: bool = True,
-                        guest_pids: bool = False) -> bytes:
+                        guest_pids: bool = False, writable_sysctl: bool = False) -> bytes:
     oci = spec(f"{GUEST_SHARED}/bench-rootfs", args)
     if guest_pids:  # no PID namespace: see the guest's processes (the agent)
         del oci.Linux.Namespaces[0]
+    if writable_sysctl:  # the guest's /proc/sys/vm knobs (with CAP_SYS_ADMIN)
+        del oci.Linux.ReadonlyPaths[:]
     caps = list(capabilities)
     if caps:
         oci.Process.Capabilities.CopyFrom(oci_pb2.LinuxCapabilities(
@@ -240,28 +263,44 @@ def parse_marks(dmesg: str) -> dict[str, float]:
 def smaps_breakdown(pid: int) -> dict[str, Any]:
     """RSS and PSS of QEMU's mappings, by kind (MiB)."""
     kinds: dict[str, dict[str, float]] = {}
+    anon: list[list[Any]] = []  # QEMU's anonymous mappings: [start, size MiB, perms, RSS MiB]
     current = "other"
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         head = line.split()
         if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
             perms = head[1]
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            entry = [hex(lo), (hi - lo) / MIB, perms, 0.0]
             path = " ".join(head[5:]) if len(head) > 5 else ""
             if path.startswith("/memfd:"):
                 current = "guest RAM (memfd backend)"
             elif not path and "x" in perms:
                 current = "TCG translation cache"
-            elif not path or path in ("[heap]", "[stack]") or path.startswith("[anon"):
-                current = "QEMU heap and anonymous"
+            elif path == "[heap]":
+                current = "QEMU heap: [heap] (glibc main arena)"
+            elif not path and int(head[0].split("-")[0], 16) % (64 * MIB) == 0:
+                # glibc's per-thread arenas: 64 MiB-aligned reservations, touched in part
+                current = "QEMU heap: thread arenas (64 MiB-aligned)"
+            elif not path or path == "[stack]" or path.startswith("[anon"):
+                current = "QEMU other anonymous (stacks, large mmap'd blocks)"
             elif ".so" in path or path.endswith("qemu-system-x86_64"):
                 current = "QEMU binary and shared libraries"
             else:
                 current = "other mappings"
-            kinds.setdefault(current, {"rss": 0.0, "pss": 0.0})
+            kinds.setdefault(current, {"rss": 0.0, "pss": 0.0, "private": 0.0})
+            if current.startswith("QEMU heap") or current.startswith("QEMU other"):
+                anon.append(entry)
+        elif head[0] in ("Private_Clean:", "Private_Dirty:"):
+            # pages no other process maps: what a pod costs however many pods share the rest
+            kinds[current]["private"] += int(head[1]) / 1024
         elif head[0] in ("Rss:", "Pss:"):
             kinds[current][head[0][:-1].lower()] += int(head[1]) / 1024
+            if head[0] == "Rss:" and anon and anon[-1] is entry:
+                entry[3] = int(head[1]) / 1024
     total = {k: sum(v[k] for v in kinds.values()) for k in ("rss", "pss")}
     kvm = sum(v["rss"] for k, v in kinds.items() if k != "TCG translation cache")
-    return {"kinds": kinds, "total": total, "kvm_host_rss": kvm}
+    largest = sorted((a for a in anon if a[3] >= 0.5), key=lambda a: -a[3])[:12]
+    return {"kinds": kinds, "total": total, "kvm_host_rss": kvm, "largest_anon": largest}
 
 
 async def settled_memory(pid: int) -> dict[str, Any]:
@@ -284,14 +323,93 @@ async def settled_memory(pid: int) -> dict[str, Any]:
     return previous
 
 
+def resident_pages(pid: int) -> list[bool]:
+    """Per 4 KiB of guest-physical RAM: does QEMU hold it (its memfd guest RAM through
+    /proc/PID/pagemap, bit 63)? On q35 with <= 2 GiB the RAM region's offset is the
+    guest-physical address."""
+    start = end = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        head = line.split()
+        if len(head) > 5 and head[5].startswith("/memfd:"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            if hi - lo > end - start:
+                start, end = lo, hi
+    if not end:
+        return []
+    page = 4096
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        pagemap.seek(start // page * 8)
+        raw = pagemap.read((end - start) // page * 8)
+    return [bool(int.from_bytes(raw[i:i + 8], "little") >> 63) for i in range(0, len(raw), 8)]
+
+
+# /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h), most telling first
+KPF = (("reserved (kernel image, memmap, firmware, early allocations)", 32), ("slab", 7),
+       ("page tables", 26), ("anonymous (processes)", 12), ("page cache (file, on LRU)", 5),
+       ("free (buddy head)", 10), ("no struct page", 20))
+KPF_COMPOUND_TAIL = 16
+
+
+def classify_resident(present: list[bool], kpageflags: bytes) -> dict[str, float]:
+    """MiB of the guest-physical pages QEMU holds, by what the guest's kernel says each page
+    is (/proc/kpageflags, read in the guest). A free block's head page alone is marked
+    buddy: the unflagged pages after it up to the next flagged one are counted as free too;
+    other unflagged pages are kernel allocations without a flag (vmalloc, stacks, ...)."""
+    flags = [int.from_bytes(kpageflags[i:i + 8], "little")
+             for i in range(0, len(kpageflags) - 7, 8)]
+    kinds: dict[str, float] = {}
+    in_free = False
+    last = 0
+    for pfn, here in enumerate(present):
+        value = flags[pfn] if pfn < len(flags) else -1
+        if value == -1:
+            kind = "beyond kpageflags"
+        elif value & (1 << 10):
+            kind, in_free = "free (buddy head)", True
+        elif value == 0 and in_free:
+            kind = "free (inside a free block)"
+        else:
+            in_free = False
+            if value & (1 << KPF_COMPOUND_TAIL) and pfn:
+                value = last  # a compound page's tail: what its head is
+            kind = next((name for name, bit in KPF if value & (1 << bit)),
+                        "unflagged kernel allocations" if value == 0 else "other flags")
+            last = value
+        if here:
+            kinds[kind] = kinds.get(kind, 0.0) + 1 / 256
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def guest_residency(present: list[bool]) -> dict[str, Any]:
+    """Which guest-physical pages QEMU holds (its memfd guest RAM through /proc/PID/pagemap):
+    resident MiB per guest-physical range and how the resident pages fill 2 MiB blocks (the
+    unit free page reporting returns at its default order 9). On q35 with <= 2 GiB the RAM
+    region's offset is the guest-physical address."""
+    if not present:
+        return {}
+    per_block = 512  # 2 MiB of 4 KiB pages
+    blocks = [sum(present[i:i + per_block]) for i in range(0, len(present), per_block)]
+    ranges = ((0, 16), (16, 64), (64, 128), (128, 256), (256, 512))
+    by_range = {f"{lo}-{hi} MiB": sum(present[lo * 256:hi * 256]) / 256 for lo, hi in ranges}
+    return {"resident_mib": sum(present) / 256, "by_range_mib": by_range,
+            "blocks_2m": {"full": sum(b == per_block for b in blocks),
+                          "partial": sum(0 < b < per_block for b in blocks),
+                          "empty": sum(b == 0 for b in blocks),
+                          "partial_resident_mib": sum(b for b in blocks
+                                                      if 0 < b < per_block) / 256},
+            "map_2m": "".join(" .:-=+*#%@"[min(9, (b * 9 + per_block - 1) // per_block)]
+                              for b in blocks)}
+
+
 def _guest_ram(breakdown: dict[str, Any]) -> float:
     return float(breakdown["kinds"].get("guest RAM (memfd backend)", {}).get("rss", 0.0))
 
 
 async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
-                     memory: bool = False, importtime: bool = False, append: str = "") -> Boot:
+                     memory: bool = False, importtime: bool = False, append: str = "",
+                     guest_cmd: str = "", qemu_env: tuple[str, ...] = ()) -> Boot:
     extra = " ".join(p for p in (append, "coco.agent.importtime=1" if importtime else "") if p)
-    vm, started, launched = await launch(profile, run_root, extra)
+    vm, started, launched = await launch(profile, run_root, extra, qemu_env)
     try:
         assert vm.channel is not None
         exited: asyncio.Future[object] = asyncio.ensure_future(vm.wait())
@@ -307,7 +425,22 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
                 await agent.create_sandbox("bench", "bench", (), [_storage()])
                 await run_container(agent, "idle", ["sleep", "3600"], wait=False)
                 assert vm.pid is not None
+                if guest_cmd:  # a candidate fix, run once the idle pod is up
+                    out = await run_container(agent, "guest-cmd", ["sh", "-c", guest_cmd],
+                                              capabilities=["CAP_SYS_ADMIN"], guest_pids=True,
+                                              writable_sysctl=True)
+                    print(f"  guest-cmd said: {out.decode(errors='replace').strip()[:200]}")
                 boot.memory = await settled_memory(vm.pid)
+                present = resident_pages(vm.pid)
+                boot.memory["residency"] = guest_residency(present)
+                flags = await run_container(agent, "kpageflags", ["cat", "/proc/kpageflags"],
+                                            capabilities=["CAP_SYS_ADMIN"])
+                boot.memory["resident_by_guest_kind"] = classify_resident(present, flags)
+                iomem = await run_container(agent, "iomem", ["cat", "/proc/iomem"],
+                                            capabilities=["CAP_SYS_ADMIN"])
+                boot.memory["guest_iomem"] = [
+                    line.strip() for line in iomem.decode(errors="replace").splitlines()
+                    if "RAM" in line or "Kernel" in line]
                 meminfo = await run_container(agent, "meminfo", ["sh", "-c", MEMINFO],
                                               guest_pids=True)
                 boot.memory["guest_meminfo_kib"] = {
@@ -319,6 +452,9 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
                 boot.memory["guest_modules"] = next(
                     (line.split("=", 1)[1].split() for line in meminfo.decode().splitlines()
                      if line.startswith("Modules=")), [])
+                boot.memory["guest_buddyinfo"] = [
+                    line.split(None, 1)[1] for line in meminfo.decode().splitlines()
+                    if line.startswith("Buddy=")]
                 balloon = [line.split()[1:] for line in meminfo.decode().splitlines()
                            if line.startswith("Balloon=")]
                 boot.memory["guest_balloon"] = {
@@ -329,6 +465,10 @@ async def agent_boot(profile: Path, run_root: Path, *, gate: bool = True,
                 out = await run_container(agent, "dmesg", ["dmesg"],
                                           capabilities=["CAP_SYSLOG"])
                 boot.marks = parse_marks(out.decode(errors="replace"))
+                if boot.memory is not None:
+                    boot.memory["guest_memory_line"] = next(
+                        (line for line in out.decode(errors="replace").splitlines()
+                         if "Memory: " in line and "available" in line), "")
             except PermissionDenied as err:  # a confidential guest's policy forbids it
                 print(f"  (no timeline: the guest's policy refused the dmesg container: "
                       f"{str(err)[:80]}...)", flush=True)
@@ -386,9 +526,10 @@ def image_facts(path: Path) -> str:
 def wants_memory(name: str, run: int, args: argparse.Namespace) -> bool:
     if args.no_memory:
         return False
-    if args.balloon_ab:
+    if args.balloon_ab or args.memory_all:
         return name not in ("bare", *(i.partition("=")[0] for i in args.initrd))
-    return name in ("agent", "device") and run == 0
+    candidates = (i.partition("=")[0] for i in (*args.params, *args.guest_cmd, *args.qemu_env))
+    return name in ("agent", "device", "pmem", *candidates) and run == 0
 
 
 def print_memory_ab(series: dict[str, list[Boot]]) -> None:
@@ -422,18 +563,62 @@ def print_memory_ab(series: dict[str, list[Boot]]) -> None:
               + "; settled after " + " ".join(f"{m['settle_s']:.0f}" for m in ms) + " s")
 
 
+def print_memory_medians(series: dict[str, list[Boot]]) -> None:
+    """On a KVM host and guest RAM per series, medians over the rounds that measured memory."""
+    rows = {n: [b.memory for b in boots if b.memory] for n, boots in series.items()}
+    rows = {n: ms for n, ms in rows.items() if ms}
+    if not rows:
+        return
+    print("\nQEMU memory per series (MiB, medians; rounds): on a KVM host / guest RAM / "
+          "guest MemTotal-MemFree")
+    for name, ms in rows.items():
+        used = [(m["guest_meminfo_kib"].get("MemTotal", 0)
+                 - m["guest_meminfo_kib"].get("MemFree", 0)) / 1024 for m in ms
+                if m.get("guest_meminfo_kib")]
+        print(f"  {name:<28} {med([m['kvm_host_rss'] for m in ms]):>7.1f} / "
+              f"{med([_guest_ram(m) for m in ms]):>6.1f} / {med(used):>6.1f}   ({len(ms)}: "
+              + " ".join(f"{m['kvm_host_rss']:.0f}" for m in ms) + ")")
+
+
 def print_memory(name: str, memory: dict[str, Any] | None) -> None:
     if not memory:
         return
-    print(f"\nQEMU memory of '{name}', idle busybox pod, 512 MiB guest (MiB, RSS / PSS)")
+    print(f"\nQEMU memory of '{name}', idle busybox pod, 512 MiB guest (MiB, RSS / PSS / "
+          "private)")
     for kind, v in sorted(memory["kinds"].items(), key=lambda kv: -kv[1]["rss"]):
-        print(f"  {kind:<40} {v['rss']:>7.1f} / {v['pss']:>7.1f}")
+        print(f"  {kind:<40} {v['rss']:>7.1f} / {v['pss']:>7.1f} / {v.get('private', 0):>7.1f}")
+    libs = memory["kinds"].get("QEMU binary and shared libraries")
+    if libs:
+        shared = libs["rss"] - libs.get("private", 0.0)
+        print("  binary + libraries per pod with N pods on the node (private + shared / N): "
+              + ", ".join(f"N={n}: {libs.get('private', 0.0) + shared / n:.1f}"
+                          for n in (1, 2, 10)))
     print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
     print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
           "   target <= 120")
     print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
     print(f"  guest modules loaded: {' '.join(memory['guest_modules'])}")
     print(f"  guest balloon: {memory['guest_balloon']}")
+    if memory.get("guest_memory_line"):
+        print(f"  guest kernel: {memory['guest_memory_line']}")
+    for line in memory.get("guest_buddyinfo", []):
+        print(f"  guest buddyinfo (free blocks, order 0..10): {line}")
+    residency = memory.get("residency")
+    if residency:
+        print(f"  guest-physical pages QEMU holds: {residency['resident_mib']:.1f} MiB; by range"
+              f" {residency['by_range_mib']}; 2 MiB blocks {residency['blocks_2m']}")
+        print(f"  map, one char per 2 MiB of guest-physical RAM (' ' none .. '@' all): "
+              f"|{residency['map_2m']}|")
+    if memory.get("largest_anon"):
+        print("  QEMU's largest anonymous mappings (start, size MiB, perms, RSS MiB): "
+              + "; ".join(f"{a[0]} {a[1]:.1f} {a[2]} {a[3]:.1f}" for a in memory["largest_anon"]))
+    if memory.get("resident_by_guest_kind"):
+        print("  guest RAM QEMU holds, by what the guest's kernel says each page is "
+              "(/proc/kpageflags), MiB:")
+        for kind, mib in memory["resident_by_guest_kind"].items():
+            print(f"    {kind:<60} {mib:>7.1f}")
+    for line in memory.get("guest_iomem", []):
+        print(f"  guest iomem: {line}")
     print(f"  guest RAM held by QEMU every {SETTLE_STEP_S:g} s after the pod started "
           f"(MiB): {' '.join(f'{v:.0f}' for v in memory['guest_ram_history_mib'])}")
 
@@ -461,6 +646,22 @@ async def main() -> int:
                         help="add the series device (and device-no-balloon with --balloon-ab):"
                         " the reference image's device form (tiny initramfs + read-only EROFS "
                         "root on virtio-blk), beside 'agent', the initramfs form")
+    parser.add_argument("--guest-cmd", action="append", default=[], metavar="NAME=SHELL",
+                        help="one more series: the reference image, and once the idle pod runs"
+                        " this shell command in a guest container that sees the guest's PIDs "
+                        "and may write /proc/sys (CAP_SYS_ADMIN), before memory settles")
+    parser.add_argument("--qemu-env", action="append", default=[], metavar="NAME=VAR=V[,...]",
+                        help="one more series: the reference image, QEMU started with these "
+                        "environment variables (e.g. MALLOC_ARENA_MAX=1)")
+    parser.add_argument("--variants-on-device", action="store_true",
+                        help="the --params and --guest-cmd series boot the device form")
+    parser.add_argument("--memory-all", action="store_true",
+                        help="measure memory in every round of every agent series")
+    parser.add_argument("--only", default="", metavar="NAME,...",
+                        help="boot only these series (e.g. bare,device,NAME)")
+    parser.add_argument("--pmem", action="store_true",
+                        help="add the series pmem: the device form with its root image on "
+                        "virtio-pmem (no DAX) instead of virtio-blk")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
     args = parser.parse_args()
     built = guest_image()
@@ -473,11 +674,23 @@ async def main() -> int:
         series["device"] = []
         if args.balloon_ab:
             series["device-no-balloon"] = []
+    if args.pmem:
+        series["pmem"] = []
     variants: dict[str, tuple[Path, bool]] = {}
     extra_params: dict[str, str] = {}
     for item in args.params:
         name, _, params = item.partition("=")
         extra_params[name] = params
+        series[name] = []
+    guest_cmds: dict[str, str] = {}
+    for item in args.guest_cmd:
+        name, _, command = item.partition("=")
+        guest_cmds[name] = command
+        series[name] = []
+    qemu_envs: dict[str, tuple[str, ...]] = {}
+    for item in args.qemu_env:
+        name, _, assignments = item.partition("=")
+        qemu_envs[name] = tuple(assignments.split(","))
         series[name] = []
     for item in args.initrd:
         name, _, rest = item.partition("=")
@@ -493,13 +706,21 @@ async def main() -> int:
                     **({"no-balloon": profile_for(base, "no-balloon", image,
                                                   free_page_reporting=False)}
                        if args.balloon_ab else {}),
-                    **{n: profile_for(base, n, image) for n in extra_params},
+                    **{n: (profile_for(base, n, built.boot_initrd, image=built.rootfs)
+                           if args.variants_on_device else profile_for(base, n, image))
+                       for n in (*extra_params, *guest_cmds, *qemu_envs)},
                     **({"device": profile_for(base, "device", built.boot_initrd,
                                               image=built.rootfs)} if args.device else {}),
                     **({"device-no-balloon": profile_for(
                         base, "device-no-balloon", built.boot_initrd, image=built.rootfs,
                         free_page_reporting=False)} if args.device and args.balloon_ab else {}),
+                    **({"pmem": profile_for(base, "pmem", built.boot_initrd, image=built.rootfs,
+                                            image_device="pmem")} if args.pmem else {}),
                     **{n: profile_for(base, n, p) for n, (p, _) in variants.items()}}
+        if args.only:
+            keep = args.only.split(",")
+            profiles = {n: p for n, p in profiles.items() if n in keep}
+            series = {n: b for n, b in series.items() if n in keep}
         for run in range(args.runs):
             for name, profile in profiles.items():
                 root = base / f"{name}-{run}"
@@ -512,7 +733,9 @@ async def main() -> int:
                                                 memory=wants_memory(name, run, args),
                                                 append=" ".join(p for p in (
                                                     args.append, extra_params.get(name, ""))
-                                                    if p))
+                                                    if p),
+                                                guest_cmd=guest_cmds.get(name, ""),
+                                                qemu_env=qemu_envs.get(name, ()))
                 except Exception as err:  # one broken variant must not hide the others
                     failures.append(f"run {run + 1} {name}: {err}")
                     print(f"run {run + 1} {name}: FAILED: {err}", flush=True)
@@ -531,7 +754,7 @@ async def main() -> int:
 
     for failure in failures:
         print(f"FAILED {failure}")
-    bare = med([b.seconds for b in series["bare"]])
+    bare = med([b.seconds for b in series.get("bare", [])])
     print(f"\nreference guest: {image_facts(image)}")
     print(f"{args.runs} rounds, QEMU TCG, 1 vCPU, {MEMORY_MIB} MiB, interleaved\n")
     print(f"  {'series':<28} {'median':>8} {'÷ bare':>8}   samples")
@@ -551,9 +774,10 @@ async def main() -> int:
             print(f"  {label:<52} {seconds:>6.2f} s")
     if args.balloon_ab:
         print_memory_ab(series)
-    for name in ("agent", "device"):
-        if series.get(name):
-            print_memory(name, series[name][0].memory)
+    for name, boots in series.items():
+        if boots and boots[0].memory:
+            print_memory(name, boots[0].memory)
+    print_memory_medians(series)
     if args.device:
         print(f"\ndevice form: root image {image_facts(built.rootfs)}, tiny initramfs "
               f"{image_facts(built.boot_initrd)}; the image's pages in the host's page cache "
