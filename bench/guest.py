@@ -287,12 +287,15 @@ def smaps_breakdown(pid: int) -> dict[str, Any]:
                 current = "QEMU binary and shared libraries"
             else:
                 current = "other mappings"
-            kinds.setdefault(current, {"rss": 0.0, "pss": 0.0, "private": 0.0})
+            kinds.setdefault(current, {"rss": 0.0, "pss": 0.0, "private": 0.0, "dirty": 0.0})
             if current.startswith("QEMU heap") or current.startswith("QEMU other"):
                 anon.append(entry)
         elif head[0] in ("Private_Clean:", "Private_Dirty:"):
-            # pages no other process maps: what a pod costs however many pods share the rest
+            # pages no other process maps now; the dirty ones (a library's relocated data,
+            # written) stay private however many QEMUs map the same file
             kinds[current]["private"] += int(head[1]) / 1024
+            if head[0] == "Private_Dirty:":
+                kinds[current]["dirty"] += int(head[1]) / 1024
         elif head[0] in ("Rss:", "Pss:"):
             kinds[current][head[0][:-1].lower()] += int(head[1]) / 1024
             if head[0] == "Rss:" and anon and anon[-1] is entry:
@@ -589,10 +592,10 @@ def print_memory(name: str, memory: dict[str, Any] | None) -> None:
         print(f"  {kind:<40} {v['rss']:>7.1f} / {v['pss']:>7.1f} / {v.get('private', 0):>7.1f}")
     libs = memory["kinds"].get("QEMU binary and shared libraries")
     if libs:
-        shared = libs["rss"] - libs.get("private", 0.0)
-        print("  binary + libraries per pod with N pods on the node (private + shared / N): "
-              + ", ".join(f"N={n}: {libs.get('private', 0.0) + shared / n:.1f}"
-                          for n in (1, 2, 10)))
+        dirty = libs.get("dirty", 0.0)
+        print(f"  binary + libraries: private dirty {dirty:.1f}; per pod with N pods on the node"
+              " (private dirty + the rest / N): "
+              + ", ".join(f"N={n}: {dirty + (libs['rss'] - dirty) / n:.1f}" for n in (1, 2, 10)))
     print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
     print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
           "   target <= 120")
