@@ -4,7 +4,7 @@ goes (on the guest's own clock), and what the pod VM costs the host in memory.
 
     heavy $COCO_CACHE/venv/bin/python bench/guest.py [--runs 5] [--initrd NAME=PATH ...]
         [--importtime] [--no-memory] [--balloon-ab] [--params NAME=KERNEL_PARAMS ...] [--device]
-        [--pmem] [--guest-cmd NAME=SHELL ...] [--qemu-env NAME=VAR=V[,...] ...]
+        [--guest-cmd NAME=SHELL ...] [--qemu-env NAME=VAR=V[,...] ...]
         [--variants-on-device] [--memory-all] [--only NAME,...]
 
 Every sample boots the development profile's exact QEMU argv (hypervisor.launch_vm: 1 vCPU,
@@ -41,8 +41,7 @@ those kernel parameters too (e.g. ``page_reporting.page_reporting_order=N``), me
 guest's PIDs and may write /proc/sys) once the idle pod runs, before memory settles (e.g.
 ``echo 1 > /proc/sys/vm/compact_memory``); ``--qemu-env NAME=VAR=V,...`` one whose QEMU starts
 with that environment (e.g. ``MALLOC_ARENA_MAX=1``); ``--variants-on-device`` boots those
-series (and ``--params``') in the device form; ``--pmem`` adds the device form with its root
-image on virtio-pmem (``image_device = "pmem"``). ``--only`` keeps only the named series.
+series (and ``--params``') in the device form. ``--only`` keeps only the named series.
 
 Where the guest RAM goes: once memory settled, which guest-physical pages QEMU holds
 (``/proc/<qemu>/pagemap`` over its memfd guest RAM: by range, by 2 MiB block, a map) and what
@@ -168,13 +167,11 @@ def build_bare_initrd(folder: Path) -> Path:
 
 
 def profile_for(folder: Path, name: str, initrd: Path, *,
-                free_page_reporting: bool = True, image: Path | None = None,
-                image_device: str = "blk") -> Path:
+                free_page_reporting: bool = True, image: Path | None = None) -> Path:
     env = envinfo.load()
     path = folder / f"profile-{name}.toml"
     path.write_text(dev_profile_text(env.kernel, initrd, memory_mib=MEMORY_MIB,
-                                     free_page_reporting=free_page_reporting, image=image,
-                                     image_device=image_device))
+                                     free_page_reporting=free_page_reporting, image=image))
     return path
 
 
@@ -532,7 +529,7 @@ def wants_memory(name: str, run: int, args: argparse.Namespace) -> bool:
     if args.balloon_ab or args.memory_all:
         return name not in ("bare", *(i.partition("=")[0] for i in args.initrd))
     candidates = (i.partition("=")[0] for i in (*args.params, *args.guest_cmd, *args.qemu_env))
-    return name in ("agent", "device", "pmem", *candidates) and run == 0
+    return name in ("agent", "device", *candidates) and run == 0
 
 
 def print_memory_ab(series: dict[str, list[Boot]]) -> None:
@@ -662,9 +659,6 @@ async def main() -> int:
                         help="measure memory in every round of every agent series")
     parser.add_argument("--only", default="", metavar="NAME,...",
                         help="boot only these series (e.g. bare,device,NAME)")
-    parser.add_argument("--pmem", action="store_true",
-                        help="add the series pmem: the device form with its root image on "
-                        "virtio-pmem (no DAX) instead of virtio-blk")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("guest-results.json"))
     args = parser.parse_args()
     built = guest_image()
@@ -677,8 +671,6 @@ async def main() -> int:
         series["device"] = []
         if args.balloon_ab:
             series["device-no-balloon"] = []
-    if args.pmem:
-        series["pmem"] = []
     variants: dict[str, tuple[Path, bool]] = {}
     extra_params: dict[str, str] = {}
     for item in args.params:
@@ -717,8 +709,6 @@ async def main() -> int:
                     **({"device-no-balloon": profile_for(
                         base, "device-no-balloon", built.boot_initrd, image=built.rootfs,
                         free_page_reporting=False)} if args.device and args.balloon_ab else {}),
-                    **({"pmem": profile_for(base, "pmem", built.boot_initrd, image=built.rootfs,
-                                            image_device="pmem")} if args.pmem else {}),
                     **{n: profile_for(base, n, p) for n, (p, _) in variants.items()}}
         if args.only:
             keep = args.only.split(",")
