@@ -85,11 +85,12 @@ def test_two_containers_of_one_pod_share_one_vm(coco: CocoContainerd) -> None:
     wait_for(lambda: not qemu_pids(coco, pod), "the pod VM to stop after its last task")
 
 
-class ExitWatch:
-    """``ctr events`` read on a thread: when each /tasks/exit arrived (monotonic clock)."""
+class EventWatch:
+    """Every line of ``ctr events``, read on a thread from subscription on, with when it
+    arrived (monotonic clock)."""
 
     def __init__(self, coco: CocoContainerd) -> None:
-        self.exits: list[tuple[float, str]] = []
+        self.lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address",
                                       str(coco.cd.address), "events"],
                                      stdout=subprocess.PIPE, env=coco.cd.env())
@@ -100,22 +101,26 @@ class ExitWatch:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if b"/tasks/exit" in line:
-                self.exits.append((time.monotonic(), line.decode(errors="replace")))
+            self.lines.append((time.monotonic(), line.decode(errors="replace")))
+
+    def saw(self, cid: str, topic: str) -> bool:
+        return any(cid in line and topic in line for _, line in list(self.lines))
 
     def exit_of(self, cid: str, timeout: float = 30) -> tuple[float, str]:
+        """When the container's /tasks/exit arrived, and its line."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for at, line in self.exits:
-                if cid in line:
+            for at, line in list(self.lines):
+                if cid in line and "/tasks/exit" in line:
                     return at, line
             time.sleep(0.005)
         raise AssertionError(f"no /tasks/exit for {cid} within {timeout} s")
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
         self.proc.terminate()
         self.proc.wait(10)
         self._thread.join(10)
+        return [line for _, line in self.lines]
 
 
 def helper_pids(coco: CocoContainerd, pod: str, binary: bytes) -> list[int]:
@@ -131,7 +136,7 @@ def test_a_killed_vm_process_ends_the_task_with_137_within_1_s(
     within 1 s of the kill; afterwards nothing of the pod is left on the host."""
     cid = name("vmdie")
     coco.run(cid, "sleep", "600", flags=("-d",))
-    watch = ExitWatch(coco)
+    watch = EventWatch(coco)
     try:
         [pid] = helper_pids(coco, cid, victim)
         killed_at = time.monotonic()
@@ -168,7 +173,7 @@ def test_containerd_restarted_with_a_running_pod(coco: CocoContainerd) -> None:
         assert len(listed) == 1 and "RUNNING" in listed[0], listed
         out = coco.ctr("task", "exec", "--exec-id", "after", cid, "echo", "still here")
         assert out.stdout.decode().strip() == "still here"
-        watch = ExitWatch(coco)
+        watch = EventWatch(coco)
         try:
             coco.ctr("task", "kill", "-s", "SIGKILL", cid)
             _, line = watch.exit_of(cid)
@@ -344,7 +349,7 @@ def test_events_in_order_and_a_removal_leaves_delete_nothing_to_kill(
     a warning from a delete that had to SIGKILL a live daemon mid-teardown."""
     cid = name("ev")
     follower = LogFollower(coco.cd.log_path)
-    events = EventLines(coco)
+    events = EventWatch(coco)
     try:
         out = coco.run(cid, "sh", "-c", "exit 2", flags=("--rm",), check=False)
         assert out.returncode == 2, out
@@ -368,30 +373,3 @@ def test_events_in_order_and_a_removal_leaves_delete_nothing_to_kill(
                or "warnings while cleaning up dead shim" in line]
     assert trouble == [], trouble
     assert not host_leftovers(coco.base, coco.pod_dir(cid), coco.base / "state" / "default" / cid)
-
-
-class EventLines:
-    """Every line of ``ctr events``, read on a thread from subscription on."""
-
-    def __init__(self, coco: CocoContainerd) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([str(coco.cd.bin_dir / "ctr"), "--address",
-                                      str(coco.cd.address), "events"],
-                                     stdout=subprocess.PIPE, env=coco.cd.env())
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        time.sleep(0.5)  # subscribed
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.decode(errors="replace"))
-
-    def saw(self, cid: str, topic: str) -> bool:
-        return any(cid in line and topic in line for line in list(self.lines))
-
-    def close(self) -> list[str]:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self._thread.join(10)
-        return list(self.lines)

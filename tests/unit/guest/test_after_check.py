@@ -4,7 +4,6 @@ the machinery it imports, the runtime's binary pinned read-only, the lazy guest 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from guest.agent.__main__ import LazyGuestPull
 from guest.agent.errors import RuntimeFailure
 from hypervisor.console import ConsoleWatch
 from shim.core import trace
+from tests.support.bench import load_bench
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -193,12 +193,7 @@ def test_a_runtime_that_cannot_be_pinned_still_runs(monkeypatch: pytest.MonkeyPa
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("run")
 
 
 def test_the_bench_lays_the_guests_marks_out_from_its_check(bench: ModuleType, tmp_path: Path,
