@@ -467,7 +467,8 @@ def build_machinery(
     if isinstance(startup.policy, DeferredPolicy):
         startup.policy.load()  # here, in the loop's thread, which will use the engine
     if args.vsock:  # in the VM (never on a test host): the runtime's binary, read-only
-        timeline.mark(f"runtime read-only: {pin_read_only(args.runtime)}")
+        pinned = pin_read_only(args.runtime)
+        timeline.mark(f"runtime read-only: {pinned}")
     reaper = Reaper()
     reaper.install()
     paths = AgentPaths(
