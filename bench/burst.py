@@ -41,6 +41,7 @@ import psutil
 from cri import CriNode, cri_node, start_pod
 
 from shim.core import paths, trace
+from tests.support import targets
 from tests.support.containerd import shim_daemons
 
 RESULTS = Path(__file__).resolve().parent / "burst-results.json"
@@ -316,6 +317,24 @@ def report(runs: list[Run], containerd: str, cpus: int) -> None:
           f"   {'ideal first, median, last':>25}   {'÷ ideal (first, median, last)':>20}")
     for run in runs:
         print(run.row(ideal, cpus))
+    print_figures(runs, ideal, cpus)
+
+
+def print_figures(runs: list[Run], ideal: float, cpus: int) -> None:
+    """Issue 18's figures for each burst of more than one pod with the slots on (the shipped
+    default): pods failed, the last pod ÷ the ideal, the first pod ÷ a lone pod (T1)."""
+    bursts = [r for r in runs if r.kind == "burst" and r.pods > 1 and r.slots]
+    if not bursts:
+        return
+    print(f"\n{targets.HEADER}")
+    for run in bursts:
+        failed = len(run.failures)
+        print(targets.line("burst_failed", failed, f"{failed}/{run.pods}", of=run.label()))
+        if run.ready and ideal:
+            last = run.ready[-1] / (math.ceil(run.pods / cpus) * ideal)
+            first = run.ready[0] / ideal
+            print(targets.line("burst_last_ideal", last, f"{last:.2f}x", of=run.label()))
+            print(targets.line("burst_first_lone", first, f"{first:.2f}x", of=run.label()))
 
 
 if __name__ == "__main__":

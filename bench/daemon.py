@@ -62,6 +62,7 @@ from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.ttrpc.client import Client
 from shim.cli.install import LAUNCHER
 from tests import envinfo
+from tests.support import targets
 
 TASK: str = "containerd.task.v3.Task"
 PIP_SCRIPT = Path(sys.executable).parent / "containerd-shim-coco-v2"
@@ -438,6 +439,14 @@ def main() -> int:
             now, was = value("coco", key), value("before", key)
             print(f"  {label:<42} {was:8.1f} {unit} before → {now:8.1f} {unit} now "
                   f"({now / was:.2f}x)")
+    start_ratio = med("template", "start_s") / med("runc", "start_s")
+    first_rpc, grpc_rss = med("template", "first_rpc_s"), gmem("template", "rss_mib")
+    print(f"\n{targets.HEADER} (the defaults: the template forks the daemon)")
+    print(targets.line("start_ratio", start_ratio, f"{start_ratio:.2f}x"))
+    print(targets.line("first_rpc_ms", first_rpc, f"{first_rpc:.1f} ms"))
+    print(targets.line("daemon_pss_per_pod_mib", template_share, f"{template_share:.1f} MiB",
+                       of=f"{n_template} daemons + the template's share"))
+    print(targets.line("grpc_daemon_rss_mib", grpc_rss, f"{grpc_rss:.1f} MiB", of="idle"))
     print(f"raw samples: {args.out}")
     return 0
 
