@@ -136,6 +136,9 @@ OPTIONS = (
     Option(("--boot-failed",), "boot_failed", "path", None,
            "init writes this file if a boot step fails (the step, its exit status, its stderr "
            "tail): the agent then stops waiting and answers every call with it"),
+    Option(("--finish-boot",), "finish_boot", "flag", False,
+           "mount the containers' filesystems under /dev and bring lo up before serving the "
+           "AgentService (guest.agent.devices; init passes it)"),
     Option(("--boot-step",), "boot_step", "path", None,
            "init writes the name of its running boot step here (named if a wait times out)"),
     Option(("--ready-vsock-port",), "ready_vsock_port", "int", None,
@@ -584,6 +587,12 @@ async def serve(args: SimpleNamespace, boot: BootLog | None = None) -> int:
 
     async def start_machinery() -> Machinery:
         assert imported is not None
+        if args.finish_boot:
+            # A few system calls, on the loop while the machinery imports in its thread;
+            # imported here, after Check, like the rest of what only containers need.
+            from guest.agent.devices import finish_boot
+            finish_boot()
+            timeline.mark("containers' filesystems mounted, lo up")
         await asyncio.shield(imported)
         boot.mark("machinery imported")
         timeline.mark("machinery imported")
