@@ -3,8 +3,9 @@
 Init used to do this in two background boot steps of busybox processes (mkdir, mount, ln,
 ``ip link``), each process tens of milliseconds under TCG, after Check and before the
 AgentService served. The agent does it with a few system calls instead (``--finish-boot``),
-while its container machinery imports: mount(2) for devpts, /dev/shm and mqueue, symlink(2)
-for /dev/fd, and one SIOCGIFFLAGS/SIOCSIFFLAGS pair for lo. A failure is a failed boot, named
+once its container machinery is imported and while init still loads drivers: mount(2) for
+devpts, /dev/shm and mqueue, symlink(2) for /dev/fd, and one SIOCGIFFLAGS/SIOCSIFFLAGS pair
+for lo. A failure is a failed boot, named
 like init's (:class:`BootStepFailed`): the AgentService answers every call with it.
 """
 
