@@ -412,11 +412,22 @@ print(len(files))
 """
 
 
-def _chroot() -> str:
-    found = shutil.which("chroot") or shutil.which("chroot", path="/usr/sbin:/sbin")
+# The host programs the builder runs, and the Debian package of each (scripts/setup-env.sh).
+_TOOL_PACKAGES = {"chroot": "coreutils", "strip": "binutils", "patchelf": "patchelf",
+                         "mkfs.erofs": "erofs-utils", "veritysetup": "cryptsetup-bin"}
+
+
+def _tool(name: str) -> str:
+    """The host program ``name`` (also looked for in the sbin folders root's PATH may lack),
+    or FileNotFoundError naming the Debian package that has it."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
-        raise FileNotFoundError("chroot (coreutils) not found")
+        raise FileNotFoundError(f"{name} not found: apt-get install {_TOOL_PACKAGES[name]}")
     return found
+
+
+def _chroot() -> str:
+    return _tool("chroot")
 
 
 def precompile(root: Path) -> int:
@@ -486,10 +497,7 @@ def drop_unused_cxx_runtime(root: Path) -> list[str]:
 
 
 def _patchelf() -> str:
-    found = shutil.which("patchelf")
-    if found is None:
-        raise FileNotFoundError("patchelf not found: apt-get install patchelf")
-    return found
+    return _tool("patchelf")
 
 
 def strip_binaries(root: Path) -> list[str]:
@@ -508,10 +516,7 @@ def strip_binaries(root: Path) -> list[str]:
 
 
 def _strip() -> str:
-    found = shutil.which("strip")
-    if found is None:
-        raise FileNotFoundError("strip not found: apt-get install binutils")
-    return found
+    return _tool("strip")
 
 
 def strip_version() -> str:
@@ -659,13 +664,6 @@ def tool_version(argv: list[str]) -> str:
     if not lines:
         raise RuntimeError(f"{argv[0]} printed no version")
     return lines[0]
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if found is None:
-        raise FileNotFoundError(f"{name} not found: apt-get install erofs-utils cryptsetup-bin")
-    return found
 
 
 def write_rootfs(stage: Path, image: Path, *, epoch: int, key: str) -> dict[str, object]:
