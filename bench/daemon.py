@@ -5,8 +5,8 @@ shim (containerd-shim-runc-v2 of the same containerd release), in one run, round
 The shim is measured as a node operator installs it: `coco-shim install` into a private prefix
 (its `usr/local/bin/containerd-shim-coco-v2`, the launcher containerd finds on its PATH);
 each round also times `start` through pip's console script in the venv (same code: what the
-launcher saves); `--pip-script` measures only that instead (what the README's "before" figures
-ran).
+launcher saves); `--pip-script` measures only that instead (what the "before" figures of
+docs/performance.md ran).
 
 (1) `start`: the same argv and environment for both binaries (a bundle whose daemon is not
     running yet: both spawn one), wall time of the `start` process. Our shim twice per round,
