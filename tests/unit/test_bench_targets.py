@@ -169,3 +169,32 @@ def test_guest_bench_prints_its_rows_from_recorded_samples(targets: ModuleType) 
         f"{statistics.median(kvm):.1f} MiB", "422 MiB", "≤ 120 MiB (see 3)",
         "met" if statistics.median(kvm) <= 120 else "missed"]
     assert "measured by make bench-guest + make bench" in lines[4]
+
+
+def test_burst_bench_prints_its_row_from_recorded_samples(targets: ModuleType) -> None:
+    burst = load_bench("burst")
+    data = recorded("burst-results.json")
+    raw: list[dict[str, object]] = data["runs"]  # type: ignore[assignment]
+    runs = [burst.Run(**r) for r in raw]
+    cpus: int = data["cpus"]  # type: ignore[assignment]
+    lone = statistics.median(r.ready[0] for r in runs if r.kind == "burst" and r.pods == 1)
+    bursts = [r for r in runs if r.kind == "burst" and r.pods > 1]
+    lines = burst.issue18(runs, cpus)
+    assert lines[0] == targets.HEADER
+    assert len(lines) == 1 + len(bursts) > 1
+    for run, line in zip(bursts, lines[1:], strict=True):
+        ratio = run.ready[-1] / (-(-run.pods // cpus) * lone)
+        assert line.split(" | ")[1] == (
+            f"{run.label()}: {len(run.failures)}/{run.pods} failed, last ready "
+            f"{run.ready[-1]:.1f} s = {ratio:.2f}× the ideal")  # noqa: RUF001
+        assert line.endswith("met" if ratio <= 1 and not run.failures else "missed")
+
+
+def test_a_burst_with_a_failed_pod_misses(targets: ModuleType) -> None:
+    burst = load_bench("burst")
+    runs = [burst.Run("burst", 1, True, ready=[10.0]),
+            burst.Run("burst", 4, True, ready=[10.0, 10.0, 19.0], failures=["timeout"])]
+    [_, line] = burst.issue18(runs, 2)
+    assert line.split(" | ")[1:] == [
+        "4 at once, slots on: 1/4 failed, last ready 19.0 s = 0.95× the ideal",  # noqa: RUF001
+        "10/10 in 83–103 s = 1.09–1.36×", "≤ 1× (see 5)", "missed"]  # noqa: RUF001
