@@ -87,7 +87,8 @@ def figure(id: str, now: float, shown: str | None = None) -> str:
     both sides of a ratio)."""
     row = BY_ID[id]
     text = shown if shown is not None else (
-        f"{now:.2f}×" if row.unit == "x" else f"{now:.1f} {row.unit}")
+        f"{now:.2f}×" if row.unit == "x" else
+        f"{now:.2f} s" if row.unit == "s" else f"{now:.1f} {row.unit}")
     return f"{row.label} | {text} | {row.baseline} | {row.target} | {verdict(row, now)}"
 
 

@@ -160,7 +160,7 @@ def test_guest_bench_prints_its_rows_from_recorded_samples(targets: ModuleType) 
     kvm = [b.memory["kvm_host_rss"] for b in series["agent"] if b.memory]
     lines = guest.issue18(series)
     assert lines[0] == targets.HEADER
-    assert lines[1].split(" | ")[1:] == [f"{bare:.1f} s", "5.70 s (7 samples)", "the limit", "-"]
+    assert lines[1].split(" | ")[1:] == [f"{bare:.2f} s", "5.70 s (7 samples)", "the limit", "-"]
     assert lines[2].split(" | ")[1:] == [
         f"{agent:.2f} s ÷ {bare:.2f} s = {agent / bare:.2f}×",  # noqa: RUF001
         "11.51 s → 2.02×", "≤ 1.3×", "met" if agent / bare <= 1.3 else "missed"]  # noqa: RUF001
