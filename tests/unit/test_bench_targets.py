@@ -198,3 +198,16 @@ def test_a_burst_with_a_failed_pod_misses(targets: ModuleType) -> None:
     assert line.split(" | ")[1:] == [
         "4 at once, slots on: 1/4 failed, last ready 19.0 s = 0.95× the ideal",  # noqa: RUF001
         "10/10 in 83–103 s = 1.09–1.36×", "≤ 1× (see 5)", "missed"]  # noqa: RUF001
+
+
+def test_stdout_bench_prints_its_row_from_recorded_samples(targets: ModuleType) -> None:
+    stdout_path = load_bench("stdout_path")
+    data = recorded("stdout-path-results.json")
+    samples: dict[str, list[float]] = data["samples"]  # type: ignore[assignment]
+    mib: int = data["mib"]  # type: ignore[assignment]
+    beyond = mib / statistics.median(samples["ctr run minus a true run"])
+    stream = mib / statistics.median(samples["ctr run, first byte to EOF"])
+    assert stdout_path.issue18(samples, mib) == [targets.HEADER, " | ".join([
+        "64 MiB through stdout, whole `ctr run`",
+        f"{beyond:.1f} MiB/s beyond a `true` run ({stream:.1f} MiB/s first byte to EOF)",
+        "6.9 MiB/s", "relay never the bottleneck (see 4)", "-"])]
