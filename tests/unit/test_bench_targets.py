@@ -211,3 +211,22 @@ def test_stdout_bench_prints_its_row_from_recorded_samples(targets: ModuleType) 
         "64 MiB through stdout, whole `ctr run`",
         f"{beyond:.1f} MiB/s beyond a `true` run ({stream:.1f} MiB/s first byte to EOF)",
         "6.9 MiB/s", "relay never the bottleneck (see 4)", "-"])]
+
+
+@pytest.mark.parametrize(("containerd", "grpc"), [("1.7.24", True), ("2.1.9", False)])
+def test_cri_bench_prints_the_grpc_row_only_on_containerd_1(
+        targets: ModuleType, containerd: str, grpc: bool) -> None:
+    cri = load_bench("cri")
+    # The README's running-pod daemon RSS on containerd 1.7.24 (make bench (c)): 33.8 MiB.
+    lines = cri.issue_rows(containerd, 33.8)
+    assert lines[0] == targets.HEADER
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in lines[1:]}
+    assert set(rows) == {t.label for t in targets.TABLE} and len(lines) == 1 + len(rows)
+    rss = rows[targets.BY_ID["daemon_rss_grpc"].label]
+    if grpc:
+        assert rss == [f"33.8 MiB (a running CRI pod, containerd {containerd})", "44.2 MiB",
+                       "≤ 30 MiB", "missed"]
+    else:
+        assert rss[0] == "measured by make bench-daemon"
+    assert all(row[0].startswith("measured by ") for label, row in rows.items()
+               if label != targets.BY_ID["daemon_rss_grpc"].label)
