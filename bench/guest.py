@@ -597,7 +597,7 @@ def print_memory(name: str, memory: dict[str, Any] | None) -> None:
               + ", ".join(f"N={n}: {dirty + (libs['rss'] - dirty) / n:.1f}" for n in (1, 2, 10)))
     print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
     print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
-          "   target <= 120")
+          "   issue 18: <= 120")
     print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
     print(f"  guest modules loaded: {' '.join(memory['guest_modules'])}")
     print(f"  guest balloon: {memory['guest_balloon']}")
