@@ -29,13 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import targets  # bench/targets.py: issue 18's table
-
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from shim.pod.agent import AgentClient
 from shim.pod.rootfs import HostShare
 from tests import envinfo
+from tests.support import targets
 from tests.support.guest import dev_profile_text, guest_image
 
 DIAL_TIMEOUT = 120.0
@@ -157,8 +156,7 @@ async def main() -> int:
           + (f", boot to Check median {statistics.median(times):.2f} s "
              f"(min {min(times):.2f}, max {max(times):.2f}), to AgentService median "
              f"{statistics.median(served):.2f} s (max {max(served):.2f})" if times else ""))
-    print(f"  {targets.HEADER}\n  "
-          + targets.figure("never_answered", len(failed), f"{len(failed)} of {len(records)} boots"))
+    print(targets.line("boots_unanswered", len(failed), f"{len(failed)} of {len(records)}"))
     if args.out is not None:
         args.out.write_text(json.dumps({"boots": records, "wall_s": wall,
                                         "command": " ".join(sys.argv)}, indent=2))

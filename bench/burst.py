@@ -38,10 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
-import targets  # bench/targets.py: issue 18's table
 from cri import CriNode, cri_node, start_pod
 
 from shim.core import paths, trace
+from tests.support import targets
 from tests.support.containerd import shim_daemons
 
 RESULTS = Path(__file__).resolve().parent / "burst-results.json"
@@ -302,23 +302,6 @@ def bench(args: argparse.Namespace, sizes: list[int], current: Path | None) -> l
     return runs
 
 
-def issue18(runs: list[Run], cpus: int) -> list[str]:
-    """Issue 18's burst row through the shared helper, for each burst of more than one pod:
-    the last pod's ready time ÷ the CPU-bound ideal's; a burst with a failed pod misses (the
-    issue wants every pod to succeed, then the burst bounded by the ideal)."""
-    ideal = t1(runs)
-    lines = [targets.HEADER]
-    for run in runs:
-        if run.kind != "burst" or run.pods < 2 or not run.ready or not ideal:
-            continue
-        ratio = run.ready[-1] / (math.ceil(run.pods / cpus) * ideal)
-        lines.append(targets.figure(
-            "burst", ratio if not run.failures else math.inf,
-            f"{run.label()}: {len(run.failures)}/{run.pods} failed, last ready "
-            f"{run.ready[-1]:.1f} s = {ratio:.2f}× the ideal"))  # noqa: RUF001
-    return lines
-
-
 def report(runs: list[Run], containerd: str, cpus: int) -> None:
     ideal = t1(runs)
     print(f"\nPods started through CRI (RunPodSandbox + CreateContainer + StartContainer), "
@@ -334,9 +317,24 @@ def report(runs: list[Run], containerd: str, cpus: int) -> None:
           f"   {'ideal first, median, last':>25}   {'÷ ideal (first, median, last)':>20}")
     for run in runs:
         print(run.row(ideal, cpus))
-    print()
-    for line in issue18(runs, cpus):
-        print(f"  {line}")
+    print_figures(runs, ideal, cpus)
+
+
+def print_figures(runs: list[Run], ideal: float, cpus: int) -> None:
+    """Issue 18's figures for each burst of more than one pod with the slots on (the shipped
+    default): pods failed, the last pod ÷ the ideal, the first pod ÷ a lone pod (T1)."""
+    bursts = [r for r in runs if r.kind == "burst" and r.pods > 1 and r.slots]
+    if not bursts:
+        return
+    print(f"\n{targets.HEADER}")
+    for run in bursts:
+        failed = len(run.failures)
+        print(targets.line("burst_failed", failed, f"{failed}/{run.pods}", of=run.label()))
+        if run.ready and ideal:
+            last = run.ready[-1] / (math.ceil(run.pods / cpus) * ideal)
+            first = run.ready[0] / ideal
+            print(targets.line("burst_last_ideal", last, f"{last:.2f}x", of=run.label()))
+            print(targets.line("burst_first_lone", first, f"{first:.2f}x", of=run.label()))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,7 @@
 Reports the median of N runs of RunPodSandbox + CreateContainer + StartContainer (what the
 kubelet waits for before a pod is running; handler `coco`, CNI bridge + host-local in
 198.18.201.0/24, podsandbox mode) and the shim daemon's RSS/PSS for a running pod with its
-network wired, then issue 18's rows through the shared helper (`bench/targets.py`): the gRPC
-daemon's RSS when the node runs containerd 1.x (`--containerd 1.7.24`; 2.x speaks ttrpc), the
-others referred to the bench that measures them. Needs `make env`; leaves nothing running.
+network wired. Needs `make env`; leaves nothing running.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import targets  # bench/targets.py: issue 18's table
 
 from tests import envinfo
 from tests.support.containerd import Containerd, private_containerd, shim_daemons
@@ -118,22 +115,6 @@ def remove_pod(node: CriNode, pod_id: str, cid: str) -> None:
     node.client.remove_pod(pod_id)
 
 
-def issue_rows(containerd: str, rss_mib: float) -> list[str]:
-    """Issue 18's rows after the CRI figures: the running pod's daemon RSS is the gRPC row only
-    on containerd 1.x (its shims speak gRPC; 2.x's speak ttrpc); every other row is referred to
-    the bench that measures it."""
-    lines = [targets.HEADER]
-    elsewhere = ["bare_boot", "direct_boot_ratio", "ctr_run_ratio", "run_vs_direct",
-                 "start_ratio", "first_rpc", "daemon_pss", "daemon_rss_grpc", "qemu_kvm_host",
-                 "relay", "stdout_whole", "burst", "never_answered"]
-    if containerd.split(".")[0] == "1":
-        lines.append(targets.figure("daemon_rss_grpc", rss_mib,
-                                    f"{rss_mib:.1f} MiB (a running CRI pod, containerd "
-                                    f"{containerd})"))
-        elsewhere.remove("daemon_rss_grpc")
-    return lines + [targets.measured_elsewhere(id) for id in elsewhere]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,7 +139,6 @@ def main() -> int:
     print(f"  RunPodSandbox+CreateContainer+StartContainer (median)  "
           f"{statistics.median(samples):.2f} s   samples {[round(s, 2) for s in samples]}")
     print(f"  shim daemon of a running pod, RSS / PSS               {rss:.1f} / {pss:.1f} MiB")
-    print("", *issue_rows(args.containerd, rss), sep="\n  ")
     print(json.dumps({"cri_start_s": samples, "rss_mib": rss, "pss_mib": pss}))
     return 0
 

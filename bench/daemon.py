@@ -5,8 +5,8 @@ shim (containerd-shim-runc-v2 of the same containerd release), in one run, round
 The shim is measured as a node operator installs it: `coco-shim install` into a private prefix
 (its `usr/local/bin/containerd-shim-coco-v2`, the launcher containerd finds on its PATH);
 each round also times `start` through pip's console script in the venv (same code: what the
-launcher saves); `--pip-script` measures only that instead (what the "before" figures of
-docs/performance.md ran).
+launcher saves); `--pip-script` measures only that instead (what the README's "before" figures
+ran).
 
 (1) `start`: the same argv and environment for both binaries (a bundle whose daemon is not
     running yet: both spawn one), wall time of the `start` process. Our shim twice per round,
@@ -56,13 +56,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
-import targets  # bench/targets.py: issue 18's table
 from google.protobuf import empty_pb2
 
 from protocols.api.containerd.task.v3 import shim_pb2 as task_v3
 from protocols.ttrpc.client import Client
 from shim.cli.install import LAUNCHER
 from tests import envinfo
+from tests.support import targets
 
 TASK: str = "containerd.task.v3.Task"
 PIP_SCRIPT = Path(sys.executable).parent / "containerd-shim-coco-v2"
@@ -255,21 +255,6 @@ def row(name: str, ours: float, baseline: float | None, unit: str, target: str,
     return f"{name:<44} {ours:8.1f} {unit}  {base}  {ratio}  {target:<14} {was}"
 
 
-def issue18(start_ms: float, runc_start_ms: float, first_rpc_ms: float, pss_mib: float,
-            grpc_rss_mib: float) -> list[str]:
-    """Issue 18's rows this bench measures (template on, the shipped default), through the
-    shared helper: ``label | now | baseline | target | met/missed``."""
-    return [
-        targets.HEADER,
-        targets.figure("start_ratio", start_ms / runc_start_ms,
-                       f"{start_ms:.1f} ms vs {runc_start_ms:.1f} ms → "
-                       f"{start_ms / runc_start_ms:.2f}×"),  # noqa: RUF001
-        targets.figure("first_rpc", first_rpc_ms),
-        targets.figure("daemon_pss", pss_mib),
-        targets.figure("daemon_rss_grpc", grpc_rss_mib),
-    ]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -454,11 +439,14 @@ def main() -> int:
             now, was = value("coco", key), value("before", key)
             print(f"  {label:<42} {was:8.1f} {unit} before → {now:8.1f} {unit} now "
                   f"({now / was:.2f}x)")
-    print("\nissue 18 (template on, medians; gRPC: RSS of idle template daemons):")
-    for line in issue18(med("template", "start_s"), med("runc", "start_s"),
-                        med("template", "first_rpc_s"), template_share,
-                        gmem("template", "rss_mib")):
-        print(f"  {line}")
+    start_ratio = med("template", "start_s") / med("runc", "start_s")
+    first_rpc, grpc_rss = med("template", "first_rpc_s"), gmem("template", "rss_mib")
+    print(f"\n{targets.HEADER} (the defaults: the template forks the daemon)")
+    print(targets.line("start_ratio", start_ratio, f"{start_ratio:.2f}x"))
+    print(targets.line("first_rpc_ms", first_rpc, f"{first_rpc:.1f} ms"))
+    print(targets.line("daemon_pss_per_pod_mib", template_share, f"{template_share:.1f} MiB",
+                       of=f"{n_template} daemons + the template's share"))
+    print(targets.line("grpc_daemon_rss_mib", grpc_rss, f"{grpc_rss:.1f} MiB", of="idle"))
     print(f"raw samples: {args.out}")
     return 0
 

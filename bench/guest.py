@@ -73,9 +73,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import targets  # bench/targets.py: issue 18's table
-
-from guest.image.cpio import DeviceNode, write_initramfs
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from protocols.api.kata import agent_pb2, oci_pb2
@@ -84,18 +81,15 @@ from shim.pod.agent import AgentClient
 from shim.pod.rootfs import GUEST_SHARED, HostShare
 from tests import envinfo
 from tests.integration.guest.support import make_busybox_rootfs, spec
-from tests.support.guest import dev_profile_text, guest_image
+from tests.support import targets
+from tests.support.guest import build_bare_initrd, dev_profile_text, guest_image
+from tests.support.targets import FIGURES
 
 MEMORY_MIB = 512  # firmware-configs/qemu-none.toml's guest
 DIAL_TIMEOUT = 180.0
 SETTLE_MAX_S = 90.0  # idle pod: free page reporting works in 2 s passes until nothing is left
 SETTLE_STEP_S = 3.0  # settled: guest RAM changed by less than 1 MiB over one step
 MIB = 2**20
-POWEROFF_INIT = r"""
-#include <sys/reboot.h>
-#include <unistd.h>
-int main(void) { reboot(RB_POWER_OFF); return 1; }
-"""
 # (kernel log text, timeline label); the agent's and init's marks come from bootlog.py / init.
 MARKS = (
     ("Trying to unpack rootfs image as initramfs", "unpack"),
@@ -152,20 +146,6 @@ class Boot:
     memory: dict[str, Any] | None = None
     importtime: list[tuple[int, str]] | None = None
     importtime_raw: list[str] | None = None  # in import order, for the nesting
-
-
-def build_bare_initrd(folder: Path) -> Path:
-    """An initramfs holding only a static /init that powers the VM off."""
-    source = folder / "poweroff.c"
-    source.write_text(POWEROFF_INIT)
-    tree = folder / "bare-tree"
-    tree.mkdir()
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(tree / "init"), str(source)],
-                   check=True, capture_output=True)
-    out = folder / "bare.initrd"
-    write_initramfs(tree, out, mtime=0,
-                    devices=(DeviceNode("dev/console", 0o020600, 5, 1),))
-    return out
 
 
 def profile_for(folder: Path, name: str, initrd: Path, *,
@@ -582,6 +562,25 @@ def print_memory_medians(series: dict[str, list[Boot]]) -> None:
               + " ".join(f"{m['kvm_host_rss']:.0f}" for m in ms) + ")")
 
 
+def print_figures(series: dict[str, list[Boot]]) -> None:
+    """Issue 18's figures this bench measures, beside the issue's baseline and target: the bare
+    boot, each image's boot ÷ bare (medians of the rounds), each image's QEMU on a KVM host."""
+    print(f"\n{targets.HEADER}")
+    bare = [b.seconds for b in series.get("bare", [])]
+    if bare:
+        print(targets.line("bare_boot", med(bare), f"{med(bare):.2f} s"))
+    for name, boots in series.items():
+        if name == "bare" or not boots:
+            continue
+        if bare:
+            ratio = med([b.seconds for b in boots]) / med(bare)
+            print(targets.line("boot_ratio", ratio, f"{ratio:.2f}x", of=name))
+        memory = [b.memory["kvm_host_rss"] for b in boots if b.memory]
+        if memory:
+            print(targets.line("qemu_idle_kvm_host_mib", med(memory), f"{med(memory):.1f} MiB",
+                               of=name))
+
+
 def print_memory(name: str, memory: dict[str, Any] | None) -> None:
     if not memory:
         return
@@ -597,7 +596,7 @@ def print_memory(name: str, memory: dict[str, Any] | None) -> None:
               + ", ".join(f"N={n}: {dirty + (libs['rss'] - dirty) / n:.1f}" for n in (1, 2, 10)))
     print(f"  {'total':<40} {memory['total']['rss']:>7.1f} / {memory['total']['pss']:>7.1f}")
     print(f"  {'on a KVM host (all but the TCG cache)':<40} {memory['kvm_host_rss']:>7.1f}"
-          "   issue 18: <= 120")
+          f"   target {FIGURES['qemu_idle_kvm_host_mib'].target}")
     print(f"  guest /proc/meminfo (KiB): {memory['guest_meminfo_kib']}")
     print(f"  guest modules loaded: {' '.join(memory['guest_modules'])}")
     print(f"  guest balloon: {memory['guest_balloon']}")
@@ -623,24 +622,6 @@ def print_memory(name: str, memory: dict[str, Any] | None) -> None:
         print(f"  guest iomem: {line}")
     print(f"  guest RAM held by QEMU every {SETTLE_STEP_S:g} s after the pod started "
           f"(MiB): {' '.join(f'{v:.0f}' for v in memory['guest_ram_history_mib'])}")
-
-
-def issue18(series: dict[str, list[Boot]]) -> list[str]:
-    """Issue 18's rows this bench measures, through the shared helper: the bare boot, the
-    reference guest ('agent') ÷ bare, and QEMU on a KVM host (median of the rounds that read
-    QEMU's memory)."""
-    bare = med([b.seconds for b in series["bare"]])
-    agent = med([b.seconds for b in series["agent"]])
-    lines = [targets.HEADER, targets.figure("bare_boot", bare),
-             targets.figure("direct_boot_ratio", agent / bare,
-                            f"{agent:.2f} s ÷ {bare:.2f} s = {agent / bare:.2f}×")]  # noqa: RUF001
-    kvm = [b.memory["kvm_host_rss"] for b in series["agent"] if b.memory]
-    lines.append(targets.figure("qemu_kvm_host", med(kvm)) if kvm else
-                 f"{targets.BY_ID['qemu_kvm_host'].label} | not measured in this run | "
-                 f"{targets.BY_ID['qemu_kvm_host'].baseline} | "
-                 f"{targets.BY_ID['qemu_kvm_host'].target} | -")
-    lines.append(targets.measured_elsewhere("ctr_run_ratio"))
-    return lines
 
 
 async def main() -> int:
@@ -775,10 +756,6 @@ async def main() -> int:
         values = [b.seconds for b in boots]
         print(f"  {name:<28} {med(values):>7.2f}s {med(values) / bare:>7.2f}x   "
               + " ".join(f"{v:.2f}" for v in values))
-    if series.get("bare") and series.get("agent"):
-        print()
-        for line in issue18(series):
-            print(f"  {line}")
     for name, boots in series.items():
         if name == "bare" or not boots:
             continue
@@ -794,6 +771,7 @@ async def main() -> int:
         if boots and boots[0].memory:
             print_memory(name, boots[0].memory)
     print_memory_medians(series)
+    print_figures(series)
     if args.device:
         print(f"\ndevice form: root image {image_facts(built.rootfs)}, tiny initramfs "
               f"{image_facts(built.boot_initrd)}; the image's pages in the host's page cache "

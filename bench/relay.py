@@ -20,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import targets  # bench/targets.py: issue 18's table
-
+from tests.support import targets
 from tests.support.relay import loopback_agent
 
 
@@ -58,7 +57,8 @@ def main() -> int:
     print(f"  through the shim's relay into containerd's FIFO  {relay:7.1f} MB/s")
     print(f"  the agent alone (ReadStdout, data dropped)        {alone:7.1f} MB/s   "
           f"relay ÷ agent alone: {relay / alone:.2f}")
-    print(f"  {targets.HEADER}\n  {targets.figure('relay', relay)}")
+    print(f"\n{targets.HEADER}")
+    print(targets.line("relay_mb_s", relay, f"{relay:.1f} MB/s"))
     print(f"raw samples: {args.out}")
     return 0
 

@@ -46,8 +46,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import targets  # bench/targets.py: issue 18's table
-
 from hypervisor.config import load_profile
 from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from protocols.api.kata import oci_pb2
@@ -324,17 +322,6 @@ async def direct_vm(profile_path: Path, work: Path, vhost: Path, size: int,
     return figures
 
 
-def issue18(samples: dict[str, list[float]], mib: int) -> list[str]:
-    """Issue 18's whole-path row through the shared helper, in `make bench` (d)'s form (the
-    whole run minus a `true` run), first byte to EOF beside it."""
-    beyond = median(samples["ctr run minus a true run"])
-    stream = median(samples["ctr run, first byte to EOF"])
-    return [targets.HEADER, targets.figure(
-        "stdout_whole", mib / beyond,
-        f"{mib / beyond:.1f} MiB/s beyond a `true` run ({mib / stream:.1f} MiB/s first byte "
-        "to EOF)")]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,8 +414,6 @@ def main() -> int:
     agent = median(samples["ReadStdout, one ahead"])
     print(f"  (d) the shim's share: (a) first byte to EOF ÷ (c) ReadStdout one ahead = "
           f"{through / agent:.2f} ({through - agent:+.2f} s)")
-    for line in issue18(samples, args.mib):
-        print(f"  {line}")
     print(f"raw samples: {args.out}")
     return 0
 

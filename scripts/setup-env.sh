@@ -46,7 +46,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 HOST_PKGS=(qemu-system-x86 qemu-utils runc busybox-static mmdebstrap cpio kmod iproute2
            zstd xz-utils e2fsprogs socat containernetworking-plugins iptables
            libcap2-bin python3-venv ca-certificates python3-cryptography docker-registry
-           skopeo catatonit tcpdump binutils erofs-utils cryptsetup-bin)
+           skopeo catatonit tcpdump binutils erofs-utils cryptsetup-bin patchelf)
 
 apt_host() {
     local missing=()

@@ -1,8 +1,8 @@
 """Init's background boot steps, as the agent sees them: done, failed, or still running.
 
-Init loads kernel modules and device drivers, and mounts what containers need, in a background
-subshell while the agent starts (``packaging/guest-image/init``). Each step announces itself
-(its name in ``--boot-step``'s file) and ends in one of two ways: the next marker file exists
+Init loads kernel modules and device drivers in a background subshell while the agent starts
+(``packaging/guest-image/init``). Each step announces itself (its name in ``--boot-step``'s
+file) and ends in one of two ways: the next marker file exists
 (``--wait-for``, ``--serve-after``), or the failure file (``--boot-failed``) does, written once
 by init with the failing step, its exit status and the tail of its stderr; init's supervising
 subshell also writes it if the steps end any other way (killed, crashed). The agent never
@@ -13,9 +13,9 @@ A step that hangs (rather than dies) writes nothing: each step has its own bound
 (:data:`STEP_BOUNDS`), and :func:`wait_for_step` names the step that overran it, well within the
 host's per-call bounds (the shim's first AgentService call after Check waits 30 s), rather than
 the wait's overall one. The bound counts from when init announced the step (the step file's
-mtime) or from when the agent began waiting for it, whichever is later: the steps after
-"modules" run at nice 19 beside the agent's own start-up, which takes the guest's one vCPU for
-as long as it runs (seconds under TCG, many more on a loaded host), so the time they spend
+mtime) or from when the agent began waiting for it, whichever is later: the step after
+"modules" runs at nice 19 beside the agent's own start-up, which takes the guest's one vCPU for
+as long as it runs (seconds under TCG, many more on a loaded host), so the time it spends
 starved by it is not theirs.
 """
 
@@ -35,14 +35,12 @@ MAX_REPORT = 900  # characters of init's failure report passed on (the shim keep
 # Each of init's background steps, at most, from when it announced itself (under TCG each takes
 # well under a second on an idle host, a few in a burst; 200 boots in a row beside other work
 # had the AgentService serving at most 19 s after QEMU started). "modules" gates the agent's
-# listening (the shim's dial waits 120 s); "drivers" onwards gate its AgentService, whose first
+# listening (the shim's dial waits 120 s); "drivers" gates its AgentService, whose first
 # call the shim bounds to 30 s after Check: their bounds leave the guest's answer time to
 # arrive first.
 STEP_BOUNDS: Final[Mapping[str, float]] = MappingProxyType({
     "modules": 60.0,
     "drivers": 20.0,
-    "mounts": 10.0,
-    "loopback": 5.0,
 })
 
 

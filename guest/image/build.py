@@ -412,11 +412,22 @@ print(len(files))
 """
 
 
-def _chroot() -> str:
-    found = shutil.which("chroot") or shutil.which("chroot", path="/usr/sbin:/sbin")
+# The host programs the builder runs, and the Debian package of each (scripts/setup-env.sh).
+_TOOL_PACKAGES = {"chroot": "coreutils", "strip": "binutils", "patchelf": "patchelf",
+                         "mkfs.erofs": "erofs-utils", "veritysetup": "cryptsetup-bin"}
+
+
+def _tool(name: str) -> str:
+    """The host program ``name`` (also looked for in the sbin folders root's PATH may lack),
+    or FileNotFoundError naming the Debian package that has it."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
-        raise FileNotFoundError("chroot (coreutils) not found")
+        raise FileNotFoundError(f"{name} not found: apt-get install {_TOOL_PACKAGES[name]}")
     return found
+
+
+def _chroot() -> str:
+    return _tool("chroot")
 
 
 def precompile(root: Path) -> int:
@@ -437,6 +448,58 @@ def precompile(root: Path) -> int:
     return int(result.stdout.strip() or 0)
 
 
+# protobuf's upb extension is C, linked by a C++ driver: its DT_NEEDED names libstdc++ although
+# it takes no symbol from it. Such an entry is dropped (patchelf) when no undefined dynamic
+# symbol of the object is C++'s (mangled ``_Z…``, or versioned GLIBCXX_/CXXABI_), so the image
+# need not carry libstdc++ (2.1 MB) and the agent's loader no longer maps and relocates it
+# before Check; prune_libraries then removes the library if nothing else loads it, and fails
+# the build if something still does and it is missing.
+CXX_RUNTIME = "libstdc++.so.6"
+
+
+def needed_entries(path: Path) -> list[str]:
+    """The DT_NEEDED names of an ELF object (readelf)."""
+    out = subprocess.run(["readelf", "-d", "-W", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.rsplit("[", 1)[1].rstrip("]") for line in out.splitlines()
+            if "(NEEDED)" in line and "[" in line]
+
+
+def cxx_symbols(readelf_dyn_syms: str) -> list[str]:
+    """The undefined C++ symbols in ``readelf --dyn-syms -W`` output."""
+    found: list[str] = []
+    for line in readelf_dyn_syms.splitlines():
+        fields = line.split()
+        if len(fields) < 8 or fields[6] != "UND":
+            continue
+        name = fields[7]
+        if name.startswith("_Z") or "@GLIBCXX" in name or "@CXXABI" in name:
+            found.append(name)
+    return found
+
+
+def drop_unused_cxx_runtime(root: Path) -> list[str]:
+    """Remove libstdc++ from the DT_NEEDED of the shared objects under ``root`` that use none
+    of it; their paths (relative to ``root``)."""
+    dropped: list[str] = []
+    for path in sorted(root.rglob("*.so")):
+        if path.is_symlink() or not path.is_file() or not _is_elf(path):
+            continue
+        if CXX_RUNTIME not in needed_entries(path):
+            continue
+        symbols = subprocess.run(["readelf", "--dyn-syms", "-W", str(path)],
+                                 capture_output=True, text=True, check=True).stdout
+        if cxx_symbols(symbols):
+            continue
+        subprocess.run([_patchelf(), "--remove-needed", CXX_RUNTIME, str(path)], check=True)
+        dropped.append(path.relative_to(root).as_posix())
+    return dropped
+
+
+def _patchelf() -> str:
+    return _tool("patchelf")
+
+
 def strip_binaries(root: Path) -> list[str]:
     """``strip --strip-unneeded`` the shared objects that still carry a symbol table (the
     venv's wheels: regorus, protobuf's upb; Debian's are stripped already); their paths."""
@@ -453,10 +516,7 @@ def strip_binaries(root: Path) -> list[str]:
 
 
 def _strip() -> str:
-    found = shutil.which("strip")
-    if found is None:
-        raise FileNotFoundError("strip not found: apt-get install binutils")
-    return found
+    return _tool("strip")
 
 
 def strip_version() -> str:
@@ -538,6 +598,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
     resolv.symlink_to("/run/resolv.conf")
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\ntty:x:5:\n")
+    unlinked = drop_unused_cxx_runtime(payload)
     pruned = prune_libraries(stage)
     stripped = strip_binaries(stage)
     compiled = precompile(stage)
@@ -546,6 +607,7 @@ def assemble(recipe: Recipe, base_root: Path, stage: Path, tree: ModuleTree) -> 
         "modules": [m.name for m in order],
         "modules_on_demand": [m.name for m in every if m not in order],
         "stripped_paths": removed,
+        "cxx_runtime_unlinked": unlinked,
         "pruned_libraries": pruned,
         "stripped_binaries": stripped,
         "busybox_links": links,
@@ -602,13 +664,6 @@ def tool_version(argv: list[str]) -> str:
     if not lines:
         raise RuntimeError(f"{argv[0]} printed no version")
     return lines[0]
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if found is None:
-        raise FileNotFoundError(f"{name} not found: apt-get install erofs-utils cryptsetup-bin")
-    return found
 
 
 def write_rootfs(stage: Path, image: Path, *, epoch: int, key: str) -> dict[str, object]:

@@ -384,7 +384,13 @@ def test_what_the_kubelet_relies_on(crictd: CriContainerd) -> None:
         assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 0), status
         assert stopped_in < PROMPT_STOP, f"StopContainer took {stopped_in:.1f} s"
 
-        for cid in (maker, reader, hog, quick):
+        # The last created first, as the kubelet's pod teardown ends with the pause container:
+        # with the sandbox API there is none, and the pod's shared PID namespace is the first
+        # container's (Kata's rule), so stopping "maker" first SIGKILLs "reader" too;
+        # containerd then handles that exit while StopContainer(reader) runs, and between the
+        # shim's Delete and its own status update it answers StopContainer at once and refuses
+        # RemoveContainer ("container is still running"; a kubelet would retry it).
+        for cid in (quick, hog, reader, maker):
             client.stop_container(cid, timeout=5)
             client.remove_container(cid)
     finally:

@@ -14,8 +14,6 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def load_bench(script: str) -> ModuleType:
     """``bench/<script>.py`` as the module ``bench_<script>`` (registered in sys.modules, as
     its dataclasses need)."""
-    if str(BENCH) not in sys.path:  # the scripts import their siblings (targets) by name
-        sys.path.append(str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

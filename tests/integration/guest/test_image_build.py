@@ -63,6 +63,10 @@ def test_image_holds_what_the_guest_needs(guest_image: BuildResult) -> None:
                    "usr/lib/python3.11/asyncio/base_events.py"):
         assert source not in names, f"{source}: the pyc beside it suffices"
     assert not {"usr/bin/perl", "usr/bin/openssl", "usr/bin/catatonit"} & set(names)
+    # upb names libstdc++ but uses none of it: the builder unlinks it, so the image has none
+    assert not any("libstdc++" in n for n in names), "libstdc++ in the image"
+    manifest = json.loads(guest_image.manifest.read_text())
+    assert any(p.startswith("google/_upb/_message") for p in manifest["cxx_runtime_unlinked"])
     assert guest_image.size < 40 * 2**20
 
 
@@ -79,6 +83,8 @@ agent.import_machinery(deferred_confidential_default())
 for name, module in sorted(sys.modules.items()):
     loader = getattr(getattr(module, "__spec__", None), "loader", None)
     print(name, type(loader).__name__)
+from google.protobuf.internal import api_implementation
+print("protobuf-backend", api_implementation.Type())
 """
 
 
@@ -98,6 +104,9 @@ def test_agent_imports_nothing_from_source(guest_image: BuildResult) -> None:
     finally:
         shutil.rmtree(root)
     loaders = dict(line.split() for line in out.splitlines())
+    # upb loads in the image without libstdc++ (else protobuf would fall back to pure Python)
+    assert loaders.pop("protobuf-backend") == "upb"
+    assert "google._upb._message" in loaders
     assert "guest.agent.entry" in loaders and "guest.image_pull.puller" in loaders
     compiled_at_boot = sorted(n for n, kind in loaders.items() if kind == "SourceFileLoader")
     assert compiled_at_boot == []

@@ -130,13 +130,13 @@ async def test_a_step_starved_before_the_agent_waits_is_not_charged(tmp_path: Pa
 
 
 def test_every_step_of_init_has_a_bound_below_the_shim_s_first_call() -> None:
-    """The AgentService waits for drivers, mounts and loopback; the shim's first call after
+    """The AgentService waits for the drivers step; the shim's first call after
     Check (SetPolicy/UpdateInterface: 30 s) must see the guest's answer, not its own bound."""
     from shim.core.timeouts import AGENT_RPC
 
     init = Path(__file__).parents[3] / "packaging" / "guest-image" / "init"
     steps = re.findall(r"^\s+step (\w+) \w+", init.read_text(), re.MULTILINE)
-    assert steps == ["modules", "drivers", "mounts", "loopback"]
+    assert steps == ["modules", "drivers"]
     assert set(STEP_BOUNDS) == set(steps)
     first_call = min(AGENT_RPC[m] or 0 for m in ("SetPolicy", "UpdateInterface", "CreateSandbox"))
     assert all(STEP_BOUNDS[s] < first_call for s in steps[1:])
