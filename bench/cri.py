@@ -4,7 +4,10 @@
 Reports the median of N runs of RunPodSandbox + CreateContainer + StartContainer (what the
 kubelet waits for before a pod is running; handler `coco`, CNI bridge + host-local in
 198.18.201.0/24, podsandbox mode) and the shim daemon's RSS/PSS for a running pod with its
-network wired. Needs `make env`; leaves nothing running.
+network wired, then issue 18's figure it measures through `tests/support/targets.py`: the gRPC
+daemon's RSS when the node runs containerd 1.x (`--containerd 1.7.24`; 2.x's shims speak
+ttrpc), the other figures referred to the benches that print them. Needs `make env`; leaves
+nothing running.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from tests import envinfo
+from tests.support import targets
 from tests.support.containerd import Containerd, private_containerd, shim_daemons
 from tests.support.cri import (
     CRI_NAMESPACE,
@@ -115,6 +119,23 @@ def remove_pod(node: CriNode, pod_id: str, cid: str) -> None:
     node.client.remove_pod(pod_id)
 
 
+def issue18(containerd: str, rss_mib: float) -> list[str]:
+    """Issue 18's figures after the CRI figures: the running pod's daemon RSS is the gRPC figure
+    only on containerd 1.x (its shims speak gRPC; 2.x's speak ttrpc); the others are referred
+    to the benches that print them."""
+    lines = [targets.HEADER]
+    if containerd.split(".")[0] == "1":
+        lines.append(targets.line("grpc_daemon_rss_mib", rss_mib, f"{rss_mib:.1f} MiB",
+                                  of=f"a running CRI pod, containerd {containerd}"))
+    else:
+        lines.append("  (the gRPC daemon's RSS: this bench with --containerd 1.7.24, or make "
+                     "bench-daemon)")
+    lines.append("  (the boot ratios and stdout: make bench, make bench-guest; `start`, the "
+                 "first RPC and PSS per pod: make bench-daemon; the relay alone: make "
+                 "bench-relay; bursts: make bench-burst)")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +160,7 @@ def main() -> int:
     print(f"  RunPodSandbox+CreateContainer+StartContainer (median)  "
           f"{statistics.median(samples):.2f} s   samples {[round(s, 2) for s in samples]}")
     print(f"  shim daemon of a running pod, RSS / PSS               {rss:.1f} / {pss:.1f} MiB")
+    print("", *issue18(args.containerd, rss), sep="\n")
     print(json.dumps({"cri_start_s": samples, "rss_mib": rss, "pss_mib": pss}))
     return 0
 

@@ -72,8 +72,26 @@ def test_burst_prints_its_figures_from_a_recorded_run(
 def test_relay_and_boot_loop_import_the_table() -> None:
     """The scripts that print a figure without a unit-testable report function at least load
     (their imports, the table's keys they use), in a fresh interpreter as `python bench/X.py`."""
-    for script in ("relay", "boot_loop", "run", "guest", "daemon"):
+    for script in ("relay", "boot_loop", "run", "guest", "daemon", "cri"):
         done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"],
                               capture_output=True, text=True, timeout=60,
                               cwd=Path(__file__).parents[2])
         assert done.returncode == 0, (script, done.stderr)
+
+
+@pytest.mark.parametrize(("containerd", "grpc"), [("1.7.24", True), ("2.1.9", False)])
+def test_cri_prints_the_grpc_daemon_rss_only_on_containerd_1(containerd: str, grpc: bool) -> None:
+    cri = load_bench("cri")
+    # make bench (c)'s running-pod daemon RSS on containerd 1.7.24 (docs/performance.md).
+    lines = cri.issue18(containerd, 33.8)
+    assert lines[0] == targets.HEADER
+    printed = [line for line in lines if "baseline 44.2 MiB" in line]
+    if grpc:
+        assert printed == [targets.line(
+            "grpc_daemon_rss_mib", 33.8, "33.8 MiB",
+            of=f"a running CRI pod, containerd {containerd}")]
+        assert printed[0].endswith(" missed")
+    else:
+        assert printed == []
+        assert "--containerd 1.7.24" in lines[1]
+    assert "make bench-daemon" in lines[-1]
