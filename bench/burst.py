@@ -68,6 +68,10 @@ class Run:
     slot_count: int | None = None  # the slots on: how many (None: one per host CPU)
     tree: str = ""  # with --before: "before" (that checkout's shim) or "now" (this one's)
 
+    def ideal_last(self, ideal: float, cpus: int) -> float:
+        """When the last pod of this burst is ready at best: ceil(pods / cpus) x T1."""
+        return math.ceil(self.pods / cpus) * ideal
+
     def row(self, ideal: float, cpus: int) -> str:
         if not self.ready:
             return f"{self.label():<24} no pod ready   failures {len(self.failures)}"
@@ -76,7 +80,7 @@ class Run:
                 f"{len(self.failures):2d}/{self.pods:<2d}")
         if self.kind == "burst" and ideal:
             ideal_median = math.ceil((self.pods + 1) / 2 / cpus) * ideal
-            ideal_last = math.ceil(self.pods / cpus) * ideal
+            ideal_last = self.ideal_last(ideal, cpus)
             line += (f"   {ideal:5.1f} {ideal_median:6.1f} {ideal_last:6.1f}   "
                      f"{first / ideal:5.2f}x {median / ideal_median:5.2f}x "
                      f"{last / ideal_last:5.2f}x")
@@ -331,7 +335,7 @@ def print_figures(runs: list[Run], ideal: float, cpus: int) -> None:
         failed = len(run.failures)
         print(targets.line("burst_failed", failed, f"{failed}/{run.pods}", of=run.label()))
         if run.ready and ideal:
-            last = run.ready[-1] / (math.ceil(run.pods / cpus) * ideal)
+            last = run.ready[-1] / run.ideal_last(ideal, cpus)
             first = run.ready[0] / ideal
             print(targets.line("burst_last_ideal", last, f"{last:.2f}x", of=run.label()))
             print(targets.line("burst_first_lone", first, f"{first:.2f}x", of=run.label()))

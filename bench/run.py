@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 
 from hypervisor.config import load_profile
-from hypervisor.vm import LaunchOptions, launch_vm
+from hypervisor.vm import LaunchOptions, QemuVm, launch_vm
 from shim.core import trace
 from shim.pod.agent import AgentClient
 from shim.pod.rootfs import HostShare
@@ -69,28 +69,37 @@ def median(values: list[float]) -> float:
 Steps = list[tuple[str, float]]  # (step, seconds since the sample began), in order
 
 
-async def direct_boot(profile_path: Path, run_root: Path, vhost: Path,
-                      steps: Steps | None = None) -> float:
-    """Launch the profile's VM, with the devices the shim gives a pod VM (the 9p rootfs share,
-    console and stderr logs kept), and dial its agent until Check answers; seconds. ``steps``
-    gets the launch's steps and Check."""
+async def launch_pod_vm(profile_path: Path, run_root: Path, vhost: Path,
+                        steps: Steps | None = None) -> tuple[QemuVm, float]:
+    """Launch the profile's VM with the devices the shim gives a pod VM (the 9p rootfs share,
+    console and stderr logs kept); the VM and the monotonic time its launch began. ``steps``
+    gets the launch's steps, in seconds from then."""
     profile = load_profile(profile_path)
     share = run_root / "shared"
     share.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    got: Steps = [] if steps is None else steps
 
     def on_step(name: str) -> None:
-        got.append((f"launch: {name}", time.monotonic() - start))
+        if steps is not None:
+            steps.append((f"launch: {name}", time.monotonic() - start))
 
     vm = await launch_vm(profile, LaunchOptions(
         run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=vhost,
         log_dir=run_root / "logs", shares=HostShare(share).vm_shares(), on_step=on_step))
+    return vm, start
+
+
+async def direct_boot(profile_path: Path, run_root: Path, vhost: Path,
+                      steps: Steps | None = None) -> float:
+    """Launch the pod VM (:func:`launch_pod_vm`) and dial its agent until Check answers;
+    seconds. ``steps`` gets the launch's steps and Check."""
+    vm, start = await launch_pod_vm(profile_path, run_root, vhost, steps)
     try:
         assert vm.channel is not None
         agent = await AgentClient.dial(vm.channel, dial_timeout=120)
         elapsed = time.monotonic() - start
-        got.append(("agent: Check answered", elapsed))
+        if steps is not None:
+            steps.append(("agent: Check answered", elapsed))
         await agent.close()
         return elapsed
     finally:
@@ -98,14 +107,9 @@ async def direct_boot(profile_path: Path, run_root: Path, vhost: Path,
 
 
 async def bare_boot(profile_path: Path, run_root: Path, vhost: Path) -> float:
-    """Launch the profile's VM (its initrd the bare one: /init powers off) with the same
-    devices as :func:`direct_boot`; seconds until QEMU is gone."""
-    share = run_root / "shared"
-    share.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    vm = await launch_vm(load_profile(profile_path), LaunchOptions(
-        run_root=run_root, name="bench", accel="tcg", vhost_device_vsock=vhost,
-        log_dir=run_root / "logs", shares=HostShare(share).vm_shares()))
+    """Launch the pod VM (:func:`launch_pod_vm`; its initrd the bare one: /init powers off);
+    seconds until QEMU is gone."""
+    vm, start = await launch_pod_vm(profile_path, run_root, vhost)
     try:
         async with asyncio.timeout(120):
             reason = await vm.wait()
