@@ -124,15 +124,14 @@ def issue18(containerd: str, rss_mib: float) -> list[str]:
     only on containerd 1.x (its shims speak gRPC; 2.x's speak ttrpc); the others are referred
     to the benches that print them."""
     lines = [targets.HEADER]
+    printed: list[str] = []
     if containerd.split(".")[0] == "1":
         lines.append(targets.line("grpc_daemon_rss_mib", rss_mib, f"{rss_mib:.1f} MiB",
                                   of=f"a running CRI pod, containerd {containerd}"))
+        printed.append("grpc_daemon_rss_mib")
     else:
-        lines.append("  (the gRPC daemon's RSS: this bench with --containerd 1.7.24, or make "
-                     "bench-daemon)")
-    lines.append("  (the boot ratios and stdout: make bench, make bench-guest; `start`, the "
-                 "first RPC and PSS per pod: make bench-daemon; the relay alone: make "
-                 "bench-relay; bursts: make bench-burst)")
+        lines.append("  (the gRPC daemon's RSS: this bench with --containerd 1.7.24)")
+    lines += targets.elsewhere(printed)
     return lines
 
 

@@ -11,6 +11,7 @@ Performance table takes its rows from here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final, NamedTuple
 
 
@@ -20,7 +21,7 @@ class Figure(NamedTuple):
     target: str
     limit: float | None  # the target as a number in the unit the bench measures; None: no limit
     higher_is_better: bool  # ≥ limit meets it (throughput); else ≤ limit does
-    bench: str  # the command that measures it
+    bench: str  # the command that measures it (elsewhere() names it)
 
 
 FIGURES: Final[dict[str, Figure]] = {
@@ -93,3 +94,17 @@ def line(key: str, value: float, shown: str, *, of: str = "") -> str:
     label = f"{figure.label} ({of})" if of else figure.label
     return (f"  {label:<56} {shown:<26} baseline {figure.baseline:<24} "
             f"target {figure.target:<10} {verdict(key, value)}").rstrip()
+
+
+def elsewhere(printed: Iterable[str]) -> list[str]:
+    """For a bench that printed the figures ``printed`` (keys), one line per other bench naming
+    the figures only that bench measures, in FIGURES' order."""
+    done = set(printed)
+    unknown = done - FIGURES.keys()
+    if unknown:
+        raise KeyError(f"no such figures: {', '.join(sorted(unknown))}")
+    by_bench: dict[str, list[str]] = {}
+    for key, figure in FIGURES.items():
+        if key not in done:
+            by_bench.setdefault(figure.bench, []).append(figure.label)
+    return [f"  (measured by {bench}: {'; '.join(labels)})" for bench, labels in by_bench.items()]

@@ -94,4 +94,50 @@ def test_cri_prints_the_grpc_daemon_rss_only_on_containerd_1(containerd: str, gr
     else:
         assert printed == []
         assert "--containerd 1.7.24" in lines[1]
-    assert "make bench-daemon" in lines[-1]
+    # every other figure is named with the bench that measures it
+    assert lines[-len(targets.elsewhere(["grpc_daemon_rss_mib"] if grpc else [])):] == \
+        targets.elsewhere(["grpc_daemon_rss_mib"] if grpc else [])
+    assert any("make bench-daemon" in line for line in lines)
+
+
+def test_elsewhere_names_each_figure_not_printed_once_under_its_bench() -> None:
+    printed = ["ctr_run_ratio", "ctr_run_ratio_bare", "boot_ratio"]
+    lines = targets.elsewhere(printed)
+    named = {key: [line for line in lines if targets.FIGURES[key].label in line]
+             for key in targets.FIGURES}
+    for key, figure in targets.FIGURES.items():
+        if key in printed:
+            assert named[key] == [], key
+        else:
+            assert len(named[key]) == 1 and f"measured by {figure.bench}:" in named[key][0], key
+    # one line per bench, in the table's order
+    benches = [line.split(":", 1)[0] for line in lines]
+    assert len(benches) == len(set(benches))
+    assert lines[0].startswith("  (measured by make bench-guest: ")
+    assert targets.elsewhere(targets.FIGURES) == []
+    with pytest.raises(KeyError, match="no such figures: nope"):
+        targets.elsewhere(["nope"])
+
+
+def test_make_bench_prints_its_ratios_and_names_the_other_benches() -> None:
+    run_py = load_bench("run")
+    memory = [{"protocol": "ttrpc", "rss_mib": 21.0, "template": True},
+              {"protocol": "grpc", "rss_mib": 26.7, "template": True},
+              {"protocol": "grpc", "rss_mib": 33.7, "template": False}]
+    lines = run_py.issue18(boot=10.0, run=11.4, bare=7.0, flood=18.136, memory=memory)
+    assert lines[0] == targets.HEADER
+    assert lines[1] == targets.line("ctr_run_ratio", 1.14, "1.14x")
+    assert lines[2] == targets.line("ctr_run_ratio_bare", 11.4 / 7.0, "1.63x")
+    assert lines[3] == targets.line("boot_ratio", 10.0 / 7.0, "1.43x")
+    # the gRPC daemons only, each saying how it came to be (the ttrpc one is no figure)
+    assert lines[4] == targets.line("grpc_daemon_rss_mib", 26.7, "26.7 MiB",
+                                    of="forked from the node's template")
+    assert lines[5] == targets.line("grpc_daemon_rss_mib", 33.7, "33.7 MiB",
+                                    of="spawned directly: no template yet")
+    assert lines[4].endswith(" met") and lines[5].endswith(" missed")
+    # 64 MiB over what the flood run took beyond a `true` run
+    assert lines[6] == targets.line("stdout_whole_mib_s", 64 / (18.136 - 11.4),
+                                    "9.5 MiB/s beyond a true run")
+    assert lines[7:] == targets.elsewhere(["ctr_run_ratio", "ctr_run_ratio_bare", "boot_ratio",
+                                           "grpc_daemon_rss_mib", "stdout_whole_mib_s"])
+    assert all(line.endswith((" met", " missed")) for line in lines[1:4])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import shutil
@@ -88,21 +89,28 @@ print("protobuf-backend", api_implementation.Type())
 """
 
 
-def test_agent_imports_nothing_from_source(guest_image: BuildResult) -> None:
-    raw = read_initramfs(guest_image.image.read_bytes())
+def run_in_image(image: Path, code: str, *args: str) -> str:
+    """Run ``code`` (``args`` its sys.argv[1:]) with the image's own interpreter in a chroot of
+    its unpacked tree, as init starts the agent (-S, the payload and Debian's dist-packages on
+    the path); its stdout."""
+    raw = read_initramfs(image.read_bytes())
     root = Path(tempfile.mkdtemp(prefix="coco-test-imageroot-"))
     try:
         subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=raw,
                        cwd=root, check=True, capture_output=True)
-        out = subprocess.run(
+        return subprocess.run(
             [shutil.which("chroot") or "/usr/sbin/chroot", str(root), "/usr/bin/python3.11",
-             "-S", "-c", _LOADERS],
+             "-S", "-c", code, *args],
             env={"PYTHONPATH": "/opt/coco-guest:/usr/lib/python3/dist-packages",
                  "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"},
             capture_output=True, text=True, check=True, timeout=120,
         ).stdout
     finally:
         shutil.rmtree(root)
+
+
+def test_agent_imports_nothing_from_source(guest_image: BuildResult) -> None:
+    out = run_in_image(guest_image.image, _LOADERS)
     loaders = dict(line.split() for line in out.splitlines())
     # upb loads in the image without libstdc++ (else protobuf would fall back to pure Python)
     assert loaders.pop("protobuf-backend") == "upb"
@@ -169,3 +177,81 @@ def test_device_form_holds_the_root_image_and_a_tiny_initramfs(guest_image: Buil
         assert f.read(4) == (0xE0F5E1E2).to_bytes(4, "little")
     manifest = json.loads(guest_image.manifest.read_text())
     assert manifest["device_form"]["rootfs"]["verity"] == verity
+
+
+# The guest's own code: every module of these packages, and every import statement in them
+# (top level, in functions: the lazy ones, under TYPE_CHECKING too), must import in the image.
+# This is what proves strip.txt removed nothing the guest uses.
+GUEST_CODE = ("guest/agent", "guest/attestation", "guest/image_pull", "guest/tee")
+
+
+def guest_imports() -> list[tuple[str, str]]:
+    """(module, name or "") for every module of GUEST_CODE and every import in it."""
+    wanted: set[tuple[str, str]] = set()
+    for top in GUEST_CODE:
+        for path in sorted((REPO / top).rglob("*.py")):
+            rel = path.relative_to(REPO).with_suffix("")
+            parts = list(rel.parts)
+            package = parts[:-1]  # what a relative import is relative to
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            wanted.add((".".join(parts), ""))
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    wanted.update((alias.name, "") for alias in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    base = package[: len(package) - node.level + 1] if node.level else []
+                    module = ".".join([*base, *([node.module] if node.module else [])])
+                    if module != "__future__":
+                        wanted.update((module, alias.name) for alias in node.names)
+    return sorted(wanted)
+
+
+_IMPORT_ALL = """
+import importlib, json, sys
+failed = []
+for module, name in json.loads(sys.argv[1]):
+    try:
+        mod = importlib.import_module(module)
+        if name and not hasattr(mod, name):
+            importlib.import_module(module + "." + name)
+    except Exception as exc:  # report them all, not the first
+        failed.append(f"{module} {name}: {type(exc).__name__}: {exc}")
+print(json.dumps(failed))
+"""
+
+
+def test_every_import_of_the_guest_code_resolves_in_the_image(guest_image: BuildResult) -> None:
+    wanted = guest_imports()
+    assert ("guest.agent.entry", "") in wanted and ("regorus", "") in wanted
+    out = run_in_image(guest_image.image, _IMPORT_ALL, json.dumps(wanted))
+    assert json.loads(out) == []
+
+
+# The codecs the guest's paths look up (strip.txt keeps them, drops the code-page tables): the
+# agent's UTF-8, ASCII, Latin-1 (HTTP headers, by its iso-8859-1 name too), host names (IDNA,
+# punycode), JSON's UTF-16/32 detection, the escape codecs.
+KEPT_CODECS = ("utf-8", "ascii", "us-ascii", "latin-1", "iso-8859-1", "idna", "punycode",
+               "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+               "utf-32-be", "raw-unicode-escape", "unicode-escape", "charmap")
+STRIPPED_CODECS = ("cp1252", "cp437", "mac-roman", "koi8-r", "iso-8859-2", "shift-jis")
+
+_CODECS = """
+import codecs, json, sys
+found = {}
+for name in json.loads(sys.argv[1]):
+    try:
+        found[name] = codecs.lookup(name).name
+    except LookupError:
+        found[name] = None
+print(json.dumps(found))
+"""
+
+
+def test_the_codecs_the_guest_uses_are_kept_and_the_tables_stripped(
+    guest_image: BuildResult,
+) -> None:
+    out = run_in_image(guest_image.image, _CODECS, json.dumps(KEPT_CODECS + STRIPPED_CODECS))
+    found = json.loads(out)
+    assert [n for n in KEPT_CODECS if found[n] is None] == []
+    assert {n: found[n] for n in STRIPPED_CODECS} == dict.fromkeys(STRIPPED_CODECS)
