@@ -466,6 +466,7 @@ def build_machinery(
     from guest.agent.runc import pin_read_only
     from guest.agent.sandbox import AgentPaths, Sandbox
     from guest.agent.service import AgentService
+    from guest.image_pull.pause import PAUSE_BUNDLE, pause_argv
 
     if isinstance(startup.policy, DeferredPolicy):
         startup.policy.load()  # here, in the loop's thread, which will use the engine
@@ -483,7 +484,6 @@ def build_machinery(
     manage_system = args.vsock if args.manage_system is None else args.manage_system
 
     def guest_pull_storage() -> GuestPull:
-        from guest.image_pull.pause import PAUSE_BUNDLE
         from guest.image_pull.puller import GuestPullStorage, ImagePuller
 
         return GuestPullStorage(lambda: ImagePuller(pull_config), args.shared_root,
@@ -498,6 +498,7 @@ def build_machinery(
         manage_system=manage_system,
         secrets=components.hub if components is not None else None,
         guest_pull=guest_pull,
+        pid_namespace_init=lambda: pause_argv(args.pause_bundle or PAUSE_BUNDLE),
     )
     return Machinery(reaper, sandbox, AgentService(sandbox, Network(), startup.policy))
 

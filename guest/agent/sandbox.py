@@ -16,6 +16,7 @@ import shutil
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +32,12 @@ from guest.agent.errors import (
     from_os_error,
 )
 from guest.agent.inotify import Inotify
-from guest.agent.namespaces import PodNamespaces, create_pod_namespaces
+from guest.agent.namespaces import (
+    PidNamespace,
+    PodNamespaces,
+    create_pod_namespaces,
+    start_pid_namespace,
+)
 from guest.agent.reaper import Reaper
 from guest.agent.runc import Runc
 from guest.agent.storage import GuestPull, StorageManager, StorageSpec
@@ -90,7 +96,11 @@ class Sandbox:
         manage_system: bool,
         secrets: SecretUnsealer | None = None,
         guest_pull: GuestPull | None = None,
+        pid_namespace_init: Callable[[], list[str]] | None = None,
     ) -> None:
+        """``pid_namespace_init``: the argv of the program that becomes the init of the pod's
+        PID namespace when the first container asking to join it (sandbox_pidns) finds none
+        (containerd's sandbox API: no pause container); None: that container makes it."""
         self.reaper = reaper
         self.paths = paths
         self.runc = Runc(reaper, binary=runc_binary, root=paths.runc_root)
@@ -112,6 +122,8 @@ class Sandbox:
         # Kata's rule: the first container's PID namespace (the pause container's, under CRI)
         # is the one containers created with sandbox_pidns join.
         self._pid_namespace: Path | None = None
+        self._pid_namespace_init = pid_namespace_init
+        self._pid_init: PidNamespace | None = None  # the one the agent started, if any
         self._oom_events: asyncio.Queue[str] = asyncio.Queue()
         self._oom_watch = Inotify(self._on_memory_events)
         self.shutdown = asyncio.Event()
@@ -167,6 +179,9 @@ class Sandbox:
         self.storage.release_all(self._sandbox_storages)
         self._sandbox_storages = []
         self._oom_watch.close()
+        if self._pid_init is not None:
+            await self._pid_init.stop()
+            self._pid_init = None
         if self._pod_namespaces is not None:
             self._pod_namespaces.release()
             self._pod_namespaces = None
@@ -181,9 +196,22 @@ class Sandbox:
 
     def _joined_namespaces(self, sandbox_pidns: bool) -> dict[str, Path]:
         joined = dict(self.pod_namespaces().paths)
-        # The first container of a pod sharing its PID namespace (no pause container: the
-        # sandbox API) makes the namespace the others join.
-        if sandbox_pidns and self._pid_namespace is not None:
+        if not sandbox_pidns:
+            return joined
+        # No container made the pod's PID namespace (no pause container: the sandbox API):
+        # the agent starts its init, so no workload container's exit ends the namespace.
+        if self._pid_namespace is None and self._pid_namespace_init is not None:
+            try:
+                argv = self._pid_namespace_init()
+            except FailedPrecondition as err:
+                raise FailedPrecondition(f"cannot make the pod's PID namespace: {err}") from err
+            self._pid_init = start_pid_namespace(self.reaper, argv)
+            self._pid_namespace = self._pid_init.path
+            log.info("pod PID namespace: init %s, pid %d", self._pid_init.program,
+                     self._pid_init.init.pid)
+        if self._pid_init is not None:
+            self._pid_init.check_alive()
+        if self._pid_namespace is not None:
             joined["pid"] = self._pid_namespace
         return joined
 

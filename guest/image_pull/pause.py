@@ -39,6 +39,13 @@ def pause_process(bundle: Path = PAUSE_BUNDLE) -> dict[str, Any]:
     return process
 
 
+def pause_argv(bundle: Path = PAUSE_BUNDLE) -> list[str]:
+    """The pause process's argv with its program as the bundle holds it (the agent runs it
+    itself, outside any container, as the init of a pod's PID namespace)."""
+    args = [str(a) for a in pause_process(bundle)["args"]]
+    return [str(bundle / "rootfs" / args[0].lstrip("/")), *args[1:]]
+
+
 def prepare_pause_rootfs(rootfs: Path, bundle: Path = PAUSE_BUNDLE) -> dict[str, Any]:
     """Copy the pause program into ``rootfs`` (an empty directory); return the process."""
     process = pause_process(bundle)

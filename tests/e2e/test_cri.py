@@ -346,6 +346,12 @@ def test_what_the_kubelet_relies_on(crictd: CriContainerd) -> None:
         seen = client.exec_sync(reader, ["sh", "-c", "for f in /proc/[0-9]*/cmdline; do"
                                          " grep -qs 'coco-ipc-make[r]' $f && echo $f; done; true"])
         assert seen.exit_code == 0 and seen.stdout.startswith(b"/proc/"), seen
+        # PID 1 of that namespace is no workload: the pause container (podsandbox) or, with
+        # the sandbox API (no pause container), the image's pause program the agent starts.
+        init = client.exec_sync(reader, ["sh", "-c", "tr '\\0' ' ' </proc/1/cmdline"])
+        expected = ("/pause_bundle/rootfs/pause -P " if crictd.sandboxer == "shim"
+                    else " ".join(PAUSE_ENTRYPOINT) + " ")
+        assert (init.exit_code, init.stdout.decode()) == (0, expected), init
 
         # A privileged container uses the kernel's bridge support (loaded on demand).
         bridge = client.exec_sync(reader, ["sh", "-c",
@@ -384,13 +390,12 @@ def test_what_the_kubelet_relies_on(crictd: CriContainerd) -> None:
         assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 0), status
         assert stopped_in < PROMPT_STOP, f"StopContainer took {stopped_in:.1f} s"
 
-        # The last created first, as the kubelet's pod teardown ends with the pause container:
-        # with the sandbox API there is none, and the pod's shared PID namespace is the first
-        # container's (Kata's rule), so stopping "maker" first SIGKILLs "reader" too;
-        # containerd then handles that exit while StopContainer(reader) runs, and between the
-        # shim's Delete and its own status update it answers StopContainer at once and refuses
-        # RemoveContainer ("container is still running"; a kubelet would retry it).
-        for cid in (quick, hog, reader, maker):
+        # The first container's exit kills nobody else: the namespace's init is a pause
+        # program in both modes.
+        client.stop_container(maker, timeout=5)
+        assert client.exec_sync(reader, ["true"]).exit_code == 0
+        assert client.container_status(reader).state == cri.CONTAINER_RUNNING
+        for cid in (maker, quick, hog, reader):
             client.stop_container(cid, timeout=5)
             client.remove_container(cid)
     finally:

@@ -12,13 +12,16 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
+from guest.image.build import write_pause_bundle
 from protocols.api.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from protocols.ttrpc import Client, Code, TtrpcError
 from tests.integration.guest.agentproc import AgentProcess
 from tests.integration.guest.conftest import remove_cgroup_parent
 from tests.integration.guest.support import AgentClient, process, spec
+from tests.integration.guest.support import process as process_spec
 
 pytestmark = pytest.mark.integration
 
@@ -630,3 +633,84 @@ async def test_a_boot_step_that_failed_before_listening_is_served(workdir: Path)
         await client.close()
         assert process.stop() == 3, process.output()
         remove_cgroup_parent(process.cgroup_parent)
+
+
+def pause_bundle_for_nobody(workdir: Path) -> Path:
+    """The host's catatonit as a pause bundle the agent's PID namespace init (nobody) reaches."""
+    workdir.chmod(0o711)
+    bundle = workdir / "pause_bundle"
+    write_pause_bundle(bundle, Path("/usr/bin/catatonit"))
+    return bundle
+
+
+def nspid(pid: int) -> list[int]:
+    """The process's pid in each PID namespace it is in, outermost first."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(n) for n in line.split()[1:]]
+    raise AssertionError(f"no NSpid for {pid}")
+
+
+async def test_the_agent_holds_the_pods_pid_namespace_when_no_container_made_it(
+    workdir: Path, rootfs: Path
+) -> None:
+    """containerd's sandbox API runs no pause container: the first container asking to join
+    the pod's PID namespace (sandbox_pidns) finds none. The agent then starts the image's pause
+    program (as nobody) as the namespace's init, so the first container's exit kills nobody
+    else; the init goes with the sandbox."""
+    bundle = pause_bundle_for_nobody(workdir)
+    program = str(bundle / "rootfs/pause")
+    process = AgentProcess(workdir / "agent")  # rootfs lies beneath its shared root
+    process.workdir.mkdir(exist_ok=True)
+    process.start("--pause-bundle", str(bundle))
+    client = await Client.connect_unix(process.socket, timeout=10)
+    try:
+        agent = AgentClient(client)
+        await agent.call(
+            "CreateSandbox", agent_pb2.CreateSandboxRequest(hostname="pod", sandbox_id="s"))
+        for cid, seconds in (("first", "301"), ("second", "302")):
+            await agent.call("CreateContainer", agent_pb2.CreateContainerRequest(
+                container_id=cid, OCI=spec(str(rootfs), ["sleep", seconds]),
+                sandbox_pidns=True))
+            await start(agent, cid)
+        [init] = [p for p in psutil.process_iter(["cmdline", "uids"])
+                  if p.info["cmdline"] == [program, "-P"]]
+        assert init.info["uids"].real == 65534
+        assert process.proc is not None and init.ppid() == process.proc.pid
+        assert nspid(init.pid) == [init.pid, 1]  # PID 1 of a namespace of its own
+        # In the second container: PID 1 is the pause program, the first's sleep is seen.
+        await agent.call("ExecProcess", agent_pb2.ExecProcessRequest(
+            container_id="second", exec_id="ps",
+            process=process_spec(["sh", "-c", "tr '\\0' ' ' </proc/1/cmdline; echo;"
+                                  " cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])))
+        seen = (await agent.read_all("second", "ps")).decode()
+        assert seen.splitlines()[0] == f"{program} -P "
+        assert "sleep 301" in seen and "sleep 302" in seen
+        # The first container's exit leaves the second running.
+        await agent.call("SignalProcess", agent_pb2.SignalProcessRequest(
+            container_id="first", signal=signal.SIGKILL))
+        assert await agent.wait("first") == 137
+        await agent.call("ExecProcess", agent_pb2.ExecProcessRequest(
+            container_id="second", exec_id="alive", process=process_spec(["true"])))
+        assert await agent.wait("second", "alive") == 0
+        await agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest())
+        assert process.proc is not None
+        assert await asyncio.to_thread(process.proc.wait, 30) == 0
+        assert not init.is_running()
+    finally:
+        await client.close()
+        process.stop()
+        remove_cgroup_parent(process.cgroup_parent)
+
+
+async def test_a_pod_pid_namespace_without_a_pause_program_is_refused_by_name(
+    agent: AgentClient, rootfs: Path
+) -> None:
+    """The host's agent has no /pause_bundle: the container is refused, naming what is
+    missing, and nothing is left (the same id can be created without sandbox_pidns)."""
+    message = await expect_code(
+        Code.FAILED_PRECONDITION, agent, "CreateContainer", agent_pb2.CreateContainerRequest(
+            container_id="c1", OCI=spec(str(rootfs), ["sleep", "300"]), sandbox_pidns=True))
+    assert "pod's PID namespace" in message and "/pause_bundle" in message, message
+    await create(agent, "c1", rootfs, ["true"])
+    await remove(agent, "c1")
