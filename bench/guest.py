@@ -8,8 +8,9 @@ goes (on the guest's own clock), and what the pod VM costs the host in memory.
         [--variants-on-device] [--memory-all] [--only NAME,...]
 
 Every sample boots the development profile's exact QEMU argv (hypervisor.launch_vm: 1 vCPU,
-512 MiB, TCG, hybrid vsock, the pod's 9p rootfs share), and the series are interleaved, so
-that each sees the same (shared, noisy) machine; every figure is a ratio within one run:
+512 MiB, TCG, hybrid vsock, the pod's 9p rootfs share), and the series are interleaved, in an
+order rotated every round, so that each sees the same (shared, noisy) machine; every figure is
+a ratio within one run:
 
   bare    the same argv with a trivial initramfs whose /init powers off: launch → QEMU gone;
   agent   the reference image: launch → the shim's dial (the guest's ready announcement, then
@@ -36,7 +37,9 @@ balloon driver is bound and negotiated free page reporting (virtio feature bit 5
 ``--balloon-ab`` adds the series "no-balloon" (the same image and argv with
 ``free_page_reporting = false``: no virtio-balloon) and measures the memory of both in every
 round, side by side; each ``--params NAME=...`` adds a series booting the reference image with
-those kernel parameters too (e.g. ``page_reporting.page_reporting_order=N``), measured the same.
+those kernel parameters too (e.g. ``page_reporting.page_reporting_order=N``), measured the same,
+and a series "bare-NAME", the bare boot with them: a parameter a profile ships reaches the
+bare boot too, so "NAME ÷ bare-NAME" is the ratio it would give.
 ``--guest-cmd NAME=SHELL`` adds a series that runs SHELL in the guest (a container that sees the
 guest's PIDs and may write /proc/sys) once the idle pod runs, before memory settles (e.g.
 ``echo 1 > /proc/sys/vm/compact_memory``); ``--qemu-env NAME=VAR=V,...`` one whose QEMU starts
@@ -183,8 +186,8 @@ async def launch(profile: Path, run_root: Path, extra: str = "",
     return vm, started, time.monotonic() - started
 
 
-async def bare_boot(profile: Path, run_root: Path) -> Boot:
-    vm, started, launched = await launch(profile, run_root)
+async def bare_boot(profile: Path, run_root: Path, extra: str = "") -> Boot:
+    vm, started, launched = await launch(profile, run_root, extra)
     try:
         async with asyncio.timeout(DIAL_TIMEOUT):
             reason = await vm.wait()
@@ -564,16 +567,18 @@ def print_memory_medians(series: dict[str, list[Boot]]) -> None:
 
 def print_figures(series: dict[str, list[Boot]]) -> None:
     """Issue 18's figures this bench measures, beside the issue's baseline and target: the bare
-    boot, each image's boot ÷ bare (medians of the rounds), each image's QEMU on a KVM host."""
+    boot, each image's boot ÷ bare (medians of the rounds; a series with kernel parameters of its
+    own ÷ the bare boot with them), each image's QEMU on a KVM host."""
     print(f"\n{targets.HEADER}")
     bare = [b.seconds for b in series.get("bare", [])]
     if bare:
         print(targets.line("bare_boot", med(bare), f"{med(bare):.2f} s"))
     for name, boots in series.items():
-        if name == "bare" or not boots:
+        if name == "bare" or name.startswith("bare-") or not boots:
             continue
-        if bare:
-            ratio = med([b.seconds for b in boots]) / med(bare)
+        own_bare = [b.seconds for b in series.get(f"bare-{name}", [])] or bare
+        if own_bare:
+            ratio = med([b.seconds for b in boots]) / med(own_bare)
             print(targets.line("boot_ratio", ratio, f"{ratio:.2f}x", of=name))
         memory = [b.memory["kvm_host_rss"] for b in boots if b.memory]
         if memory:
@@ -678,6 +683,7 @@ async def main() -> int:
         name, _, params = item.partition("=")
         extra_params[name] = params
         series[name] = []
+        series[f"bare-{name}"] = []
     guest_cmds: dict[str, str] = {}
     for item in args.guest_cmd:
         name, _, command = item.partition("=")
@@ -697,7 +703,10 @@ async def main() -> int:
     imports_raw: list[str] = []
     failures: list[str] = []
     try:
-        profiles = {"bare": profile_for(base, "bare", build_bare_initrd(base)),
+        bare_initrd = build_bare_initrd(base)
+        profiles = {"bare": profile_for(base, "bare", bare_initrd),
+                    **{f"bare-{n}": profile_for(base, f"bare-{n}", bare_initrd)
+                       for n in extra_params},
                     "agent": profile_for(base, "agent", image),
                     **({"no-balloon": profile_for(base, "no-balloon", image,
                                                   free_page_reporting=False)}
@@ -715,12 +724,18 @@ async def main() -> int:
             keep = args.only.split(",")
             profiles = {n: p for n, p in profiles.items() if n in keep}
             series = {n: b for n, b in series.items() if n in keep}
+        names = list(profiles)
         for run in range(args.runs):
-            for name, profile in profiles.items():
+            # rotated every round: a boot may run slower for following another (the host is
+            # still tearing that one down), so no series keeps the same place in every round
+            shift = run % len(names)
+            for name in names[shift:] + names[:shift]:
+                profile = profiles[name]
                 root = base / f"{name}-{run}"
                 try:
-                    if name == "bare":
-                        boot = await bare_boot(profile, root)
+                    if name == "bare" or name.startswith("bare-"):
+                        boot = await bare_boot(profile, root,
+                                               extra_params.get(name.removeprefix("bare-"), ""))
                     else:
                         gate = variants[name][1] if name in variants else True
                         boot = await agent_boot(profile, root, gate=gate,
@@ -750,14 +765,24 @@ async def main() -> int:
         print(f"FAILED {failure}")
     bare = med([b.seconds for b in series.get("bare", [])])
     print(f"\nreference guest: {image_facts(image)}")
-    print(f"{args.runs} rounds, QEMU TCG, 1 vCPU, {MEMORY_MIB} MiB, interleaved\n")
+    print(f"{args.runs} rounds, QEMU TCG, 1 vCPU, {MEMORY_MIB} MiB, interleaved, "
+          "the order rotated every round\n")
     print(f"  {'series':<28} {'median':>8} {'÷ bare':>8}   samples")
     for name, boots in series.items():
         values = [b.seconds for b in boots]
         print(f"  {name:<28} {med(values):>7.2f}s {med(values) / bare:>7.2f}x   "
               + " ".join(f"{v:.2f}" for v in values))
+    for name in extra_params:
+        if not series[name] or not series[f"bare-{name}"]:
+            continue
+        # a kernel parameter shipped in a profile reaches the bare boot too (the pod's exact
+        # argv): the ratio it would give is against the bare boot with the same parameter
+        own = med([b.seconds for b in series[name]])
+        own_bare = med([b.seconds for b in series[f"bare-{name}"]])
+        print(f"  {name + ' ÷ bare-' + name:<28} {own / own_bare:>17.2f}x   "
+              f"(bare-{name} ÷ bare {own_bare / bare:.2f}x)")
     for name, boots in series.items():
-        if name == "bare" or not boots:
+        if name == "bare" or name.startswith("bare-") or not boots:
             continue
         if not any(b.marks for b in boots):
             print(f"\nno timeline of '{name}': its guest's policy refused the dmesg container")
