@@ -565,6 +565,17 @@ def print_memory_medians(series: dict[str, list[Boot]]) -> None:
               + " ".join(f"{m['kvm_host_rss']:.0f}" for m in ms) + ")")
 
 
+def is_bare(name: str) -> bool:
+    """The bare boots: "bare", and "bare-NAME", the bare boot with ``--params NAME``'s."""
+    return name == "bare" or name.startswith("bare-")
+
+
+def bare_of(series: dict[str, list[Boot]], name: str) -> list[float]:
+    """The bare boot's samples a series is measured against: a series with kernel parameters of
+    its own against the bare boot with them (they reach the bare boot too), others "bare"."""
+    return [b.seconds for b in series.get(f"bare-{name}") or series.get("bare", [])]
+
+
 def print_figures(series: dict[str, list[Boot]]) -> None:
     """Issue 18's figures this bench measures, beside the issue's baseline and target: the bare
     boot, each image's boot ÷ bare (medians of the rounds; a series with kernel parameters of its
@@ -574,9 +585,9 @@ def print_figures(series: dict[str, list[Boot]]) -> None:
     if bare:
         print(targets.line("bare_boot", med(bare), f"{med(bare):.2f} s"))
     for name, boots in series.items():
-        if name == "bare" or name.startswith("bare-") or not boots:
+        if is_bare(name) or not boots:
             continue
-        own_bare = [b.seconds for b in series.get(f"bare-{name}", [])] or bare
+        own_bare = bare_of(series, name)
         if own_bare:
             ratio = med([b.seconds for b in boots]) / med(own_bare)
             print(targets.line("boot_ratio", ratio, f"{ratio:.2f}x", of=name))
@@ -726,14 +737,15 @@ async def main() -> int:
             series = {n: b for n, b in series.items() if n in keep}
         names = list(profiles)
         for run in range(args.runs):
-            # rotated every round: a boot may run slower for following another (the host is
-            # still tearing that one down), so no series keeps the same place in every round
+            # rotated every round: in a fixed order, two series that always followed an agent
+            # boot ran slower in every phase, the host-only firmware one included, so no series
+            # keeps the same place in every round
             shift = run % len(names)
             for name in names[shift:] + names[:shift]:
                 profile = profiles[name]
                 root = base / f"{name}-{run}"
                 try:
-                    if name == "bare" or name.startswith("bare-"):
+                    if is_bare(name):
                         boot = await bare_boot(profile, root,
                                                extra_params.get(name.removeprefix("bare-"), ""))
                     else:
@@ -773,16 +785,14 @@ async def main() -> int:
         print(f"  {name:<28} {med(values):>7.2f}s {med(values) / bare:>7.2f}x   "
               + " ".join(f"{v:.2f}" for v in values))
     for name in extra_params:
-        if not series[name] or not series[f"bare-{name}"]:
+        if not series.get(name) or not series.get(f"bare-{name}"):
             continue
-        # a kernel parameter shipped in a profile reaches the bare boot too (the pod's exact
-        # argv): the ratio it would give is against the bare boot with the same parameter
         own = med([b.seconds for b in series[name]])
-        own_bare = med([b.seconds for b in series[f"bare-{name}"]])
+        own_bare = med(bare_of(series, name))
         print(f"  {name + ' ÷ bare-' + name:<28} {own / own_bare:>17.2f}x   "
               f"(bare-{name} ÷ bare {own_bare / bare:.2f}x)")
     for name, boots in series.items():
-        if name == "bare" or name.startswith("bare-") or not boots:
+        if is_bare(name) or not boots:
             continue
         if not any(b.marks for b in boots):
             print(f"\nno timeline of '{name}': its guest's policy refused the dmesg container")
