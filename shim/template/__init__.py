@@ -31,8 +31,9 @@ Life of a request (``start``'s fast path, :mod:`shim.binary.template_client`):
    <reason>``: ``start`` then runs itself.
 
 Lifetime: the template watches its containerd (``start``'s parent, given on its command line)
-through a pidfd and exits the moment it exits. One template per (containerd address, code
-identity): a lock file held for its whole life makes concurrent launches race-free (the losers
-exit at once). No thread, no event loop ever exists in the template (fork with either is
-unsafe): it waits with ``poll``.
+through a pidfd and exits the moment it exits; SIGTERM or SIGINT stops it too (through the
+signal module's wakeup pipe, polled with the rest: a handler that raised could be lost in a
+fork). One template per (containerd address, code identity): a lock file held for its whole
+life makes concurrent launches race-free (the losers exit at once). No thread, no event loop
+ever exists in the template (fork with either is unsafe): it waits with ``poll``.
 """

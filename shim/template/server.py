@@ -51,8 +51,44 @@ class Spare:
         self.channel = channel
 
 
-class Stopped(Exception):
-    """SIGTERM: the template stops serving and exits (its socket removed)."""
+STOP_SIGNALS: Final[tuple[signal.Signals, ...]] = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """SIGTERM or SIGINT ends the serving loop through the signal module's wakeup pipe: the C
+    handler writes the signal's number into it, whatever Python runs at that instant, and the
+    loop polls its read end. The Python handlers do nothing. One that raised would lose the
+    signal when it lands during ``os.fork()``: the handler then runs inside an at-fork callback
+    (logging registers one), where an exception is printed to stderr and dropped, and the
+    template went on serving."""
+
+    def __init__(self) -> None:
+        self.fd, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _noted)
+
+    def received(self) -> str:
+        """The signals in the pipe, by name (drained)."""
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            data = os.read(self.fd, 64)
+        return ", ".join(sorted({signal.Signals(n).name for n in data})) or "a signal"
+
+    def fds(self) -> list[int]:
+        return [self.fd, self._write]
+
+
+def _noted(_signum: int, _frame: object) -> None:
+    """The wakeup pipe carries the signal (:class:`StopSignals`)."""
+
+
+def reset_signals_in_child() -> None:
+    """A forked child's first step: no wakeup pipe (its descriptors are the template's, closed
+    next) and the default handlers, as a freshly started interpreter has them."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --- the template -----------------------------------------------------------------------------
@@ -89,8 +125,9 @@ class Template:
     """The serving loop; ``serve`` returns when containerd exits or the code changed."""
 
     def __init__(self, paths: TemplatePaths, containerd_pid: int, log: Log,
-                 lock_fd: int, watch: int, stamp: Stamp) -> None:
+                 lock_fd: int, watch: int, stamp: Stamp, stop: StopSignals) -> None:
         self.paths = paths
+        self.stop = stop
         self.containerd_pid = containerd_pid
         self.log = log
         self.lock_fd = lock_fd
@@ -103,13 +140,17 @@ class Template:
         self.inode = os.stat(paths.socket).st_ino
 
     def serve(self) -> str:
-        """Serve until containerd exits or the code changes; why it stopped."""
+        """Serve until containerd exits, the code changes or a stop signal comes; why it
+        stopped."""
         poller = self.poller
         poller.register(self.listener.fileno(), select.POLLIN)
         poller.register(self.watch, select.POLLIN)
+        poller.register(self.stop.fd, select.POLLIN)
         self._fork_spare()
         while True:
             for fd, _ in poller.poll():
+                if fd == self.stop.fd:
+                    return f"signal {self.stop.received()}"
                 if fd == self.watch:
                     return f"containerd (pid {self.containerd_pid}) exited"
                 if fd in self.children:
@@ -142,7 +183,7 @@ class Template:
             self.log(f"no spare intermediate: {err}")
             return
         if child == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the template's own, below
+            reset_signals_in_child()
             status = 1
             try:
                 status = spare(theirs, self.containerd_pid, self.log,
@@ -195,7 +236,7 @@ class Template:
                 return None
             child = os.fork()
             if child == 0:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the template's own, below
+                reset_signals_in_child()
                 status = 1
                 try:
                     status = intermediate(conn, self.containerd_pid, self.log, self._fds())
@@ -209,7 +250,7 @@ class Template:
     def _fds(self) -> list[int]:
         spare_channel = [self.spare.channel.fileno()] if self.spare is not None else []
         return [self.listener.fileno(), self.lock_fd, self.watch, self.code.fd,
-                *self.children, *spare_channel]
+                *self.stop.fds(), *self.children, *spare_channel]
 
     def stop_listening(self) -> None:
         if self.listener.fileno() < 0:
@@ -253,6 +294,7 @@ def main(argv: list[str], modules: Iterable[str] = PRELOAD) -> int:
     except OSError as err:
         log(f"not serving: containerd pid {containerd_pid}: {err.strerror}")
         return 0
+    stop = StopSignals()  # from here on a stop signal waits for the loop (socket removed)
     try:
         preload(modules)
         if (threads := thread_count()) != 1:
@@ -260,20 +302,13 @@ def main(argv: list[str], modules: Iterable[str] = PRELOAD) -> int:
             return 1
         stamp = code_stamp()
         gc.freeze()  # what the daemons share stays untouched by collections (copy-on-write)
-        template = Template(paths, containerd_pid, log, lock_fd, watch, stamp)
+        template = Template(paths, containerd_pid, log, lock_fd, watch, stamp, stop)
     except Exception as err:
         log(f"not serving: {err!r}\n{traceback.format_exc()}")
         return 1
-
-    def stop(signum: int, _frame: object) -> None:
-        raise Stopped(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, stop)
     status = 0
     try:
         why = template.serve()
-    except Stopped as stopped:
-        why = str(stopped)
     except Exception as err:  # (fork refused, …): starts run themselves, the next relaunches
         why = f"failed: {err!r}\n{traceback.format_exc()}"
         status = 1
