@@ -122,7 +122,8 @@ def listen(path: str) -> socket.socket:
 
 
 class Template:
-    """The serving loop; ``serve`` returns when containerd exits or the code changed."""
+    """The serving loop; ``serve`` returns when containerd exits, the code changed or a stop
+    signal came."""
 
     def __init__(self, paths: TemplatePaths, containerd_pid: int, log: Log,
                  lock_fd: int, watch: int, stamp: Stamp, stop: StopSignals) -> None:
