@@ -225,11 +225,10 @@ def test_a_forked_daemon_serves_ttrpc_in_starts_session_cwd_env_and_cgroup(node:
         # no descriptor of the template (its socket, lock, log, pidfds).
         assert _proc_status(pid)["SigBlk"].strip("0") == ""
         targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-        template_pid = node.process.pid if node.process else 0
-        template_pipes = {os.readlink(f"/proc/{template_pid}/fd/{fd}")  # the wakeup pipe, …
-                          for fd in os.listdir(f"/proc/{template_pid}/fd")}
-        template_files = {node.paths.lock, node.paths.log, "anon_inode:[pidfd]",
-                          *(target for target in template_pipes if target.startswith("pipe:"))}
+        template_fds = f"/proc/{node.process.pid if node.process else 0}/fd"
+        template_pipes = {target for fd in os.listdir(template_fds)  # the wakeup pipe, …
+                          if (target := os.readlink(f"{template_fds}/{fd}")).startswith("pipe:")}
+        template_files = {node.paths.lock, node.paths.log, "anon_inode:[pidfd]", *template_pipes}
         assert not targets & template_files, targets
     finally:
         for pid in node.daemons:
